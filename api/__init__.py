@@ -1,0 +1,1 @@
+"""The Litestar API: REST resources, the websocket chat protocol, the chat page."""

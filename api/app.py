@@ -1,0 +1,73 @@
+"""The Litestar application: routes, the composition root's lifespan, and the one place
+where domain errors become HTTP status codes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, MediaType, Request, Response, get
+from litestar.di import Provide
+from litestar.exceptions import HTTPException
+from litestar.response import File
+from litestar.static_files import create_static_files_router
+
+from api.chat_socket import chat_socket
+from api.routes import AuthController, ConversationController, HealthController, MeController, PersonaController
+from api.services import Services
+from chatbot.config import REPO_ROOT, load_settings
+from domain.conversation import ConversationError, ConversationNotFound, ReplyStillPending
+from domain.persona import PersonaNotFound
+from domain.user import EmailAlreadyRegistered, InvalidCredentials, UserError
+
+WEB = REPO_ROOT / "web"
+
+# domain error -> (HTTP status, error code); the most specific class wins.
+ERROR_STATUS: list[tuple[type[Exception], int, str]] = [
+    (EmailAlreadyRegistered, 409, "email_taken"),
+    (InvalidCredentials, 401, "invalid_credentials"),
+    (UserError, 400, "invalid_user"),
+    (ConversationNotFound, 404, "not_found"),
+    (PersonaNotFound, 404, "persona_not_found"),
+    (ReplyStillPending, 409, "reply_pending"),
+    (ConversationError, 400, "rejected"),
+]
+
+
+def domain_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, str]]:
+    for cls, status, code in ERROR_STATUS:
+        if isinstance(exc, cls):
+            return Response({"code": code, "detail": str(exc)}, status_code=status)
+    return Response({"code": "error", "detail": "internal error"}, status_code=500)
+
+
+@get("/", media_type=MediaType.HTML, include_in_schema=False)
+async def index() -> File:
+    return File(WEB / "index.html", content_disposition_type="inline")
+
+
+def create_app() -> Litestar:
+    settings = load_settings()
+    services: dict[str, Services] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        services["services"] = await Services.create(settings)
+        try:
+            yield
+        finally:
+            await services["services"].close()
+
+    def provide_services() -> Services:
+        return services["services"]
+
+    return Litestar(
+        route_handlers=[
+            index, chat_socket, AuthController, MeController, PersonaController, ConversationController,
+            HealthController, create_static_files_router(path="/static", directories=[WEB], include_in_schema=False),
+        ],
+        dependencies={"services": Provide(provide_services, sync_to_thread=False)},
+        exception_handlers={UserError: domain_error, ConversationError: domain_error, PersonaNotFound: domain_error},
+        lifespan=[lifespan],
+    )

@@ -1,0 +1,173 @@
+"""The websocket chat protocol.
+
+One `ChatSession` per connection. Incoming frames are size-checked, decoded into typed
+frames (msgspec tagged union) and dispatched; every problem becomes an `error` frame and
+the connection stays usable. Before a message is posted the session subscribes to the
+conversation's token subject, so no token can arrive before the subscription exists.
+Token deltas carry their character offset: a reply regenerated after a worker crash
+repeats text already sent, and the session forwards only what the client has not seen.
+A single writer task owns the socket's send side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+from uuid import UUID
+
+import msgspec
+from litestar import WebSocket, websocket
+from litestar.exceptions import WebSocketDisconnect
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from api.auth import user_of
+from api.schemas import CLIENT_FRAME_TYPES, ClientFrame, SendFrame
+from api.services import Services
+from chatbot.messaging import ReplyDone, ReplyError, TokenDelta, token_decoder, token_subject
+from domain.conversation import ConversationError, ConversationNotFound
+
+log = logging.getLogger("api.ws")
+frame_decoder = msgspec.json.Decoder(ClientFrame)
+encoder = msgspec.json.Encoder()
+MAX_SUBSCRIPTIONS = 32  # conversations one socket follows at once
+
+
+class ChatSession:
+    def __init__(self, socket: WebSocket[Any, Any, Any], user_id: UUID, services: Services) -> None:
+        self.socket, self.user_id, self.services = socket, user_id, services
+        self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.subscriptions: dict[UUID, Subscription] = {}
+        self.delivered: dict[str, int] = {}  # reply id -> characters the client has
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self.write())
+        try:
+            while True:
+                message = await self.socket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                raw = message.get("text")
+                if raw is None:
+                    raw = message.get("bytes") or b""
+                await self.on_frame(raw)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            for sub in self.subscriptions.values():
+                await sub.unsubscribe()
+            self.outbox.put_nowait(None)
+            await writer
+
+    async def write(self) -> None:
+        while (frame := await self.outbox.get()) is not None:
+            try:
+                await self.socket.send_data(encoder.encode(frame).decode(), mode="text")
+            except Exception:  # noqa: BLE001 - the client went away; the reader will notice
+                return
+
+    def error(self, code: str, message: str, **extra: Any) -> None:
+        self.outbox.put_nowait({"type": "error", "code": code, "message": message, **extra})
+
+    async def on_frame(self, raw: str | bytes) -> None:
+        limit = self.services.settings.max_frame_bytes
+        size = len(raw.encode() if isinstance(raw, str) else raw)
+        if size > limit:
+            return self.error("frame_too_large", f"frames are at most {limit} bytes, this one has {size}")
+        try:
+            frame = frame_decoder.decode(raw)
+        except msgspec.DecodeError as e:
+            return self.error(*self.explain(raw, e))
+        if isinstance(frame, SendFrame):
+            await self.on_send(frame)
+
+    @staticmethod
+    def explain(raw: str | bytes, error: msgspec.DecodeError) -> tuple[str, str]:
+        """Tell a malformed frame from an unknown type from a bad field."""
+        try:
+            value = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            return "malformed", "a frame is a JSON object"
+        if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+            return "malformed", 'a frame is a JSON object with a "type"'
+        if value["type"] not in CLIENT_FRAME_TYPES:
+            return "unknown_type", f"unknown frame type {value['type']!r}; known: {sorted(CLIENT_FRAME_TYPES)}"
+        return "invalid", str(error)
+
+    async def on_send(self, frame: SendFrame) -> None:
+        conversation_id = frame.conversation_id
+        ids = {"conversation_id": str(conversation_id), "client_message_id": frame.client_message_id}
+        try:
+            await self.follow(conversation_id)
+            posted = await self.services.call(
+                self.services.app.post_message, conversation_id, self.user_id, frame.client_message_id, frame.text
+            )
+        except ConversationNotFound:
+            await self.unfollow(conversation_id)
+            return self.error("not_found", "no such conversation", **ids)
+        except ConversationError as e:
+            return self.error("rejected", str(e), **ids)
+        self.outbox.put_nowait({
+            "type": "accepted", **ids, "message_id": str(posted.message_id),
+            "reply_id": str(posted.reply_id), "duplicate": not posted.created,
+        })
+
+    async def follow(self, conversation_id: UUID) -> None:
+        if conversation_id in self.subscriptions:
+            return
+        if len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
+            oldest = next(iter(self.subscriptions))
+            await self.unfollow(oldest)
+
+        async def forward(msg: Msg) -> None:
+            self.on_token_message(conversation_id, msg.data)
+
+        self.subscriptions[conversation_id] = await self.services.nc.subscribe(
+            token_subject(conversation_id), cb=forward
+        )
+
+    async def unfollow(self, conversation_id: UUID) -> None:
+        sub = self.subscriptions.pop(conversation_id, None)
+        if sub is not None:
+            await sub.unsubscribe()
+
+    def on_token_message(self, conversation_id: UUID, data: bytes) -> None:
+        try:
+            message = token_decoder.decode(data)
+        except msgspec.DecodeError:
+            log.warning("dropping an undecodable token message")
+            return
+        cid = str(conversation_id)
+        if isinstance(message, TokenDelta):
+            seen = self.delivered.get(message.reply_id, 0)
+            end = message.offset + len(message.text)
+            if end <= seen:
+                return  # a regenerated prefix the client already has
+            text = message.text[max(0, seen - message.offset):]
+            self.delivered[message.reply_id] = end
+            self.outbox.put_nowait({"type": "token", "conversation_id": cid, "reply_id": message.reply_id, "text": text})
+        elif isinstance(message, ReplyDone):
+            self.delivered.pop(message.reply_id, None)
+            self.outbox.put_nowait({
+                "type": "reply", "conversation_id": cid, "reply_id": message.reply_id,
+                "text": message.text, "finish_reason": message.finish_reason,
+            })
+        elif isinstance(message, ReplyError):
+            self.delivered.pop(message.reply_id, None)
+            self.error("reply_failed", message.message, conversation_id=cid, reply_id=message.reply_id)
+            # a terminal frame too, so a client waiting for the reply always stops waiting
+            self.outbox.put_nowait({
+                "type": "reply", "conversation_id": cid, "reply_id": message.reply_id,
+                "text": "", "finish_reason": "error",
+            })
+
+
+@websocket("/api/ws")
+async def chat_socket(socket: WebSocket[Any, Any, Any], services: Services) -> None:
+    user_id = user_of(socket, services.settings.secret_key)
+    if user_id is None:
+        await socket.close(code=4401, reason="log in first")
+        return
+    await socket.accept()
+    await ChatSession(socket, user_id, services).run()

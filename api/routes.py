@@ -1,0 +1,134 @@
+"""REST resources: one controller per resource; handlers take what they need by name."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import Cookie
+from litestar.exceptions import NotFoundException
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT, HTTP_503_SERVICE_UNAVAILABLE
+
+from api import schemas
+from api.auth import COOKIE, issue_token, require_user
+from api.services import Services
+from domain.application import DEFAULT_PERSONA
+from domain.conversation import ConversationNotFound
+from domain.ids import persona_id_for
+
+
+class AuthController(Controller):
+    path = "/api/auth"
+
+    @post("/register", status_code=HTTP_201_CREATED)
+    async def register_user(self, data: schemas.Credentials, services: Services) -> schemas.Registered:
+        user_id = await services.call(services.app.register_user, data.email, data.password)
+        return schemas.Registered(user_id=user_id)
+
+    @post("/login", status_code=HTTP_200_OK)
+    async def log_in(self, data: schemas.Credentials, services: Services) -> Response[schemas.LoggedIn]:
+        user_id = await services.call(services.app.authenticate, data.email, data.password)
+        s = services.settings
+        token = issue_token(s.secret_key, user_id, s.token_ttl_s)
+        cookie = Cookie(key=COOKIE, value=token, httponly=True, samesite="lax", secure=s.cookie_secure,
+                        max_age=s.token_ttl_s, path="/")
+        return Response(schemas.LoggedIn(token=token, user_id=user_id), cookies=[cookie])
+
+    @post("/logout", status_code=HTTP_204_NO_CONTENT)
+    async def log_out(self) -> Response[None]:
+        return Response(None, status_code=HTTP_204_NO_CONTENT, cookies=[Cookie(key=COOKIE, value="", max_age=0, path="/")])
+
+
+class MeController(Controller):
+    path = "/api/me"
+
+    @get("/")
+    async def get_me(self, request: Request[Any, Any, Any], services: Services) -> schemas.Me:
+        user_id = require_user(request, services.settings.secret_key)
+        email = await services.call(services.app.user_email, user_id)
+        return schemas.Me(user_id=user_id, email=email)
+
+
+class PersonaController(Controller):
+    path = "/api/personas"
+
+    @get("/")
+    async def list_personas(self, services: Services) -> list[schemas.Persona]:
+        rows = await services.call(services.readmodels.personas)
+        return [schemas.Persona(**{k: r[k] for k in schemas.Persona.__struct_fields__}) for r in rows]
+
+
+class ConversationController(Controller):
+    path = "/api/conversations"
+
+    @post("/", status_code=HTTP_201_CREATED)
+    async def create_conversation(
+        self, request: Request[Any, Any, Any], services: Services, data: schemas.ConversationCreate | None = None
+    ) -> schemas.Conversation:
+        user_id = require_user(request, services.settings.secret_key)
+        persona_id = data.persona_id if data else None
+        conversation_id = await services.call(services.app.start_conversation, user_id, persona_id)
+        persona = persona_id or persona_id_for(DEFAULT_PERSONA)
+        return schemas.Conversation(id=conversation_id, persona_id=persona, title="New chat")
+
+    @get("/")
+    async def list_conversations(
+        self, request: Request[Any, Any, Any], services: Services, limit: int = 50
+    ) -> list[schemas.Conversation]:
+        user_id = require_user(request, services.settings.secret_key)
+        rows = await services.call(services.readmodels.conversations, user_id, max(1, min(limit, 200)))
+        return [schemas.Conversation(**r) for r in rows]
+
+    @get("/{conversation_id:uuid}/messages")
+    async def list_messages(
+        self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID
+    ) -> list[schemas.Message]:
+        user_id = require_user(request, services.settings.secret_key)
+        await check_owner(services, conversation_id, user_id)
+        rows = await services.call(services.readmodels.messages, conversation_id)
+        return [schemas.Message(**r) for r in rows]
+
+
+async def check_owner(services: Services, conversation_id: UUID, user_id: UUID) -> None:
+    """404 unless `user_id` owns the conversation: the read model answers, the event store
+    settles a conversation too new to have reached it."""
+    row = await services.call(services.readmodels.conversation, conversation_id)
+    owner = row["owner_id"] if row else None
+    if owner is None:
+        try:
+            owner = await services.call(services.app.conversation_owner, conversation_id)
+        except ConversationNotFound:
+            owner = None
+    if owner != user_id:
+        raise NotFoundException("no such conversation")
+
+
+class HealthController(Controller):
+    path = "/"
+
+    @get("/health")
+    async def get_health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @get("/ready")
+    async def get_ready(self, services: Services) -> Response[dict[str, Any]]:
+        checks: dict[str, str] = {}
+
+        def postgres() -> None:
+            with services.readmodels.datastore.get_connection() as conn:
+                conn.execute("SELECT 1")
+
+        try:
+            await services.call(postgres)
+            checks["postgres"] = "ok"
+        except Exception as e:  # noqa: BLE001
+            checks["postgres"] = f"unreachable: {type(e).__name__}"
+        checks["nats"] = "ok" if services.nc.is_connected else "disconnected"
+        try:
+            ready = await services.triton.is_model_ready(services.settings.model_name)
+            checks["triton"] = "ok" if ready else "model not ready"
+        except Exception as e:  # noqa: BLE001
+            checks["triton"] = f"unreachable: {type(e).__name__}"
+        ok = all(v == "ok" for v in checks.values())
+        return Response({"ready": ok, "checks": checks}, status_code=HTTP_200_OK if ok else HTTP_503_SERVICE_UNAVAILABLE)

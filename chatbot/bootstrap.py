@@ -1,0 +1,34 @@
+"""One-time set-up that is safe to repeat: tables, the event stream, built-in personas."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+
+from chatbot.config import Settings
+from chatbot.messaging import ensure_stream
+from domain.application import ChatApplication
+from projections.readmodels import read_model_recorder
+
+
+def chat_application(settings: Settings) -> ChatApplication:
+    return ChatApplication(env=settings.eventsourcing_env(), max_message_chars=settings.max_message_chars)
+
+
+async def _ensure_stream(settings: Settings) -> None:
+    nc = await nats.connect(settings.nats_url)
+    try:
+        await ensure_stream(nc.jetstream(), settings.stream_name)
+    finally:
+        await nc.drain()
+
+
+def bootstrap(settings: Settings) -> None:
+    app = chat_application(settings)  # creates the event table
+    app.seed_personas()
+    app.close()
+    recorder = read_model_recorder(settings.eventsourcing_env())
+    recorder.create_table()  # tracking table and read models
+    recorder.datastore.close()
+    asyncio.run(_ensure_stream(settings))

@@ -1,0 +1,119 @@
+"""The `chatbot` command: `chatbot up` runs everything; the other subcommands are the
+entry points of the single processes (what `chatbot up`, the tests and docker-compose run)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+
+from chatbot.config import load_settings
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from chatbot.launcher import Ports, Stack
+
+    settings = load_settings()
+    ports = Ports(api=args.port)
+    stack = Stack(settings, ports, workers=args.workers, apis=args.api)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stopping.is_set():
+            return
+        stopping.set()
+        print("\nstopping…", flush=True)
+        stack._stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print(f"starting the stack (data in {settings.data_dir}); the first start takes a minute…", flush=True)
+    stack.start()
+    print(
+        "\n  Chat:       " + "  ".join(u + "/" for u in stack.api_urls)
+        + f"\n  Triton:     http://127.0.0.1:{ports.triton_http} (gRPC {ports.triton_grpc}, metrics {ports.triton_metrics})"
+        + f"\n  NATS:       nats://127.0.0.1:{ports.nats} (monitor http://127.0.0.1:{ports.nats_monitor})"
+        + f"\n  PostgreSQL: socket in {stack.settings.pg_host}"
+        + "\n\nPress Ctrl-C to stop.\n",
+        flush=True,
+    )
+
+    def on_restart(name: str, code: int | None) -> None:
+        print(f"[supervisor] {name} exited ({code}); restarting", flush=True)
+
+    try:
+        stack.supervise(on_restart=on_restart)
+    finally:
+        stack.stop()
+        print("stopped.", flush=True)
+    return 0
+
+
+def cmd_api(_: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = load_settings()
+    uvicorn.run(
+        "api.app:create_app", factory=True, host=settings.api_host, port=settings.api_port,
+        log_level="warning", ws_max_size=1024 * 1024, lifespan="on",
+    )
+    return 0
+
+
+def cmd_relay(_: argparse.Namespace) -> int:
+    from workers.relay import run
+
+    run()
+    return 0
+
+
+def cmd_worker(_: argparse.Namespace) -> int:
+    from workers.inference import run
+
+    run()
+    return 0
+
+
+def cmd_projector(_: argparse.Namespace) -> int:
+    from workers.projector import run
+
+    run()
+    return 0
+
+
+def cmd_triton(args: argparse.Namespace) -> int:
+    from chatbot.launcher import Ports, triton_argv, triton_env
+
+    ports = Ports(triton_http=args.http_port, triton_grpc=args.grpc_port, triton_metrics=args.metrics_port)
+    argv = triton_argv(ports)
+    os.execve(argv[0], argv, triton_env())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chatbot", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the whole stack on embedded servers")
+    up.add_argument("--api", type=int, default=1, help="API processes")
+    up.add_argument("--workers", type=int, default=1, help="inference worker processes")
+    up.add_argument("--port", type=int, default=8000, help="port of the first API process")
+    up.set_defaults(func=cmd_up)
+    for name, func, text in [
+        ("api", cmd_api, "the Litestar API (websocket chat, REST, the chat page)"),
+        ("relay", cmd_relay, "publish stored events to JetStream"),
+        ("worker", cmd_worker, "generate replies with Triton"),
+        ("projector", cmd_projector, "maintain the read models"),
+    ]:
+        sub.add_parser(name, help=text).set_defaults(func=func)
+    triton = sub.add_parser("triton", help="run the Triton server on triton_models/")
+    triton.add_argument("--http-port", type=int, default=18000)
+    triton.add_argument("--grpc-port", type=int, default=18001)
+    triton.add_argument("--metrics-port", type=int, default=18002)
+    triton.set_defaults(func=cmd_triton)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

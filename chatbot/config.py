@@ -1,0 +1,138 @@
+"""Settings: one immutable object built from the environment, passed to every process.
+
+Every process of the system (api, relay, worker, projector) is configured by `CHATBOT_*`
+environment variables, so the same code runs under `chatbot up`, the test fixtures and
+docker-compose. Secrets (the event cipher key and the token-signing key) come from the
+environment or, on a developer machine, are generated once into the data directory with
+owner-only permissions; they are never committed.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"CHATBOT_{name}", default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    # psycopg conninfo parts for the event store and the read models; `pg_host` may be a
+    # unix socket directory (embedded PostgreSQL listens on a socket only).
+    pg_host: str
+    pg_port: int
+    pg_user: str
+    pg_password: str
+    pg_dbname: str
+    nats_url: str
+    triton_url: str  # gRPC host:port
+    api_host: str
+    api_port: int
+    cipher_key: str  # base64 AES key for events at rest and on the broker
+    secret_key: bytes  # HMAC key that signs session tokens
+    partitions: int = 1
+    stream_name: str = "CHAT"
+    ack_wait_s: float = 30.0
+    model_name: str = "chat"
+    token_ttl_s: int = 7 * 24 * 3600
+    max_message_chars: int = 8000
+    max_frame_bytes: int = 64 * 1024
+    cookie_secure: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pg_conninfo(self) -> str:
+        return (
+            f"host={self.pg_host} port={self.pg_port} user={self.pg_user} "
+            f"password={self.pg_password} dbname={self.pg_dbname}"
+        )
+
+    def eventsourcing_env(self) -> dict[str, str]:
+        """The environment of the `eventsourcing` application: PostgreSQL persistence,
+        AES-GCM encryption and zlib compression of every stored event."""
+        return {
+            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "POSTGRES_DBNAME": self.pg_dbname,
+            "POSTGRES_HOST": self.pg_host,
+            "POSTGRES_PORT": str(self.pg_port),
+            "POSTGRES_USER": self.pg_user,
+            "POSTGRES_PASSWORD": self.pg_password,
+            "POSTGRES_POOL_SIZE": "10",
+            "POSTGRES_MAX_OVERFLOW": "20",
+            "POSTGRES_PRE_PING": "y",
+            "CIPHER_TOPIC": "eventsourcing.cipher:AESCipher",
+            "CIPHER_KEY": self.cipher_key,
+            "COMPRESSOR_TOPIC": "eventsourcing.compressor:ZlibCompressor",
+        }
+
+    def to_env(self) -> dict[str, str]:
+        """The `CHATBOT_*` variables that recreate these settings in a child process."""
+        return {
+            "CHATBOT_DATA_DIR": str(self.data_dir),
+            "CHATBOT_PG_HOST": self.pg_host,
+            "CHATBOT_PG_PORT": str(self.pg_port),
+            "CHATBOT_PG_USER": self.pg_user,
+            "CHATBOT_PG_PASSWORD": self.pg_password,
+            "CHATBOT_PG_DBNAME": self.pg_dbname,
+            "CHATBOT_NATS_URL": self.nats_url,
+            "CHATBOT_TRITON_URL": self.triton_url,
+            "CHATBOT_API_HOST": self.api_host,
+            "CHATBOT_API_PORT": str(self.api_port),
+            "CHATBOT_CIPHER_KEY": self.cipher_key,
+            "CHATBOT_SECRET_KEY": base64.b64encode(self.secret_key).decode(),
+            "CHATBOT_PARTITIONS": str(self.partitions),
+            "CHATBOT_STREAM": self.stream_name,
+            "CHATBOT_ACK_WAIT_S": str(self.ack_wait_s),
+            "CHATBOT_MODEL": self.model_name,
+            "CHATBOT_COOKIE_SECURE": "1" if self.cookie_secure else "0",
+        }
+
+
+def _secret_from_file(path: Path, make: callable) -> str:  # type: ignore[valid-type]
+    """Read a secret from `path`, creating it (mode 0600) on first use."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = make()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value
+
+
+def load_settings(data_dir: Path | None = None) -> Settings:
+    data_dir = (data_dir or Path(_env("DATA_DIR", str(REPO_ROOT / ".data")))).resolve()
+    keys = data_dir / "keys"
+    cipher_key = os.environ.get("CHATBOT_CIPHER_KEY") or _secret_from_file(
+        keys / "cipher.key", lambda: base64.b64encode(secrets.token_bytes(32)).decode()
+    )
+    secret_b64 = os.environ.get("CHATBOT_SECRET_KEY") or _secret_from_file(
+        keys / "secret.key", lambda: base64.b64encode(secrets.token_bytes(32)).decode()
+    )
+    return Settings(
+        data_dir=data_dir,
+        pg_host=_env("PG_HOST", str(data_dir / "postgres")),
+        pg_port=int(_env("PG_PORT", "5432")),
+        pg_user=_env("PG_USER", "postgres"),
+        pg_password=_env("PG_PASSWORD", ""),
+        pg_dbname=_env("PG_DBNAME", "postgres"),
+        nats_url=_env("NATS_URL", "nats://127.0.0.1:14222"),
+        triton_url=_env("TRITON_URL", "127.0.0.1:18001"),
+        api_host=_env("API_HOST", "127.0.0.1"),
+        api_port=int(_env("API_PORT", "8000")),
+        cipher_key=cipher_key,
+        secret_key=base64.b64decode(secret_b64),
+        partitions=int(_env("PARTITIONS", "1")),
+        stream_name=_env("STREAM", "CHAT"),
+        ack_wait_s=float(_env("ACK_WAIT_S", "30")),
+        model_name=_env("MODEL", "chat"),
+        cookie_secure=_env("COOKIE_SECURE", "0") == "1",
+    )

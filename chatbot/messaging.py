@@ -1,0 +1,122 @@
+"""Subjects, headers and the JetStream stream that carry the events between processes.
+
+Durable events travel on `chat.ev.<partition>.<Aggregate>.<Event>` in the `CHAT` stream; the
+payload is the event exactly as stored in PostgreSQL (compressed, then AES-GCM encrypted),
+so conversation text never lies in plaintext on the broker's disk. `Nats-Msg-Id` is the
+event id (`<originator id>:<version>`), so the broker drops a republished event.
+
+Tokens are ephemeral: they go out on the core subject `chat.tok.<conversation id>` to
+whichever API process holds the conversation's websocket, and never touch a disk.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+from uuid import UUID
+
+import msgspec
+from eventsourcing.persistence import Mapper, Notification, StoredEvent
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+EVENT_SUBJECT_PREFIX = "chat.ev"
+TOKEN_SUBJECT_PREFIX = "chat.tok"
+DUPLICATE_WINDOW_S = 600.0
+
+H_TOPIC = "Chat-Topic"
+H_ORIGINATOR = "Chat-Originator"
+H_VERSION = "Chat-Version"
+H_NOTIFICATION = "Chat-Notification-Id"
+
+
+def partition_of(originator_id: UUID | str, partitions: int) -> int:
+    """A stable partition for an aggregate: all its events land on one subject, in order."""
+    return zlib.crc32(str(originator_id).encode()) % partitions
+
+
+def event_name(topic: str) -> str:
+    """`domain.conversation:Conversation.ReplyRequested` -> `Conversation.ReplyRequested`."""
+    return topic.rsplit(":", 1)[-1]
+
+
+def event_subject(notification: StoredEvent, partitions: int) -> str:
+    partition = partition_of(notification.originator_id, partitions)
+    return f"{EVENT_SUBJECT_PREFIX}.{partition}.{event_name(notification.topic)}"
+
+
+def event_filter(event: str = ">") -> str:
+    """A consumer filter for one event type across all partitions, e.g.
+    `event_filter("Conversation.ReplyRequested")`."""
+    return f"{EVENT_SUBJECT_PREFIX}.*.{event}" if event != ">" else f"{EVENT_SUBJECT_PREFIX}.>"
+
+
+def token_subject(conversation_id: UUID | str) -> str:
+    return f"{TOKEN_SUBJECT_PREFIX}.{conversation_id}"
+
+
+def event_headers(notification: Notification) -> dict[str, str]:
+    return {
+        "Nats-Msg-Id": f"{notification.originator_id}:{notification.originator_version}",
+        H_TOPIC: notification.topic,
+        H_ORIGINATOR: str(notification.originator_id),
+        H_VERSION: str(notification.originator_version),
+        H_NOTIFICATION: str(notification.id),
+    }
+
+
+def decode_event(mapper: Mapper[UUID], headers: dict[str, str], payload: bytes) -> Any:
+    """Turn a stream message back into the domain event (decrypting it on the way)."""
+    stored = StoredEvent(
+        originator_id=UUID(headers[H_ORIGINATOR]),
+        originator_version=int(headers[H_VERSION]),
+        topic=headers[H_TOPIC],
+        state=payload,
+    )
+    return mapper.to_domain_event(stored)
+
+
+async def ensure_stream(js: JetStreamContext, name: str, replicas: int = 1) -> None:
+    """Create the event stream, or bring its configuration up to date (idempotent)."""
+    config = StreamConfig(
+        name=name,
+        subjects=[f"{EVENT_SUBJECT_PREFIX}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        num_replicas=replicas,
+        max_age=30 * 24 * 3600.0,
+    )
+    try:
+        await js.stream_info(name)
+    except NotFoundError:
+        await js.add_stream(config)
+    else:
+        await js.update_stream(config)
+
+
+# -- the token channel between a worker and the API ------------------------------------------
+
+
+class TokenDelta(msgspec.Struct, tag="token"):
+    reply_id: str
+    offset: int  # characters of this reply sent before this delta
+    text: str
+
+
+class ReplyDone(msgspec.Struct, tag="reply"):
+    reply_id: str
+    text: str
+    finish_reason: str
+
+
+class ReplyError(msgspec.Struct, tag="error"):
+    reply_id: str
+    message: str
+
+
+TokenMessage = TokenDelta | ReplyDone | ReplyError
+token_encoder = msgspec.json.Encoder()
+token_decoder = msgspec.json.Decoder(TokenMessage)

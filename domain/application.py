@@ -1,0 +1,210 @@
+"""`ChatApplication`: the one application of the write side.
+
+Methods load aggregates, call commands, save, and return ids or plain snapshots, never
+aggregates. Optimistic concurrency of the event store (a unique originator version) settles
+races: a command that loses one reloads and decides again, which is what makes a retried
+send a no-op and a second outcome for one reply impossible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+from uuid import UUID
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.persistence import IntegrityError
+
+from domain.conversation import Conversation, ConversationNotFound, ReplyAlreadyFinished
+from domain.ids import persona_id_for, user_id_for
+from domain.persona import BUILTIN_PERSONAS, Persona, PersonaNotFound
+from domain.user import (
+    EmailAlreadyRegistered,
+    InvalidCredentials,
+    User,
+    check_email,
+    check_password,
+)
+
+T = TypeVar("T")
+DEFAULT_PERSONA = "assistant"
+RACE_RETRIES = 5
+
+
+@dataclass(frozen=True)
+class PostedMessage:
+    conversation_id: UUID
+    message_id: UUID
+    reply_id: UUID
+    created: bool
+
+
+@dataclass(frozen=True)
+class ReplyJob:
+    """What a worker needs to write one reply, read from the events alone."""
+
+    conversation_id: UUID
+    reply_id: UUID
+    owner_id: UUID
+    model: str
+    params: dict[str, Any]
+    messages: list[dict[str, str]]  # system prompt first, then the turns
+    status: str  # "pending" | "complete" | "failed"
+    outcome: dict[str, Any] = field(default_factory=dict)
+
+
+class ChatApplication(Application[UUID]):
+    name = "chat"
+
+    def __init__(self, env: dict[str, str] | None = None, *, max_message_chars: int = 8000) -> None:
+        super().__init__(env)
+        self.max_message_chars = max_message_chars
+        self.hasher = PasswordHasher()
+
+    # -- users ----------------------------------------------------------------------------
+
+    def register_user(self, email: str, password: str) -> UUID:
+        email = check_email(email)
+        check_password(password)
+        user = User(email=email, password_hash=self.hasher.hash(password))
+        try:
+            self.save(user)
+        except IntegrityError:
+            raise EmailAlreadyRegistered("this e-mail address is already registered") from None
+        return user.id
+
+    def authenticate(self, email: str, password: str) -> UUID:
+        try:
+            user: User = self.repository.get(user_id_for(email))
+            self.hasher.verify(user.password_hash, password)
+        except (AggregateNotFoundError, VerificationError, InvalidHashError):
+            raise InvalidCredentials("wrong e-mail address or password") from None
+        if self.hasher.check_needs_rehash(user.password_hash):
+            user.rehash_password(self.hasher.hash(password))
+            self.save(user)
+        return user.id
+
+    def user_email(self, user_id: UUID) -> str:
+        return self._get(User, user_id, InvalidCredentials).email
+
+    # -- personas -------------------------------------------------------------------------
+
+    def seed_personas(self) -> list[UUID]:
+        """Create the built-in personas that do not exist yet (idempotent)."""
+        created = []
+        for spec in BUILTIN_PERSONAS:
+            persona = Persona(**spec)  # type: ignore[arg-type]
+            try:
+                self.save(persona)
+                created.append(persona.id)
+            except IntegrityError:
+                pass  # already seeded, by this or another process
+        return created
+
+    def get_persona(self, persona_id: UUID) -> Persona:
+        return self._get(Persona, persona_id, PersonaNotFound)
+
+    # -- conversations --------------------------------------------------------------------
+
+    def start_conversation(self, owner_id: UUID, persona_id: UUID | None = None) -> UUID:
+        persona_id = persona_id or persona_id_for(DEFAULT_PERSONA)
+        self.get_persona(persona_id)  # must exist
+        conversation = Conversation(owner_id=owner_id, persona_id=persona_id, title="New chat")
+        self.save(conversation)
+        return conversation.id
+
+    def conversation_owner(self, conversation_id: UUID) -> UUID:
+        return self._get(Conversation, conversation_id, ConversationNotFound).owner_id
+
+    def post_message(
+        self, conversation_id: UUID, user_id: UUID, client_message_id: str, text: str
+    ) -> PostedMessage:
+        def attempt() -> PostedMessage:
+            conversation = self._owned(conversation_id, user_id)
+            persona = self.get_persona(conversation.persona_id)
+            params = {
+                "temperature": persona.temperature,
+                "top_p": persona.top_p,
+                "max_tokens": persona.max_tokens,
+                # A pinned seed makes a redelivered request regenerate the same text.
+                "seed": int.from_bytes(conversation_id.bytes[:4], "big") + len(conversation.messages),
+            }
+            if persona.min_tokens:
+                params["min_tokens"] = persona.min_tokens
+            message_id, reply_id, created = conversation.post_message(
+                client_message_id, text, persona.version, persona.model, params,
+                self.max_message_chars,
+            )
+            if created:
+                self.save(conversation)
+            return PostedMessage(conversation_id, message_id, reply_id, created)
+
+        return self._retry_races(attempt)
+
+    def reply_job(self, conversation_id: UUID, reply_id: UUID) -> ReplyJob:
+        conversation = self._get(Conversation, conversation_id, ConversationNotFound)
+        request = conversation.reply(reply_id)
+        persona: Persona = self.repository.get(
+            request["persona_id"], version=request["persona_version"]
+        )
+        messages = [{"role": "system", "content": persona.system_prompt}]
+        messages += conversation.history_for(reply_id)
+        outcome = {k: v for k, v in request.items() if k not in ("params", "persona_id")}
+        return ReplyJob(
+            conversation_id=conversation_id,
+            reply_id=reply_id,
+            owner_id=conversation.owner_id,
+            model=request["model"],
+            params=dict(request["params"]),
+            messages=messages,
+            status=request["status"],
+            outcome=outcome,
+        )
+
+    def complete_reply(self, conversation_id: UUID, reply_id: UUID, **outcome: Any) -> bool:
+        """Record the reply; False when an outcome was already recorded (a redelivery)."""
+        return self._record_outcome(conversation_id, lambda c: c.complete_reply(reply_id, **outcome))
+
+    def fail_reply(self, conversation_id: UUID, reply_id: UUID, error: str) -> bool:
+        return self._record_outcome(conversation_id, lambda c: c.fail_reply(reply_id, error))
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _record_outcome(self, conversation_id: UUID, command: Callable[[Conversation], None]) -> bool:
+        def attempt() -> bool:
+            conversation = self._get(Conversation, conversation_id, ConversationNotFound)
+            try:
+                command(conversation)
+            except ReplyAlreadyFinished:
+                return False
+            self.save(conversation)
+            return True
+
+        return self._retry_races(attempt)
+
+    def _owned(self, conversation_id: UUID, user_id: UUID) -> Conversation:
+        conversation = self._get(Conversation, conversation_id, ConversationNotFound)
+        if conversation.owner_id != user_id:
+            # Same answer as a missing conversation: do not reveal that it exists.
+            raise ConversationNotFound(str(conversation_id))
+        return conversation
+
+    def _get(self, cls: type[T], aggregate_id: UUID, missing: type[Exception]) -> T:
+        try:
+            aggregate = self.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            raise missing(str(aggregate_id)) from None
+        if not isinstance(aggregate, cls):
+            raise missing(str(aggregate_id))
+        return aggregate
+
+    @staticmethod
+    def _retry_races(attempt: Callable[[], T]) -> T:
+        for _ in range(RACE_RETRIES - 1):
+            try:
+                return attempt()
+            except IntegrityError:
+                continue  # another process saved first: reload and decide again
+        return attempt()

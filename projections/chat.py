@@ -1,0 +1,67 @@
+"""`ChatProjection`: turns conversation and persona events into the read-model rows."""
+
+from __future__ import annotations
+
+from functools import singledispatchmethod
+from typing import Any
+
+from eventsourcing.persistence import Tracking
+from eventsourcing.projection import Projection
+
+from domain.conversation import MAX_TITLE, Conversation
+from domain.persona import Persona
+from projections.readmodels import ReadModelRecorder
+
+
+class ChatProjection(Projection[ReadModelRecorder]):
+    name = "chat"
+
+    @singledispatchmethod
+    def process_event(self, domain_event: Any, tracking: Tracking) -> None:
+        self.view.skip(tracking)  # events no read model needs still move the position
+
+    @process_event.register
+    def _(self, e: Persona.Created, tracking: Tracking) -> None:
+        self.view.upsert_persona(tracking, {
+            "id": e.originator_id, "slug": e.slug, "name": e.name, "description": e.description,
+            "greeting": e.greeting, "model": e.model, "version": e.originator_version,
+            "updated_at": e.timestamp,
+        })
+
+    @process_event.register
+    def _(self, e: Conversation.Started, tracking: Tracking) -> None:
+        self.view.insert_conversation(tracking, {
+            "id": e.originator_id, "owner_id": e.owner_id, "persona_id": e.persona_id,
+            "title": e.title, "at": e.timestamp,
+        })
+
+    @process_event.register
+    def _(self, e: Conversation.UserMessagePosted, tracking: Tracking) -> None:
+        # The first message names the conversation (the aggregate does the same).
+        title = e.text[:MAX_TITLE] if e.originator_version == 2 else None
+        self.view.add_message(tracking, {
+            "id": e.message_id, "conversation_id": e.originator_id, "role": "user",
+            "text": e.text, "status": "complete", "reply_to": None, "at": e.timestamp,
+        }, title)
+
+    @process_event.register
+    def _(self, e: Conversation.ReplyRequested, tracking: Tracking) -> None:
+        self.view.add_message(tracking, {
+            "id": e.reply_id, "conversation_id": e.originator_id, "role": "assistant",
+            "text": "", "status": "pending", "reply_to": e.message_id, "at": e.timestamp,
+        }, None)
+
+    @process_event.register
+    def _(self, e: Conversation.ReplyCompleted, tracking: Tracking) -> None:
+        self.view.finish_reply(tracking, {
+            "id": e.reply_id, "conversation_id": e.originator_id, "text": e.text,
+            "status": "complete", "finish_reason": e.finish_reason,
+            "model": f"{e.model_name}/{e.model_version}", "at": e.timestamp,
+        })
+
+    @process_event.register
+    def _(self, e: Conversation.ReplyFailed, tracking: Tracking) -> None:
+        self.view.finish_reply(tracking, {
+            "id": e.reply_id, "conversation_id": e.originator_id, "text": "",
+            "status": "failed", "finish_reason": "error", "model": None, "at": e.timestamp,
+        })

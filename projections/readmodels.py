@@ -1,0 +1,145 @@
+"""Read models in PostgreSQL: personas, conversations per user, messages per conversation.
+
+`ReadModelRecorder` is a tracking recorder (the `eventsourcing` idiom): every write method
+takes the `Tracking` of the event that caused it and records it in the same transaction as
+the rows. Replaying an event that was already applied fails to record its tracking
+(`IntegrityError`), which rolls the whole transaction back: replays change nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import Tracking
+from eventsourcing.postgres import PostgresFactory, PostgresTrackingRecorder
+from eventsourcing.utils import Environment
+from psycopg.rows import DictRow
+from psycopg import Cursor
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS rm_personas (
+        id uuid PRIMARY KEY, slug text NOT NULL UNIQUE, name text NOT NULL,
+        description text NOT NULL, greeting text NOT NULL, model text NOT NULL,
+        version int NOT NULL, updated_at timestamptz NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS rm_conversations (
+        id uuid PRIMARY KEY, owner_id uuid NOT NULL, persona_id uuid NOT NULL,
+        title text NOT NULL, message_count int NOT NULL DEFAULT 0,
+        created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS rm_conversations_owner ON rm_conversations (owner_id, updated_at DESC)",
+    """CREATE TABLE IF NOT EXISTS rm_messages (
+        id uuid PRIMARY KEY, conversation_id uuid NOT NULL, seq int NOT NULL,
+        role text NOT NULL, text text NOT NULL, status text NOT NULL,
+        reply_to uuid, finish_reason text, model text,
+        created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS rm_messages_order ON rm_messages (conversation_id, seq)",
+]
+
+APPLICATION = "chat"  # the notification log the projections follow
+
+
+class ReadModelRecorder(PostgresTrackingRecorder):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sql_create_statements.extend(SCHEMA)  # type: ignore[arg-type]
+
+    # -- writes (each with its tracking, in one transaction) -------------------------------
+
+    def skip(self, tracking: Tracking) -> None:
+        """Record the position of an event no read model needs."""
+        self.insert_tracking(tracking)
+
+    def upsert_persona(self, tracking: Tracking, row: dict[str, Any]) -> None:
+        with self.datastore.transaction(commit=True) as curs:
+            self._insert_tracking(curs, tracking)
+            curs.execute(
+                "INSERT INTO rm_personas (id, slug, name, description, greeting, model, version, updated_at)"
+                " VALUES (%(id)s, %(slug)s, %(name)s, %(description)s, %(greeting)s, %(model)s,"
+                " %(version)s, %(updated_at)s)"
+                " ON CONFLICT (id) DO UPDATE SET slug=EXCLUDED.slug, name=EXCLUDED.name,"
+                " description=EXCLUDED.description, greeting=EXCLUDED.greeting,"
+                " model=EXCLUDED.model, version=EXCLUDED.version, updated_at=EXCLUDED.updated_at",
+                row,
+            )
+
+    def insert_conversation(self, tracking: Tracking, row: dict[str, Any]) -> None:
+        with self.datastore.transaction(commit=True) as curs:
+            self._insert_tracking(curs, tracking)
+            curs.execute(
+                "INSERT INTO rm_conversations (id, owner_id, persona_id, title, created_at, updated_at)"
+                " VALUES (%(id)s, %(owner_id)s, %(persona_id)s, %(title)s, %(at)s, %(at)s)",
+                row,
+            )
+
+    def add_message(self, tracking: Tracking, row: dict[str, Any], title: str | None) -> None:
+        with self.datastore.transaction(commit=True) as curs:
+            self._insert_tracking(curs, tracking)
+            curs.execute(
+                "INSERT INTO rm_messages (id, conversation_id, seq, role, text, status, reply_to,"
+                " created_at, updated_at)"
+                " SELECT %(id)s, %(conversation_id)s,"
+                " coalesce(max(seq), 0) + 1, %(role)s, %(text)s, %(status)s, %(reply_to)s, %(at)s, %(at)s"
+                " FROM rm_messages WHERE conversation_id = %(conversation_id)s",
+                row,
+            )
+            curs.execute(
+                "UPDATE rm_conversations SET message_count = message_count + 1, updated_at = %(at)s,"
+                " title = CASE WHEN %(title)s::text IS NULL THEN title ELSE %(title)s::text END"
+                " WHERE id = %(conversation_id)s",
+                {**row, "title": title},
+            )
+
+    def finish_reply(self, tracking: Tracking, row: dict[str, Any]) -> None:
+        with self.datastore.transaction(commit=True) as curs:
+            self._insert_tracking(curs, tracking)
+            curs.execute(
+                "UPDATE rm_messages SET text = %(text)s, status = %(status)s,"
+                " finish_reason = %(finish_reason)s, model = %(model)s, updated_at = %(at)s"
+                " WHERE id = %(id)s",
+                row,
+            )
+            curs.execute(
+                "UPDATE rm_conversations SET updated_at = %(at)s WHERE id = %(conversation_id)s", row
+            )
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def _query(self, sql: str, params: dict[str, Any]) -> list[DictRow]:
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(sql, params)
+            return curs.fetchall()
+
+    def personas(self) -> list[DictRow]:
+        return self._query("SELECT * FROM rm_personas ORDER BY name", {})
+
+    def conversations(self, owner_id: UUID, limit: int = 50, before: datetime | None = None) -> list[DictRow]:
+        return self._query(
+            "SELECT id, persona_id, title, message_count, created_at, updated_at"
+            " FROM rm_conversations WHERE owner_id = %(owner)s"
+            " AND (%(before)s::timestamptz IS NULL OR updated_at < %(before)s)"
+            " ORDER BY updated_at DESC LIMIT %(limit)s",
+            {"owner": owner_id, "limit": limit, "before": before},
+        )
+
+    def conversation(self, conversation_id: UUID) -> DictRow | None:
+        rows = self._query("SELECT * FROM rm_conversations WHERE id = %(id)s", {"id": conversation_id})
+        return rows[0] if rows else None
+
+    def messages(self, conversation_id: UUID) -> list[DictRow]:
+        return self._query(
+            "SELECT id, role, text, status, reply_to, finish_reason, model, created_at"
+            " FROM rm_messages WHERE conversation_id = %(id)s ORDER BY seq",
+            {"id": conversation_id},
+        )
+
+    def position(self) -> int:
+        return self.max_tracking_id(APPLICATION) or 0
+
+
+def read_model_recorder(pg_env: dict[str, str]) -> ReadModelRecorder:
+    """Build the recorder on its own connection pool (tracking table `readmodels_tracking`)."""
+    factory = PostgresFactory(Environment(name="readmodels", env=pg_env))
+    recorder = factory.tracking_recorder(ReadModelRecorder)
+    assert isinstance(recorder, ReadModelRecorder)
+    return recorder

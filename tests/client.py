@@ -1,0 +1,86 @@
+"""A small test client for the REST API and the websocket chat protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+
+
+class ChatClient:
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=30)
+        self.token: str | None = None
+        self.email = f"user-{uuid.uuid4().hex[:12]}@example.com"
+        self.password = "correct horse battery"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    async def register_and_log_in(self) -> None:
+        r = await self.http.post("/api/auth/register", json={"email": self.email, "password": self.password})
+        assert r.status_code == 201, r.text
+        self.user_id = r.json()["user_id"]
+        r = await self.http.post("/api/auth/login", json={"email": self.email, "password": self.password})
+        assert r.status_code == 200, r.text
+        self.token = r.json()["token"]
+
+    async def start_conversation(self, persona_id: str | None = None) -> str:
+        body = {"persona_id": persona_id} if persona_id else {}
+        r = await self.http.post("/api/conversations", json=body, headers=self.headers)
+        assert r.status_code == 201, r.text
+        return str(r.json()["id"])
+
+    async def get(self, path: str) -> httpx.Response:
+        return await self.http.get(path, headers=self.headers)
+
+    async def messages_when(self, conversation_id: str, ready: Any, timeout: float = 10) -> list[dict[str, Any]]:
+        """Poll the read model until `ready(messages)` (it is eventually consistent)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            r = await self.get(f"/api/conversations/{conversation_id}/messages")
+            assert r.status_code == 200, r.text
+            if ready(r.json()) or asyncio.get_running_loop().time() > deadline:
+                return list(r.json())
+            await asyncio.sleep(0.05)
+
+    def ws(self, **kwargs: Any) -> Any:
+        url = self.base_url.replace("http://", "ws://") + "/api/ws"
+        return connect(url, additional_headers=self.headers, max_size=None, **kwargs)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+async def recv(ws: ClientConnection, timeout: float = 60) -> dict[str, Any]:
+    return dict(json.loads(await asyncio.wait_for(ws.recv(), timeout)))
+
+
+async def send(ws: ClientConnection, conversation_id: str, text: str, client_message_id: str | None = None) -> str:
+    cmid = client_message_id or str(uuid.uuid4())
+    await ws.send(json.dumps({
+        "type": "send", "conversation_id": conversation_id, "client_message_id": cmid, "text": text,
+    }))
+    return cmid
+
+
+async def collect_reply(ws: ClientConnection, timeout: float = 120) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """Read frames until the final `reply`: returns (accepted, token frames, reply)."""
+    accepted: dict[str, Any] = {}
+    tokens: list[dict[str, Any]] = []
+    while True:
+        frame = await recv(ws, timeout)
+        if frame["type"] == "accepted":
+            accepted = frame
+        elif frame["type"] == "token":
+            tokens.append(frame)
+        elif frame["type"] == "reply":
+            return accepted, tokens, frame
+        elif frame["type"] == "error":
+            raise AssertionError(f"unexpected error frame: {frame}")

@@ -1,0 +1,67 @@
+"""Fixtures: the whole stack on real servers (embedded PostgreSQL, NATS with JetStream,
+Triton with the real model), started once per test session by the launcher that
+`chatbot up` uses, on free ports and in a temporary data directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chatbot.config import load_settings
+from chatbot.launcher import Ports, Stack
+from tests.client import ChatClient
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    data_dir = tmp_path_factory.mktemp("stack")
+    # A short ack wait makes JetStream redeliver a dead worker's request within seconds.
+    settings = dataclasses.replace(load_settings(data_dir), ack_wait_s=2.0)
+    stack = Stack(settings, Ports.random(), workers=1, apis=1, log_dir=ARTIFACTS / "logs")
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def api_url(stack: Stack) -> str:
+    return stack.api_urls[0]
+
+
+@pytest.fixture
+async def client(api_url: str) -> ChatClient:
+    c = ChatClient(api_url)
+    await c.register_and_log_in()
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+async def other_client(api_url: str) -> ChatClient:
+    c = ChatClient(api_url)
+    await c.register_and_log_in()
+    yield c
+    await c.close()
+
+
+@pytest.fixture(scope="session")
+def chat_app(stack: Stack):
+    """The write-side application, for checks against the event store itself."""
+    from chatbot.bootstrap import chat_application
+
+    app = chat_application(stack.settings)
+    yield app
+    app.close()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")

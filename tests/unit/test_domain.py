@@ -1,0 +1,124 @@
+"""The write side in memory: commands, invariants and the events they record."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+import pytest
+
+from domain.application import ChatApplication
+from domain.conversation import (
+    Conversation,
+    ConversationNotFound,
+    EmptyMessage,
+    MessageTooLong,
+    ReplyStillPending,
+)
+from domain.ids import persona_id_for
+from domain.user import EmailAlreadyRegistered, InvalidCredentials, InvalidEmail, WeakPassword
+
+OUTCOME = dict(text="Hi!", finish_reason="stop", prompt_tokens=5, completion_tokens=2,
+               ttft_ms=12.5, duration_ms=40.0, model_name="chat", model_version="1")
+
+
+@pytest.fixture
+def app() -> ChatApplication:
+    app = ChatApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"}, max_message_chars=100)
+    app.seed_personas()
+    return app
+
+
+@pytest.fixture
+def user(app: ChatApplication) -> UUID:
+    return app.register_user("Ada@Example.com", "correct horse")
+
+
+def test_a_user_registers_once_and_logs_in_with_any_case_of_email(app: ChatApplication, user: UUID) -> None:
+    assert app.authenticate("ada@example.COM", "correct horse") == user
+    with pytest.raises(EmailAlreadyRegistered):
+        app.register_user("ada@example.com", "another one")
+    with pytest.raises(InvalidCredentials):
+        app.authenticate("ada@example.com", "wrong password")
+    with pytest.raises(InvalidCredentials):
+        app.authenticate("nobody@example.com", "correct horse")
+    with pytest.raises(InvalidEmail):
+        app.register_user("not an email", "correct horse")
+    with pytest.raises(WeakPassword):
+        app.register_user("bob@example.com", "short")
+
+
+def test_seeding_personas_twice_creates_them_once(app: ChatApplication) -> None:
+    assert app.seed_personas() == []
+    assert app.get_persona(persona_id_for("pirate")).name == "Captain Flint"
+
+
+def test_a_message_records_the_post_and_a_pinned_reply_request(app: ChatApplication, user: UUID) -> None:
+    conversation_id = app.start_conversation(user, persona_id_for("pirate"))
+    posted = app.post_message(conversation_id, user, "c-1", "  Ahoy there  ")
+    events = list(app.events.get(conversation_id))
+    assert [type(e).__name__ for e in events] == ["Started", "UserMessagePosted", "ReplyRequested"]
+    assert events[1].text == "Ahoy there"
+    request = events[2]
+    assert request.persona_id == persona_id_for("pirate") and request.persona_version == 1
+    assert request.params["temperature"] == 0.9 and request.params["max_tokens"] == 96
+    job = app.reply_job(conversation_id, posted.reply_id)
+    assert job.messages[0] == {"role": "system", "content": "You are a cheerful pirate. You talk like a pirate, arr."}
+    assert job.messages[1:] == [{"role": "user", "content": "Ahoy there"}]
+
+
+def test_a_retried_send_returns_the_original_ids_and_records_nothing(app: ChatApplication, user: UUID) -> None:
+    conversation_id = app.start_conversation(user)
+    first = app.post_message(conversation_id, user, "c-1", "Hello")
+    again = app.post_message(conversation_id, user, "c-1", "Hello")
+    assert (again.message_id, again.reply_id, again.created) == (first.message_id, first.reply_id, False)
+    assert len(list(app.events.get(conversation_id))) == 3
+
+
+def test_a_reply_gets_exactly_one_outcome(app: ChatApplication, user: UUID) -> None:
+    conversation_id = app.start_conversation(user)
+    posted = app.post_message(conversation_id, user, "c-1", "Hello")
+    assert app.complete_reply(conversation_id, posted.reply_id, **OUTCOME) is True
+    assert app.complete_reply(conversation_id, posted.reply_id, **OUTCOME) is False
+    assert app.fail_reply(conversation_id, posted.reply_id, "late failure") is False
+    outcomes = [e for e in app.events.get(conversation_id) if isinstance(e, Conversation.ReplyCompleted)]
+    assert len(outcomes) == 1 and outcomes[0].model_version == "1"
+
+
+def test_history_holds_completed_turns_in_order(app: ChatApplication, user: UUID) -> None:
+    conversation_id = app.start_conversation(user)
+    first = app.post_message(conversation_id, user, "c-1", "Hello")
+    app.complete_reply(conversation_id, first.reply_id, **OUTCOME)
+    second = app.post_message(conversation_id, user, "c-2", "How are you?")
+    job = app.reply_job(conversation_id, second.reply_id)
+    assert [(m["role"], m["content"]) for m in job.messages[1:]] == [
+        ("user", "Hello"), ("assistant", "Hi!"), ("user", "How are you?"),
+    ]
+
+
+def test_a_failed_reply_is_left_out_of_the_history(app: ChatApplication, user: UUID) -> None:
+    conversation_id = app.start_conversation(user)
+    first = app.post_message(conversation_id, user, "c-1", "Hello")
+    app.fail_reply(conversation_id, first.reply_id, "Triton is down")
+    second = app.post_message(conversation_id, user, "c-2", "Again?")
+    roles = [m["role"] for m in app.reply_job(conversation_id, second.reply_id).messages]
+    assert roles == ["system", "user", "user"]
+
+
+def test_invalid_messages_are_refused(app: ChatApplication, user: UUID) -> None:
+    conversation_id = app.start_conversation(user)
+    with pytest.raises(EmptyMessage):
+        app.post_message(conversation_id, user, "c-1", "   ")
+    with pytest.raises(MessageTooLong):
+        app.post_message(conversation_id, user, "c-2", "x" * 101)
+    app.post_message(conversation_id, user, "c-3", "first")
+    with pytest.raises(ReplyStillPending):
+        app.post_message(conversation_id, user, "c-4", "second, too soon")
+
+
+def test_only_the_owner_posts_into_a_conversation(app: ChatApplication, user: UUID) -> None:
+    conversation_id = app.start_conversation(user)
+    intruder = app.register_user("eve@example.com", "correct horse")
+    with pytest.raises(ConversationNotFound):
+        app.post_message(conversation_id, intruder, "c-1", "hi")
+    with pytest.raises(ConversationNotFound):
+        app.post_message(persona_id_for("pirate"), user, "c-1", "a persona is not a conversation")

@@ -1,0 +1,66 @@
+"""Session tokens, websocket frame classification, subjects and prompt trimming."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import msgspec
+
+from api.auth import issue_token, verify_token
+from api.chat_socket import ChatSession, frame_decoder
+from api.schemas import SendFrame
+from chatbot.messaging import partition_of
+from workers.inference import trim_history
+
+SECRET = b"k" * 32
+
+
+def test_a_token_verifies_with_its_secret_only_and_until_it_expires() -> None:
+    user = uuid.uuid4()
+    token = issue_token(SECRET, user, ttl_s=60)
+    assert verify_token(SECRET, token) == user
+    assert verify_token(b"x" * 32, token) is None
+    assert verify_token(SECRET, token[:-2] + "AA") is None
+    assert verify_token(SECRET, "garbage") is None
+    assert verify_token(SECRET, issue_token(SECRET, user, ttl_s=-1)) is None
+
+
+def explain(raw: str) -> tuple[str, str]:
+    try:
+        frame_decoder.decode(raw)
+    except msgspec.DecodeError as e:
+        return ChatSession.explain(raw, e)
+    raise AssertionError("the frame decoded")
+
+
+def test_frames_are_classified_as_malformed_unknown_or_invalid() -> None:
+    assert explain("{oops")[0] == "malformed"
+    assert explain('"a string"')[0] == "malformed"
+    assert explain('{"no_type": 1}')[0] == "malformed"
+    assert explain('{"type": "dance"}')[0] == "unknown_type"
+    code, message = explain('{"type": "send", "conversation_id": "nope"}')
+    assert code == "invalid" and "conversation_id" in message
+    frame = frame_decoder.decode(json.dumps({
+        "type": "send", "conversation_id": str(uuid.uuid4()), "client_message_id": "a", "text": "hi",
+    }))
+    assert isinstance(frame, SendFrame)
+
+
+def test_a_conversation_always_maps_to_the_same_partition() -> None:
+    cid = uuid.uuid4()
+    assert partition_of(cid, 8) == partition_of(str(cid), 8)
+    spread = {partition_of(uuid.uuid4(), 8) for _ in range(200)}
+    assert spread == set(range(8))
+
+
+def test_trimming_keeps_the_system_prompt_and_the_newest_turns() -> None:
+    messages = [{"role": "system", "content": "s" * 10}] + [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"{i}" * 100} for i in range(10)
+    ]
+    trimmed = trim_history(messages, max_chars=350)
+    assert trimmed[0] == messages[0]
+    assert trimmed[1:] == messages[-3:]
+    # the newest turn is kept even when it alone is over the budget
+    assert trim_history(messages, max_chars=5)[1:] == messages[-1:]
+

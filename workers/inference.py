@@ -1,0 +1,272 @@
+"""The inference worker: turns each `ReplyRequested` event into exactly one outcome.
+
+Workers share one durable JetStream pull consumer (explicit acks), so any number of them
+split the requests. For each request the worker loads the prompt context from the events
+(persona at the pinned version, the turns before the message), streams the reply from
+Triton over gRPC, forwards every text delta on the conversation's core NATS subject, and
+signals `in_progress` to JetStream while it generates. When generation ends it records
+`ReplyCompleted` (or `ReplyFailed`) and only then acks. A request delivered again after
+a worker died finds either a pending reply (it generates again, from the same pinned seed)
+or a recorded outcome (it re-announces that outcome and acks): one outcome per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import nats
+import numpy as np
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc import aio as triton_aio
+
+from chatbot.bootstrap import chat_application
+from chatbot.config import Settings, load_settings
+from chatbot.messaging import (
+    ReplyDone,
+    ReplyError,
+    TokenDelta,
+    decode_event,
+    event_filter,
+    token_encoder,
+    token_subject,
+)
+from domain.application import ChatApplication, ReplyJob
+from workers.runtime import setup_logging, stop_on_signals
+
+log = setup_logging("worker")
+DURABLE = "workers"
+MAX_DELIVER = 5
+CONCURRENCY = 64  # generations in flight per worker process; Triton batches them
+MAX_PROMPT_CHARS = 6000  # a cheap guard; the model rejects what still overflows its window
+
+
+class GenerationError(Exception):
+    pass
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float
+    duration_ms: float
+    model_version: str
+
+
+def trim_history(messages: list[dict[str, str]], max_chars: int = MAX_PROMPT_CHARS) -> list[dict[str, str]]:
+    """Keep the system prompt and the newest turns that fit in `max_chars`."""
+    system, turns = messages[:1], messages[1:]
+    kept: list[dict[str, str]] = []
+    used = len(system[0]["content"]) if system else 0
+    for turn in reversed(turns):
+        used += len(turn["content"])
+        if kept and used > max_chars:
+            break
+        kept.append(turn)
+    return system + kept[::-1]
+
+
+def triton_inputs(messages: list[dict[str, str]], params: dict[str, Any]) -> list[InferInput]:
+    def tensor(name: str, dtype: str, value: Any, np_dtype: Any) -> InferInput:
+        t = InferInput(name, [1], dtype)
+        t.set_data_from_numpy(np.array([value], dtype=np_dtype))
+        return t
+
+    inputs = [tensor("messages", "BYTES", json.dumps(messages).encode(), np.object_)]
+    if "max_tokens" in params:
+        inputs.append(tensor("max_tokens", "INT32", params["max_tokens"], np.int32))
+    if "temperature" in params:
+        inputs.append(tensor("temperature", "FP32", params["temperature"], np.float32))
+    if "top_p" in params:
+        inputs.append(tensor("top_p", "FP32", params["top_p"], np.float32))
+    if "top_k" in params:
+        inputs.append(tensor("top_k", "INT32", params["top_k"], np.int32))
+    if "min_tokens" in params:
+        inputs.append(tensor("min_tokens", "INT32", params["min_tokens"], np.int32))
+    if "seed" in params:
+        inputs.append(tensor("seed", "INT64", params["seed"], np.int64))
+    return inputs
+
+
+OUTPUTS = ("text", "finish_reason", "prompt_tokens", "completion_tokens")
+
+
+async def stream_reply(
+    client: triton_aio.InferenceServerClient, model: str, request_id: str,
+    messages: list[dict[str, str]], params: dict[str, Any],
+) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
+    """Yield (delta, None) per streamed delta, then ("", final) with finish_reason, token
+    counts and model version. Raises GenerationError on a Triton error."""
+
+    async def requests() -> AsyncIterator[dict[str, Any]]:
+        yield {
+            "model_name": model, "inputs": triton_inputs(messages, params), "request_id": request_id,
+            "outputs": [InferRequestedOutput(n) for n in OUTPUTS],
+        }
+
+    async for result, error in client.stream_infer(inputs_iterator=requests()):
+        if error is not None:
+            raise GenerationError(str(error))
+        text = result.as_numpy("text")[0].decode("utf-8")
+        finish = result.as_numpy("finish_reason")[0].decode()
+        if text:
+            yield text, None
+        if finish:
+            yield "", {
+                "finish_reason": finish,
+                "prompt_tokens": int(result.as_numpy("prompt_tokens")[0]),
+                "completion_tokens": int(result.as_numpy("completion_tokens")[0]),
+                "model_version": result.get_response().model_version or "1",
+            }
+            return
+    raise GenerationError("the stream ended without a final response")
+
+
+class Worker:
+    def __init__(self, settings: Settings, app: ChatApplication, nc: nats.NATS,
+                 triton: triton_aio.InferenceServerClient) -> None:
+        self.settings, self.app, self.nc, self.triton = settings, app, nc, triton
+
+    async def handle(self, msg: Msg) -> None:
+        event = decode_event(self.app.mapper, msg.headers or {}, msg.data)
+        conversation_id, reply_id = event.originator_id, event.reply_id
+        try:
+            job = await asyncio.to_thread(self.app.reply_job, conversation_id, reply_id)
+            if job.status != "pending":
+                log.info("reply %s already has an outcome (%s): re-announcing it", reply_id, job.status)
+                await self.announce(job)
+                await msg.ack()
+                return
+            generation = await self.generate(job, msg)
+            recorded = await asyncio.to_thread(
+                self.app.complete_reply, conversation_id, reply_id,
+                text=generation.text, finish_reason=generation.finish_reason,
+                prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens,
+                ttft_ms=generation.ttft_ms, duration_ms=generation.duration_ms,
+                model_name=job.model, model_version=generation.model_version,
+            )
+            if not recorded:  # another delivery of this request won the race
+                job = await asyncio.to_thread(self.app.reply_job, conversation_id, reply_id)
+            else:
+                log.info("reply %s: %d tokens, ttft %.1f ms, %.0f ms in all", reply_id,
+                         generation.completion_tokens, generation.ttft_ms, generation.duration_ms)
+            await self.announce(job, generation if recorded else None)
+            await msg.ack()
+        except GenerationError as e:
+            await self.give_up_or_retry(msg, conversation_id, reply_id, str(e))
+        except Exception as e:  # noqa: BLE001 - a worker must survive any one request
+            log.exception("reply %s failed", reply_id)
+            await self.give_up_or_retry(msg, conversation_id, reply_id, f"internal error: {type(e).__name__}")
+
+    async def generate(self, job: ReplyJob, msg: Msg) -> Generation:
+        subject = token_subject(job.conversation_id)
+        heartbeat = asyncio.create_task(self.keep_alive(msg))
+        parts: list[str] = []
+        offset = 0
+        started = time.perf_counter()
+        ttft = 0.0
+        try:
+            async for delta, final in stream_reply(
+                self.triton, job.model, str(job.reply_id), trim_history(job.messages), job.params
+            ):
+                if final is not None:
+                    return Generation(
+                        text="".join(parts), finish_reason=final["finish_reason"],
+                        prompt_tokens=final["prompt_tokens"], completion_tokens=final["completion_tokens"],
+                        ttft_ms=ttft, duration_ms=(time.perf_counter() - started) * 1000,
+                        model_version=final["model_version"],
+                    )
+                if not parts:
+                    ttft = (time.perf_counter() - started) * 1000
+                parts.append(delta)
+                await self.nc.publish(subject, token_encoder.encode(TokenDelta(str(job.reply_id), offset, delta)))
+                offset += len(delta)
+        finally:
+            heartbeat.cancel()
+        raise GenerationError("no final response")
+
+    async def keep_alive(self, msg: Msg) -> None:
+        """Tell JetStream we are still working, so it does not redeliver mid-generation."""
+        while True:
+            await asyncio.sleep(max(0.5, self.settings.ack_wait_s / 3))
+            await msg.in_progress()
+
+    async def announce(self, job: ReplyJob, generation: Generation | None = None) -> None:
+        subject = token_subject(job.conversation_id)
+        if generation is not None:
+            done: Any = ReplyDone(str(job.reply_id), generation.text, generation.finish_reason)
+        elif job.status == "complete":
+            done = ReplyDone(str(job.reply_id), job.outcome.get("text", ""), job.outcome.get("finish_reason", "stop"))
+        else:
+            done = ReplyError(str(job.reply_id), job.outcome.get("error", "the reply failed"))
+        await self.nc.publish(subject, token_encoder.encode(done))
+
+    async def give_up_or_retry(self, msg: Msg, conversation_id: UUID, reply_id: UUID, error: str) -> None:
+        delivered = msg.metadata.num_delivered if msg.metadata else MAX_DELIVER
+        if delivered < MAX_DELIVER:
+            log.warning("reply %s: %s (attempt %d, retrying)", reply_id, error, delivered)
+            await msg.nak(delay=min(30, 2 ** delivered))
+            return
+        log.error("reply %s: %s (attempt %d, giving up)", reply_id, error, delivered)
+        await asyncio.to_thread(self.app.fail_reply, conversation_id, reply_id, error)
+        job = await asyncio.to_thread(self.app.reply_job, conversation_id, reply_id)
+        await self.announce(job)
+        await msg.ack()
+
+
+async def main(settings: Settings) -> None:
+    stop = stop_on_signals()
+    app = chat_application(settings)
+    nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1)
+    js = nc.jetstream()
+    triton = triton_aio.InferenceServerClient(settings.triton_url)
+    worker = Worker(settings, app, nc, triton)
+    sub = await js.pull_subscribe(
+        event_filter("Conversation.ReplyRequested"), durable=DURABLE, stream=settings.stream_name,
+        config=ConsumerConfig(
+            ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+            ack_wait=settings.ack_wait_s, max_deliver=MAX_DELIVER, max_ack_pending=10_000,
+        ),
+    )
+    slots = asyncio.Semaphore(CONCURRENCY)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def run(msg: Msg) -> None:
+        try:
+            await worker.handle(msg)
+        finally:
+            slots.release()
+
+    log.info("consuming reply requests (up to %d at once)", CONCURRENCY)
+    while not stop.is_set():
+        await slots.acquire()
+        try:
+            messages = await sub.fetch(1, timeout=1.0)
+        except NatsTimeout:
+            slots.release()
+            continue
+        task = asyncio.create_task(run(messages[0]))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    # Let generations in flight finish: their outcomes get recorded and acked.
+    if tasks:
+        await asyncio.wait(tasks, timeout=30)
+    await sub.unsubscribe()
+    await nc.drain()
+    await triton.close()
+    app.close()
+
+
+def run() -> None:
+    asyncio.run(main(load_settings()))
