@@ -218,8 +218,10 @@ class Stack:
         apis: int = 1,
         log_dir: Path | None = None,
         extra_env: dict[str, str] | None = None,
+        model_repository: Path = MODEL_REPOSITORY,
     ) -> None:
         self.ports = ports or Ports()
+        self.model_repository = model_repository
         self.settings = dataclasses.replace(
             settings,
             nats_url=f"nats://127.0.0.1:{self.ports.nats}",
@@ -268,7 +270,7 @@ class Stack:
             ready_timeout=30, log=self._log("nats"),
         )
         triton = Child(
-            "triton", triton_argv(self.ports), triton_env(),
+            "triton", triton_argv(self.ports, self.model_repository), triton_env(),
             ready=lambda: http_ok(f"http://127.0.0.1:{self.ports.triton_http}/v2/health/ready"),
             ready_timeout=180, log=self._log("triton"),
         )

@@ -16,7 +16,7 @@ from eventsourcing.persistence import Tracking
 from eventsourcing.postgres import PostgresFactory, PostgresTrackingRecorder
 from eventsourcing.utils import Environment
 from psycopg.rows import DictRow
-from psycopg import Cursor
+from psycopg.sql import SQL
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS rm_personas (
@@ -42,7 +42,7 @@ APPLICATION = "chat"  # the notification log the projections follow
 class ReadModelRecorder(PostgresTrackingRecorder):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.sql_create_statements.extend(SCHEMA)  # type: ignore[arg-type]
+        self.sql_create_statements.extend(SQL(s) for s in SCHEMA)  # type: ignore[arg-type]
 
     # -- writes (each with its tracking, in one transaction) -------------------------------
 
