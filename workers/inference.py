@@ -23,7 +23,6 @@ from uuid import UUID
 import nats
 import numpy as np
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc import aio as triton_aio
@@ -253,7 +252,7 @@ async def main(settings: Settings) -> None:
         await slots.acquire()
         try:
             messages = await sub.fetch(1, timeout=1.0)
-        except NatsTimeout:
+        except TimeoutError:  # nats-py raises its own subclass or the builtin, depending on where it timed out
             slots.release()
             continue
         task = asyncio.create_task(run(messages[0]))

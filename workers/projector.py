@@ -12,7 +12,6 @@ import asyncio
 
 import nats
 from eventsourcing.persistence import IntegrityError, Tracking
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from chatbot.bootstrap import chat_application
@@ -46,7 +45,7 @@ async def main(settings: Settings) -> None:
     while not stop.is_set():
         try:
             messages = await sub.fetch(BATCH, timeout=1.0)
-        except NatsTimeout:
+        except TimeoutError:  # nats-py raises its own subclass or the builtin, depending on where it timed out
             continue
         for msg in messages:
             headers = msg.headers or {}

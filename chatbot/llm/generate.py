@@ -1,0 +1,107 @@
+"""Sampling: per-request parameters, per-request RNG, stop strings.
+
+Design notes
+- Every request owns a `torch.Generator` seeded from its `seed` (or from OS entropy), so
+  a seeded request reproduces its tokens no matter which other requests share the batch.
+- Sampling runs on CPU in fp32 over one row of logits at a time: the row is tiny next to
+  the forward pass, and a CPU generator behaves identically whatever device the model
+  is on (CUDA generators would tie reproducibility to the GPU).
+- Order of filters: temperature, then top-k, then top-p (nucleus) on the renormalised
+  distribution, as in HF `transformers` and vLLM. temperature == 0 means greedy.
+- Stop strings are matched on *text*, not tokens (a stop string may span tokens). The
+  matcher holds back the tail of the text that could still become a stop string, so a
+  client never sees a partial stop string that is later retracted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 0  # 0 = no top-k filter
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    min_tokens: int = 0  # end-of-sequence tokens are masked out until this many are out
+
+    def validate(self) -> None:
+        """Raise ValueError with a message fit for an API client."""
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not self.temperature >= 0.0:  # also rejects NaN
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator(device="cpu")
+    if seed is None:
+        gen.seed()  # nondeterministic, from OS entropy
+    else:
+        gen.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)  # negative int64 seeds map into range
+    return gen
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """Draw one token id from a row of logits [V]."""
+    assert logits.dim() == 1, f"expected one row of logits [V], got shape {tuple(logits.shape)}"
+    logits = logits.detach().float().cpu()
+    if params.temperature == 0.0:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # drop a token when the tokens before it already cover top_p (the first always stays)
+        drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= params.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class StopMatcher:
+    """Feed text deltas; get back the text safe to emit and whether a stop string hit."""
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self.stop = stop
+        self.buffer = ""  # text received but not yet emitted
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        if not self.stop:
+            return delta, False
+        self.buffer += delta
+        hits = [i for i in (self.buffer.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out, self.buffer = self.buffer[: min(hits)], ""
+            return out, True
+        # hold back the longest tail that is a prefix of some stop string
+        hold = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.buffer)), hold, -1):
+                if self.buffer.endswith(s[:n]):
+                    hold = n
+                    break
+        out = self.buffer[: len(self.buffer) - hold]
+        self.buffer = self.buffer[len(self.buffer) - hold :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buffer = self.buffer, ""
+        return out

@@ -1,0 +1,405 @@
+"""Unit tests of `chatbot.llm`: model, KV cache, checkpoints, tokenizer streaming, sampling,
+engine. Tiny random models and a tokenizer trained in-process keep the file fast on 2
+cores; nothing is downloaded."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chatbot.llm import (
+    ChatTokenizer,
+    Engine,
+    EngineEvent,
+    KVCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PromptTooLongError,
+    SamplingParams,
+    generate_text,
+)
+from chatbot.llm.generate import StopMatcher, make_generator, sample_token
+from chatbot.llm.train import SPECIAL_TOKENS, train_bpe
+
+TEXT = "Hello there 👋🏽! 你好，世界。Ça va? 🎉🎉 naïve café — 日本語のテキスト 🤖"
+
+
+def tiny_config(**kw: object) -> LlamaConfig:
+    base: dict[str, object] = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, eos_token_id=2,
+    )
+    base.update(kw)
+    return LlamaConfig(**base)  # type: ignore[arg-type]
+
+
+def tiny_model(seed: int = 0, **kw: object) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(**kw))
+    model.init_weights(std=0.2)  # larger than training init: logits that actually vary
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> ChatTokenizer:
+    # ASCII-heavy corpus: emoji and CJK stay split into byte tokens, which is the hard case
+    corpus = ["hello there how are you doing today", "i am fine thanks", "what do you like"] * 50
+    return train_bpe(iter(corpus), vocab_size=300)
+
+
+# ---- model ---------------------------------------------------------------------------
+
+
+def reference_forward(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    """HF Llama math written out from the state dict (rotate_half RoPE, repeat_kv GQA)."""
+    c, sd = model.config, model.state_dict()
+    T, hd, nh, nkv = ids.shape[1], c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    assert hd is not None
+
+    def norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c.rms_norm_eps))
+
+    def rope(x: torch.Tensor) -> torch.Tensor:  # [1, H, T, hd]
+        inv = 1.0 / c.rope_theta ** (torch.arange(0, hd, 2).float() / hd)
+        ang = torch.outer(torch.arange(T).float(), inv)
+        cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+        rot = torch.cat([-x[..., hd // 2 :], x[..., : hd // 2]], -1)
+        return x * cos + rot * sin
+
+    x = sd["model.embed_tokens.weight"][ids]
+    causal = torch.ones(T, T).tril().bool()
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        h = norm(x, sd[p + "input_layernorm.weight"])
+        q = (h @ sd[p + "self_attn.q_proj.weight"].T).view(1, T, nh, hd).transpose(1, 2)
+        k = (h @ sd[p + "self_attn.k_proj.weight"].T).view(1, T, nkv, hd).transpose(1, 2)
+        v = (h @ sd[p + "self_attn.v_proj.weight"].T).view(1, T, nkv, hd).transpose(1, 2)
+        q, k = rope(q), rope(k)
+        k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
+        att = (q @ k.transpose(-1, -2) / hd**0.5).masked_fill(~causal, float("-inf")).softmax(-1)
+        x = x + (att @ v).transpose(1, 2).reshape(1, T, nh * hd) @ sd[p + "self_attn.o_proj.weight"].T
+        h = norm(x, sd[p + "post_attention_layernorm.weight"])
+        gate, up = h @ sd[p + "mlp.gate_proj.weight"].T, h @ sd[p + "mlp.up_proj.weight"].T
+        x = x + (F.silu(gate) * up) @ sd[p + "mlp.down_proj.weight"].T
+    return norm(x, sd["model.norm.weight"]) @ sd["lm_head.weight"].T
+
+
+def test_forward_matches_reference_math() -> None:
+    model = tiny_model()
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference_forward(model, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_kv_cache_ragged_batch_matches_full_forward() -> None:
+    model = tiny_model()
+    cache = KVCache(model.config, num_slots=3, max_len=64)
+    a, b = torch.randint(0, 300, (1, 20)), torch.randint(0, 300, (1, 14))
+    with torch.no_grad():
+        full_a, full_b = model(a), model(b)  # [1, T, V], no cache
+        # prefill each prompt into its own slot, different lengths
+        pa = model(a[:, :9], torch.arange(9)[None], cache, torch.tensor([2]))
+        pb = model(b[:, :3], torch.arange(3)[None], cache, torch.tensor([0]))
+        torch.testing.assert_close(pa, full_a[:, :9], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(pb, full_b[:, :3], atol=1e-4, rtol=1e-4)
+        # then decode both in one batch, one token per step, at their own positions
+        for step in range(11):
+            ta, tb = 9 + step, 3 + step
+            ids = torch.tensor([[a[0, ta]], [b[0, tb]]])  # [2, 1]
+            logits = model(ids, torch.tensor([[ta], [tb]]), cache, torch.tensor([2, 0]))  # [2, 1, V]
+            torch.testing.assert_close(logits[0, 0], full_a[0, ta], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(logits[1, 0], full_b[0, tb], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_and_load_round_trip(tmp_path: Path, tied: bool) -> None:
+    from safetensors.torch import load_file
+
+    model = tiny_model(tie_word_embeddings=tied)
+    model.save_pretrained(tmp_path)
+    names = set(load_file(str(tmp_path / "model.safetensors")))
+    assert "model.layers.1.self_attn.k_proj.weight" in names and "model.norm.weight" in names
+    assert ("lm_head.weight" in names) == (not tied), "tied checkpoints omit lm_head like HF"
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.to_dict() == model.config.to_dict()
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids))
+    if tied:
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+# ---- tokenizer -----------------------------------------------------------------------
+
+
+def test_chat_template_and_special_tokens(tokenizer: ChatTokenizer) -> None:
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    ids = tokenizer.encode(prompt)
+    assert ids[0] == SPECIAL_TOKENS.index("<|im_start|>") and tokenizer.eos_token_id in ids
+
+
+def test_tokenizer_files_round_trip(tokenizer: ChatTokenizer, tmp_path: Path) -> None:
+    tokenizer.save_pretrained(tmp_path)
+    loaded = ChatTokenizer.from_pretrained(tmp_path)
+    assert loaded.eos_token == "<|im_end|>" and loaded.encode(TEXT) == tokenizer.encode(TEXT)
+
+
+def test_stream_decoder_only_emits_whole_characters(tokenizer: ChatTokenizer) -> None:
+    ids = tokenizer.encode(TEXT)
+    # the test only means something if some single tokens are partial characters
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)
+    decoder = tokenizer.stream_decoder()
+    deltas = [decoder.push(i) for i in ids] + [decoder.flush()]
+    for d in deltas:
+        assert "\ufffd" not in d
+        d.encode("utf-8")  # raises on lone surrogates
+    assert "".join(deltas) == TEXT == tokenizer.decode(ids)
+
+
+# ---- sampling ------------------------------------------------------------------------
+
+
+def test_sampling_is_reproducible_per_seed() -> None:
+    logits = torch.randn(300)
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=7)
+
+    def draw(seed: int) -> list[int]:
+        gen = make_generator(seed)
+        return [sample_token(logits, params, gen) for _ in range(30)]
+
+    assert draw(7) == draw(7)
+    assert draw(7) != draw(8)
+    greedy = SamplingParams(temperature=0.0)
+    assert sample_token(logits, greedy, make_generator(None)) == int(logits.argmax())
+    top1 = SamplingParams(temperature=1.0, top_k=1)
+    assert sample_token(logits, top1, make_generator(1)) == int(logits.argmax())
+    # top_p keeps only the smallest head of the distribution that covers p
+    peaked = torch.tensor([10.0, 9.0, -5.0, -5.0])
+    nucleus = SamplingParams(temperature=1.0, top_p=0.5)
+    assert {sample_token(peaked, nucleus, make_generator(s)) for s in range(20)} == {0}
+
+
+def test_stop_matcher_holds_back_partial_stop_strings() -> None:
+    m = StopMatcher(("STOP",))
+    assert m.feed("hello S") == ("hello ", False)
+    assert m.feed("T") == ("", False)
+    assert m.feed("x") == ("STx", False)
+    assert m.feed(" and ST") == (" and ", False)
+    assert m.feed("OP more") == ("", True)
+
+
+# ---- engine --------------------------------------------------------------------------
+
+
+def make_engine(tokenizer: ChatTokenizer, never_eos: bool = False, max_seq_len: int = 128) -> Engine:
+    model = tiny_model(vocab_size=tokenizer.vocab_size, tie_word_embeddings=not never_eos,
+                       eos_token_id=tokenizer.eos_token_id)
+    if never_eos:
+        # huge logits everywhere except EOS (logit 0): sampling practically never ends a sequence
+        with torch.no_grad():
+            model.lm_head.weight.mul_(100.0)
+            model.lm_head.weight[tokenizer.eos_token_id] = 0.0
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=max_seq_len)
+    engine.start()
+    return engine
+
+
+CHAT = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "hello there"}]
+
+
+def test_engine_concurrent_requests_complete(tokenizer: ChatTokenizer) -> None:
+    engine = make_engine(tokenizer, never_eos=True)
+    try:
+        events: dict[int, list[EngineEvent]] = {0: [], 1: []}
+        handles = [engine.submit(CHAT, SamplingParams(max_tokens=12 + i, seed=i), events[i].append) for i in (0, 1)]
+        for h in handles:
+            assert h.done.wait(20), "request did not finish"
+        for i in (0, 1):
+            final = events[i][-1]
+            assert [e.final for e in events[i]].count(True) == 1 and final.final
+            assert final.finish_reason == "length" and final.completion_tokens == 12 + i
+            assert final.prompt_tokens == len(engine.count_prompt_tokens(CHAT))
+        # batched decode gives the same tokens as running alone (same seed)
+        alone, _ = generate_text(engine, CHAT, SamplingParams(max_tokens=12, seed=0))
+        assert alone == "".join(e.text for e in events[0])
+    finally:
+        engine.stop()
+
+
+def test_engine_cancellation_stops_within_a_step(tokenizer: ChatTokenizer) -> None:
+    engine = make_engine(tokenizer, never_eos=True)
+    try:
+        events: list[EngineEvent] = []
+        got_token = threading.Event()
+        handle = engine.submit(CHAT, SamplingParams(max_tokens=100, seed=1),
+                               lambda e: (events.append(e), got_token.set()))
+        assert got_token.wait(20)
+        handle.cancel()
+        assert handle.done.wait(20)
+        final = events[-1]
+        assert final.finish_reason == "cancelled" and final.completion_tokens < 100
+    finally:
+        engine.stop()
+
+
+def test_engine_rejects_bad_requests_clearly(tokenizer: ChatTokenizer) -> None:
+    engine = make_engine(tokenizer, max_seq_len=64)
+    try:
+        long_chat = [{"role": "user", "content": "hello there " * 100}]
+        n = len(engine.count_prompt_tokens(long_chat))
+        with pytest.raises(PromptTooLongError, match=f"prompt has {n} tokens, the context window is 64"):
+            engine.submit(long_chat, SamplingParams(), lambda e: None)
+        with pytest.raises(ValueError, match="non-empty"):
+            engine.submit([], SamplingParams(), lambda e: None)
+        with pytest.raises(ValueError, match="role"):
+            engine.submit([{"role": "wizard", "content": "x"}], SamplingParams(), lambda e: None)
+        with pytest.raises(ValueError, match="top_p"):
+            engine.submit(CHAT, SamplingParams(top_p=0.0), lambda e: None)
+        # a prompt that nearly fills the window is clamped to the room left: "length"
+        text, final = generate_text(engine, [{"role": "user", "content": "hello " * 20}], SamplingParams(max_tokens=500))
+        assert final.finish_reason in ("length", "stop")
+        assert final.prompt_tokens + final.completion_tokens <= 64
+    finally:
+        engine.stop()
+
+
+def test_shipped_demo_model_replies() -> None:
+    demo = Path(__file__).resolve().parents[2] / "triton_models" / "chat" / "1" / "demo"
+    if not (demo / "model.safetensors").exists():
+        pytest.skip("demo model not trained")
+    engine = Engine.from_pretrained(demo, max_batch_size=1)
+    engine.start()
+    try:
+        text, final = generate_text(engine, [{"role": "user", "content": "Hi! How are you?"}],
+                                    SamplingParams(max_tokens=40, seed=0))
+        assert final.finish_reason in ("stop", "length") and final.completion_tokens > 0 and text.strip()
+    finally:
+        engine.stop()
+
+
+# ---- the Triton adapter, against a fake `triton_python_backend_utils` ---------------------
+
+
+class _FakeTensor:
+    def __init__(self, name: str, array: object) -> None:
+        self.name, self.array = name, array
+
+    def as_numpy(self) -> object:
+        return self.array
+
+
+class _FakeResponse:
+    def __init__(self, output_tensors: list[_FakeTensor] | None = None, error: object = None) -> None:
+        self.outputs = {t.name: t.array for t in output_tensors or []}
+        self.error = error
+
+
+class _FakeError:
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class _FakeSender:
+    def __init__(self, cancel_after: int | None = None) -> None:
+        self.sent: list[tuple[_FakeResponse, int]] = []
+        self.closed = threading.Event()
+        self.cancel_after = cancel_after
+
+    def send(self, response: _FakeResponse, flags: int = 0) -> None:
+        self.sent.append((response, flags))
+        if flags == 1:
+            self.closed.set()
+
+    def is_cancelled(self) -> bool:
+        return self.cancel_after is not None and len(self.sent) >= self.cancel_after
+
+
+class _FakeRequest:
+    def __init__(self, inputs: dict[str, object], sender: _FakeSender) -> None:
+        self.inputs, self.sender = inputs, sender
+
+    def get_response_sender(self) -> _FakeSender:
+        return self.sender
+
+
+def _fake_pb_utils() -> object:
+    import types
+
+    pb = types.ModuleType("triton_python_backend_utils")
+    pb.Tensor = _FakeTensor  # type: ignore[attr-defined]
+    pb.InferenceResponse = _FakeResponse  # type: ignore[attr-defined]
+    pb.TritonError = _FakeError  # type: ignore[attr-defined]
+    pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1  # type: ignore[attr-defined]
+    pb.get_input_tensor_by_name = (  # type: ignore[attr-defined]
+        lambda req, name: _FakeTensor(name, req.inputs[name]) if name in req.inputs else None
+    )
+    log = types.SimpleNamespace(log_info=print, log_warn=print, log_error=print, log_verbose=print)
+    pb.Logger = log  # type: ignore[attr-defined]
+    return pb
+
+
+def test_triton_adapter_streams_errors_and_cancels(
+    tokenizer: ChatTokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+    import json
+    import sys
+
+    import numpy as np
+
+    model = tiny_model(vocab_size=tokenizer.vocab_size, tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id)
+    with torch.no_grad():  # never EOS, as in make_engine
+        model.lm_head.weight.mul_(100.0)
+        model.lm_head.weight[tokenizer.eos_token_id] = 0.0
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+    path = Path(__file__).resolve().parents[2] / "triton_models" / "chat" / "1" / "model.py"
+    spec = importlib.util.spec_from_file_location("triton_chat_model", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+
+    triton_model = module.TritonPythonModel()
+    params = {"model_dir": str(tmp_path), "num_threads": str(torch.get_num_threads()), "max_seq_len": "256"}
+    triton_model.initialize({"model_config": json.dumps({"parameters": {k: {"string_value": v} for k, v in params.items()}})})
+    engine_model = triton_model.engine.model
+    fast_forward = engine_model.forward
+
+    def slow_forward(*args: object, **kwargs: object) -> torch.Tensor:
+        time.sleep(0.005)  # a tiny model outruns the 50 ms cancel poll; real ones don't
+        return fast_forward(*args, **kwargs)
+
+    engine_model.forward = slow_forward
+    try:
+        def request(messages: object, sender: _FakeSender, **extra: object) -> _FakeRequest:
+            raw = messages if isinstance(messages, bytes) else json.dumps(messages).encode()
+            inputs: dict[str, object] = {"messages": np.array([raw], dtype=np.object_)}
+            inputs.update({k: np.array([v]) for k, v in extra.items()})
+            return _FakeRequest(inputs, sender)
+
+        ok, bad, cancel = _FakeSender(), _FakeSender(), _FakeSender(cancel_after=2)
+        assert triton_model.execute([
+            request(CHAT, ok, max_tokens=np.int32(5), seed=np.int64(3)),
+            request(b"{not json", bad),
+            request(CHAT, cancel, max_tokens=np.int32(200)),
+        ]) is None
+        for sender in (ok, bad, cancel):
+            assert sender.closed.wait(20), "every sender must be closed with the final flag"
+            assert [flags for _, flags in sender.sent].count(1) == 1 and sender.sent[-1][1] == 1
+
+        last = ok.sent[-1][0].outputs
+        assert last["finish_reason"][0] == b"length" and int(last["completion_tokens"][0]) == 5
+        assert all(r.outputs["finish_reason"][0] == b"" for r, _ in ok.sent[:-1])
+        assert bad.sent[0][0].error is not None and "JSON" in bad.sent[0][0].error.message
+        final = cancel.sent[-1][0].outputs
+        assert final["finish_reason"][0] == b"cancelled" and int(final["completion_tokens"][0]) < 200
+    finally:
+        triton_model.finalize()

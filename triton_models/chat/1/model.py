@@ -1,0 +1,226 @@
+"""Triton python-backend model `chat`: a thin adapter over `chatbot.llm.Engine`.
+
+Design notes
+- Decoupled: `execute()` only parses and admits requests and returns None at once; the
+  engine thread generates, and a single *sender thread* owns every response sender:
+  it sends one response per text delta, then the final response (flag
+  TRITONSERVER_RESPONSE_COMPLETE_FINAL) with finish_reason and token counts. Keeping all
+  sender calls on one thread keeps them ordered per request and off the engine thread.
+- Bad input (not JSON, wrong shape, empty, prompt longer than the context window, bad
+  sampling values) is answered with a response carrying `pb_utils.TritonError` and the
+  final flag; engine failures likewise. Every sender is closed with the final flag.
+- Cancellation: the sender thread polls `response_sender.is_cancelled()` of every live
+  request every ~50 ms and cancels its engine handle; the engine drops the sequence
+  within one step and the final response says finish_reason "cancelled".
+- Imports: the stub embeds the *system* Python 3.11 in isolated mode, which ignores
+  PYTHONPATH. The launcher still sets PYTHONPATH (venv site-packages + repo root) and
+  `_extend_sys_path` copies it onto sys.path before numpy/torch/chatbot are imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import site
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def _extend_sys_path() -> None:
+    """The stub embeds the system Python with an isolated config: PYTHONPATH is in the
+    environment but *not* on sys.path. Put its entries (the venv's site-packages, the repo
+    root) in front, process their .pth files, and fall back to this file's repo root."""
+    repo_root = str(Path(__file__).resolve().parents[3])
+    entries = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [repo_root]
+    for entry in reversed(entries):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    for entry in entries:
+        if entry.endswith("site-packages"):
+            site.addsitedir(entry)  # .pth files (editable installs); the dir is already on sys.path
+
+
+_extend_sys_path()
+
+import numpy as np  # noqa: E402  (needs the sys.path above)
+import torch  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from chatbot.llm.engine import Engine, EngineEvent, validate_messages  # noqa: E402
+from chatbot.llm.generate import SamplingParams  # noqa: E402
+
+_CANCEL_POLL_S = 0.05
+_STOP = object()
+
+
+@dataclass
+class _Live:
+    sender: Any  # pb_utils.InferenceResponseSender
+    handle: Any = None  # RequestHandle once submitted
+    cancel_seen: bool = False
+
+
+def _optional_scalar(request: Any, name: str) -> Any:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    arr = tensor.as_numpy().reshape(-1)
+    if arr.size != 1:
+        raise ValueError(f"{name} must hold exactly one value, got {arr.size}")
+    return arr[0].item()
+
+
+def _parse(request: Any) -> tuple[list[dict[str, str]], SamplingParams]:
+    """Inputs -> (messages, sampling params); ValueError with a client-facing message."""
+    tensor = pb_utils.get_input_tensor_by_name(request, "messages")
+    if tensor is None:
+        raise ValueError("input 'messages' is required")
+    raw = tensor.as_numpy().reshape(-1)
+    if raw.size != 1:
+        raise ValueError(f"messages must hold exactly one JSON string, got {raw.size}")
+    value = raw[0]
+    try:
+        text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+        messages = validate_messages(json.loads(text))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"messages is not valid UTF-8 JSON: {exc}") from None
+    defaults = SamplingParams()
+    opts = {name: _optional_scalar(request, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "min_tokens")}
+    params = SamplingParams(
+        max_tokens=int(opts["max_tokens"]) if opts["max_tokens"] is not None else defaults.max_tokens,
+        temperature=float(opts["temperature"]) if opts["temperature"] is not None else defaults.temperature,
+        top_p=float(opts["top_p"]) if opts["top_p"] is not None else defaults.top_p,
+        top_k=int(opts["top_k"]) if opts["top_k"] is not None else defaults.top_k,
+        seed=int(opts["seed"]) if opts["seed"] is not None else None,
+        min_tokens=int(opts["min_tokens"]) if opts["min_tokens"] is not None else 0,
+    )
+    params.validate()
+    return messages, params
+
+
+def _response(text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> Any:
+    return pb_utils.InferenceResponse(
+        output_tensors=[
+            pb_utils.Tensor("text", np.array([text.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor("finish_reason", np.array([finish_reason.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor("prompt_tokens", np.array([prompt_tokens], dtype=np.int32)),
+            pb_utils.Tensor("completion_tokens", np.array([completion_tokens], dtype=np.int32)),
+        ]
+    )
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        torch.set_num_threads(int(params.get("num_threads", "2")))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype_name = params.get("dtype", "auto")
+        if dtype_name == "auto":
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        else:
+            dtype = getattr(torch, dtype_name)
+            assert isinstance(dtype, torch.dtype), f"dtype parameter {dtype_name!r} is not a torch dtype"
+        model_dir = Path(params.get("model_dir", "demo"))
+        if not model_dir.is_absolute():
+            model_dir = Path(__file__).resolve().parent / model_dir  # relative to the version folder
+        max_seq_len = int(params.get("max_seq_len", "0")) or None
+        self.engine = Engine.from_pretrained(
+            model_dir, device=device, dtype=dtype, max_batch_size=int(params.get("max_num_seqs", "8")), max_seq_len=max_seq_len
+        )
+        self.engine.start()
+        self._outbox: queue.Queue[Any] = queue.Queue()
+        self._live: dict[str, _Live] = {}
+        self._lock = threading.Lock()  # guards _live: execute registers, the sender thread removes
+        self._next_id = 0
+        self._sender_thread = threading.Thread(target=self._send_loop, name="chat-sender", daemon=True)
+        self._sender_thread.start()
+        pb_utils.Logger.log_info(
+            f"chat model ready: {model_dir} on {device}/{dtype}, context {self.engine.max_seq_len}, "
+            f"{self.engine.max_batch_size} sequences"
+        )
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                messages, params = _parse(request)
+            except ValueError as exc:
+                self._outbox.put(("error", sender, str(exc)))
+                continue
+            with self._lock:
+                self._next_id += 1
+                rid = f"r{self._next_id}"
+                live = self._live[rid] = _Live(sender)
+            try:
+                # registered before submit: the first event may arrive before submit returns
+                live.handle = self.engine.submit(messages, params, self._on_event, request_id=rid)
+            except ValueError as exc:  # includes PromptTooLongError
+                with self._lock:
+                    del self._live[rid]
+                self._outbox.put(("error", sender, str(exc)))
+        return None  # decoupled: responses go through the senders
+
+    def _on_event(self, event: EngineEvent) -> None:
+        # engine thread: never block it; the sender thread does the IPC
+        self._outbox.put(("event", event))
+
+    def _send_loop(self) -> None:
+        last_poll = 0.0
+        while True:
+            try:
+                item = self._outbox.get(timeout=_CANCEL_POLL_S)
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                return
+            if item is not None:
+                try:
+                    self._send(item)
+                except Exception as exc:  # a vanished client must not stop the thread
+                    pb_utils.Logger.log_error(f"chat: sending a response failed: {exc}")
+            now = time.monotonic()
+            if now - last_poll >= _CANCEL_POLL_S:
+                last_poll = now
+                self._poll_cancelled()
+
+    def _send(self, item: tuple[Any, ...]) -> None:
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if item[0] == "error":
+            _, sender, message = item
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=final)
+            return
+        event: EngineEvent = item[1]
+        with self._lock:
+            live = self._live.get(event.request_id) if not event.final else self._live.pop(event.request_id, None)
+        if live is None:
+            return
+        if event.finish_reason == "error":
+            live.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(event.error or "inference failed")), flags=final)
+            return
+        response = _response(event.text, event.finish_reason or "", event.prompt_tokens, event.completion_tokens)
+        live.sender.send(response, flags=final if event.final else 0)
+
+    def _poll_cancelled(self) -> None:
+        with self._lock:
+            lives = [v for v in self._live.values() if v.handle is not None and not v.cancel_seen]
+        for live in lives:
+            try:
+                if live.sender.is_cancelled():
+                    live.cancel_seen = True
+                    live.handle.cancel()
+                    pb_utils.Logger.log_verbose(f"chat: request {live.handle.request_id} cancelled by the client")
+            except Exception as exc:
+                pb_utils.Logger.log_warn(f"chat: is_cancelled failed: {exc}")
+
+    def finalize(self) -> None:
+        # engine.stop() ends unfinished requests with a final (error) event, which the
+        # sender thread still delivers before it sees _STOP
+        self.engine.stop()
+        self._outbox.put(_STOP)
+        self._sender_thread.join(timeout=10.0)
