@@ -60,8 +60,10 @@ async def direct_ttft(triton: triton_aio.InferenceServerClient, concurrency: int
     return samples
 
 
-async def pipeline_ttft(clients: list[tuple[ChatClient, str]], rounds: int) -> list[float]:
-    async def one(client: ChatClient, conversation_id: str, ws) -> float:
+async def pipeline_ttft(clients: list[ChatClient], persona_id: str, rounds: int) -> list[float]:
+    async def one(client: ChatClient, ws) -> float:
+        # a fresh conversation per round: the same prompt as the direct call, no history
+        conversation_id = await client.start_conversation(persona_id)
         started = time.perf_counter()
         await send(ws, conversation_id, TEXT)
         ttft = 0.0
@@ -74,11 +76,11 @@ async def pipeline_ttft(clients: list[tuple[ChatClient, str]], rounds: int) -> l
             elif frame["type"] == "error":
                 raise RuntimeError(frame)
 
-    sockets = [await c.ws().__aenter__() for c, _ in clients]
+    sockets = [await c.ws().__aenter__() for c in clients]
     samples: list[float] = []
     try:
         for _ in range(rounds):
-            samples += await asyncio.gather(*(one(c, cid, ws) for (c, cid), ws in zip(clients, sockets)))
+            samples += await asyncio.gather(*(one(c, ws) for c, ws in zip(clients, sockets)))
     finally:
         for ws in sockets:
             await ws.close()
@@ -100,14 +102,14 @@ async def run(stack: Stack, levels: list[int], rounds: int) -> None:
         for _ in range(concurrency):
             c = ChatClient(stack.api_urls[0])
             await c.register_and_log_in()
-            clients.append((c, await c.start_conversation(str(persona.id))))
-        await pipeline_ttft(clients[:1], 1)  # warm-up of this level's connections
+            clients.append(c)
+        await pipeline_ttft(clients[:1], str(persona.id), 1)  # warm-up
         direct = await direct_ttft(triton, concurrency, rounds)
-        piped = await pipeline_ttft(clients, rounds)
+        piped = await pipeline_ttft(clients, str(persona.id), rounds)
         d50, d99, p50, p99 = pct(direct, 50), pct(direct, 99), pct(piped, 50), pct(piped, 99)
         print(f"{concurrency:>8} | {d50:>10.1f} {d99:>7.1f} | {p50:>12.1f} {p99:>7.1f} | {p50 - d50:>9.1f} {p99 - d99:>7.1f}")
         print(f"{'':>8}   (mean direct {statistics.mean(direct):.1f}, pipeline {statistics.mean(piped):.1f}, n={len(piped)})")
-        for c, _ in clients:
+        for c in clients:
             await c.close()
     await triton.close()
     app.close()

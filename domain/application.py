@@ -62,6 +62,7 @@ class ChatApplication(Application[UUID]):
         super().__init__(env)
         self.max_message_chars = max_message_chars
         self.hasher = PasswordHasher()
+        self._prompt_cache: dict[tuple[UUID, int], str] = {}
 
     # -- users ----------------------------------------------------------------------------
 
@@ -146,10 +147,8 @@ class ChatApplication(Application[UUID]):
     def reply_job(self, conversation_id: UUID, reply_id: UUID) -> ReplyJob:
         conversation = self._get(Conversation, conversation_id, ConversationNotFound)
         request = conversation.reply(reply_id)
-        persona: Persona = self.repository.get(
-            request["persona_id"], version=request["persona_version"]
-        )
-        messages = [{"role": "system", "content": persona.system_prompt}]
+        system_prompt = self._system_prompt(request["persona_id"], request["persona_version"])
+        messages = [{"role": "system", "content": system_prompt}]
         messages += conversation.history_for(reply_id)
         outcome = {k: v for k, v in request.items() if k not in ("params", "persona_id")}
         return ReplyJob(
@@ -171,6 +170,16 @@ class ChatApplication(Application[UUID]):
         return self._record_outcome(conversation_id, lambda c: c.fail_reply(reply_id, error))
 
     # -- helpers --------------------------------------------------------------------------
+
+    def _system_prompt(self, persona_id: UUID, version: int) -> str:
+        """A persona version never changes, so its prompt is cached for good."""
+        key = (persona_id, version)
+        if key not in self._prompt_cache:
+            persona: Persona = self.repository.get(persona_id, version=version)
+            if len(self._prompt_cache) > 10_000:
+                self._prompt_cache.clear()
+            self._prompt_cache[key] = persona.system_prompt
+        return self._prompt_cache[key]
 
     def _record_outcome(self, conversation_id: UUID, command: Callable[[Conversation], None]) -> bool:
         def attempt() -> bool:

@@ -13,6 +13,7 @@ or a recorded outcome (it re-announces that outcome and acks): one outcome per r
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 import time
 from collections.abc import AsyncIterator
@@ -39,17 +40,21 @@ from chatbot.messaging import (
     token_subject,
 )
 from domain.application import ChatApplication, ReplyJob
+from workers.prompt import PromptBuilder
 from workers.runtime import setup_logging, stop_on_signals
 
-log = setup_logging("worker")
+log = logging.getLogger("worker")
 DURABLE = "workers"
 MAX_DELIVER = 5
 CONCURRENCY = 64  # generations in flight per worker process; Triton batches them
-MAX_PROMPT_CHARS = 6000  # a cheap guard; the model rejects what still overflows its window
+MAX_PROMPT_CHARS = 24_000  # a cheap cut before tokenizing; PromptBuilder fits the rest
+INVALID_REQUEST = "invalid request: "  # the chat model's prefix for errors retrying cannot fix
 
 
 class GenerationError(Exception):
-    pass
+    @property
+    def permanent(self) -> bool:
+        return INVALID_REQUEST in str(self)
 
 
 @dataclass
@@ -136,18 +141,20 @@ class Worker:
     def __init__(self, settings: Settings, app: ChatApplication, nc: nats.NATS,
                  triton: triton_aio.InferenceServerClient) -> None:
         self.settings, self.app, self.nc, self.triton = settings, app, nc, triton
+        self.prompts = PromptBuilder()
 
     async def handle(self, msg: Msg) -> None:
+        received = time.perf_counter()
         event = decode_event(self.app.mapper, msg.headers or {}, msg.data)
         conversation_id, reply_id = event.originator_id, event.reply_id
         try:
-            job = await asyncio.to_thread(self.app.reply_job, conversation_id, reply_id)
+            job, messages = await asyncio.to_thread(self.prepare, conversation_id, reply_id)
             if job.status != "pending":
                 log.info("reply %s already has an outcome (%s): re-announcing it", reply_id, job.status)
                 await self.announce(job)
                 await msg.ack()
                 return
-            generation = await self.generate(job, msg)
+            generation = await self.generate(job, messages, msg, received)
             recorded = await asyncio.to_thread(
                 self.app.complete_reply, conversation_id, reply_id,
                 text=generation.text, finish_reason=generation.finish_reason,
@@ -158,26 +165,35 @@ class Worker:
             if not recorded:  # another delivery of this request won the race
                 job = await asyncio.to_thread(self.app.reply_job, conversation_id, reply_id)
             else:
-                log.info("reply %s: %d tokens, ttft %.1f ms, %.0f ms in all", reply_id,
-                         generation.completion_tokens, generation.ttft_ms, generation.duration_ms)
+                log.info("reply %s: %d tokens, prep %.1f ms, ttft %.1f ms, %.0f ms in all", reply_id,
+                         generation.completion_tokens, self.last_prep_ms, generation.ttft_ms, generation.duration_ms)
             await self.announce(job, generation if recorded else None)
             await msg.ack()
         except GenerationError as e:
-            await self.give_up_or_retry(msg, conversation_id, reply_id, str(e))
+            await self.give_up_or_retry(msg, conversation_id, reply_id, str(e), retry=not e.permanent)
         except Exception as e:  # noqa: BLE001 - a worker must survive any one request
             log.exception("reply %s failed", reply_id)
             await self.give_up_or_retry(msg, conversation_id, reply_id, f"internal error: {type(e).__name__}")
 
-    async def generate(self, job: ReplyJob, msg: Msg) -> Generation:
+    def prepare(self, conversation_id: UUID, reply_id: UUID) -> tuple[ReplyJob, list[dict[str, str]]]:
+        """Load the request's context and fit it to the model (blocking: runs in a thread)."""
+        job = self.app.reply_job(conversation_id, reply_id)
+        if job.status != "pending":
+            return job, []
+        max_tokens = int(job.params.get("max_tokens", 256))
+        return job, self.prompts.fit(job.model, trim_history(job.messages), max_tokens)
+
+    async def generate(self, job: ReplyJob, messages: list[dict[str, str]], msg: Msg, received: float) -> Generation:
         subject = token_subject(job.conversation_id)
         heartbeat = asyncio.create_task(self.keep_alive(msg))
         parts: list[str] = []
         offset = 0
         started = time.perf_counter()
+        self.last_prep_ms = (started - received) * 1000
         ttft = 0.0
         try:
             async for delta, final in stream_reply(
-                self.triton, job.model, str(job.reply_id), trim_history(job.messages), job.params
+                self.triton, job.model, str(job.reply_id), messages, job.params
             ):
                 if final is not None:
                     return Generation(
@@ -211,9 +227,11 @@ class Worker:
             done = ReplyError(str(job.reply_id), job.outcome.get("error", "the reply failed"))
         await self.nc.publish(subject, token_encoder.encode(done))
 
-    async def give_up_or_retry(self, msg: Msg, conversation_id: UUID, reply_id: UUID, error: str) -> None:
+    async def give_up_or_retry(
+        self, msg: Msg, conversation_id: UUID, reply_id: UUID, error: str, retry: bool = True
+    ) -> None:
         delivered = msg.metadata.num_delivered if msg.metadata else MAX_DELIVER
-        if delivered < MAX_DELIVER:
+        if retry and delivered < MAX_DELIVER:
             log.warning("reply %s: %s (attempt %d, retrying)", reply_id, error, delivered)
             await msg.nak(delay=min(30, 2 ** delivered))
             return
@@ -225,6 +243,7 @@ class Worker:
 
 
 async def main(settings: Settings) -> None:
+    setup_logging("worker")
     stop = stop_on_signals()
     app = chat_application(settings)
     nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1)
@@ -238,26 +257,22 @@ async def main(settings: Settings) -> None:
             ack_wait=settings.ack_wait_s, max_deliver=MAX_DELIVER, max_ack_pending=10_000,
         ),
     )
-    slots = asyncio.Semaphore(CONCURRENCY)
     tasks: set[asyncio.Task[None]] = set()
-
-    async def run(msg: Msg) -> None:
-        try:
-            await worker.handle(msg)
-        finally:
-            slots.release()
-
     log.info("consuming reply requests (up to %d at once)", CONCURRENCY)
     while not stop.is_set():
-        await slots.acquire()
-        try:
-            messages = await sub.fetch(1, timeout=1.0)
-        except TimeoutError:  # nats-py raises its own subclass or the builtin, depending on where it timed out
-            slots.release()
+        free = CONCURRENCY - len(tasks)
+        if free == 0:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             continue
-        task = asyncio.create_task(run(messages[0]))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        try:
+            # returns at once with what is waiting (up to `free`), else the first to arrive
+            messages = await sub.fetch(free, timeout=1.0)
+        except TimeoutError:  # nats-py raises its own subclass or the builtin, depending on where it timed out
+            continue
+        for msg in messages:
+            task = asyncio.create_task(worker.handle(msg))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
     # Let generations in flight finish: their outcomes get recorded and acked.
     if tasks:
         await asyncio.wait(tasks, timeout=30)

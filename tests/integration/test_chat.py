@@ -144,3 +144,19 @@ async def test_health_and_readiness_report_every_dependency(api_url: str) -> Non
         page = await http.get("/")
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
         assert "<script" in page.text
+
+
+async def test_a_message_too_long_for_the_model_fails_at_once_with_a_clear_error(client: ChatClient) -> None:
+    conversation_id = await client.start_conversation()
+    words = " ".join(f"word{i}" for i in range(1200))  # under the 8000-character limit, over 512 tokens
+    async with client.ws() as ws:
+        await send(ws, conversation_id, words)
+        assert (await recv(ws))["type"] == "accepted"
+        # permanent errors are not retried (retries would take over 30 s)
+        error = await recv(ws, timeout=15)
+        final = await recv(ws, timeout=15)
+    assert error["type"] == "error" and error["code"] == "reply_failed"
+    assert "context window" in error["message"]
+    assert final["type"] == "reply" and final["finish_reason"] == "error"
+    messages = await client.messages_when(conversation_id, lambda ms: len(ms) == 2 and ms[1]["status"] == "failed")
+    assert messages[1]["status"] == "failed"

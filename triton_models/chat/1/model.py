@@ -55,6 +55,7 @@ from chatbot.llm.engine import Engine, EngineEvent, validate_messages  # noqa: E
 from chatbot.llm.generate import SamplingParams  # noqa: E402
 
 _CANCEL_POLL_S = 0.05
+INVALID_REQUEST = "invalid request: "  # prefix of errors caused by the request's input
 _STOP = object()
 
 
@@ -193,7 +194,9 @@ class TritonPythonModel:
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if item[0] == "error":
             _, sender, message = item
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=final)
+            # The prefix tells clients the request itself is at fault: retrying cannot help.
+            error = pb_utils.TritonError(f"{INVALID_REQUEST}{message}")
+            sender.send(pb_utils.InferenceResponse(error=error), flags=final)
             return
         event: EngineEvent = item[1]
         with self._lock:

@@ -1,0 +1,37 @@
+"""The prompt builder fits conversations into the demo model's context window."""
+
+from __future__ import annotations
+
+from workers.prompt import PromptBuilder, model_dir
+from chatbot.launcher import MODEL_REPOSITORY
+
+
+def conversation(exchanges: int) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": "You are a helpful, friendly assistant."}]
+    for i in range(exchanges):
+        messages += [
+            {"role": "user", "content": f"Tell me something about the number {i}, please."},
+            {"role": "assistant", "content": f"The number {i} is a fine number with many friends."},
+        ]
+    return messages + [{"role": "user", "content": "And what about you?"}]
+
+
+def test_the_builder_reads_the_newest_version_of_the_model() -> None:
+    assert model_dir(MODEL_REPOSITORY, "chat") == MODEL_REPOSITORY / "chat" / "1" / "demo"
+    assert PromptBuilder().info("chat").context == 512
+
+
+def test_a_short_conversation_is_left_alone() -> None:
+    messages = conversation(2)
+    assert PromptBuilder().fit("chat", messages, max_tokens=96) == messages
+
+
+def test_a_long_conversation_loses_its_oldest_exchanges_until_it_fits() -> None:
+    builder = PromptBuilder()
+    messages = conversation(60)
+    assert builder.count("chat", messages) > 512
+    fitted = builder.fit("chat", messages, max_tokens=96)
+    assert builder.count("chat", fitted) <= 512 - 96
+    assert fitted[0] == messages[0] and fitted[-1] == messages[-1]
+    assert fitted[1]["role"] == "user"
+    assert fitted[1:] == messages[-(len(fitted) - 1):]  # a suffix: the newest turns, in order

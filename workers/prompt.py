@@ -1,0 +1,60 @@
+"""The prompt builder: fits a conversation into the model's context window.
+
+The worker tokenizes the rendered chat template with the model's own tokenizer (read from
+the Triton model repository) and drops the oldest turns until the prompt plus the reply's
+token budget fits. The system prompt and the newest user message always stay; if those
+alone do not fit, the model rejects the request with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatbot.launcher import MODEL_REPOSITORY
+from chatbot.llm.tokenizer import ChatTokenizer
+
+
+@dataclass
+class ModelInfo:
+    tokenizer: ChatTokenizer
+    context: int
+
+
+def model_dir(repository: Path, model: str) -> Path:
+    """The HF-layout weights of the newest version of `model` (its `model_dir` parameter)."""
+    root = repository / model
+    config = (root / "config.pbtxt").read_text()
+    match = re.search(r'key:\s*"model_dir".*?string_value:\s*"([^"]+)"', config, re.S)
+    versions = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
+    assert versions, f"model {model!r} has no version folders in {root}"
+    path = Path(match.group(1) if match else "demo")
+    return path if path.is_absolute() else root / str(versions[0]) / path
+
+
+class PromptBuilder:
+    def __init__(self, repository: Path = MODEL_REPOSITORY) -> None:
+        self.repository = repository
+        self.models: dict[str, ModelInfo] = {}
+
+    def info(self, model: str) -> ModelInfo:
+        if model not in self.models:
+            path = model_dir(self.repository, model)
+            context = json.loads((path / "config.json").read_text())["max_position_embeddings"]
+            self.models[model] = ModelInfo(ChatTokenizer.from_pretrained(path), int(context))
+        return self.models[model]
+
+    def count(self, model: str, messages: list[dict[str, str]]) -> int:
+        info = self.info(model)
+        return len(info.tokenizer.encode(info.tokenizer.apply_chat_template(messages)))
+
+    def fit(self, model: str, messages: list[dict[str, str]], max_tokens: int) -> list[dict[str, str]]:
+        """Drop the oldest turns (after the system prompt) until prompt + reply fit."""
+        budget = self.info(model).context - max_tokens
+        system, turns = messages[:1], messages[1:]
+        while len(turns) > 1 and self.count(model, system + turns) > budget:
+            # drop a whole exchange where possible, so the history starts with a user turn
+            turns = turns[2:] if len(turns) > 2 and turns[1]["role"] == "assistant" else turns[1:]
+        return system + turns
