@@ -148,7 +148,8 @@ async def test_health_and_readiness_report_every_dependency(api_url: str) -> Non
 
 async def test_a_message_too_long_for_the_model_fails_at_once_with_a_clear_error(client: ChatClient) -> None:
     conversation_id = await client.start_conversation()
-    words = " ".join(f"word{i}" for i in range(1200))  # under the 8000-character limit, over 512 tokens
+    words = " ".join(f"word{i}" for i in range(850))  # under the 8000-character limit, over 512 tokens
+    assert len(words) < 8000
     async with client.ws() as ws:
         await send(ws, conversation_id, words)
         assert (await recv(ws))["type"] == "accepted"
