@@ -162,6 +162,7 @@ class Child:
     env: dict[str, str]
     ready: Callable[[], bool] | None = None
     ready_timeout: float = 60.0
+    stop_timeout: float = 10.0
     log: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
@@ -190,13 +191,13 @@ class Child:
             assert self.proc is not None
             self.proc.send_signal(sig)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self) -> None:
         if self.proc is None:
             return
         if self.alive():
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout)
+                self.proc.wait(self.stop_timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -272,7 +273,7 @@ class Stack:
         triton = Child(
             "triton", triton_argv(self.ports, self.model_repository), triton_env(),
             ready=lambda: http_ok(f"http://127.0.0.1:{self.ports.triton_http}/v2/health/ready"),
-            ready_timeout=180, log=self._log("triton"),
+            ready_timeout=180, stop_timeout=35, log=self._log("triton"),  # it unloads models for up to 30 s
         )
         for child in (nats_child, triton):
             self.children[child.name] = child
