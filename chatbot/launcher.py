@@ -339,12 +339,11 @@ class Stack:
 
     def stop(self) -> None:
         self._stopping.set()
-        order = [n for n in self.children if n.startswith("api")]
-        order += [n for n in self.children if n.startswith("worker")]
-        order += ["projector", "relay", "triton", "nats"]
-        for name in order:
-            if name in self.children:
-                self.children[name].stop()
+        # clients of the servers first, in the order they lean on each other; servers last
+        last = ["projector", "relay", "triton", "nats"]
+        first = sorted((n for n in self.children if n not in last), key=lambda n: not n.startswith("api"))
+        for name in first + [n for n in last if n in self.children]:
+            self.children[name].stop()
         if self.postgres is not None:
             self.postgres.stop()
             self.postgres = None
