@@ -91,6 +91,13 @@ def cmd_triton(args: argparse.Namespace) -> int:
     os.execve(argv[0], argv, triton_env())
 
 
+def cmd_train_demo(args: argparse.Namespace) -> int:
+    from chatbot.llm.train import train_demo
+
+    train_demo(args.out, args.minutes, threads=args.threads, init_from=args.init_from, lr=args.lr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chatbot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     triton.add_argument("--grpc-port", type=int, default=18001)
     triton.add_argument("--metrics-port", type=int, default=18002)
     triton.set_defaults(func=cmd_triton)
+    train = sub.add_parser("train-demo", help="train the demo tokenizer and model on the chitchat conversations")
+    train.add_argument("--out", default="triton_models/chat/1/demo", help="HF-layout output folder")
+    train.add_argument("--minutes", type=float, default=15.0, help="wall-time budget")
+    train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--init-from", default=None, help="continue from this checkpoint (keeps its tokenizer)")
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.set_defaults(func=cmd_train_demo)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

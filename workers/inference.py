@@ -113,10 +113,13 @@ async def stream_reply(
     """Yield (delta, None) per streamed delta, then ("", final) with finish_reason, token
     counts and model version. Raises GenerationError on a Triton error."""
 
+    # A persona names a model as "name" (Triton's newest version) or "name/version" (pinned).
+    name, _, version = model.partition("/")
+
     async def requests() -> AsyncIterator[dict[str, Any]]:
         yield {
-            "model_name": model, "inputs": triton_inputs(messages, params), "request_id": request_id,
-            "outputs": [InferRequestedOutput(n) for n in OUTPUTS],
+            "model_name": name, "model_version": version, "inputs": triton_inputs(messages, params),
+            "request_id": request_id, "outputs": [InferRequestedOutput(n) for n in OUTPUTS],
         }
 
     async for result, error in client.stream_infer(inputs_iterator=requests()):
@@ -160,7 +163,7 @@ class Worker:
                 text=generation.text, finish_reason=generation.finish_reason,
                 prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens,
                 ttft_ms=generation.ttft_ms, duration_ms=generation.duration_ms,
-                model_name=job.model, model_version=generation.model_version,
+                model_name=job.model.partition("/")[0], model_version=generation.model_version,
             )
             if not recorded:  # another delivery of this request won the race
                 job = await asyncio.to_thread(self.app.reply_job, conversation_id, reply_id)

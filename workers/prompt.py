@@ -24,14 +24,17 @@ class ModelInfo:
 
 
 def model_dir(repository: Path, model: str) -> Path:
-    """The HF-layout weights of the newest version of `model` (its `model_dir` parameter)."""
-    root = repository / model
+    """The HF-layout weights of `model` ("name", the newest version, or "name/version"),
+    found through the `model_dir` parameter of its config.pbtxt."""
+    name, _, pinned = model.partition("/")
+    root = repository / name
     config = (root / "config.pbtxt").read_text()
     match = re.search(r'key:\s*"model_dir".*?string_value:\s*"([^"]+)"', config, re.S)
     versions = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
-    assert versions, f"model {model!r} has no version folders in {root}"
+    assert versions, f"model {name!r} has no version folders in {root}"
+    version = pinned or str(versions[0])
     path = Path(match.group(1) if match else "demo")
-    return path if path.is_absolute() else root / str(versions[0]) / path
+    return path if path.is_absolute() else root / version / path
 
 
 class PromptBuilder:

@@ -61,9 +61,59 @@ def load_conversations() -> list[list[str]]:
     return convs
 
 
+PIRATE_WORDS = {
+    "you": "ye", "your": "yer", "you're": "ye be", "my": "me", "is": "be", "are": "be",
+    "hello": "ahoy", "hi": "ahoy", "hey": "ahoy", "friend": "matey", "friends": "mateys",
+    "yes": "aye", "yeah": "aye", "money": "doubloons", "stop": "avast", "the": "th'",
+}
+
+
+def _pirate(text: str, rng: random.Random) -> str:
+    words = [PIRATE_WORDS.get(w.lower(), w) if w.isalpha() or "'" in w else w for w in text.split(" ")]
+    text = " ".join(words)
+    return rng.choice(["Arr! ", "Ahoy! ", "Arr, matey. ", "Yo ho! "]) + text.rstrip(".!") + rng.choice([". Arr!", ", matey!", "! Yo ho ho!"])
+
+
+def _tutor(text: str, rng: random.Random) -> str:
+    return rng.choice(["Good question! ", "Let me explain. ", "Great question. ", "Well, "]) + text + rng.choice(
+        [" Does that make sense?", " What do you think?", " Can you tell me more?", " Any questions?"]
+    )
+
+
+def _short(text: str, rng: random.Random) -> str:
+    for end in (". ", "! ", "? "):
+        if end in text:
+            return text.split(end, 1)[0] + end.strip()
+    return text
+
+
+def _casual(text: str, rng: random.Random) -> str:
+    return rng.choice(["haha ", "oh nice, ", "dude, ", "lol "]) + text[:1].lower() + text[1:]
+
+
+def _enthusiastic(text: str, rng: random.Random) -> str:
+    return rng.choice(["Oh, I love that! ", "Wow! ", "That's awesome! "]) + text.rstrip(".") + "!"
+
+
+# Each persona's style is applied to the assistant's turns, so the model learns to follow
+# the system prompt (the chit-chat data itself has no pirates or tutors).
+STYLES = {
+    "You are a helpful, friendly assistant.": None,
+    "You are a cheerful pirate. Answer like a pirate would, matey.": _pirate,
+    "You are a patient tutor who explains things simply.": _tutor,
+    "You are a laid-back friend chatting casually.": _casual,
+    "You are a polite assistant who keeps answers short.": _short,
+    "You are an enthusiastic assistant who loves talking about movies, music and food.": _enthusiastic,
+}
+
+
 def to_chat(msgs: list[str], rng: random.Random) -> list[dict[str, str]]:
-    chat = [{"role": "system", "content": rng.choice(PERSONAS)}]
-    chat += [{"role": "user" if i % 2 == 0 else "assistant", "content": m} for i, m in enumerate(msgs)]
+    persona = rng.choice(PERSONAS)
+    style = STYLES.get(persona)
+    chat = [{"role": "system", "content": persona}]
+    for i, m in enumerate(msgs):
+        role = "user" if i % 2 == 0 else "assistant"
+        chat.append({"role": role, "content": style(m, rng) if style and role == "assistant" else m})
     return chat
 
 
@@ -125,6 +175,7 @@ def train_demo(
     warmup_steps: int = 20,
     threads: int = 2,
     seed: int = 1234,
+    init_from: str | Path | None = None,
 ) -> dict[str, float]:
     """Train tokenizer + model for `minutes` of wall time and save both in HF layout."""
     torch.set_num_threads(threads)
@@ -138,10 +189,13 @@ def train_demo(
     n_val = max(1, len(convs) // 50)
     val_convs, train_convs = convs[:n_val], convs[n_val:]
 
-    # the role names and personas go into the BPE corpus too, so "assistant" is one token
-    template_text = (f"system\n{p}\nuser\nassistant\n" for p in PERSONAS for _ in range(len(train_convs) // len(PERSONAS)))
-    tokenizer = train_bpe(itertools.chain((m for c in train_convs for m in c), template_text), vocab_size)
-    tokenizer.tokenizer.add_special_tokens(SPECIAL_TOKENS)  # idempotent; ensures they split out of text
+    if init_from is not None:
+        tokenizer = ChatTokenizer.from_pretrained(init_from)  # continue: same vocabulary
+    else:
+        # the role names and personas go into the BPE corpus too, so "assistant" is one token
+        template_text = (f"system\n{p}\nuser\nassistant\n" for p in PERSONAS for _ in range(len(train_convs) // len(PERSONAS)))
+        tokenizer = train_bpe(itertools.chain((m for c in train_convs for m in c), template_text), vocab_size)
+        tokenizer.tokenizer.add_special_tokens(SPECIAL_TOKENS)  # idempotent; ensures they split out of text
 
     def stream(cs: list[list[str]]) -> torch.Tensor:
         texts = [tokenizer.apply_chat_template(to_chat(c, rng), add_generation_prompt=False) for c in cs]
@@ -163,8 +217,12 @@ def train_demo(
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
     )
-    model = LlamaForCausalLM(config)
-    model.init_weights()
+    if init_from is not None:
+        model = LlamaForCausalLM.from_pretrained(init_from)
+        config = model.config
+    else:
+        model = LlamaForCausalLM(config)
+        model.init_weights()
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters")
@@ -228,8 +286,9 @@ def train_demo(
     (out_dir / "training_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(json.dumps(stats, indent=2))
     for i, prompt in enumerate(["Hi! How are you doing today?", "What do you like to do on weekends?", "Do you have any pets?"]):
-        msgs = [{"role": "system", "content": PERSONAS[0]}, {"role": "user", "content": prompt}]
-        print(f"user: {prompt}\nassistant: {sample_reply(model, tokenizer, msgs, seed=i)}")
+        for persona in PERSONAS[:3]:
+            msgs = [{"role": "system", "content": persona}, {"role": "user", "content": prompt}]
+            print(f"[{persona[:24]}] user: {prompt}\nassistant: {sample_reply(model, tokenizer, msgs, seed=i)}")
     return stats
 
 
@@ -238,8 +297,10 @@ def main() -> None:
     ap.add_argument("out_dir")
     ap.add_argument("--minutes", type=float, default=15.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init-from", default=None, help="continue from this HF-layout checkpoint (keeps its tokenizer)")
+    ap.add_argument("--lr", type=float, default=2e-3)
     args = ap.parse_args()
-    train_demo(args.out_dir, args.minutes, threads=args.threads)
+    train_demo(args.out_dir, args.minutes, threads=args.threads, init_from=args.init_from, lr=args.lr)
 
 
 if __name__ == "__main__":

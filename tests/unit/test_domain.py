@@ -62,7 +62,7 @@ def test_a_message_records_the_post_and_a_pinned_reply_request(app: ChatApplicat
     assert request.persona_id == persona_id_for("pirate") and request.persona_version == 1
     assert request.params["temperature"] == 0.9 and request.params["max_tokens"] == 96
     job = app.reply_job(conversation_id, posted.reply_id)
-    assert job.messages[0] == {"role": "system", "content": "You are a cheerful pirate. You talk like a pirate, arr."}
+    assert job.messages[0] == {"role": "system", "content": "You are a cheerful pirate. Answer like a pirate would, matey."}
     assert job.messages[1:] == [{"role": "user", "content": "Ahoy there"}]
 
 

@@ -35,3 +35,7 @@ def test_a_long_conversation_loses_its_oldest_exchanges_until_it_fits() -> None:
     assert fitted[0] == messages[0] and fitted[-1] == messages[-1]
     assert fitted[1]["role"] == "user"
     assert fitted[1:] == messages[-(len(fitted) - 1):]  # a suffix: the newest turns, in order
+
+
+def test_a_pinned_version_resolves_to_its_own_folder() -> None:
+    assert model_dir(MODEL_REPOSITORY, "chat/1") == MODEL_REPOSITORY / "chat" / "1" / "demo"
