@@ -18,7 +18,7 @@ from api.routes import AuthController, ConversationController, HealthController,
 from api.services import Services
 from chatbot.config import REPO_ROOT, load_settings
 from domain.conversation import ConversationError, ConversationNotFound, ReplyStillPending
-from domain.persona import PersonaNotFound
+from domain.persona import InvalidPersona, NotPersonaOwner, PersonaError, PersonaNotFound, SlugTaken
 from domain.user import EmailAlreadyRegistered, InvalidCredentials, UserError
 
 WEB = REPO_ROOT / "web"
@@ -30,6 +30,9 @@ ERROR_STATUS: list[tuple[type[Exception], int, str]] = [
     (UserError, 400, "invalid_user"),
     (ConversationNotFound, 404, "not_found"),
     (PersonaNotFound, 404, "persona_not_found"),
+    (NotPersonaOwner, 403, "not_owner"),
+    (SlugTaken, 409, "slug_taken"),
+    (InvalidPersona, 400, "invalid_persona"),
     (ReplyStillPending, 409, "reply_pending"),
     (ConversationError, 400, "rejected"),
 ]
@@ -68,6 +71,6 @@ def create_app() -> Litestar:
             HealthController, create_static_files_router(path="/static", directories=[WEB], include_in_schema=False),
         ],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
-        exception_handlers={UserError: domain_error, ConversationError: domain_error, PersonaNotFound: domain_error},
+        exception_handlers={UserError: domain_error, ConversationError: domain_error, PersonaError: domain_error},
         lifespan=[lifespan],
     )

@@ -64,6 +64,66 @@ class Persona(msgspec.Struct):
     greeting: str
     model: str
     version: int
+    avatar: str = ""
+    visibility: str = "public"
+    owner_id: UUID | None = None
+
+
+class PersonaDetail(msgspec.Struct):
+    id: UUID
+    version: int
+    slug: str
+    name: str
+    description: str
+    avatar: str
+    system_prompt: str
+    greeting: str
+    starters: list[str]
+    model: str
+    temperature: float
+    top_p: float
+    max_tokens: int
+    visibility: str
+    owner_id: UUID | None
+    retired: bool
+    updated_at: datetime | None = None
+
+
+Text = Annotated[str, msgspec.Meta(max_length=4000)]
+
+
+class PersonaCreate(msgspec.Struct, forbid_unknown_fields=True):
+    slug: Annotated[str, msgspec.Meta(min_length=2, max_length=48)]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=80)]
+    system_prompt: Text
+    description: Text = ""
+    avatar: Annotated[str, msgspec.Meta(max_length=500)] = ""
+    greeting: Text = ""
+    starters: list[str] = msgspec.field(default_factory=list)
+    model: str = "chat"
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_tokens: int = 96
+    visibility: str = "private"
+
+
+class PersonaUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    """Only the fields present change; each PATCH makes a new version."""
+
+    name: str | msgspec.UnsetType = msgspec.UNSET
+    description: str | msgspec.UnsetType = msgspec.UNSET
+    avatar: str | msgspec.UnsetType = msgspec.UNSET
+    system_prompt: str | msgspec.UnsetType = msgspec.UNSET
+    greeting: str | msgspec.UnsetType = msgspec.UNSET
+    starters: list[str] | msgspec.UnsetType = msgspec.UNSET
+    model: str | msgspec.UnsetType = msgspec.UNSET
+    temperature: float | msgspec.UnsetType = msgspec.UNSET
+    top_p: float | msgspec.UnsetType = msgspec.UNSET
+    max_tokens: int | msgspec.UnsetType = msgspec.UNSET
+    visibility: str | msgspec.UnsetType = msgspec.UNSET
+
+    def changes(self) -> dict[str, object]:
+        return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not msgspec.UNSET}
 
 
 # -- websocket frames -------------------------------------------------------------------------

@@ -19,7 +19,17 @@ from eventsourcing.persistence import IntegrityError
 
 from domain.conversation import Conversation, ConversationNotFound, ReplyAlreadyFinished
 from domain.ids import persona_id_for, user_id_for
-from domain.persona import BUILTIN_PERSONAS, Persona, PersonaNotFound
+from domain.persona import (
+    BUILTIN_PERSONAS,
+    EDITABLE,
+    InvalidPersona,
+    Persona,
+    PersonaNotFound,
+    SlugTaken,
+    check_fields,
+    check_slug,
+    render_system_prompt,
+)
 from domain.user import (
     EmailAlreadyRegistered,
     InvalidCredentials,
@@ -30,6 +40,10 @@ from domain.user import (
 
 T = TypeVar("T")
 DEFAULT_PERSONA = "assistant"
+PERSONA_DEFAULTS: dict[str, Any] = {
+    "description": "", "greeting": "", "model": "chat", "temperature": 0.8, "top_p": 0.95,
+    "max_tokens": 96, "visibility": "private", "avatar": "", "starters": [],
+}
 RACE_RETRIES = 5
 
 
@@ -63,6 +77,7 @@ class ChatApplication(Application[UUID]):
         self.max_message_chars = max_message_chars
         self.hasher = PasswordHasher()
         self._prompt_cache: dict[tuple[UUID, int], str] = {}
+        self._name_cache: dict[UUID, str] = {}
 
     # -- users ----------------------------------------------------------------------------
 
@@ -107,11 +122,58 @@ class ChatApplication(Application[UUID]):
     def get_persona(self, persona_id: UUID) -> Persona:
         return self._get(Persona, persona_id, PersonaNotFound)
 
+    def visible_persona(self, persona_id: UUID, user_id: UUID | None) -> dict[str, Any]:
+        persona = self.get_persona(persona_id)
+        if not persona.visible_to(user_id) and persona.owner_id != user_id:
+            raise PersonaNotFound(str(persona_id))  # private: as if it did not exist
+        return persona.snapshot()
+
+    def create_persona(self, owner_id: UUID, fields: dict[str, Any]) -> UUID:
+        fields = {**PERSONA_DEFAULTS, **fields}
+        check_slug(str(fields.get("slug", "")))
+        check_fields(fields)
+        unknown = set(fields) - set(EDITABLE) - {"slug"}
+        if unknown:
+            raise InvalidPersona(f"unknown fields: {', '.join(sorted(unknown))}")
+        persona = Persona(owner_id=owner_id, **fields)
+        try:
+            self.save(persona)
+        except IntegrityError:
+            raise SlugTaken(f"the slug {fields['slug']!r} is taken") from None
+        return persona.id
+
+    def edit_persona(self, persona_id: UUID, user_id: UUID, changes: dict[str, Any]) -> int:
+        """Apply an edit; returns the new version."""
+        def attempt() -> int:
+            persona = self.get_persona(persona_id)
+            persona.edit(user_id, changes)
+            self.save(persona)
+            return persona.version
+
+        return self._retry_races(attempt)
+
+    def retire_persona(self, persona_id: UUID, user_id: UUID) -> None:
+        def attempt() -> None:
+            persona = self.get_persona(persona_id)
+            persona.retire(user_id)
+            self.save(persona)
+
+        self._retry_races(attempt)
+
+    def persona_versions(self, persona_id: UUID, user_id: UUID | None) -> list[dict[str, Any]]:
+        """Every version of the persona, oldest first, each as it stood then."""
+        latest = self.visible_persona(persona_id, user_id)
+        return [
+            self.repository.get(persona_id, version=v).snapshot()
+            for v in range(1, int(latest["version"]) + 1)
+        ]
+
     # -- conversations --------------------------------------------------------------------
 
     def start_conversation(self, owner_id: UUID, persona_id: UUID | None = None) -> UUID:
         persona_id = persona_id or persona_id_for(DEFAULT_PERSONA)
-        self.get_persona(persona_id)  # must exist
+        if not self.get_persona(persona_id).visible_to(owner_id):  # exists, usable by this user
+            raise PersonaNotFound(str(persona_id))
         conversation = Conversation(owner_id=owner_id, persona_id=persona_id, title="New chat")
         self.save(conversation)
         return conversation.id
@@ -147,7 +209,10 @@ class ChatApplication(Application[UUID]):
     def reply_job(self, conversation_id: UUID, reply_id: UUID) -> ReplyJob:
         conversation = self._get(Conversation, conversation_id, ConversationNotFound)
         request = conversation.reply(reply_id)
-        system_prompt = self._system_prompt(request["persona_id"], request["persona_version"])
+        system_prompt = render_system_prompt(
+            self._system_prompt(request["persona_id"], request["persona_version"]),
+            {"user_name": self._user_name(conversation.owner_id)},
+        )
         messages = [{"role": "system", "content": system_prompt}]
         messages += conversation.history_for(reply_id)
         outcome = {k: v for k, v in request.items() if k not in ("params", "persona_id")}
@@ -170,6 +235,12 @@ class ChatApplication(Application[UUID]):
         return self._record_outcome(conversation_id, lambda c: c.fail_reply(reply_id, error))
 
     # -- helpers --------------------------------------------------------------------------
+
+    def _user_name(self, user_id: UUID) -> str:
+        """What `{{user_name}}` in a system prompt becomes: the e-mail's local part."""
+        if user_id not in self._name_cache:
+            self._name_cache[user_id] = self.user_email(user_id).split("@", 1)[0]
+        return self._name_cache[user_id]
 
     def _system_prompt(self, persona_id: UUID, version: int) -> str:
         """A persona version never changes, so its prompt is cached for good."""

@@ -5,6 +5,8 @@ an edit never changes what an earlier reply claims to have used."""
 
 from __future__ import annotations
 
+import re
+from typing import Any
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
@@ -18,6 +20,63 @@ class PersonaError(Exception):
 
 class PersonaNotFound(PersonaError):
     pass
+
+
+class InvalidPersona(PersonaError):
+    pass
+
+
+class NotPersonaOwner(PersonaError):
+    pass
+
+
+class SlugTaken(PersonaError):
+    pass
+
+
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,47}$")
+VISIBILITIES = ("private", "public")
+# field -> (type, check) for what a user may set on create or edit
+LIMITS = {"name": 80, "description": 300, "system_prompt": 4000, "greeting": 500, "avatar": 500, "model": 80}
+EDITABLE = (
+    "name", "description", "avatar", "system_prompt", "greeting", "starters", "model",
+    "temperature", "top_p", "max_tokens", "visibility",
+)
+
+
+def check_fields(fields: dict[str, Any]) -> None:
+    """Raise InvalidPersona naming the first field that is out of bounds."""
+    for key, limit in LIMITS.items():
+        if key in fields and not (isinstance(fields[key], str) and len(fields[key]) <= limit):
+            raise InvalidPersona(f"{key} is text of at most {limit} characters")
+    if "name" in fields and not fields["name"].strip():
+        raise InvalidPersona("a persona needs a name")
+    if "system_prompt" in fields and not fields["system_prompt"].strip():
+        raise InvalidPersona("a persona needs a system prompt")
+    if "temperature" in fields and not 0.0 <= float(fields["temperature"]) <= 2.0:
+        raise InvalidPersona("temperature is between 0 and 2")
+    if "top_p" in fields and not 0.0 < float(fields["top_p"]) <= 1.0:
+        raise InvalidPersona("top_p is above 0 and at most 1")
+    if "max_tokens" in fields and not 1 <= int(fields["max_tokens"]) <= 2048:
+        raise InvalidPersona("max_tokens is between 1 and 2048")
+    if "visibility" in fields and fields["visibility"] not in VISIBILITIES:
+        raise InvalidPersona(f"visibility is one of {', '.join(VISIBILITIES)}")
+    if "starters" in fields:
+        starters = fields["starters"]
+        if not isinstance(starters, list) or len(starters) > 6 or any(
+            not isinstance(x, str) or not 0 < len(x) <= 200 for x in starters
+        ):
+            raise InvalidPersona("starters are at most 6 texts of 1 to 200 characters")
+
+
+def check_slug(slug: str) -> None:
+    if not SLUG_RE.match(slug):
+        raise InvalidPersona("a slug is 2-48 lowercase letters, digits and dashes")
+
+
+def render_system_prompt(template: str, variables: dict[str, str]) -> str:
+    """Fill `{{name}}` variables; unknown ones stay as written."""
+    return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: variables.get(m.group(1), m.group(0)), template)
 
 
 class Persona(Aggregate):
@@ -38,6 +97,10 @@ class Persona(Aggregate):
         top_p: float,
         max_tokens: int,
         min_tokens: int = 0,
+        owner_id: UUID | None = None,  # None: a built-in persona
+        visibility: str = "public",
+        avatar: str = "",
+        starters: list[str] | None = None,
     ) -> None:
         self.slug = slug
         self.name = name
@@ -49,6 +112,54 @@ class Persona(Aggregate):
         self.top_p = top_p
         self.max_tokens = max_tokens
         self.min_tokens = min_tokens  # the end-of-sequence token is ignored until then
+        self.owner_id = owner_id
+        self.visibility = visibility
+        self.avatar = avatar
+        self.starters = list(starters or [])
+        self.retired = False
+
+    def edit(self, user_id: UUID, changes: dict[str, Any]) -> None:
+        """Change some fields; every edit is a new version of the persona."""
+        self.check_owner(user_id)
+        unknown = set(changes) - set(EDITABLE)
+        if unknown:
+            raise InvalidPersona(f"cannot change {', '.join(sorted(unknown))}")
+        check_fields(changes)
+        changes = {k: v for k, v in changes.items() if getattr(self, k) != v}
+        if changes:
+            self._edit(changes)
+
+    def retire(self, user_id: UUID) -> None:
+        self.check_owner(user_id)
+        if not self.retired:
+            self._retire()
+
+    def visible_to(self, user_id: UUID | None) -> bool:
+        return not self.retired and (self.visibility == "public" or self.owner_id == user_id)
+
+    def check_owner(self, user_id: UUID) -> None:
+        if self.owner_id is None or self.owner_id != user_id:
+            raise NotPersonaOwner("only the persona's creator can change it")
+
+    @event("Edited")
+    def _edit(self, changes: dict[str, Any]) -> None:
+        for key, value in changes.items():
+            setattr(self, key, value)
+
+    @event("Retired")
+    def _retire(self) -> None:
+        self.retired = True
+
+    def snapshot(self) -> dict[str, Any]:
+        """The persona's fields at this version, for the API."""
+        return {
+            "id": self.id, "version": self.version, "slug": self.slug, "name": self.name,
+            "description": self.description, "avatar": self.avatar, "system_prompt": self.system_prompt,
+            "greeting": self.greeting, "starters": list(self.starters), "model": self.model,
+            "temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
+            "visibility": self.visibility, "owner_id": self.owner_id, "retired": self.retired,
+            "updated_at": self.modified_on,
+        }
 
 
 BUILTIN_PERSONAS: list[dict[str, object]] = [
@@ -58,6 +169,8 @@ BUILTIN_PERSONAS: list[dict[str, object]] = [
         "description": "A helpful, friendly assistant.",
         "system_prompt": "You are a helpful, friendly assistant.",
         "greeting": "Hi! How can I help you today?",
+        "avatar": "🙂",
+        "starters": ["How are you today?", "What do you like to do on weekends?"],
         "model": "chat",
         "temperature": 0.8,
         "top_p": 0.95,
@@ -69,6 +182,8 @@ BUILTIN_PERSONAS: list[dict[str, object]] = [
         "description": "A cheerful pirate who talks like one.",
         "system_prompt": "You are a cheerful pirate. Answer like a pirate would, matey.",
         "greeting": "Ahoy, matey! What brings ye aboard?",
+        "avatar": "🏴‍☠️",
+        "starters": ["Ahoy! Where are we sailing?", "Do you like the sea?"],
         "model": "chat",
         "temperature": 0.9,
         "top_p": 0.95,
@@ -80,6 +195,8 @@ BUILTIN_PERSONAS: list[dict[str, object]] = [
         "description": "A patient tutor who explains things simply.",
         "system_prompt": "You are a patient tutor who explains things simply.",
         "greeting": "Hello! What would you like to learn today?",
+        "avatar": "🎓",
+        "starters": ["Can you help me with my homework?", "What is your favorite subject?"],
         "model": "chat",
         "temperature": 0.7,
         "top_p": 0.9,

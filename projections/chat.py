@@ -25,8 +25,17 @@ class ChatProjection(Projection[ReadModelRecorder]):
         self.view.upsert_persona(tracking, {
             "id": e.originator_id, "slug": e.slug, "name": e.name, "description": e.description,
             "greeting": e.greeting, "model": e.model, "version": e.originator_version,
-            "updated_at": e.timestamp,
+            "updated_at": e.timestamp, "owner_id": getattr(e, "owner_id", None),
+            "visibility": getattr(e, "visibility", "public"), "avatar": getattr(e, "avatar", ""),
         })
+
+    @process_event.register
+    def _(self, e: Persona.Edited, tracking: Tracking) -> None:
+        self.view.update_persona(tracking, e.originator_id, e.originator_version, e.timestamp, e.changes)
+
+    @process_event.register
+    def _(self, e: Persona.Retired, tracking: Tracking) -> None:
+        self.view.update_persona(tracking, e.originator_id, e.originator_version, e.timestamp, {"retired": True})
 
     @process_event.register
     def _(self, e: Conversation.Started, tracking: Tracking) -> None:

@@ -34,7 +34,13 @@ SCHEMA = [
         reply_to uuid, finish_reason text, model text,
         created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)""",
     "CREATE UNIQUE INDEX IF NOT EXISTS rm_messages_order ON rm_messages (conversation_id, seq)",
+    # added with persona management: columns a table created earlier lacks
+    "ALTER TABLE rm_personas ADD COLUMN IF NOT EXISTS owner_id uuid",
+    "ALTER TABLE rm_personas ADD COLUMN IF NOT EXISTS visibility text NOT NULL DEFAULT 'public'",
+    "ALTER TABLE rm_personas ADD COLUMN IF NOT EXISTS retired boolean NOT NULL DEFAULT false",
+    "ALTER TABLE rm_personas ADD COLUMN IF NOT EXISTS avatar text NOT NULL DEFAULT ''",
 ]
+PERSONA_COLUMNS = ("name", "description", "greeting", "model", "avatar", "visibility", "retired")
 
 APPLICATION = "chat"  # the notification log the projections follow
 
@@ -54,13 +60,22 @@ class ReadModelRecorder(PostgresTrackingRecorder):
         with self.datastore.transaction(commit=True) as curs:
             self._insert_tracking(curs, tracking)
             curs.execute(
-                "INSERT INTO rm_personas (id, slug, name, description, greeting, model, version, updated_at)"
+                "INSERT INTO rm_personas (id, slug, name, description, greeting, model, version, updated_at,"
+                " owner_id, visibility, avatar)"
                 " VALUES (%(id)s, %(slug)s, %(name)s, %(description)s, %(greeting)s, %(model)s,"
-                " %(version)s, %(updated_at)s)"
-                " ON CONFLICT (id) DO UPDATE SET slug=EXCLUDED.slug, name=EXCLUDED.name,"
-                " description=EXCLUDED.description, greeting=EXCLUDED.greeting,"
-                " model=EXCLUDED.model, version=EXCLUDED.version, updated_at=EXCLUDED.updated_at",
+                " %(version)s, %(updated_at)s, %(owner_id)s, %(visibility)s, %(avatar)s)",
                 row,
+            )
+
+    def update_persona(self, tracking: Tracking, persona_id: UUID, version: int, at: datetime,
+                       changes: dict[str, Any]) -> None:
+        columns = {k: v for k, v in changes.items() if k in PERSONA_COLUMNS}
+        sets = "".join(f", {k} = %({k})s" for k in columns)  # names from PERSONA_COLUMNS only
+        with self.datastore.transaction(commit=True) as curs:
+            self._insert_tracking(curs, tracking)
+            curs.execute(
+                f"UPDATE rm_personas SET version = %(version)s, updated_at = %(at)s{sets} WHERE id = %(id)s",
+                {**columns, "version": version, "at": at, "id": persona_id},
             )
 
     def insert_conversation(self, tracking: Tracking, row: dict[str, Any]) -> None:
@@ -110,8 +125,13 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             curs.execute(sql, params)
             return curs.fetchall()
 
-    def personas(self) -> list[DictRow]:
-        return self._query("SELECT * FROM rm_personas ORDER BY name", {})
+    def personas(self, user_id: UUID | None = None) -> list[DictRow]:
+        """The personas a user may chat with: public ones and their own."""
+        return self._query(
+            "SELECT * FROM rm_personas WHERE NOT retired"
+            " AND (visibility = 'public' OR owner_id = %(user)s) ORDER BY owner_id NULLS FIRST, name",
+            {"user": user_id},
+        )
 
     def conversations(self, owner_id: UUID, limit: int = 50, before: datetime | None = None) -> list[DictRow]:
         return self._query(
