@@ -23,9 +23,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from api.auth import user_of
-from api.schemas import CLIENT_FRAME_TYPES, ClientFrame, SendFrame
+from api.routes import owner_of
+from api.schemas import CLIENT_FRAME_TYPES, ClientFrame, SendFrame, StopFrame
 from api.services import Services
-from chatbot.messaging import ReplyDone, ReplyError, TokenDelta, token_decoder, token_subject
+from chatbot.messaging import ReplyDone, ReplyError, TokenDelta, cancel_subject, token_decoder, token_subject
 from domain.conversation import ConversationError, ConversationNotFound
 
 log = logging.getLogger("api.ws")
@@ -40,6 +41,7 @@ class ChatSession:
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self.subscriptions: dict[UUID, Subscription] = {}
         self.delivered: dict[str, int] = {}  # reply id -> characters the client has
+        self.replies: dict[UUID, UUID] = {}  # reply id -> conversation, for replies sent here
 
     async def run(self) -> None:
         writer = asyncio.create_task(self.write())
@@ -81,6 +83,18 @@ class ChatSession:
             return self.error(*self.explain(raw, e))
         if isinstance(frame, SendFrame):
             await self.on_send(frame)
+        elif isinstance(frame, StopFrame):
+            await self.on_stop(frame)
+
+    async def on_stop(self, frame: StopFrame) -> None:
+        """Ask whichever worker generates the reply to stop; its final `reply` frame
+        (finish_reason "cancelled") follows. Stopping a finished reply changes nothing."""
+        row = await self.services.call(self.services.readmodels.message, frame.reply_id)
+        conversation_id = self.replies.get(frame.reply_id) or (row["conversation_id"] if row else None)
+        if conversation_id is None or await owner_of(self.services, conversation_id) != self.user_id:
+            return self.error("not_found", "no such reply", reply_id=str(frame.reply_id))
+        await self.follow(conversation_id)
+        await self.services.nc.publish(cancel_subject(frame.reply_id), b"")
 
     @staticmethod
     def explain(raw: str | bytes, error: msgspec.DecodeError) -> tuple[str, str]:
@@ -108,6 +122,7 @@ class ChatSession:
             return self.error("not_found", "no such conversation", **ids)
         except ConversationError as e:
             return self.error("rejected", str(e), **ids)
+        self.replies[posted.reply_id] = conversation_id
         self.outbox.put_nowait({
             "type": "accepted", **ids, "message_id": str(posted.message_id),
             "reply_id": str(posted.reply_id), "duplicate": not posted.created,

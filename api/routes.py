@@ -131,17 +131,21 @@ class ConversationController(Controller):
         return [schemas.Message(**r) for r in rows]
 
 
-async def check_owner(services: Services, conversation_id: UUID, user_id: UUID) -> None:
-    """404 unless `user_id` owns the conversation: the read model answers, the event store
-    settles a conversation too new to have reached it."""
+async def owner_of(services: Services, conversation_id: UUID) -> UUID | None:
+    """The conversation's owner: the read model answers, the event store settles a
+    conversation too new to have reached it."""
     row = await services.call(services.readmodels.conversation, conversation_id)
-    owner = row["owner_id"] if row else None
-    if owner is None:
-        try:
-            owner = await services.call(services.app.conversation_owner, conversation_id)
-        except ConversationNotFound:
-            owner = None
-    if owner != user_id:
+    if row is not None:
+        return UUID(str(row["owner_id"]))
+    try:
+        return await services.call(services.app.conversation_owner, conversation_id)
+    except ConversationNotFound:
+        return None
+
+
+async def check_owner(services: Services, conversation_id: UUID, user_id: UUID) -> None:
+    """404 unless `user_id` owns the conversation."""
+    if await owner_of(services, conversation_id) != user_id:
         raise NotFoundException("no such conversation")
 
 

@@ -135,5 +135,9 @@ class SendFrame(msgspec.Struct, tag="send", tag_field="type", forbid_unknown_fie
     text: str
 
 
-ClientFrame = SendFrame  # later: stop, regenerate, edit (a tagged union)
-CLIENT_FRAME_TYPES = {"send"}
+class StopFrame(msgspec.Struct, tag="stop", tag_field="type", forbid_unknown_fields=True):
+    reply_id: UUID
+
+
+ClientFrame = SendFrame | StopFrame
+CLIENT_FRAME_TYPES = {"send", "stop"}

@@ -23,6 +23,7 @@ from nats.js.errors import NotFoundError
 
 EVENT_SUBJECT_PREFIX = "chat.ev"
 TOKEN_SUBJECT_PREFIX = "chat.tok"
+CANCEL_SUBJECT_PREFIX = "chat.cancel"
 DUPLICATE_WINDOW_S = 600.0
 
 H_TOPIC = "Chat-Topic"
@@ -54,6 +55,11 @@ def event_filter(event: str = ">") -> str:
 
 def token_subject(conversation_id: UUID | str) -> str:
     return f"{TOKEN_SUBJECT_PREFIX}.{conversation_id}"
+
+
+def cancel_subject(reply_id: UUID | str) -> str:
+    """Core subject on which every worker hears that a reply should stop."""
+    return f"{CANCEL_SUBJECT_PREFIX}.{reply_id}"
 
 
 def event_headers(notification: Notification) -> dict[str, str]:

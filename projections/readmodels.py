@@ -153,6 +153,10 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             {"id": conversation_id},
         )
 
+    def message(self, message_id: UUID) -> DictRow | None:
+        rows = self._query("SELECT * FROM rm_messages WHERE id = %(id)s", {"id": message_id})
+        return rows[0] if rows else None
+
     def position(self) -> int:
         return self.max_tracking_id(APPLICATION) or 0
 

@@ -17,6 +17,7 @@ import logging
 import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -31,6 +32,7 @@ from tritonclient.grpc import aio as triton_aio
 from chatbot.bootstrap import chat_application
 from chatbot.config import Settings, load_settings
 from chatbot.messaging import (
+    CANCEL_SUBJECT_PREFIX,
     ReplyDone,
     ReplyError,
     TokenDelta,
@@ -49,6 +51,7 @@ MAX_DELIVER = 5
 CONCURRENCY = 64  # generations in flight per worker process; Triton batches them
 MAX_PROMPT_CHARS = 24_000  # a cheap cut before tokenizing; PromptBuilder fits the rest
 INVALID_REQUEST = "invalid request: "  # the chat model's prefix for errors retrying cannot fix
+CANCEL_MEMORY_S = 600.0
 
 
 class GenerationError(Exception):
@@ -108,10 +111,12 @@ OUTPUTS = ("text", "finish_reason", "prompt_tokens", "completion_tokens")
 
 async def stream_reply(
     client: triton_aio.InferenceServerClient, model: str, request_id: str,
-    messages: list[dict[str, str]], params: dict[str, Any],
+    messages: list[dict[str, str]], params: dict[str, Any], counts: dict[str, Any] | None = None,
 ) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
     """Yield (delta, None) per streamed delta, then ("", final) with finish_reason, token
-    counts and model version. Raises GenerationError on a Triton error."""
+    counts and model version. Raises GenerationError on a Triton error. `counts`, if given,
+    follows the token counts of every response (for a reply stopped before its end).
+    Closing the generator early cancels the Triton request, which stops generating."""
 
     # A persona names a model as "name" (Triton's newest version) or "name/version" (pinned).
     name, _, version = model.partition("/")
@@ -122,22 +127,30 @@ async def stream_reply(
             "request_id": request_id, "outputs": [InferRequestedOutput(n) for n in OUTPUTS],
         }
 
-    async for result, error in client.stream_infer(inputs_iterator=requests()):
-        if error is not None:
-            raise GenerationError(str(error))
-        text = result.as_numpy("text")[0].decode("utf-8")
-        finish = result.as_numpy("finish_reason")[0].decode()
-        if text:
-            yield text, None
-        if finish:
-            yield "", {
-                "finish_reason": finish,
-                "prompt_tokens": int(result.as_numpy("prompt_tokens")[0]),
-                "completion_tokens": int(result.as_numpy("completion_tokens")[0]),
-                "model_version": result.get_response().model_version or "1",
-            }
-            return
-    raise GenerationError("the stream ended without a final response")
+    responses = client.stream_infer(inputs_iterator=requests())
+    try:
+        async for result, error in responses:
+            if error is not None:
+                raise GenerationError(str(error))
+            text = result.as_numpy("text")[0].decode("utf-8")
+            finish = result.as_numpy("finish_reason")[0].decode()
+            prompt_tokens = int(result.as_numpy("prompt_tokens")[0])
+            completion_tokens = int(result.as_numpy("completion_tokens")[0])
+            if counts is not None:
+                counts.update(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                              model_version=result.get_response().model_version or "1")
+            if text:
+                yield text, None
+            if finish:
+                yield "", {
+                    "finish_reason": finish, "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "model_version": result.get_response().model_version or "1",
+                }
+                return
+        raise GenerationError("the stream ended without a final response")
+    finally:
+        responses.cancel()  # a no-op after the final response; otherwise Triton stops
 
 
 class Worker:
@@ -145,6 +158,17 @@ class Worker:
                  triton: triton_aio.InferenceServerClient) -> None:
         self.settings, self.app, self.nc, self.triton = settings, app, nc, triton
         self.prompts = PromptBuilder()
+        self.generating: dict[str, asyncio.Event] = {}  # reply id -> set to stop it
+        self.cancelled: dict[str, float] = {}  # stops heard for replies not (yet) here
+
+    async def on_cancel(self, msg: Msg) -> None:
+        reply_id = msg.subject.rsplit(".", 1)[-1]
+        if reply_id in self.generating:
+            self.generating[reply_id].set()
+            return
+        now = time.monotonic()
+        self.cancelled = {r: t for r, t in self.cancelled.items() if now - t < CANCEL_MEMORY_S}
+        self.cancelled[reply_id] = now  # in case its request reaches this worker later
 
     async def handle(self, msg: Msg) -> None:
         received = time.perf_counter()
@@ -188,30 +212,45 @@ class Worker:
 
     async def generate(self, job: ReplyJob, messages: list[dict[str, str]], msg: Msg, received: float) -> Generation:
         subject = token_subject(job.conversation_id)
+        reply_id = str(job.reply_id)
+        stop = self.generating[reply_id] = asyncio.Event()
+        if self.cancelled.pop(reply_id, None) is not None:
+            stop.set()  # stopped before it started
         heartbeat = asyncio.create_task(self.keep_alive(msg))
         parts: list[str] = []
+        counts: dict[str, Any] = {"prompt_tokens": 0, "completion_tokens": 0, "model_version": ""}
         offset = 0
         started = time.perf_counter()
         self.last_prep_ms = (started - received) * 1000
         ttft = 0.0
+
+        def outcome(finish_reason: str, model_version: str) -> Generation:
+            return Generation(
+                text="".join(parts), finish_reason=finish_reason,
+                prompt_tokens=counts["prompt_tokens"], completion_tokens=counts["completion_tokens"],
+                ttft_ms=ttft, duration_ms=(time.perf_counter() - started) * 1000, model_version=model_version,
+            )
+
         try:
-            async for delta, final in stream_reply(
-                self.triton, job.model, str(job.reply_id), messages, job.params
-            ):
-                if final is not None:
-                    return Generation(
-                        text="".join(parts), finish_reason=final["finish_reason"],
-                        prompt_tokens=final["prompt_tokens"], completion_tokens=final["completion_tokens"],
-                        ttft_ms=ttft, duration_ms=(time.perf_counter() - started) * 1000,
-                        model_version=final["model_version"],
-                    )
-                if not parts:
-                    ttft = (time.perf_counter() - started) * 1000
-                parts.append(delta)
-                await self.nc.publish(subject, token_encoder.encode(TokenDelta(str(job.reply_id), offset, delta)))
-                offset += len(delta)
+            if stop.is_set():
+                return outcome("cancelled", job.model.partition("/")[2])
+            stream = stream_reply(self.triton, job.model, reply_id, messages, job.params, counts)
+            async with aclosing(stream):
+                async for delta, final in stream:
+                    if final is not None:
+                        return outcome(final["finish_reason"], final["model_version"])
+                    if not parts:
+                        ttft = (time.perf_counter() - started) * 1000
+                    parts.append(delta)
+                    await self.nc.publish(subject, token_encoder.encode(TokenDelta(reply_id, offset, delta)))
+                    offset += len(delta)
+                    if stop.is_set():
+                        break  # closing the stream cancels the Triton request
+            if stop.is_set():
+                return outcome("cancelled", counts["model_version"])
         finally:
             heartbeat.cancel()
+            self.generating.pop(reply_id, None)
         raise GenerationError("no final response")
 
     async def keep_alive(self, msg: Msg) -> None:
@@ -260,6 +299,7 @@ async def main(settings: Settings) -> None:
             ack_wait=settings.ack_wait_s, max_deliver=MAX_DELIVER, max_ack_pending=10_000,
         ),
     )
+    await nc.subscribe(f"{CANCEL_SUBJECT_PREFIX}.*", cb=worker.on_cancel)
     tasks: set[asyncio.Task[None]] = set()
     log.info("consuming reply requests (up to %d at once)", CONCURRENCY)
     while not stop.is_set():
