@@ -14,12 +14,13 @@ from litestar.response import File
 from litestar.static_files import create_static_files_router
 
 from api.chat_socket import chat_socket
+from api.openai_compat import ApiKeyController, OpenAIController
 from api.routes import AuthController, ConversationController, HealthController, MeController, PersonaController
 from api.services import Services
 from chatbot.config import REPO_ROOT, load_settings
-from domain.conversation import ConversationError, ConversationNotFound, ReplyStillPending
+from domain.conversation import ConversationError, ConversationNotFound, ReplyNotFound, ReplyStillPending
 from domain.persona import InvalidPersona, NotPersonaOwner, PersonaError, PersonaNotFound, SlugTaken
-from domain.user import EmailAlreadyRegistered, InvalidCredentials, UserError
+from domain.user import ApiKeyNotFound, EmailAlreadyRegistered, InvalidCredentials, UserError
 
 WEB = REPO_ROOT / "web"
 
@@ -27,8 +28,10 @@ WEB = REPO_ROOT / "web"
 ERROR_STATUS: list[tuple[type[Exception], int, str]] = [
     (EmailAlreadyRegistered, 409, "email_taken"),
     (InvalidCredentials, 401, "invalid_credentials"),
+    (ApiKeyNotFound, 404, "api_key_not_found"),
     (UserError, 400, "invalid_user"),
     (ConversationNotFound, 404, "not_found"),
+    (ReplyNotFound, 404, "not_found"),
     (PersonaNotFound, 404, "persona_not_found"),
     (NotPersonaOwner, 403, "not_owner"),
     (SlugTaken, 409, "slug_taken"),
@@ -69,6 +72,7 @@ def create_app() -> Litestar:
         route_handlers=[
             index, chat_socket, AuthController, MeController, PersonaController, ConversationController,
             HealthController, create_static_files_router(path="/static", directories=[WEB], include_in_schema=False),
+            ApiKeyController, OpenAIController,
         ],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers={UserError: domain_error, ConversationError: domain_error, PersonaError: domain_error},

@@ -112,6 +112,9 @@ class ChatSession:
     async def on_send(self, frame: SendFrame) -> None:
         conversation_id = frame.conversation_id
         ids = {"conversation_id": str(conversation_id), "client_message_id": frame.client_message_id}
+        limited = await self.services.call(self.services.limits.check_send, self.user_id)
+        if limited is not None:
+            return self.error("rate_limited", limited.message, retry_after=limited.retry_after, **ids)
         try:
             await self.follow(conversation_id)
             posted = await self.services.call(

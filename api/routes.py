@@ -131,6 +131,16 @@ class ConversationController(Controller):
         return [schemas.Message(**r) for r in rows]
 
 
+    @post("/{conversation_id:uuid}/messages/{message_id:uuid}/feedback", status_code=HTTP_204_NO_CONTENT)
+    async def give_feedback(
+        self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID, message_id: UUID,
+        data: schemas.Feedback,
+    ) -> None:
+        """Rate a reply (thumbs up or down, with an optional comment), recorded as an event."""
+        user_id = require_user(request, services.settings.secret_key)
+        await services.call(services.app.give_feedback, conversation_id, user_id, message_id, data.rating, data.comment)
+
+
 async def owner_of(services: Services, conversation_id: UUID) -> UUID | None:
     """The conversation's owner: the read model answers, the event store settles a
     conversation too new to have reached it."""

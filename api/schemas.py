@@ -53,7 +53,13 @@ class Message(msgspec.Struct):
     reply_to: UUID | None = None
     finish_reason: str | None = None
     model: str | None = None
+    feedback: str | None = None
     created_at: datetime | None = None
+
+
+class Feedback(msgspec.Struct, forbid_unknown_fields=True):
+    rating: str  # "up" | "down"
+    comment: Annotated[str, msgspec.Meta(max_length=1000)] = ""
 
 
 class Persona(msgspec.Struct):

@@ -10,6 +10,7 @@ import anyio.to_thread
 import nats
 from tritonclient.grpc import aio as triton_aio
 
+from api.limits import RateLimiter
 from chatbot.bootstrap import chat_application
 from chatbot.config import Settings
 from domain.application import ChatApplication
@@ -25,13 +26,15 @@ class Services:
     readmodels: ReadModelRecorder
     nc: nats.NATS
     triton: triton_aio.InferenceServerClient
+    limits: RateLimiter
 
     @classmethod
     async def create(cls, settings: Settings) -> Services:
         app = await anyio.to_thread.run_sync(chat_application, settings)
         readmodels = await anyio.to_thread.run_sync(read_model_recorder, settings.eventsourcing_env())
         nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1)
-        return cls(settings, app, readmodels, nc, triton_aio.InferenceServerClient(settings.triton_url))
+        limits = RateLimiter(readmodels, settings.messages_per_minute, settings.tokens_per_day)
+        return cls(settings, app, readmodels, nc, triton_aio.InferenceServerClient(settings.triton_url), limits)
 
     async def close(self) -> None:
         await self.nc.drain()

@@ -12,8 +12,10 @@ from domain.application import ChatApplication
 from projections.readmodels import read_model_recorder
 
 
-def chat_application(settings: Settings) -> ChatApplication:
-    return ChatApplication(env=settings.eventsourcing_env(), max_message_chars=settings.max_message_chars)
+def chat_application(settings: Settings, create_tables: bool = False) -> ChatApplication:
+    return ChatApplication(
+        env=settings.eventsourcing_env(create_tables), max_message_chars=settings.max_message_chars
+    )
 
 
 async def _ensure_stream(settings: Settings) -> None:
@@ -25,10 +27,12 @@ async def _ensure_stream(settings: Settings) -> None:
 
 
 def bootstrap(settings: Settings) -> None:
-    app = chat_application(settings)  # creates the event table
+    app = chat_application(settings, create_tables=True)  # the event table
     app.seed_personas()
     app.close()
-    recorder = read_model_recorder(settings.eventsourcing_env())
-    recorder.create_table()  # tracking table and read models
+    recorder = read_model_recorder(settings.eventsourcing_env(create_tables=True))  # and read models
+    from api.limits import RateLimiter
+
+    RateLimiter(recorder, settings.messages_per_minute, settings.tokens_per_day).create_table()
     recorder.datastore.close()
     asyncio.run(_ensure_stream(settings))

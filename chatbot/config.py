@@ -46,6 +46,8 @@ class Settings:
     max_message_chars: int = 8000
     max_frame_bytes: int = 64 * 1024
     cookie_secure: bool = False
+    messages_per_minute: int = 30
+    tokens_per_day: int = 200_000
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -55,10 +57,13 @@ class Settings:
             f"password={self.pg_password} dbname={self.pg_dbname}"
         )
 
-    def eventsourcing_env(self) -> dict[str, str]:
+    def eventsourcing_env(self, create_tables: bool = False) -> dict[str, str]:
         """The environment of the `eventsourcing` application: PostgreSQL persistence,
-        AES-GCM encryption and zlib compression of every stored event."""
+        AES-GCM encryption and zlib compression of every stored event. Only the one-time
+        bootstrap creates tables: DDL from several processes at once makes PostgreSQL
+        fail with "tuple concurrently updated"."""
         return {
+            "CREATE_TABLE": "y" if create_tables else "n",
             "PERSISTENCE_MODULE": "eventsourcing.postgres",
             "POSTGRES_DBNAME": self.pg_dbname,
             "POSTGRES_HOST": self.pg_host,
@@ -93,6 +98,8 @@ class Settings:
             "CHATBOT_ACK_WAIT_S": str(self.ack_wait_s),
             "CHATBOT_MODEL": self.model_name,
             "CHATBOT_COOKIE_SECURE": "1" if self.cookie_secure else "0",
+            "CHATBOT_MESSAGES_PER_MINUTE": str(self.messages_per_minute),
+            "CHATBOT_TOKENS_PER_DAY": str(self.tokens_per_day),
         }
 
 
@@ -135,4 +142,6 @@ def load_settings(data_dir: Path | None = None) -> Settings:
         ack_wait_s=float(_env("ACK_WAIT_S", "30")),
         model_name=_env("MODEL", "chat"),
         cookie_secure=_env("COOKIE_SECURE", "0") == "1",
+        messages_per_minute=int(_env("MESSAGES_PER_MINUTE", "30")),
+        tokens_per_day=int(_env("TOKENS_PER_DAY", "200000")),
     )

@@ -8,6 +8,7 @@ send a no-op and a second outcome for one reply impossible.
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 from uuid import UUID
@@ -17,7 +18,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError
 
-from domain.conversation import Conversation, ConversationNotFound, ReplyAlreadyFinished
+from domain.conversation import Conversation, ConversationNotFound, ReplyAlreadyFinished, check_sampling
 from domain.ids import persona_id_for, user_id_for
 from domain.persona import (
     BUILTIN_PERSONAS,
@@ -31,11 +32,17 @@ from domain.persona import (
     render_system_prompt,
 )
 from domain.user import (
+    ApiKey,
+    ApiKeyNotFound,
     EmailAlreadyRegistered,
     InvalidCredentials,
     User,
+    api_key_aggregate_id,
     check_email,
     check_password,
+    hash_api_key_secret,
+    new_api_key,
+    parse_api_key,
 )
 
 T = TypeVar("T")
@@ -104,6 +111,46 @@ class ChatApplication(Application[UUID]):
 
     def user_email(self, user_id: UUID) -> str:
         return self._get(User, user_id, InvalidCredentials).email
+
+    # -- API keys -------------------------------------------------------------------------
+
+    def create_api_key(self, user_id: UUID, name: str) -> str:
+        """A new key for the user, returned in full this once (only its hash is kept)."""
+
+        def attempt() -> str:
+            user = self._get(User, user_id, InvalidCredentials)
+            key_id, key = new_api_key()
+            key_hash = hash_api_key_secret(parse_api_key(key)[1])
+            user.create_api_key(key_id, key_hash, name)
+            self.save(user, ApiKey(key_id=key_id, user_id=user_id, key_hash=key_hash))
+            return key
+
+        return self._retry_races(attempt)
+
+    def user_for_api_key(self, key: str) -> UUID:
+        """The owner of a valid, unrevoked key; InvalidCredentials otherwise."""
+        key_id, secret = parse_api_key(key)
+        api_key = self._get(ApiKey, api_key_aggregate_id(key_id), InvalidCredentials)
+        if api_key.revoked or not hmac.compare_digest(api_key.key_hash, hash_api_key_secret(secret)):
+            raise InvalidCredentials("invalid API key")
+        return api_key.user_id
+
+    def revoke_api_key(self, user_id: UUID, key_id: str) -> None:
+        """Revoke one of the user's keys (again: a no-op); ApiKeyNotFound if not theirs."""
+
+        def attempt() -> None:
+            user = self._get(User, user_id, InvalidCredentials)
+            if user.revoke_api_key(key_id):
+                api_key = self._get(ApiKey, api_key_aggregate_id(key_id), ApiKeyNotFound)
+                api_key.revoke()
+                self.save(user, api_key)
+
+        self._retry_races(attempt)
+
+    def api_keys(self, user_id: UUID) -> list[dict[str, Any]]:
+        """The user's keys: key id, name and whether revoked (never the hash)."""
+        user = self._get(User, user_id, InvalidCredentials)
+        return [{k: v for k, v in key.items() if k != "key_hash"} for key in user.api_keys.values()]
 
     # -- personas -------------------------------------------------------------------------
 
@@ -178,12 +225,30 @@ class ChatApplication(Application[UUID]):
         self.save(conversation)
         return conversation.id
 
+    def start_imported_conversation(
+        self, owner_id: UUID, persona_id: UUID, turns: list[dict[str, str]], instructions: str = ""
+    ) -> UUID:
+        """A new conversation that already holds earlier turns and extra system instructions
+        (those of an OpenAI-style request), saved in one transaction."""
+        if not self.get_persona(persona_id).visible_to(owner_id):
+            raise PersonaNotFound(str(persona_id))
+        conversation = Conversation(owner_id=owner_id, persona_id=persona_id, title="New chat")
+        conversation.import_turns(turns, instructions, self.max_message_chars)
+        self.save(conversation)
+        return conversation.id
+
     def conversation_owner(self, conversation_id: UUID) -> UUID:
         return self._get(Conversation, conversation_id, ConversationNotFound).owner_id
 
     def post_message(
-        self, conversation_id: UUID, user_id: UUID, client_message_id: str, text: str
+        self, conversation_id: UUID, user_id: UUID, client_message_id: str, text: str,
+        sampling: dict[str, Any] | None = None,
     ) -> PostedMessage:
+        """Post a user message and request its reply. `sampling` (temperature, top_p,
+        max_tokens, seed) overrides the persona's parameters for this reply only; they are
+        pinned in its `ReplyRequested` like the persona's."""
+        overrides = check_sampling(**(sampling or {}))
+
         def attempt() -> PostedMessage:
             conversation = self._owned(conversation_id, user_id)
             persona = self.get_persona(conversation.persona_id)
@@ -194,8 +259,9 @@ class ChatApplication(Application[UUID]):
                 # A pinned seed makes a redelivered request regenerate the same text.
                 "seed": int.from_bytes(conversation_id.bytes[:4], "big") + len(conversation.messages),
             }
+            params.update(overrides)
             if persona.min_tokens:
-                params["min_tokens"] = persona.min_tokens
+                params["min_tokens"] = min(persona.min_tokens, params["max_tokens"])
             message_id, reply_id, created = conversation.post_message(
                 client_message_id, text, persona.version, persona.model, params,
                 self.max_message_chars,
@@ -213,6 +279,8 @@ class ChatApplication(Application[UUID]):
             self._system_prompt(request["persona_id"], request["persona_version"]),
             {"user_name": self._user_name(conversation.owner_id)},
         )
+        if conversation.instructions:  # imported with earlier turns: they extend the persona's
+            system_prompt = f"{system_prompt}\n\n{conversation.instructions}"
         messages = [{"role": "system", "content": system_prompt}]
         messages += conversation.history_for(reply_id)
         outcome = {k: v for k, v in request.items() if k not in ("params", "persona_id")}
@@ -226,6 +294,14 @@ class ChatApplication(Application[UUID]):
             status=request["status"],
             outcome=outcome,
         )
+
+    def give_feedback(self, conversation_id: UUID, user_id: UUID, reply_id: UUID, rating: str, comment: str = "") -> None:
+        def attempt() -> None:
+            conversation = self._owned(conversation_id, user_id)
+            conversation.give_feedback(reply_id, rating, comment)
+            self.save(conversation)
+
+        self._retry_races(attempt)
 
     def complete_reply(self, conversation_id: UUID, reply_id: UUID, **outcome: Any) -> bool:
         """Record the reply; False when an outcome was already recorded (a redelivery)."""

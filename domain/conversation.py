@@ -6,6 +6,11 @@ pinned in the request so the worker needs nothing mutable to do its job. Every r
 ends in exactly one outcome: `ReplyCompleted` or `ReplyFailed`; recording a second outcome
 raises `ReplyAlreadyFinished`, which is how a redelivered request is recognised.
 `client_message_id` makes a retried send a no-op that returns the original ids.
+
+A conversation held elsewhere (the `messages` of an OpenAI-style request) is brought in with
+`import_turns` before its first posted message: `TurnsImported` records the earlier user and
+assistant turns, which `history_for` then puts in the prompt like any others, and extra
+system instructions, which the application appends to the persona's system prompt.
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ from uuid import UUID, uuid4
 from eventsourcing.domain import Aggregate, event
 
 MAX_TITLE = 80
+MAX_IMPORTED_TURNS = 256
+IMPORTABLE_ROLES = ("user", "assistant")
+# Sampling parameters a caller may set for one reply (pinned in its `ReplyRequested`).
+MAX_REPLY_TOKENS = 2048  # as for a persona; the model's context window bounds it further
 
 
 class ConversationError(Exception):
@@ -46,6 +55,49 @@ class ReplyStillPending(ConversationError):
     pass
 
 
+class InvalidFeedback(ConversationError):
+    pass
+
+
+RATINGS = ("up", "down")
+MAX_COMMENT = 1000
+
+
+class InvalidTurns(ConversationError):
+    pass
+
+
+class InvalidSampling(ConversationError):
+    pass
+
+
+def check_sampling(
+    temperature: float | None = None,
+    top_p: float | None = None,
+    max_tokens: int | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """The sampling overrides that are set, checked; InvalidSampling names a bad one."""
+    params: dict[str, Any] = {}
+    if temperature is not None:
+        if not 0.0 <= temperature <= 2.0:  # also rejects NaN
+            raise InvalidSampling(f"temperature must be in [0, 2], got {temperature}")
+        params["temperature"] = float(temperature)
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise InvalidSampling(f"top_p must be in (0, 1], got {top_p}")
+        params["top_p"] = float(top_p)
+    if max_tokens is not None:
+        if not 1 <= max_tokens <= MAX_REPLY_TOKENS:
+            raise InvalidSampling(f"max_tokens must be in [1, {MAX_REPLY_TOKENS}], got {max_tokens}")
+        params["max_tokens"] = int(max_tokens)
+    if seed is not None:
+        if not -(2**63) <= seed < 2**63:
+            raise InvalidSampling("seed must fit in 64 bits")
+        params["seed"] = int(seed)
+    return params
+
+
 class Conversation(Aggregate):
     @event("Started")
     def __init__(self, owner_id: UUID, persona_id: UUID, title: str) -> None:
@@ -56,6 +108,7 @@ class Conversation(Aggregate):
         self.messages: list[dict[str, Any]] = []
         self.client_message_ids: dict[str, tuple[UUID, UUID]] = {}
         self.replies: dict[UUID, dict[str, Any]] = {}
+        self.instructions = ""  # system instructions imported with earlier turns
 
     # -- commands -------------------------------------------------------------------------
 
@@ -81,6 +134,26 @@ class Conversation(Aggregate):
         self._request_reply(reply_id, message_id, self.persona_id, persona_version, model, params)
         return message_id, reply_id, True
 
+    def import_turns(self, turns: list[dict[str, str]], instructions: str, max_chars: int) -> None:
+        """Record earlier turns ({"role": "user"|"assistant", "content"}) and extra system
+        instructions of a conversation that began elsewhere; only before the first message."""
+        if self.messages or self.instructions:
+            raise InvalidTurns("earlier turns can only be imported into a new conversation")
+        if len(turns) > MAX_IMPORTED_TURNS:
+            raise InvalidTurns(f"at most {MAX_IMPORTED_TURNS} earlier turns, got {len(turns)}")
+        checked = []
+        for i, turn in enumerate(turns):
+            if turn.get("role") not in IMPORTABLE_ROLES:
+                raise InvalidTurns(f"turn {i}: the role is one of {list(IMPORTABLE_ROLES)}, got {turn.get('role')!r}")
+            text = str(turn.get("content", "")).strip()
+            self.check_message(text, max_chars)
+            checked.append({"id": uuid4(), "role": turn["role"], "text": text})
+        instructions = instructions.strip()
+        if len(instructions) > max_chars:
+            raise MessageTooLong(f"system instructions have at most {max_chars} characters, these have {len(instructions)}")
+        if checked or instructions:
+            self._import_turns(checked, instructions)
+
     def complete_reply(
         self,
         reply_id: UUID,
@@ -103,11 +176,21 @@ class Conversation(Aggregate):
         self.check_reply_pending(reply_id)
         self._fail_reply(reply_id, error[:500])
 
+    def give_feedback(self, reply_id: UUID, rating: str, comment: str) -> None:
+        """Thumbs up or down on a finished reply; a later rating replaces an earlier one."""
+        if self.reply(reply_id)["status"] == "pending":
+            raise InvalidFeedback("wait for the reply to finish before rating it")
+        if rating not in RATINGS:
+            raise InvalidFeedback(f"a rating is one of {', '.join(RATINGS)}")
+        if len(comment) > MAX_COMMENT:
+            raise InvalidFeedback(f"a comment has at most {MAX_COMMENT} characters")
+        self._give_feedback(reply_id, rating, comment.strip())
+
     # -- queries --------------------------------------------------------------------------
 
     def history_for(self, reply_id: UUID) -> list[dict[str, str]]:
-        """The turns that precede `reply_id`: completed replies and the user messages
-        they answer, ending with the message the reply is for."""
+        """The turns that precede `reply_id`: imported turns, completed replies and the
+        user messages they answer, ending with the message the reply is for."""
         request = self.replies.get(reply_id)
         if request is None:
             raise ReplyNotFound(str(reply_id))
@@ -145,6 +228,15 @@ class Conversation(Aggregate):
             raise ReplyAlreadyFinished(str(reply_id))
 
     # -- events ---------------------------------------------------------------------------
+
+    @event("TurnsImported")
+    def _import_turns(self, turns: list[dict[str, Any]], instructions: str) -> None:
+        for turn in turns:
+            self.messages.append({
+                "id": turn["id"], "role": turn["role"], "text": turn["text"], "status": "complete",
+                "imported": True,
+            })
+        self.instructions = instructions
 
     @event("UserMessagePosted")
     def _post_message(self, message_id: UUID, client_message_id: str, text: str) -> None:
@@ -197,6 +289,10 @@ class Conversation(Aggregate):
             completion_tokens=completion_tokens, model_name=model_name,
             model_version=model_version,
         )
+
+    @event("FeedbackGiven")
+    def _give_feedback(self, reply_id: UUID, rating: str, comment: str) -> None:
+        self.replies[reply_id]["feedback"] = {"rating": rating, "comment": comment}
 
     @event("ReplyFailed")
     def _fail_reply(self, reply_id: UUID, error: str) -> None:

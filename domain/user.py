@@ -1,17 +1,30 @@
-"""The `User` aggregate: an account identified by its e-mail address."""
+"""The `User` aggregate: an account identified by its e-mail address, and its API keys.
+
+An API key reads `sk-chat-<key id>-<secret>`: the key id (16 hex digits) is printed in the
+key, so the `ApiKey` lookup aggregate, whose id is `uuid5(NAMESPACE, "apikey:" + key id)`,
+is found with one read. Only the SHA-256 of the secret is stored (a 256-bit random secret
+needs no slow password hash) and compared in constant time; the full key is shown once.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import re
-from uuid import UUID
+import secrets
+from typing import Any
+from uuid import UUID, uuid5
 
 from eventsourcing.domain import Aggregate, event
 
-from domain.ids import normalize_email, user_id_for
+from domain.ids import NAMESPACE, normalize_email, user_id_for
 
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 MIN_PASSWORD = 8
 MAX_PASSWORD = 256
+API_KEY_PREFIX = "sk-chat-"
+API_KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+MAX_API_KEY_NAME = 100
+MAX_API_KEYS = 50  # active keys per user
 
 
 class UserError(Exception):
@@ -34,6 +47,18 @@ class InvalidCredentials(UserError):
     pass
 
 
+class ApiKeyNotFound(UserError):
+    pass
+
+
+class TooManyApiKeys(UserError):
+    pass
+
+
+class InvalidApiKeyName(UserError):
+    pass
+
+
 def check_email(email: str) -> str:
     email = normalize_email(email)
     if len(email) > 254 or not EMAIL_RE.match(email):
@@ -46,6 +71,35 @@ def check_password(password: str) -> None:
         raise WeakPassword(f"a password has {MIN_PASSWORD} to {MAX_PASSWORD} characters")
 
 
+def check_api_key_name(name: str) -> str:
+    name = name.strip()
+    if not 1 <= len(name) <= MAX_API_KEY_NAME:
+        raise InvalidApiKeyName(f"an API key's name has 1 to {MAX_API_KEY_NAME} characters")
+    return name
+
+
+def new_api_key() -> tuple[str, str]:
+    """A fresh (key id, full key)."""
+    key_id = secrets.token_hex(8)
+    return key_id, f"{API_KEY_PREFIX}{key_id}-{secrets.token_urlsafe(32)}"
+
+
+def parse_api_key(key: str) -> tuple[str, str]:
+    """`sk-chat-<key id>-<secret>` -> (key id, secret); InvalidCredentials if malformed."""
+    key_id, dash, secret = key.removeprefix(API_KEY_PREFIX).partition("-")
+    if not key.startswith(API_KEY_PREFIX) or not dash or not secret or not API_KEY_ID_RE.match(key_id):
+        raise InvalidCredentials("invalid API key")
+    return key_id, secret
+
+
+def hash_api_key_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def api_key_aggregate_id(key_id: str) -> UUID:
+    return uuid5(NAMESPACE, "apikey:" + key_id)
+
+
 class User(Aggregate):
     @staticmethod
     def create_id(email: str) -> UUID:
@@ -55,7 +109,65 @@ class User(Aggregate):
     def __init__(self, email: str, password_hash: str) -> None:
         self.email = email
         self.password_hash = password_hash
+        self.api_keys: dict[str, dict[str, Any]] = {}  # key id -> {"key_id", "name", "key_hash", "revoked"}
 
     @event("PasswordRehashed")
     def rehash_password(self, password_hash: str) -> None:
         self.password_hash = password_hash
+
+    # -- API keys -------------------------------------------------------------------------
+    # The user is the source of truth for its keys (names, hashes, revocations); the
+    # `ApiKey` aggregate below is a lookup copy saved in the same transaction.
+
+    def create_api_key(self, key_id: str, key_hash: str, name: str) -> None:
+        name = check_api_key_name(name)
+        self.check_api_key_room()
+        self._create_api_key(key_id, key_hash, name)
+
+    def revoke_api_key(self, key_id: str) -> bool:
+        """Revoke one of this user's keys; False when it was revoked already."""
+        key = self.api_keys.get(key_id)
+        if key is None:
+            raise ApiKeyNotFound(key_id)
+        if key["revoked"]:
+            return False
+        self._revoke_api_key(key_id)
+        return True
+
+    def check_api_key_room(self) -> None:
+        active = sum(not k["revoked"] for k in self.api_keys.values())
+        if active >= MAX_API_KEYS:
+            raise TooManyApiKeys(f"a user has at most {MAX_API_KEYS} active API keys: revoke one first")
+
+    @event("ApiKeyCreated")
+    def _create_api_key(self, key_id: str, key_hash: str, name: str) -> None:
+        self.api_keys[key_id] = {"key_id": key_id, "name": name, "key_hash": key_hash, "revoked": False}
+
+    @event("ApiKeyRevoked")
+    def _revoke_api_key(self, key_id: str) -> None:
+        self.api_keys[key_id]["revoked"] = True
+
+
+class ApiKey(Aggregate):
+    """The lookup aggregate of one API key: its id is derived from the key id printed in
+    the key, so a request's key is found with one read, without scanning users. Holds the
+    owner, the SHA-256 of the secret and whether the key is revoked."""
+
+    @staticmethod
+    def create_id(key_id: str, **_: object) -> UUID:
+        return api_key_aggregate_id(key_id)
+
+    @event("Created")
+    def __init__(self, key_id: str, user_id: UUID, key_hash: str) -> None:
+        self.key_id = key_id
+        self.user_id = user_id
+        self.key_hash = key_hash
+        self.revoked = False
+
+    def revoke(self) -> None:
+        if not self.revoked:
+            self._revoke()
+
+    @event("Revoked")
+    def _revoke(self) -> None:
+        self.revoked = True

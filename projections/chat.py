@@ -66,7 +66,12 @@ class ChatProjection(Projection[ReadModelRecorder]):
             "id": e.reply_id, "conversation_id": e.originator_id, "text": e.text,
             "status": "complete", "finish_reason": e.finish_reason,
             "model": f"{e.model_name}/{e.model_version}", "at": e.timestamp,
+            "tokens": e.prompt_tokens + e.completion_tokens,
         })
+
+    @process_event.register
+    def _(self, e: Conversation.FeedbackGiven, tracking: Tracking) -> None:
+        self.view.rate_reply(tracking, e.reply_id, e.rating)
 
     @process_event.register
     def _(self, e: Conversation.ReplyFailed, tracking: Tracking) -> None:

@@ -39,6 +39,11 @@ SCHEMA = [
     "ALTER TABLE rm_personas ADD COLUMN IF NOT EXISTS visibility text NOT NULL DEFAULT 'public'",
     "ALTER TABLE rm_personas ADD COLUMN IF NOT EXISTS retired boolean NOT NULL DEFAULT false",
     "ALTER TABLE rm_personas ADD COLUMN IF NOT EXISTS avatar text NOT NULL DEFAULT ''",
+    "ALTER TABLE rm_messages ADD COLUMN IF NOT EXISTS feedback text",
+    # tokens each user's replies used per day: the daily quota reads it
+    """CREATE TABLE IF NOT EXISTS rm_usage (
+        user_id uuid NOT NULL, day date NOT NULL, tokens bigint NOT NULL DEFAULT 0,
+        replies int NOT NULL DEFAULT 0, PRIMARY KEY (user_id, day))""",
 ]
 PERSONA_COLUMNS = ("name", "description", "greeting", "model", "avatar", "visibility", "retired")
 
@@ -105,9 +110,22 @@ class ReadModelRecorder(PostgresTrackingRecorder):
                 {**row, "title": title},
             )
 
+    def rate_reply(self, tracking: Tracking, reply_id: UUID, rating: str) -> None:
+        with self.datastore.transaction(commit=True) as curs:
+            self._insert_tracking(curs, tracking)
+            curs.execute("UPDATE rm_messages SET feedback = %s WHERE id = %s", (rating, reply_id))
+
     def finish_reply(self, tracking: Tracking, row: dict[str, Any]) -> None:
         with self.datastore.transaction(commit=True) as curs:
             self._insert_tracking(curs, tracking)
+            curs.execute(
+                "INSERT INTO rm_usage (user_id, day, tokens, replies)"
+                " SELECT owner_id, (%(at)s::timestamptz AT TIME ZONE 'UTC')::date, %(tokens)s, 1"
+                " FROM rm_conversations WHERE id = %(conversation_id)s"
+                " ON CONFLICT (user_id, day) DO UPDATE SET tokens = rm_usage.tokens + EXCLUDED.tokens,"
+                " replies = rm_usage.replies + 1",
+                {"at": row["at"], "tokens": row.get("tokens", 0), "conversation_id": row["conversation_id"]},
+            )
             curs.execute(
                 "UPDATE rm_messages SET text = %(text)s, status = %(status)s,"
                 " finish_reason = %(finish_reason)s, model = %(model)s, updated_at = %(at)s"
@@ -148,10 +166,17 @@ class ReadModelRecorder(PostgresTrackingRecorder):
 
     def messages(self, conversation_id: UUID) -> list[DictRow]:
         return self._query(
-            "SELECT id, role, text, status, reply_to, finish_reason, model, created_at"
+            "SELECT id, role, text, status, reply_to, finish_reason, model, feedback, created_at"
             " FROM rm_messages WHERE conversation_id = %(id)s ORDER BY seq",
             {"id": conversation_id},
         )
+
+    def tokens_today(self, user_id: UUID) -> int:
+        rows = self._query(
+            "SELECT tokens FROM rm_usage WHERE user_id = %(user)s AND day = (now() AT TIME ZONE 'UTC')::date",
+            {"user": user_id},
+        )
+        return int(rows[0]["tokens"]) if rows else 0
 
     def message(self, message_id: UUID) -> DictRow | None:
         rows = self._query("SELECT * FROM rm_messages WHERE id = %(id)s", {"id": message_id})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +23,10 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir = tmp_path_factory.mktemp("stack")
     # A short ack wait makes JetStream redeliver a dead worker's request within seconds.
-    settings = dataclasses.replace(load_settings(data_dir), ack_wait_s=2.0)
-    stack = Stack(settings, Ports.random(), workers=1, apis=1, log_dir=ARTIFACTS / "logs")
+    settings = dataclasses.replace(load_settings(data_dir), ack_wait_s=2.0, messages_per_minute=6)
+    logs = ARTIFACTS / "logs"
+    shutil.rmtree(logs, ignore_errors=True)  # each session's logs alone
+    stack = Stack(settings, Ports.random(), workers=1, apis=1, log_dir=logs)
     stack.start()
     try:
         yield stack

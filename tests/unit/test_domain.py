@@ -122,3 +122,36 @@ def test_only_the_owner_posts_into_a_conversation(app: ChatApplication, user: UU
         app.post_message(conversation_id, intruder, "c-1", "hi")
     with pytest.raises(ConversationNotFound):
         app.post_message(persona_id_for("pirate"), user, "c-1", "a persona is not a conversation")
+
+
+def test_a_reply_can_be_rated_once_finished_and_a_new_rating_replaces_the_old(app: ChatApplication, user: UUID) -> None:
+    from domain.conversation import InvalidFeedback
+
+    conversation_id = app.start_conversation(user)
+    posted = app.post_message(conversation_id, user, "c-1", "Hello")
+    with pytest.raises(InvalidFeedback):
+        app.give_feedback(conversation_id, user, posted.reply_id, "up")
+    app.complete_reply(conversation_id, posted.reply_id, **OUTCOME)
+    app.give_feedback(conversation_id, user, posted.reply_id, "down", "  too short ")
+    app.give_feedback(conversation_id, user, posted.reply_id, "up")
+    conversation = app.repository.get(conversation_id)
+    assert conversation.reply(posted.reply_id)["feedback"] == {"rating": "up", "comment": ""}
+    with pytest.raises(InvalidFeedback):
+        app.give_feedback(conversation_id, user, posted.reply_id, "sideways")
+
+
+def test_a_persona_edit_is_a_new_version_and_old_versions_stay_readable(app: ChatApplication, user: UUID) -> None:
+    from domain.persona import InvalidPersona, NotPersonaOwner
+
+    persona_id = app.create_persona(user, {"slug": "pal", "name": "Pal", "system_prompt": "Be kind."})
+    assert app.edit_persona(persona_id, user, {"system_prompt": "Be very kind.", "temperature": 0.3}) == 2
+    versions = app.persona_versions(persona_id, user)
+    assert [(v["version"], v["system_prompt"]) for v in versions] == [(1, "Be kind."), (2, "Be very kind.")]
+    assert app.edit_persona(persona_id, user, {"temperature": 0.3}) == 2  # no change, no version
+    stranger = app.register_user("stranger@example.com", "correct horse")
+    with pytest.raises(NotPersonaOwner):
+        app.edit_persona(persona_id, stranger, {"name": "Mine"})
+    with pytest.raises(InvalidPersona):
+        app.edit_persona(persona_id, user, {"slug": "renamed"})
+    with pytest.raises(NotPersonaOwner):
+        app.edit_persona(persona_id_for("pirate"), user, {"name": "Landlubber"})

@@ -1,0 +1,61 @@
+"""Feedback on replies as events, and per-user rate limits across the API."""
+
+from __future__ import annotations
+
+import uuid
+from uuid import UUID
+
+import pytest
+
+from domain.conversation import Conversation
+from domain.persona import Persona
+from tests.client import ChatClient, collect_reply, recv, send
+
+pytestmark = pytest.mark.integration
+
+
+def terse(chat_app) -> str:
+    persona = Persona(slug=f"terse-{uuid.uuid4().hex[:8]}", name="Terse", description="", greeting="",
+                      system_prompt="You are a polite assistant who keeps answers short.", model="chat",
+                      temperature=0.7, top_p=0.95, max_tokens=2)
+    chat_app.save(persona)
+    return str(persona.id)
+
+
+async def test_a_user_rates_a_reply_and_the_rating_is_an_event_on_that_reply(
+    client: ChatClient, other_client: ChatClient, chat_app
+) -> None:
+    conversation_id = await client.start_conversation()
+    async with client.ws() as ws:
+        await send(ws, conversation_id, "Hello!")
+        accepted, _, _ = await collect_reply(ws)
+    reply_id = accepted["reply_id"]
+    url = f"/api/conversations/{conversation_id}/messages/{reply_id}/feedback"
+    r = await client.http.post(url, json={"rating": "down", "comment": "off topic"}, headers=client.headers)
+    assert r.status_code == 204, r.text
+    r = await client.http.post(url, json={"rating": "up"}, headers=client.headers)
+    assert r.status_code == 204
+    feedback = [e for e in chat_app.events.get(UUID(conversation_id)) if isinstance(e, Conversation.FeedbackGiven)]
+    assert [(str(e.reply_id), e.rating, e.comment) for e in feedback] == [(reply_id, "down", "off topic"), (reply_id, "up", "")]
+    messages = await client.messages_when(conversation_id, lambda ms: ms[-1]["feedback"] == "up")
+    assert messages[-1]["feedback"] == "up"
+
+    assert (await client.http.post(url, json={"rating": "meh"}, headers=client.headers)).status_code == 400
+    assert (await client.http.post(url, json={"rating": "up", "comment": "x" * 1001}, headers=client.headers)).status_code == 400
+    wrong = f"/api/conversations/{conversation_id}/messages/{uuid.uuid4()}/feedback"
+    assert (await client.http.post(wrong, json={"rating": "up"}, headers=client.headers)).status_code == 404
+    assert (await other_client.http.post(url, json={"rating": "down"}, headers=other_client.headers)).status_code == 404
+
+
+async def test_a_user_over_the_message_rate_is_told_when_to_retry(client: ChatClient, chat_app) -> None:
+    conversation_id = await client.start_conversation(terse(chat_app))
+    async with client.ws() as ws:
+        for i in range(6):  # the test stack allows 6 messages a minute
+            await send(ws, conversation_id, f"message {i}")
+            await collect_reply(ws)
+        await send(ws, conversation_id, "one too many")
+        frame = await recv(ws)
+    assert frame["type"] == "error" and frame["code"] == "rate_limited"
+    assert 0 < frame["retry_after"] <= 61 and "a minute" in frame["message"]
+    conversation: Conversation = chat_app.repository.get(UUID(conversation_id))
+    assert [m["text"] for m in conversation.messages if m["role"] == "user"] == [f"message {i}" for i in range(6)]
