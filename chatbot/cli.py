@@ -4,12 +4,14 @@ entry points of the single processes (what `chatbot up`, the tests and docker-co
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import signal
 import sys
 import threading
 
-from chatbot.config import load_settings
+from chatbot.config import Settings, load_settings
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -91,6 +93,46 @@ def cmd_triton(args: argparse.Namespace) -> int:
     os.execve(argv[0], argv, triton_env())
 
 
+def tool_settings() -> tuple[Settings, object | None]:
+    """Settings for a command-line tool: the configured PostgreSQL, or the embedded one of
+    the data directory (attached to if `chatbot up` runs it, else started for the command)."""
+    settings = load_settings()
+    if os.environ.get("CHATBOT_PG_HOST"):
+        return settings, None
+    from chatbot.launcher import EmbeddedPostgres
+
+    postgres = EmbeddedPostgres(settings.data_dir / "postgres")
+    return dataclasses.replace(settings, pg_host=postgres.socket_dir), postgres
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from datetime import datetime
+    from uuid import UUID
+
+    from chatbot.audit import audit, render_text
+    from chatbot.bootstrap import chat_application
+    from domain.conversation import ConversationError
+
+    settings, _postgres = tool_settings()
+    app = chat_application(settings)
+    try:
+        conversation_id = UUID(args.conversation_id)
+        at = datetime.fromisoformat(args.at) if args.at else None
+    except ValueError as e:
+        print(f"chatbot audit: {e}", file=sys.stderr)
+        return 2
+    try:
+        report = audit(app, conversation_id, operator=args.operator, reason=args.reason,
+                       at_version=args.at_version, at=at)
+    except ConversationError as e:
+        print(f"chatbot audit: no such conversation: {e}", file=sys.stderr)
+        return 1
+    finally:
+        app.close()
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else render_text(report))
+    return 0
+
+
 def cmd_train_demo(args: argparse.Namespace) -> int:
     from chatbot.llm.train import train_demo
 
@@ -118,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     triton.add_argument("--grpc-port", type=int, default=18001)
     triton.add_argument("--metrics-port", type=int, default=18002)
     triton.set_defaults(func=cmd_triton)
+    aud = sub.add_parser("audit", help="a conversation's events, and the conversation as it stood then")
+    aud.add_argument("conversation_id")
+    aud.add_argument("--at-version", type=int, default=None, help="reconstruct it at this version")
+    aud.add_argument("--at", default=None, help="reconstruct it at this time (ISO 8601, UTC if no zone)")
+    aud.add_argument("--json", action="store_true", help="machine-readable output")
+    aud.add_argument("--operator", default=os.environ.get("USER", "operator"), help="who is looking (recorded)")
+    aud.add_argument("--reason", required=True, help="why (recorded as an event on the conversation)")
+    aud.set_defaults(func=cmd_audit)
     train = sub.add_parser("train-demo", help="train the demo tokenizer and model on the chitchat conversations")
     train.add_argument("--out", default="triton_models/chat/1/demo", help="HF-layout output folder")
     train.add_argument("--minutes", type=float, default=15.0, help="wall-time budget")

@@ -303,6 +303,18 @@ class ChatApplication(Application[UUID]):
 
         self._retry_races(attempt)
 
+    def record_audit(self, conversation_id: UUID, operator: str, reason: str) -> int:
+        """Record that `operator` read the conversation, and why; returns the version
+        the conversation had before this record."""
+        def attempt() -> int:
+            conversation = self._get(Conversation, conversation_id, ConversationNotFound)
+            seen = conversation.version
+            conversation.record_audit(operator, reason)
+            self.save(conversation)
+            return seen
+
+        return self._retry_races(attempt)
+
     def complete_reply(self, conversation_id: UUID, reply_id: UUID, **outcome: Any) -> bool:
         """Record the reply; False when an outcome was already recorded (a redelivery)."""
         return self._record_outcome(conversation_id, lambda c: c.complete_reply(reply_id, **outcome))

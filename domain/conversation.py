@@ -186,6 +186,12 @@ class Conversation(Aggregate):
             raise InvalidFeedback(f"a comment has at most {MAX_COMMENT} characters")
         self._give_feedback(reply_id, rating, comment.strip())
 
+    def record_audit(self, operator: str, reason: str) -> None:
+        """Someone read this conversation through the audit tool: who, and why."""
+        if not operator.strip() or not reason.strip():
+            raise ConversationError("an audit names the operator and the reason")
+        self._audit(operator.strip()[:200], reason.strip()[:1000])
+
     # -- queries --------------------------------------------------------------------------
 
     def history_for(self, reply_id: UUID) -> list[dict[str, str]]:
@@ -289,6 +295,10 @@ class Conversation(Aggregate):
             completion_tokens=completion_tokens, model_name=model_name,
             model_version=model_version,
         )
+
+    @event("Audited")
+    def _audit(self, operator: str, reason: str) -> None:
+        pass  # changes nothing in the conversation: it is a record of who looked
 
     @event("FeedbackGiven")
     def _give_feedback(self, reply_id: UUID, rating: str, comment: str) -> None:
