@@ -133,6 +133,39 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_projections(args: argparse.Namespace) -> int:
+    from projections.rebuild import PROJECTIONS, rebuild, status
+
+    settings, _postgres = tool_settings()
+    if args.action == "status":
+        report = status(settings)
+        if args.json:
+            print(json.dumps(report, indent=2))
+            return 0
+        print(f"event store head: notification {report['event_store_head']}")
+        print(f"relay:            at {report['relay']['position']}, lag {report['relay']['lag']}")
+        for name, p in report["projections"].items():
+            print(f"projection {name}:  at {p['position']}, lag {p['lag']} ({', '.join(p['tables'])})")
+        return 0
+    if not args.all and args.name not in PROJECTIONS:
+        print(f"chatbot projections rebuild: name one of {', '.join(PROJECTIONS)}, or --all", file=sys.stderr)
+        return 2
+    result = rebuild(settings, dry_run=args.dry_run, progress=not args.json)
+    summary = {
+        "events": result.events, "seconds": round(result.seconds, 3),
+        "events_per_second": round(result.events_per_second), "position": result.position,
+        "differences": result.differences, "switched": result.switched,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        changed = {t: n for t, n in result.differences.items() if n}
+        print(f"replayed {result.events} events in {result.seconds:.2f} s: {result.events_per_second:,.0f} events/s")
+        print("verified: identical to the live tables" if not changed else f"differences from the live tables: {changed}")
+        print("switched readers to the rebuilt tables" if result.switched else "dry run: live tables unchanged")
+    return 0
+
+
 def cmd_train_demo(args: argparse.Namespace) -> int:
     from chatbot.llm.train import train_demo
 
@@ -168,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     aud.add_argument("--operator", default=os.environ.get("USER", "operator"), help="who is looking (recorded)")
     aud.add_argument("--reason", required=True, help="why (recorded as an event on the conversation)")
     aud.set_defaults(func=cmd_audit)
+    proj = sub.add_parser("projections", help="read-model projections: status, rebuild")
+    proj.add_argument("action", choices=["status", "rebuild"])
+    proj.add_argument("name", nargs="?", default=None, help="the projection to rebuild (chat)")
+    proj.add_argument("--all", action="store_true", help="rebuild every projection")
+    proj.add_argument("--dry-run", action="store_true", help="rebuild and verify, but keep the live tables")
+    proj.add_argument("--json", action="store_true")
+    proj.set_defaults(func=cmd_projections)
     train = sub.add_parser("train-demo", help="train the demo tokenizer and model on the chitchat conversations")
     train.add_argument("--out", default="triton_models/chat/1/demo", help="HF-layout output folder")
     train.add_argument("--minutes", type=float, default=15.0, help="wall-time budget")

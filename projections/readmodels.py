@@ -8,6 +8,8 @@ the rows. Replaying an event that was already applied fails to record its tracki
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -50,22 +52,66 @@ PERSONA_COLUMNS = ("name", "description", "greeting", "model", "avatar", "visibi
 APPLICATION = "chat"  # the notification log the projections follow
 
 
+LIVE_PREFIX = "rm_"
+TABLES = ("personas", "conversations", "messages", "usage")
+
+
 class ReadModelRecorder(PostgresTrackingRecorder):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    """`prefix` names the tables: `rm_` are the live ones; a rebuild fills `rb_` ones."""
+
+    def __init__(self, *args: Any, prefix: str = LIVE_PREFIX, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.sql_create_statements.extend(SQL(s) for s in SCHEMA)  # type: ignore[arg-type]
+        self.prefix = prefix
+        self.sql_create_statements.extend(SQL(self.sql(s)) for s in SCHEMA)  # type: ignore[arg-type]
+        self._batch: Any = None  # the cursor of an open batch transaction, if any
+
+    def sql(self, text: str) -> str:
+        """The statement for this recorder's tables (every `rm_` in the SQL is a name)."""
+        return text if self.prefix == LIVE_PREFIX else text.replace(LIVE_PREFIX, self.prefix)
+
+    def _exec(self, curs: Any, text: str, params: Any = None) -> None:
+        curs.execute(self.sql(text), params)
+
+    @contextmanager
+    def _tx(self) -> Iterator[Any]:
+        """A transaction per write, or the open batch's when replaying in bulk."""
+        if self._batch is not None:
+            yield self._batch
+            return
+        with self.datastore.transaction(commit=True) as curs:
+            yield curs
+
+    @contextmanager
+    def batch(self, curs: Any = None) -> Iterator[Any]:
+        """Apply many events in one transaction (a rebuild): one commit per batch instead
+        of one per event. With `curs`, join that transaction instead of opening one."""
+        if curs is not None:
+            self._batch = curs
+            try:
+                yield curs
+            finally:
+                self._batch = None
+            return
+        with self.datastore.transaction(commit=True) as curs:
+            curs.execute("SET LOCAL synchronous_commit = off")  # a rebuild is verified, not fsynced
+            self._batch = curs
+            try:
+                yield curs
+            finally:
+                self._batch = None
 
     # -- writes (each with its tracking, in one transaction) -------------------------------
 
     def skip(self, tracking: Tracking) -> None:
         """Record the position of an event no read model needs."""
-        self.insert_tracking(tracking)
+        with self._tx() as curs:
+            self._insert_tracking(curs, tracking)
 
     def upsert_persona(self, tracking: Tracking, row: dict[str, Any]) -> None:
-        with self.datastore.transaction(commit=True) as curs:
+        with self._tx() as curs:
             self._insert_tracking(curs, tracking)
-            curs.execute(
-                "INSERT INTO rm_personas (id, slug, name, description, greeting, model, version, updated_at,"
+            self._exec(
+                curs, "INSERT INTO rm_personas (id, slug, name, description, greeting, model, version, updated_at,"
                 " owner_id, visibility, avatar)"
                 " VALUES (%(id)s, %(slug)s, %(name)s, %(description)s, %(greeting)s, %(model)s,"
                 " %(version)s, %(updated_at)s, %(owner_id)s, %(visibility)s, %(avatar)s)",
@@ -76,71 +122,71 @@ class ReadModelRecorder(PostgresTrackingRecorder):
                        changes: dict[str, Any]) -> None:
         columns = {k: v for k, v in changes.items() if k in PERSONA_COLUMNS}
         sets = "".join(f", {k} = %({k})s" for k in columns)  # names from PERSONA_COLUMNS only
-        with self.datastore.transaction(commit=True) as curs:
+        with self._tx() as curs:
             self._insert_tracking(curs, tracking)
-            curs.execute(
-                f"UPDATE rm_personas SET version = %(version)s, updated_at = %(at)s{sets} WHERE id = %(id)s",
+            self._exec(
+                curs, f"UPDATE rm_personas SET version = %(version)s, updated_at = %(at)s{sets} WHERE id = %(id)s",
                 {**columns, "version": version, "at": at, "id": persona_id},
             )
 
     def insert_conversation(self, tracking: Tracking, row: dict[str, Any]) -> None:
-        with self.datastore.transaction(commit=True) as curs:
+        with self._tx() as curs:
             self._insert_tracking(curs, tracking)
-            curs.execute(
-                "INSERT INTO rm_conversations (id, owner_id, persona_id, title, created_at, updated_at)"
+            self._exec(
+                curs, "INSERT INTO rm_conversations (id, owner_id, persona_id, title, created_at, updated_at)"
                 " VALUES (%(id)s, %(owner_id)s, %(persona_id)s, %(title)s, %(at)s, %(at)s)",
                 row,
             )
 
     def add_message(self, tracking: Tracking, row: dict[str, Any], title: str | None) -> None:
-        with self.datastore.transaction(commit=True) as curs:
+        with self._tx() as curs:
             self._insert_tracking(curs, tracking)
-            curs.execute(
-                "INSERT INTO rm_messages (id, conversation_id, seq, role, text, status, reply_to,"
+            self._exec(
+                curs, "INSERT INTO rm_messages (id, conversation_id, seq, role, text, status, reply_to,"
                 " created_at, updated_at)"
                 " SELECT %(id)s, %(conversation_id)s,"
                 " coalesce(max(seq), 0) + 1, %(role)s, %(text)s, %(status)s, %(reply_to)s, %(at)s, %(at)s"
                 " FROM rm_messages WHERE conversation_id = %(conversation_id)s",
                 row,
             )
-            curs.execute(
-                "UPDATE rm_conversations SET message_count = message_count + 1, updated_at = %(at)s,"
+            self._exec(
+                curs, "UPDATE rm_conversations SET message_count = message_count + 1, updated_at = %(at)s,"
                 " title = CASE WHEN %(title)s::text IS NULL THEN title ELSE %(title)s::text END"
                 " WHERE id = %(conversation_id)s",
                 {**row, "title": title},
             )
 
     def rate_reply(self, tracking: Tracking, reply_id: UUID, rating: str) -> None:
-        with self.datastore.transaction(commit=True) as curs:
+        with self._tx() as curs:
             self._insert_tracking(curs, tracking)
-            curs.execute("UPDATE rm_messages SET feedback = %s WHERE id = %s", (rating, reply_id))
+            self._exec(curs, "UPDATE rm_messages SET feedback = %s WHERE id = %s", (rating, reply_id))
 
     def finish_reply(self, tracking: Tracking, row: dict[str, Any]) -> None:
-        with self.datastore.transaction(commit=True) as curs:
+        with self._tx() as curs:
             self._insert_tracking(curs, tracking)
-            curs.execute(
-                "INSERT INTO rm_usage (user_id, day, tokens, replies)"
+            self._exec(
+                curs, "INSERT INTO rm_usage (user_id, day, tokens, replies)"
                 " SELECT owner_id, (%(at)s::timestamptz AT TIME ZONE 'UTC')::date, %(tokens)s, 1"
                 " FROM rm_conversations WHERE id = %(conversation_id)s"
                 " ON CONFLICT (user_id, day) DO UPDATE SET tokens = rm_usage.tokens + EXCLUDED.tokens,"
                 " replies = rm_usage.replies + 1",
                 {"at": row["at"], "tokens": row.get("tokens", 0), "conversation_id": row["conversation_id"]},
             )
-            curs.execute(
-                "UPDATE rm_messages SET text = %(text)s, status = %(status)s,"
+            self._exec(
+                curs, "UPDATE rm_messages SET text = %(text)s, status = %(status)s,"
                 " finish_reason = %(finish_reason)s, model = %(model)s, updated_at = %(at)s"
                 " WHERE id = %(id)s",
                 row,
             )
-            curs.execute(
-                "UPDATE rm_conversations SET updated_at = %(at)s WHERE id = %(conversation_id)s", row
+            self._exec(
+                curs, "UPDATE rm_conversations SET updated_at = %(at)s WHERE id = %(conversation_id)s", row
             )
 
     # -- reads ------------------------------------------------------------------------------
 
     def _query(self, sql: str, params: dict[str, Any]) -> list[DictRow]:
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
-            curs.execute(sql, params)
+            curs.execute(self.sql(sql), params)
             return curs.fetchall()
 
     def personas(self, user_id: UUID | None = None) -> list[DictRow]:
@@ -186,9 +232,12 @@ class ReadModelRecorder(PostgresTrackingRecorder):
         return self.max_tracking_id(APPLICATION) or 0
 
 
-def read_model_recorder(pg_env: dict[str, str]) -> ReadModelRecorder:
-    """Build the recorder on its own connection pool (tracking table `readmodels_tracking`)."""
-    factory = PostgresFactory(Environment(name="readmodels", env=pg_env))
-    recorder = factory.tracking_recorder(ReadModelRecorder)
-    assert isinstance(recorder, ReadModelRecorder)
+def read_model_recorder(pg_env: dict[str, str], prefix: str = LIVE_PREFIX) -> ReadModelRecorder:
+    """Build the recorder on its own connection pool. The live tables track their position
+    in `readmodels_tracking`; a rebuild's tables in `rebuild_tracking`."""
+    name = "readmodels" if prefix == LIVE_PREFIX else "rebuild"
+    factory = PostgresFactory(Environment(name=name, env=pg_env))
+    recorder = ReadModelRecorder(datastore=factory.datastore, tracking_table_name=f"{name}_tracking", prefix=prefix)
+    if factory.env_create_table():
+        recorder.create_table()
     return recorder

@@ -1,0 +1,165 @@
+"""Projection status and rebuild: replay the event store into fresh tables, verify them
+against the live ones, and switch readers over atomically while the API keeps serving.
+
+A rebuild
+1. creates empty `rb_*` tables (and its own tracking table),
+2. replays every event from the event store's notification log into them, a thousand
+   events per transaction with `synchronous_commit` off (the result is verified, not
+   trusted), printing a progress bar and events/s,
+3. then, in one transaction: locks the live `rm_*` tables (the projector's next write and
+   the API's reads wait a few milliseconds), replays the events the live projector applied
+   since step 2 ended, compares every row of both sets of tables, and swaps them by
+   renaming. Readers never see a half-built table: before the commit they see the old
+   tables, after it the new ones. The projector's blocked write then lands in the new ones.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from eventsourcing.persistence import Tracking
+from psycopg.errors import DeadlockDetected
+from tqdm import tqdm
+
+from chatbot.bootstrap import chat_application
+from chatbot.config import Settings
+from domain.application import ChatApplication
+from projections.chat import ChatProjection
+from projections.readmodels import APPLICATION, LIVE_PREFIX, TABLES, ReadModelRecorder, read_model_recorder
+
+REBUILD_PREFIX = "rb_"
+OLD_PREFIX = "old_"
+BATCH = 1000
+PROJECTIONS = ("chat",)  # one projection maintains all the read models
+
+
+@dataclass
+class RebuildReport:
+    events: int = 0
+    seconds: float = 0.0
+    position: int = 0
+    differences: dict[str, int] = field(default_factory=dict)
+    switched: bool = False
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events / self.seconds if self.seconds else 0.0
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    app = chat_application(settings)
+    live = read_model_recorder(settings.eventsourcing_env())
+    try:
+        head = app.recorder.max_notification_id() or 0
+        with live.datastore.get_connection() as conn:
+            row = conn.execute("SELECT notification_id FROM relay_position WHERE name = 'chat'").fetchone()
+        relay = int(row["notification_id"]) if row else 0
+        position = live.position()
+        return {
+            "event_store_head": head,
+            "relay": {"position": relay, "lag": head - relay},
+            "projections": {"chat": {"position": position, "lag": head - position,
+                                     "tables": [LIVE_PREFIX + t for t in TABLES]}},
+        }
+    finally:
+        live.datastore.close()
+        app.close()
+
+
+def replay(app: ChatApplication, projection: ChatProjection, start: int, stop: int | None,
+           curs: Any = None, bar: tqdm | None = None) -> tuple[int, int]:
+    """Apply notifications after `start` (up to `stop`) in batches; returns (count, last)."""
+    count, position = 0, start
+    while True:
+        limit = BATCH if stop is None else min(BATCH, stop - position)
+        if limit <= 0:
+            break
+        notifications = app.recorder.select_notifications(position, limit, inclusive_of_start=False)
+        if not notifications:
+            break
+        with projection.view.batch(curs):
+            for n in notifications:
+                projection.process_event(app.mapper.to_domain_event(n), Tracking(APPLICATION, n.id))
+        count += len(notifications)
+        position = notifications[-1].id
+        if bar is not None:
+            bar.update(len(notifications))
+    return count, position
+
+
+def columns(curs: Any, table: str) -> list[str]:
+    curs.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = %s ORDER BY ordinal_position",
+        (table,),
+    )
+    return [r["column_name"] for r in curs.fetchall()]
+
+
+def differences(curs: Any) -> dict[str, int]:
+    """Rows in one set of tables and not the other, per table (0 everywhere: identical)."""
+    found = {}
+    for t in TABLES:
+        cols = ", ".join(columns(curs, LIVE_PREFIX + t))
+        curs.execute(
+            f"SELECT (SELECT count(*) FROM (SELECT {cols} FROM {LIVE_PREFIX}{t} EXCEPT ALL"
+            f" SELECT {cols} FROM {REBUILD_PREFIX}{t}) a) + (SELECT count(*) FROM (SELECT {cols}"
+            f" FROM {REBUILD_PREFIX}{t} EXCEPT ALL SELECT {cols} FROM {LIVE_PREFIX}{t}) b) AS n"
+        )
+        found[LIVE_PREFIX + t] = int(curs.fetchone()["n"])
+    return found
+
+
+def rename_tables(curs: Any, old: str, new: str) -> None:
+    """Rename each read-model table and its indexes from prefix `old` to `new`."""
+    for t in TABLES:
+        curs.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s", (old + t,))
+        for (index,) in [tuple(r.values()) for r in curs.fetchall()]:
+            curs.execute(f'ALTER INDEX "{index}" RENAME TO "{new + index[len(old):]}"')
+        curs.execute(f"ALTER TABLE {old}{t} RENAME TO {new}{t}")
+
+
+def rebuild(settings: Settings, *, dry_run: bool = False, progress: bool = True) -> RebuildReport:
+    app = chat_application(settings)
+    live = read_model_recorder(settings.eventsourcing_env())
+    with live.datastore.transaction(commit=True) as curs:
+        curs.execute(", ".join(f"{REBUILD_PREFIX}{t}" for t in TABLES).join(["DROP TABLE IF EXISTS ", ""]))
+        curs.execute("DROP TABLE IF EXISTS rebuild_tracking")
+    fresh: ReadModelRecorder = read_model_recorder(settings.eventsourcing_env(create_tables=True), prefix=REBUILD_PREFIX)
+    projection = ChatProjection(fresh)
+    report = RebuildReport()
+    try:
+        head = app.recorder.max_notification_id() or 0
+        started = time.perf_counter()
+        with tqdm(total=head, unit="ev", desc="rebuild", disable=not progress) as bar:
+            report.events, position = replay(app, projection, 0, None, bar=bar)
+        report.seconds = time.perf_counter() - started
+        for attempt in range(3):
+            try:
+                with live.datastore.transaction(commit=not dry_run) as curs:
+                    curs.execute("SET LOCAL lock_timeout = '5s'")
+                    curs.execute(f"LOCK TABLE {', '.join(LIVE_PREFIX + t for t in TABLES)} IN ACCESS EXCLUSIVE MODE")
+                    target = live._max_tracking_id(APPLICATION, curs) or 0
+                    caught_up, position = replay(app, projection, position, target, curs=curs)
+                    report.events += caught_up
+                    report.position = position
+                    report.differences = differences(curs)
+                    if not dry_run:
+                        rename_tables(curs, LIVE_PREFIX, OLD_PREFIX)
+                        rename_tables(curs, REBUILD_PREFIX, LIVE_PREFIX)
+                        curs.execute(", ".join(f"{OLD_PREFIX}{t}" for t in TABLES).join(["DROP TABLE ", ""]))
+                        report.switched = True
+                break
+            except DeadlockDetected:
+                if attempt == 2:
+                    raise
+                time.sleep(0.2)  # the projector held a table we wanted: try again
+        return report
+    finally:
+        if dry_run or not report.switched:
+            with live.datastore.transaction(commit=True) as curs:
+                curs.execute(", ".join(f"{REBUILD_PREFIX}{t}" for t in TABLES).join(["DROP TABLE IF EXISTS ", ""]))
+        fresh.datastore.close()
+        live.datastore.close()
+        app.close()
