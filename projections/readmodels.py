@@ -9,7 +9,7 @@ the rows. Replaying an event that was already applied fails to record its tracki
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -64,6 +64,7 @@ class ReadModelRecorder(PostgresTrackingRecorder):
         self.prefix = prefix
         self.sql_create_statements.extend(SQL(self.sql(s)) for s in SCHEMA)  # type: ignore[arg-type]
         self._batch: Any = None  # the cursor of an open batch transaction, if any
+        self._batch_tracking: Tracking | None = None
 
     def sql(self, text: str) -> str:
         """The statement for this recorder's tables (every `rm_` in the SQL is a name)."""
@@ -83,22 +84,26 @@ class ReadModelRecorder(PostgresTrackingRecorder):
 
     @contextmanager
     def batch(self, curs: Any = None) -> Iterator[Any]:
-        """Apply many events in one transaction (a rebuild): one commit per batch instead
-        of one per event. With `curs`, join that transaction instead of opening one."""
-        if curs is not None:
-            self._batch = curs
+        """Apply many events in one transaction (a rebuild): statements stream to the
+        server in pipeline mode, and the tracking position is written once, at the end,
+        instead of one commit and several round trips per event. With `curs`, join that
+        transaction instead of opening one. Positions must only grow within a batch."""
+        context = nullcontext(curs) if curs is not None else self.datastore.transaction(commit=True)
+        with context as curs:
+            self._batch, self._batch_tracking = curs, None
             try:
-                yield curs
+                with curs.connection.pipeline():
+                    yield curs
+                if self._batch_tracking is not None:
+                    super()._insert_tracking(curs, self._batch_tracking)
             finally:
                 self._batch = None
+
+    def _insert_tracking(self, curs: Any, tracking: Tracking) -> None:
+        if self._batch is not None:
+            self._batch_tracking = tracking  # written when the batch ends
             return
-        with self.datastore.transaction(commit=True) as curs:
-            curs.execute("SET LOCAL synchronous_commit = off")  # a rebuild is verified, not fsynced
-            self._batch = curs
-            try:
-                yield curs
-            finally:
-                self._batch = None
+        super()._insert_tracking(curs, tracking)
 
     # -- writes (each with its tracking, in one transaction) -------------------------------
 

@@ -4,8 +4,8 @@ against the live ones, and switch readers over atomically while the API keeps se
 A rebuild
 1. creates empty `rb_*` tables (and its own tracking table),
 2. replays every event from the event store's notification log into them, a thousand
-   events per transaction with `synchronous_commit` off (the result is verified, not
-   trusted), printing a progress bar and events/s,
+   events per transaction, the statements streamed in pipeline mode and the tracking
+   position written once per batch, printing a progress bar and events/s,
 3. then, in one transaction: locks the live `rm_*` tables (the projector's next write and
    the API's reads wait a few milliseconds), replays the events the live projector applied
    since step 2 ended, compares every row of both sets of tables, and swaps them by
@@ -132,6 +132,8 @@ def rebuild(settings: Settings, *, dry_run: bool = False, progress: bool = True)
     try:
         head = app.recorder.max_notification_id() or 0
         started = time.perf_counter()
+        with fresh.datastore.transaction(commit=True) as curs:
+            curs.execute("SELECT 1")  # open the pool before timing
         with tqdm(total=head, unit="ev", desc="rebuild", disable=not progress) as bar:
             report.events, position = replay(app, projection, 0, None, bar=bar)
         report.seconds = time.perf_counter() - started
