@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import msgspec
@@ -181,8 +182,21 @@ class ChatSession:
             })
 
 
+def origin_allowed(socket: WebSocket[Any, Any, Any], allowed: tuple[str, ...]) -> bool:
+    """A browser sends its page's Origin: refuse pages of other sites, which would ride on
+    the user's session cookie. Clients that send no Origin (API clients) use tokens."""
+    origin = socket.headers.get("origin")
+    if origin is None:
+        return True
+    host = socket.headers.get("host", "")
+    return urlsplit(origin).netloc == host or origin in allowed
+
+
 @websocket("/api/ws")
 async def chat_socket(socket: WebSocket[Any, Any, Any], services: Services) -> None:
+    if not origin_allowed(socket, services.settings.allowed_origins):
+        await socket.close(code=4403, reason="foreign origin")
+        return
     user_id = user_of(socket, services.settings.secret_key)
     if user_id is None:
         await socket.close(code=4401, reason="log in first")

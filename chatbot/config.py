@@ -46,6 +46,7 @@ class Settings:
     max_message_chars: int = 8000
     max_frame_bytes: int = 64 * 1024
     cookie_secure: bool = False
+    allowed_origins: tuple[str, ...] = ()  # other page origins that may open the websocket
     messages_per_minute: int = 30
     tokens_per_day: int = 200_000
     extra: dict[str, str] = field(default_factory=dict)
@@ -99,6 +100,7 @@ class Settings:
             "CHATBOT_MODEL": self.model_name,
             "CHATBOT_COOKIE_SECURE": "1" if self.cookie_secure else "0",
             "CHATBOT_MESSAGES_PER_MINUTE": str(self.messages_per_minute),
+            "CHATBOT_ALLOWED_ORIGINS": ",".join(self.allowed_origins),
             "CHATBOT_TOKENS_PER_DAY": str(self.tokens_per_day),
         }
 
@@ -143,5 +145,6 @@ def load_settings(data_dir: Path | None = None) -> Settings:
         model_name=_env("MODEL", "chat"),
         cookie_secure=_env("COOKIE_SECURE", "0") == "1",
         messages_per_minute=int(_env("MESSAGES_PER_MINUTE", "30")),
+        allowed_origins=tuple(o for o in _env("ALLOWED_ORIGINS", "").split(",") if o),
         tokens_per_day=int(_env("TOKENS_PER_DAY", "200000")),
     )

@@ -93,6 +93,17 @@ async def test_requests_without_a_valid_session_are_refused(api_url: str) -> Non
     await anonymous.close()
 
 
+async def test_a_websocket_from_a_foreign_page_is_refused_and_the_own_page_is_not(client: ChatClient) -> None:
+    with pytest.raises(Exception) as refused:
+        async with client.ws(origin="http://evil.example"):
+            pass
+    assert "403" in str(refused.value) or "4403" in str(refused.value)
+    own = client.base_url  # the page the API serves
+    async with client.ws(origin=own) as ws:
+        await ws.send("ping")
+        assert (await recv(ws))["code"] == "malformed"
+
+
 async def test_malformed_unknown_and_oversized_frames_get_error_frames(client: ChatClient) -> None:
     conversation_id = await client.start_conversation()
     bad_frames: list[tuple[str | bytes, str]] = [
