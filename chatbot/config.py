@@ -38,6 +38,8 @@ class Settings:
     api_port: int
     cipher_key: str  # base64 AES key for events at rest and on the broker
     secret_key: bytes  # HMAC key that signs session tokens
+    pg_pool_size: int = 3
+    pg_pool_overflow: int = 7
     partitions: int = 1
     stream_name: str = "CHAT"
     ack_wait_s: float = 30.0
@@ -71,8 +73,10 @@ class Settings:
             "POSTGRES_PORT": str(self.pg_port),
             "POSTGRES_USER": self.pg_user,
             "POSTGRES_PASSWORD": self.pg_password,
-            "POSTGRES_POOL_SIZE": "10",
-            "POSTGRES_MAX_OVERFLOW": "20",
+            # Small pools: every process and tool has its own, and together they must stay
+            # under the server's max_connections (100 for the embedded one).
+            "POSTGRES_POOL_SIZE": str(self.pg_pool_size),
+            "POSTGRES_MAX_OVERFLOW": str(self.pg_pool_overflow),
             "POSTGRES_PRE_PING": "y",
             "CIPHER_TOPIC": "eventsourcing.cipher:AESCipher",
             "CIPHER_KEY": self.cipher_key,
@@ -88,6 +92,8 @@ class Settings:
             "CHATBOT_PG_USER": self.pg_user,
             "CHATBOT_PG_PASSWORD": self.pg_password,
             "CHATBOT_PG_DBNAME": self.pg_dbname,
+            "CHATBOT_PG_POOL_SIZE": str(self.pg_pool_size),
+            "CHATBOT_PG_POOL_OVERFLOW": str(self.pg_pool_overflow),
             "CHATBOT_NATS_URL": self.nats_url,
             "CHATBOT_TRITON_URL": self.triton_url,
             "CHATBOT_API_HOST": self.api_host,
@@ -133,6 +139,8 @@ def load_settings(data_dir: Path | None = None) -> Settings:
         pg_user=_env("PG_USER", "postgres"),
         pg_password=_env("PG_PASSWORD", ""),
         pg_dbname=_env("PG_DBNAME", "postgres"),
+        pg_pool_size=int(_env("PG_POOL_SIZE", "3")),
+        pg_pool_overflow=int(_env("PG_POOL_OVERFLOW", "7")),
         nats_url=_env("NATS_URL", "nats://127.0.0.1:14222"),
         triton_url=_env("TRITON_URL", "127.0.0.1:18001"),
         api_host=_env("API_HOST", "127.0.0.1"),

@@ -150,7 +150,9 @@ class Conversation(Aggregate):
             checked.append({"id": uuid4(), "role": turn["role"], "text": text})
         instructions = instructions.strip()
         if len(instructions) > max_chars:
-            raise MessageTooLong(f"system instructions have at most {max_chars} characters, these have {len(instructions)}")
+            raise MessageTooLong(
+                f"system instructions have at most {max_chars} characters, these have {len(instructions)}"
+            )
         if checked or instructions:
             self._import_turns(checked, instructions)
 

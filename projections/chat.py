@@ -46,12 +46,16 @@ class ChatProjection(Projection[ReadModelRecorder]):
 
     @process_event.register
     def _(self, e: Conversation.UserMessagePosted, tracking: Tracking) -> None:
-        # The first message names the conversation (the aggregate does the same).
-        title = e.text[:MAX_TITLE] if e.originator_version == 2 else None
+        # A candidate title: the read model keeps it only while the title is "New chat".
+        title = e.text[:MAX_TITLE]
         self.view.add_message(tracking, {
             "id": e.message_id, "conversation_id": e.originator_id, "role": "user",
             "text": e.text, "status": "complete", "reply_to": None, "at": e.timestamp,
         }, title)
+
+    @process_event.register
+    def _(self, e: Conversation.TurnsImported, tracking: Tracking) -> None:
+        self.view.import_messages(tracking, e.originator_id, e.turns, e.timestamp)
 
     @process_event.register
     def _(self, e: Conversation.ReplyRequested, tracking: Tracking) -> None:

@@ -156,9 +156,28 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             )
             self._exec(
                 curs, "UPDATE rm_conversations SET message_count = message_count + 1, updated_at = %(at)s,"
-                " title = CASE WHEN %(title)s::text IS NULL THEN title ELSE %(title)s::text END"
+                # the first posted message names the conversation, as the aggregate does
+                " title = CASE WHEN title = 'New chat' AND %(title)s::text IS NOT NULL THEN %(title)s::text ELSE title END"
                 " WHERE id = %(conversation_id)s",
                 {**row, "title": title},
+            )
+
+    def import_messages(self, tracking: Tracking, conversation_id: UUID, turns: list[dict[str, Any]],
+                        at: datetime) -> None:
+        """Earlier turns brought in with a conversation (the OpenAI API), all at once."""
+        with self._tx() as curs:
+            self._insert_tracking(curs, tracking)
+            for turn in turns:
+                self._exec(
+                    curs, "INSERT INTO rm_messages (id, conversation_id, seq, role, text, status, created_at,"
+                    " updated_at) SELECT %(id)s, %(cid)s, coalesce(max(seq), 0) + 1, %(role)s, %(text)s,"
+                    " 'complete', %(at)s, %(at)s FROM rm_messages WHERE conversation_id = %(cid)s",
+                    {"id": turn["id"], "cid": conversation_id, "role": turn["role"], "text": turn["text"], "at": at},
+                )
+            self._exec(
+                curs, "UPDATE rm_conversations SET message_count = message_count + %(n)s, updated_at = %(at)s"
+                " WHERE id = %(cid)s",
+                {"n": len(turns), "at": at, "cid": conversation_id},
             )
 
     def rate_reply(self, tracking: Tracking, reply_id: UUID, rating: str) -> None:

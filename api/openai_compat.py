@@ -1,0 +1,516 @@
+"""An OpenAI-compatible API on top of the chat pipeline, and the API keys that open it.
+
+`/api/keys` (session-authenticated, like the rest of `/api`) creates and revokes keys;
+`/v1/models` and `/v1/chat/completions` take `Authorization: Bearer sk-chat-...`, so the
+official `openai` clients work with `base_url=<server>/v1`.
+
+A completion is a chat like any other, recorded as events: the request starts a new
+`Conversation` for the key's user with the persona whose slug is the `model`; its earlier
+user/assistant turns are imported (`TurnsImported`, part of the prompt from then on) and its
+system (or developer) messages become extra instructions appended to the persona's system
+prompt; its last user message goes through `ChatApplication.post_message`, with the
+request's `temperature`, `top_p`, `max_tokens` (or `max_completion_tokens`) and `seed`
+pinned in the `ReplyRequested` for this reply only. The relay, a worker and Triton then do
+what they do for the websocket: the handler subscribes to the conversation's token subject
+*before* posting, and turns the token messages into one `chat.completion` (its `usage` read
+from the recorded `ReplyCompleted`) or into server-sent `chat.completion.chunk` events
+ending with `data: [DONE]`. A streaming client that goes away stops the generation.
+
+A completion's id is `chatcmpl-<reply id, hex>` and the `x-chat-conversation-id` header
+names the conversation that records it. Errors have OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`, with the status codes that
+`api.app.ERROR_STATUS` gives the domain errors (401 bad key, 404 unknown model, 400 bad
+request), and 429 with `Retry-After` when the user's message rate or daily token quota,
+shared with the websocket (`api.limits`), is used up.
+
+Not supported: `n` > 1 (400), tools and function calls, non-text content parts (400),
+logprobs; `stop`, `user`, the penalties and other unknown fields are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+from uuid import UUID, uuid4
+
+import anyio
+import msgspec
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.di import Provide
+from litestar.exceptions import HTTPException, TooManyRequestsException
+from litestar.response import Stream
+from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from api.auth import require_user
+from api.services import Services
+from chatbot.messaging import ReplyDone, ReplyError, TokenDelta, cancel_subject, token_decoder, token_subject
+from domain.conversation import ConversationError, InvalidSampling, InvalidTurns, check_sampling
+from domain.ids import persona_id_for
+from domain.persona import PersonaError, PersonaNotFound
+from domain.user import InvalidCredentials, UserError, parse_api_key
+
+log = logging.getLogger("api.openai")
+REPLY_IDLE_TIMEOUT_S = 300.0  # no token message for this long: the reply is given up (504)
+INVALID_REQUEST = "invalid request: "  # the chat model's prefix for errors in the request itself
+FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
+encoder = msgspec.json.Encoder()
+
+# -- schemas ----------------------------------------------------------------------------------
+
+KeyName = Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+
+
+class ApiKeyCreate(msgspec.Struct, forbid_unknown_fields=True):
+    name: KeyName = "default"
+
+
+class ApiKeyCreated(msgspec.Struct):
+    key: str  # shown this once; only its hash is stored
+    key_id: str
+    name: str
+
+
+class ApiKeyInfo(msgspec.Struct):
+    key_id: str
+    name: str
+    revoked: bool
+
+
+class ContentPart(msgspec.Struct):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(msgspec.Struct):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(msgspec.Struct):
+    """OpenAI's request body; fields not listed here are accepted and ignored."""
+
+    model: str
+    messages: list[ChatMessage]
+    stream: bool = False
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None  # ignored: the model stops at its end-of-turn token
+    user: str | None = None  # ignored: the key already names the user
+    stream_options: StreamOptions | None = None
+
+
+class Model(msgspec.Struct):
+    id: str
+    created: int
+    owned_by: str
+    object: str = "model"
+
+
+class ModelList(msgspec.Struct):
+    data: list[Model]
+    object: str = "list"
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(msgspec.Struct):
+    content: str
+    role: str = "assistant"
+
+
+class Choice(msgspec.Struct):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+
+
+class ChatCompletion(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+    object: str = "chat.completion"
+
+
+class Delta(msgspec.Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChunkChoice(msgspec.Struct):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    object: str = "chat.completion.chunk"
+
+
+# -- pure logic -------------------------------------------------------------------------------
+
+
+def text_of(message: ChatMessage, index: int) -> str:
+    """A message's text: a string, or the text parts of a content list."""
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    texts = []
+    for part in message.content:
+        if part.type != "text" or part.text is None:
+            raise InvalidTurns(f"messages[{index}]: only text content is supported, not {part.type!r}")
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def split_messages(messages: list[ChatMessage]) -> tuple[str, list[dict[str, str]], str]:
+    """A request's messages -> (system instructions, earlier turns, the last user message)."""
+    instructions: list[str] = []
+    turns: list[dict[str, str]] = []
+    for i, message in enumerate(messages):
+        text = text_of(message, i)
+        if message.role in ("system", "developer"):
+            if text.strip():
+                instructions.append(text.strip())
+        elif message.role in ("user", "assistant"):
+            turns.append({"role": message.role, "content": text})
+        else:
+            raise InvalidTurns(
+                f"messages[{i}]: the role {message.role!r} is not supported (system, developer, user, assistant)"
+            )
+    if not turns or turns[-1]["role"] != "user":
+        raise InvalidTurns("the last message (system messages aside) must come from the user")
+    return "\n\n".join(instructions), turns[:-1], turns[-1]["content"]
+
+
+def sampling_of(data: ChatCompletionRequest) -> dict[str, Any]:
+    """The request's sampling parameters that override the persona's, checked."""
+    if data.n not in (None, 1):
+        raise InvalidSampling("n must be 1: one choice per request")
+    sampling = {
+        "temperature": data.temperature, "top_p": data.top_p, "seed": data.seed,
+        "max_tokens": data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens,
+    }
+    sampling = {k: v for k, v in sampling.items() if v is not None}
+    check_sampling(**sampling)
+    return sampling
+
+
+def bearer_key(request: Request[Any, Any, Any]) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise InvalidCredentials("missing API key: send the header 'Authorization: Bearer sk-chat-...'")
+    return key.strip()
+
+
+async def check_rate(services: Services, user_id: UUID) -> None:
+    """Count the completion against the user's limits, shared with the websocket (429)."""
+    limited = await services.call(services.limits.check_send, user_id)
+    if limited is not None:
+        raise TooManyRequestsException(limited.message, headers={"Retry-After": str(limited.retry_after)})
+
+
+# -- errors in OpenAI's shape -----------------------------------------------------------------
+
+OPENAI_CODES = {"invalid_credentials": "invalid_api_key", "persona_not_found": "model_not_found"}
+HTTP_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
+              429: "rate_limit_exceeded", 502: "reply_failed", 504: "timeout"}
+
+
+def error_type(status: int) -> str:
+    if status == 429:
+        return "rate_limit_error"
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+def openai_error_body(status: int, code: str, message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type(status), "param": None, "code": code}}
+
+
+def openai_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    """Domain errors get their status from `api.app.ERROR_STATUS` (the one mapping), then
+    OpenAI's error shape; HTTP errors keep theirs."""
+    from api.app import ERROR_STATUS  # late: api.app imports this module
+
+    status, code, message, headers = 500, "internal_error", "internal error", None
+    if isinstance(exc, HTTPException):
+        status, message, headers = exc.status_code, str(exc.detail), exc.headers
+        code = HTTP_CODES.get(status, "error")
+        if exc.extra:
+            message = f"{message}: {exc.extra}"
+    else:
+        for cls, mapped_status, mapped_code in ERROR_STATUS:
+            if isinstance(exc, cls):
+                status, code, message = mapped_status, OPENAI_CODES.get(mapped_code, mapped_code), str(exc)
+                break
+        else:
+            log.error("unexpected error", exc_info=exc)
+    return Response(openai_error_body(status, code, message), status_code=status, headers=headers)
+
+
+OPENAI_ERRORS: dict[type[Exception], Any] = {
+    cls: openai_error for cls in (HTTPException, UserError, ConversationError, PersonaError, Exception)
+}
+
+
+async def api_key_user(request: Request[Any, Any, Any], services: Services) -> UUID:
+    """The owner of the request's API key (401 otherwise)."""
+    return await services.call(services.app.user_for_api_key, bearer_key(request))
+
+
+# -- following a reply on core NATS ---------------------------------------------------------
+
+
+class ReplyFollower:
+    """The token messages of one conversation, subscribed before its message is posted so
+    none is missed. `events` yields a reply's new text (a delta regenerated after a worker
+    crash repeats an offset and only its unseen part is yielded), then its `ReplyDone` or
+    `ReplyError`."""
+
+    def __init__(self, services: Services, conversation_id: UUID) -> None:
+        self.services, self.conversation_id = services, conversation_id
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.subscription: Subscription | None = None
+
+    async def open(self) -> None:
+        async def on_message(msg: Msg) -> None:
+            self.queue.put_nowait(msg.data)
+
+        self.subscription = await self.services.nc.subscribe(token_subject(self.conversation_id), cb=on_message)
+        await self.services.nc.flush()  # the server knows the subscription before we post
+
+    async def close(self) -> None:
+        if self.subscription is not None:
+            with anyio.CancelScope(shield=True):  # also when the client went away mid-stream
+                await self.subscription.unsubscribe()
+            self.subscription = None
+
+    async def events(self, reply_id: UUID) -> AsyncIterator[str | ReplyDone | ReplyError]:
+        seen = 0
+        while True:
+            try:
+                data = await asyncio.wait_for(self.queue.get(), REPLY_IDLE_TIMEOUT_S)
+            except TimeoutError:
+                raise HTTPException(
+                    status_code=504, detail=f"no reply within {REPLY_IDLE_TIMEOUT_S:.0f} s: try again"
+                ) from None
+            try:
+                message = token_decoder.decode(data)
+            except msgspec.DecodeError:
+                log.warning("dropping an undecodable token message")
+                continue
+            if message.reply_id != str(reply_id):
+                continue
+            if isinstance(message, TokenDelta):
+                end = message.offset + len(message.text)
+                if end > seen:
+                    text = message.text[max(0, seen - message.offset):]
+                    seen = end
+                    yield text
+            else:
+                yield message
+                return
+
+
+def reply_failed(error: ReplyError) -> HTTPException:
+    """A failed reply: 400 when the request itself was at fault, else 502."""
+    if INVALID_REQUEST in error.message:
+        return HTTPException(status_code=400, detail=error.message.split(INVALID_REQUEST, 1)[1])
+    return HTTPException(status_code=502, detail=f"the reply failed: {error.message}")
+
+
+# -- controllers ------------------------------------------------------------------------------
+
+
+class ApiKeyController(Controller):
+    path = "/api/keys"
+
+    @post("/", status_code=HTTP_201_CREATED)
+    async def create_api_key(
+        self, request: Request[Any, Any, Any], services: Services, data: ApiKeyCreate
+    ) -> ApiKeyCreated:
+        user_id = require_user(request, services.settings.secret_key)
+        key = await services.call(services.app.create_api_key, user_id, data.name)
+        return ApiKeyCreated(key=key, key_id=parse_api_key(key)[0], name=data.name.strip())
+
+    @get("/")
+    async def list_api_keys(self, request: Request[Any, Any, Any], services: Services) -> list[ApiKeyInfo]:
+        user_id = require_user(request, services.settings.secret_key)
+        keys = await services.call(services.app.api_keys, user_id)
+        return [ApiKeyInfo(key_id=k["key_id"], name=k["name"], revoked=k["revoked"]) for k in keys]
+
+    @delete("/{key_id:str}", status_code=HTTP_204_NO_CONTENT)
+    async def revoke_api_key(self, request: Request[Any, Any, Any], services: Services, key_id: str) -> None:
+        user_id = require_user(request, services.settings.secret_key)
+        await services.call(services.app.revoke_api_key, user_id, key_id)
+
+
+class OpenAIController(Controller):
+    path = "/v1"
+    dependencies = {"user_id": Provide(api_key_user)}
+    exception_handlers = OPENAI_ERRORS
+
+    @get("/models")
+    async def list_models(self, services: Services, user_id: UUID) -> ModelList:
+        rows = await services.call(services.readmodels.personas, user_id)
+        return ModelList(data=[model_of(r) for r in rows])
+
+    @get("/models/{model:str}")
+    async def get_model(self, services: Services, user_id: UUID, model: str) -> Model:
+        rows = await services.call(services.readmodels.personas, user_id)
+        for row in rows:
+            if row["slug"] == model:
+                return model_of(row)
+        raise unknown_model(model)
+
+    @post("/chat/completions", status_code=200)
+    async def create_chat_completion(
+        self, services: Services, user_id: UUID, data: ChatCompletionRequest
+    ) -> Response[Any]:
+        instructions, turns, text = split_messages(data.messages)
+        sampling = sampling_of(data)
+        await check_rate(services, user_id)
+        follower: ReplyFollower | None = None
+        completion: Completion | None = None
+        streaming = done = False
+        try:
+            try:
+                conversation_id = await services.call(
+                    services.app.start_imported_conversation, user_id, persona_id_for(data.model), turns, instructions
+                )
+            except PersonaNotFound:
+                raise unknown_model(data.model) from None
+            follower = ReplyFollower(services, conversation_id)
+            await follower.open()
+            posted = await services.call(
+                services.app.post_message, conversation_id, user_id, str(uuid4()), text, sampling
+            )
+            completion = Completion(services, follower, data, conversation_id, posted.reply_id)
+            headers = {"x-chat-conversation-id": str(conversation_id)}
+            if data.stream:
+                streaming = True  # from here the stream owns the subscription
+                return Stream(completion.sse(), media_type="text/event-stream",
+                              headers={**headers, "cache-control": "no-cache"})
+            body = await completion.collect()
+            done = True
+            return Response(body, headers=headers)
+        finally:
+            if not streaming:
+                if completion is not None and not done:  # failed or timed out: stop generating
+                    await services.nc.publish(cancel_subject(completion.reply_id), b"")
+                if follower is not None:
+                    await follower.close()
+
+
+def model_of(row: dict[str, Any]) -> Model:
+    return Model(id=row["slug"], created=int(row["updated_at"].timestamp()), owned_by="chatbot")
+
+
+def unknown_model(model: str) -> PersonaNotFound:
+    return PersonaNotFound(f"the model {model!r} does not exist or you do not have access to it")
+
+
+class Completion:
+    """One reply of the pipeline, told in OpenAI's terms."""
+
+    def __init__(self, services: Services, follower: ReplyFollower, data: ChatCompletionRequest,
+                 conversation_id: UUID, reply_id: UUID) -> None:
+        self.services, self.follower, self.data = services, follower, data
+        self.conversation_id, self.reply_id = conversation_id, reply_id
+        self.id = f"chatcmpl-{reply_id.hex}"
+        self.created = int(time.time())
+
+    async def outcome(self) -> dict[str, Any]:
+        """The recorded `ReplyCompleted`: token counts, finish reason, model version."""
+        job = await self.services.call(self.services.app.reply_job, self.conversation_id, self.reply_id)
+        return job.outcome
+
+    @staticmethod
+    def usage(outcome: dict[str, Any]) -> Usage:
+        prompt, completion = int(outcome.get("prompt_tokens", 0)), int(outcome.get("completion_tokens", 0))
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    async def collect(self) -> ChatCompletion:
+        parts: list[str] = []
+        async for event in self.follower.events(self.reply_id):
+            if isinstance(event, str):
+                parts.append(event)
+            elif isinstance(event, ReplyError):
+                raise reply_failed(event)
+            else:
+                outcome = await self.outcome()
+                return ChatCompletion(
+                    id=self.id, created=self.created, model=self.data.model,
+                    choices=[Choice(index=0, message=AssistantMessage(content=event.text),
+                                    finish_reason=FINISH_REASONS.get(event.finish_reason, "stop"))],
+                    usage=self.usage(outcome),
+                    system_fingerprint=f"{outcome.get('model_name', '')}/{outcome.get('model_version', '')}",
+                )
+        raise HTTPException(status_code=502, detail="the reply ended without an outcome")
+
+    def chunk(self, delta: Delta, finish_reason: str | None = None) -> bytes:
+        chunk = ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.data.model,
+            choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)],
+        )
+        return b"data: " + encoder.encode(chunk) + b"\n\n"
+
+    async def sse(self) -> AsyncIterator[bytes]:
+        """Server-sent events: a role chunk, content chunks, a finish chunk, a usage chunk
+        if asked for, `[DONE]`. A failure after the stream began is an `error` event."""
+        finished = False
+        try:
+            yield self.chunk(Delta(role="assistant", content=""))
+            async for event in self.follower.events(self.reply_id):
+                if isinstance(event, str):
+                    yield self.chunk(Delta(content=event))
+                    continue
+                finished = True
+                if isinstance(event, ReplyError):
+                    error = reply_failed(event)
+                    body = openai_error_body(error.status_code, HTTP_CODES[error.status_code], str(error.detail))
+                    yield b"data: " + encoder.encode(body) + b"\n\n"
+                    return
+                yield self.chunk(Delta(), FINISH_REASONS.get(event.finish_reason, "stop"))
+                options = self.data.stream_options
+                if options is not None and options.include_usage:
+                    usage = self.usage(await self.outcome())
+                    chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.data.model,
+                                                choices=[], usage=usage)
+                    yield b"data: " + encoder.encode(chunk) + b"\n\n"
+            yield b"data: [DONE]\n\n"
+        except HTTPException as e:  # the reply timed out
+            yield b"data: " + encoder.encode(openai_error_body(e.status_code, HTTP_CODES.get(e.status_code, "error"),
+                                                               str(e.detail))) + b"\n\n"
+        finally:
+            with anyio.CancelScope(shield=True):
+                if not finished:  # the client went away (or we gave up): stop generating
+                    await self.services.nc.publish(cancel_subject(self.reply_id), b"")
+                await self.follower.close()
