@@ -99,6 +99,8 @@ def triton_inputs(messages: list[dict[str, str]], params: dict[str, Any]) -> lis
         inputs.append(tensor("top_p", "FP32", params["top_p"], np.float32))
     if "top_k" in params:
         inputs.append(tensor("top_k", "INT32", params["top_k"], np.int32))
+    if params.get("stop"):
+        inputs.append(tensor("stop", "BYTES", json.dumps(list(params["stop"])).encode(), np.object_))
     if "min_tokens" in params:
         inputs.append(tensor("min_tokens", "INT32", params["min_tokens"], np.int32))
     if "seed" in params:

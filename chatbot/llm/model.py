@@ -14,7 +14,11 @@ Design notes
   The key at cache index j *is* the token at position j, so a single causal rule
   (key position <= query position) both masks the future and hides the stale entries
   of shorter sequences sharing a batch: batched decode of ragged sequences needs no
-  extra padding mask.
+  extra padding mask. Batched *prefill* of ragged prompts right-pads them and gives the
+  pad tokens the positions after the prompt: no real query can see them (they are in
+  its future), and the cache entries they write lie beyond the prompt, where the
+  sequence's own next tokens overwrite them before any query reaches them.
+  `last_index` picks each row's last real token for the logits.
 - Attention is `F.scaled_dot_product_attention` with `enable_gqa` so the K/V heads are
   never materialised per query head.
 """
@@ -334,8 +338,10 @@ class LlamaForCausalLM(nn.Module):
         kv_cache: KVCache | None = None,
         slots: torch.Tensor | None = None,  # [B] cache slot of each row
         last_only: bool = False,  # return logits of the last position only: [B, 1, V]
-    ) -> torch.Tensor:  # [B, T, V] float logits
+        last_index: torch.Tensor | None = None,  # [B] per-row index of the token to return logits of: [B, 1, V]
+    ) -> torch.Tensor:  # [B, T, V] float logits ([B, 1, V] with last_only / last_index)
         B, T = input_ids.shape
+        assert not (last_only and last_index is not None), "pass last_only or last_index, not both"
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         mask = None
@@ -356,5 +362,10 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, positions, layer_cache, slots, mask)
         if last_only:
             x = x[:, -1:]
+        elif last_index is not None:
+            # right-padded ragged batch (engine prefill): each row's last *real* token;
+            # the lm_head then runs on B rows instead of B*T
+            assert last_index.shape == (B,), f"last_index must be [B]={B}, got {tuple(last_index.shape)}"
+            x = x[torch.arange(B, device=x.device), last_index][:, None]  # [B, 1, hidden]
         x = self.model.norm(x)
         return self.lm_head(x).float()

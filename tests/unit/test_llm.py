@@ -197,7 +197,9 @@ def test_stop_matcher_holds_back_partial_stop_strings() -> None:
 # ---- engine --------------------------------------------------------------------------
 
 
-def make_engine(tokenizer: ChatTokenizer, never_eos: bool = False, max_seq_len: int = 128) -> Engine:
+def make_engine(
+    tokenizer: ChatTokenizer, never_eos: bool = False, max_seq_len: int = 128, **kwargs: int
+) -> Engine:
     model = tiny_model(vocab_size=tokenizer.vocab_size, tie_word_embeddings=not never_eos,
                        eos_token_id=tokenizer.eos_token_id)
     if never_eos:
@@ -205,9 +207,61 @@ def make_engine(tokenizer: ChatTokenizer, never_eos: bool = False, max_seq_len: 
         with torch.no_grad():
             model.lm_head.weight.mul_(100.0)
             model.lm_head.weight[tokenizer.eos_token_id] = 0.0
-    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=max_seq_len)
+    engine = Engine(model, tokenizer, max_seq_len=max_seq_len, **{"max_batch_size": 4, **kwargs})
     engine.start()
     return engine
+
+
+def gate_forward(engine: Engine) -> threading.Event:
+    """Make the engine's forwards wait for the returned event: requests submitted meanwhile
+    pile up in the queue, so the next iteration admits them together (deterministically)."""
+    gate = threading.Event()
+    fast_forward = engine.model.forward
+
+    def gated(*args: object, **kwargs: object) -> torch.Tensor:
+        assert gate.wait(20), "gate never opened"
+        return fast_forward(*args, **kwargs)
+
+    engine.model.forward = gated  # type: ignore[method-assign]
+    return gate
+
+
+def chat_of(n: int) -> list[dict[str, str]]:
+    """Chats whose prompts differ in length."""
+    return [{"role": "user", "content": "hello there " * (1 + n) + "how are you"}]
+
+
+def test_batched_prefill_matches_prefill_alone(tokenizer: ChatTokenizer) -> None:
+    from chatbot.llm.engine import _Sequence
+
+    model = tiny_model(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_token_id)
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=128)  # not started: drive _prefill directly
+    torch.manual_seed(1)
+    engine.cache.data.normal_()  # stale garbage from "earlier" sequences must never be read
+    prompts = [torch.randint(3, tokenizer.vocab_size, (n,)).tolist() for n in (5, 17, 1, 11)]
+
+    def seq(ids: list[int], slot: int) -> _Sequence:
+        return _Sequence(handle=None, params=SamplingParams(), on_event=print, prompt_ids=ids,  # type: ignore[arg-type]
+                         max_new=8, generator=make_generator(0), decoder=None, stop=None, slot=slot)  # type: ignore[arg-type]
+
+    batch = [seq(ids, slot) for slot, ids in zip((3, 0, 2, 1), prompts)]
+    with torch.inference_mode():
+        batched = engine._prefill(batch)  # [4, V]: one right-padded forward
+        assert batched.shape == (4, tokenizer.vocab_size)
+        assert [s.pos for s in batch] == [len(p) for p in prompts]
+        for i, ids in enumerate(prompts):
+            full = model(torch.tensor([ids]))  # [1, n, V]: no cache at all
+            torch.testing.assert_close(batched[i], full[0, -1], atol=1e-4, rtol=1e-4)
+        # the pads wrote past the short prompts: decoding must overwrite them before use,
+        # so the next tokens of every sequence, decoded together, match the full forward
+        extra = [torch.randint(3, tokenizer.vocab_size, (3,)).tolist() for _ in prompts]
+        for step in range(3):
+            ids = torch.tensor([[e[step]] for e in extra])  # [4, 1]
+            positions = torch.tensor([[len(p) + step] for p in prompts])  # [4, 1]
+            logits = model(ids, positions, engine.cache, torch.tensor([s.slot for s in batch]))  # [4, 1, V]
+            for i, p in enumerate(prompts):
+                full = model(torch.tensor([p + extra[i][: step + 1]]))
+                torch.testing.assert_close(logits[i, 0], full[0, -1], atol=1e-4, rtol=1e-4)
 
 
 CHAT = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "hello there"}]
@@ -232,6 +286,60 @@ def test_engine_concurrent_requests_complete(tokenizer: ChatTokenizer) -> None:
         engine.stop()
 
 
+def test_engine_eight_concurrent_requests_prefill_together(tokenizer: ChatTokenizer) -> None:
+    engine = make_engine(tokenizer, never_eos=True, max_batch_size=8)
+    try:
+        gate = gate_forward(engine)
+        events: dict[int, list[EngineEvent]] = {i: [] for i in range(8)}
+        handles = [engine.submit(chat_of(i), SamplingParams(max_tokens=5 + i, seed=i), events[i].append)
+                   for i in range(8)]
+        deadline = time.time() + 10
+        while engine.stats().queue_length + engine.stats().active_sequences < 8 and time.time() < deadline:
+            time.sleep(0.01)
+        gate.set()
+        for h in handles:
+            assert h.done.wait(30), "request did not finish"
+        for i in range(8):
+            finals = [e for e in events[i] if e.final]
+            assert len(finals) == 1 and events[i][-1].final, "exactly one final event, last"
+            assert finals[0].finish_reason == "length" and finals[0].completion_tokens == 5 + i
+            assert finals[0].prompt_tokens == len(engine.count_prompt_tokens(chat_of(i)))
+        stats = engine.stats()
+        # the first forward may hold one or more; everything queued behind the gate goes in one more
+        assert stats.prefill_batches_total <= 2, stats
+        assert stats.prefill_tokens_total == sum(len(engine.count_prompt_tokens(chat_of(i))) for i in range(8))
+        assert stats.first_tokens_total == 8 and stats.output_tokens_total == sum(4 + i for i in range(8))
+        assert stats.requests_total["length"] == 8 and stats.active_sequences == 0 and stats.queue_length == 0
+        assert stats.ttft_ms_total > 0 and stats.tpot_ms_total > 0
+        # seeded: the same tokens alone as in the batch of 8
+        alone, _ = generate_text(engine, chat_of(3), SamplingParams(max_tokens=8, seed=3))
+        assert alone == "".join(e.text for e in events[3])
+    finally:
+        engine.stop()
+
+
+def test_engine_prefill_budget_splits_a_burst(tokenizer: ChatTokenizer) -> None:
+    n = len(tokenizer.encode(tokenizer.apply_chat_template(chat_of(0))))
+    # room for two prompts of the burst per prefill (padded to the longer)
+    engine = make_engine(tokenizer, never_eos=True, max_batch_size=8, max_prefill_tokens=2 * n)
+    try:
+        gate = gate_forward(engine)
+        handles = [engine.submit(chat_of(0), SamplingParams(max_tokens=3, seed=i), lambda e: None) for i in range(6)]
+        deadline = time.time() + 10
+        while engine.stats().queue_length + engine.stats().active_sequences < 6 and time.time() < deadline:
+            time.sleep(0.01)
+        gate.set()
+        for h in handles:
+            assert h.done.wait(30), "request did not finish"
+        stats = engine.stats()
+        assert stats.prefill_batches_total >= 3 and stats.requests_total["length"] == 6, stats
+        # a prompt above the budget is still served, alone
+        text, final = generate_text(engine, chat_of(6), SamplingParams(max_tokens=3, seed=0))
+        assert final.finish_reason == "length" and final.completion_tokens == 3
+    finally:
+        engine.stop()
+
+
 def test_engine_cancellation_stops_within_a_step(tokenizer: ChatTokenizer) -> None:
     engine = make_engine(tokenizer, never_eos=True)
     try:
@@ -244,6 +352,23 @@ def test_engine_cancellation_stops_within_a_step(tokenizer: ChatTokenizer) -> No
         assert handle.done.wait(20)
         final = events[-1]
         assert final.finish_reason == "cancelled" and final.completion_tokens < 100
+    finally:
+        engine.stop()
+
+
+def test_engine_cancels_a_request_still_waiting_for_a_slot(tokenizer: ChatTokenizer) -> None:
+    engine = make_engine(tokenizer, never_eos=True, max_batch_size=1)
+    try:
+        gate = gate_forward(engine)  # closed: the engine holds in the first forward (of `running`)
+        running = engine.submit(CHAT, SamplingParams(max_tokens=100, seed=1), lambda e: None)
+        events: list[EngineEvent] = []
+        waiting = engine.submit(CHAT, SamplingParams(max_tokens=5, seed=2), events.append)
+        waiting.cancel()  # the only slot is taken: it is cancelled while waiting
+        gate.set()
+        assert waiting.done.wait(20) and not running.done.is_set(), "cancelled before it got the slot"
+        assert [e.finish_reason for e in events] == ["cancelled"] and events[0].completion_tokens == 0
+        running.cancel()
+        assert running.done.wait(20)
     finally:
         engine.stop()
 
@@ -328,6 +453,39 @@ class _FakeRequest:
         return self.sender
 
 
+class _FakeMetric:
+    def __init__(self, kind: str, labels: dict[str, str]) -> None:
+        self.kind, self.labels, self.value = kind, labels, 0.0
+
+    def increment(self, value: float) -> None:
+        assert self.kind == "counter" and value >= 0, "counters only go up"
+        self.value += value
+
+    def set(self, value: float) -> None:
+        assert self.kind == "gauge", "only gauges are set"
+        self.value = value
+
+
+class _FakeMetricFamily:
+    COUNTER, GAUGE = "counter", "gauge"
+    registry: dict[str, _FakeMetricFamily] = {}  # name -> family, like the server's registry
+
+    def __init__(self, name: str, description: str, kind: str) -> None:
+        assert name not in self.registry, f"metric family {name} registered twice"
+        self.name, self.kind, self.metrics = name, kind, list[_FakeMetric]()
+        self.registry[name] = self
+
+    def Metric(self, labels: dict[str, str]) -> _FakeMetric:  # noqa: N802 (pb_utils' name)
+        metric = _FakeMetric(self.kind, labels)
+        self.metrics.append(metric)
+        return metric
+
+
+def _metric_value(name: str, **labels: str) -> float:
+    family = _FakeMetricFamily.registry[name]
+    return sum(m.value for m in family.metrics if labels.items() <= m.labels.items())
+
+
 def _fake_pb_utils() -> object:
     import types
 
@@ -341,6 +499,8 @@ def _fake_pb_utils() -> object:
     )
     log = types.SimpleNamespace(log_info=print, log_warn=print, log_error=print, log_verbose=print)
     pb.Logger = log  # type: ignore[attr-defined]
+    _FakeMetricFamily.registry.clear()
+    pb.MetricFamily = _FakeMetricFamily  # type: ignore[attr-defined]
     return pb
 
 
@@ -369,7 +529,10 @@ def test_triton_adapter_streams_errors_and_cancels(
 
     triton_model = module.TritonPythonModel()
     params = {"model_dir": str(tmp_path), "num_threads": str(torch.get_num_threads()), "max_seq_len": "256"}
-    triton_model.initialize({"model_config": json.dumps({"parameters": {k: {"string_value": v} for k, v in params.items()}})})
+    triton_model.initialize({
+        "model_config": json.dumps({"parameters": {k: {"string_value": v} for k, v in params.items()}}),
+        "model_name": "chat", "model_version": "1",
+    })
     engine_model = triton_model.engine.model
     fast_forward = engine_model.forward
 
@@ -401,5 +564,41 @@ def test_triton_adapter_streams_errors_and_cancels(
         assert bad.sent[0][0].error is not None and "JSON" in bad.sent[0][0].error.message
         final = cancel.sent[-1][0].outputs
         assert final["finish_reason"][0] == b"cancelled" and int(final["completion_tokens"][0]) < 200
+
+        # stop strings: a JSON list; the reply ends right before the first match
+        text = b"".join(r.outputs["text"][0] for r, _ in ok.sent).decode()
+        assert len(text) >= 4, f"need some text to cut: {text!r}"
+        cut = text[2:4]
+        stopped, bad_stops = _FakeSender(), [_FakeSender() for _ in range(3)]
+        stop_json = json.dumps(["never-in-this-text", cut]).encode()
+        triton_model.execute([
+            request(CHAT, stopped, max_tokens=np.int32(5), seed=np.int64(3), stop=stop_json),
+            request(CHAT, bad_stops[0], stop=b"[not json"),
+            request(CHAT, bad_stops[1], stop=b'["ok", 3]'),
+            request(CHAT, bad_stops[2], stop=b'[""]'),
+        ])
+        for sender in (stopped, *bad_stops):
+            assert sender.closed.wait(20), "every sender must be closed with the final flag"
+        got = b"".join(r.outputs["text"][0] for r, _ in stopped.sent).decode()
+        assert got == text[: text.index(cut)], (got, text, cut)
+        assert stopped.sent[-1][0].outputs["finish_reason"][0] == b"stop"
+        for sender in bad_stops:
+            error = sender.sent[0][0].error
+            assert error is not None and error.message.startswith("invalid request: stop"), error.message
+
+        # metrics: engine counters reach the Triton metric families, labelled by model/version
+        deadline = time.time() + 10
+        while _metric_value("chat_requests_total", finish_reason="stop") < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        labels = {"model": "chat", "version": "1"}
+        assert _metric_value("chat_requests_total", finish_reason="length", **labels) == 1
+        assert _metric_value("chat_requests_total", finish_reason="cancelled", **labels) == 1
+        assert _metric_value("chat_requests_total", finish_reason="stop", **labels) == 1
+        assert _metric_value("chat_first_tokens_total", **labels) == 3
+        assert _metric_value("chat_time_to_first_token_ms_total", **labels) > 0
+        assert _metric_value("chat_output_tokens_total", **labels) >= 4
+        assert _metric_value("chat_time_per_output_token_ms_total", **labels) > 0
+        assert _metric_value("chat_active_sequences", **labels) == 0
+        assert _metric_value("chat_queue_length", **labels) == 0
     finally:
         triton_model.finalize()

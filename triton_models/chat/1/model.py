@@ -9,6 +9,19 @@ Design notes
 - Bad input (not JSON, wrong shape, empty, prompt longer than the context window, bad
   sampling values) is answered with a response carrying `pb_utils.TritonError` and the
   final flag; engine failures likewise. Every sender is closed with the final flag.
+- `stop` (optional) is a JSON list of strings (a lone JSON string is taken as a list of
+  one); anything else is a bad request. The engine matches them on text and holds back
+  partial matches, so a stop string never reaches the client.
+- Metrics: the engine keeps raw counters (`Engine.stats()`); the sender thread turns
+  them into Triton custom metrics (`pb_utils.MetricFamily`, served on Triton's metrics
+  port next to its own `nv_*` metrics) every `_METRICS_INTERVAL_S`, pushing counter
+  *deltas* and gauge values, labelled {model, version}. Means come from counter pairs
+  (`chat_time_to_first_token_ms_total / chat_first_tokens_total`, and
+  `chat_time_per_output_token_ms_total / chat_output_tokens_total`, where the latter
+  counts output tokens after each request's first), since counters and gauges are the
+  kinds every python backend offers. `chat_requests_total` is split by finish_reason.
+  If the backend has no metrics API, or creating a family fails, the model still loads
+  and serves, without metrics (logged once).
 - Cancellation: the sender thread polls `response_sender.is_cancelled()` of every live
   request every ~50 ms and cancels its engine handle; the engine drops the sequence
   within one step and the final response says finish_reason "cancelled".
@@ -51,10 +64,13 @@ import numpy as np  # noqa: E402  (needs the sys.path above)
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from chatbot.llm.engine import Engine, EngineEvent, validate_messages  # noqa: E402
+from chatbot.llm.engine import FINISH_REASONS, Engine, EngineEvent, EngineStats, validate_messages  # noqa: E402
 from chatbot.llm.generate import SamplingParams  # noqa: E402
 
 _CANCEL_POLL_S = 0.05
+_METRICS_INTERVAL_S = 0.25  # counters/gauges are pushed to Triton at most this often
+MAX_STOP_STRINGS = 16  # each is searched in the held-back text after every token
+MAX_STOP_CHARS = 256
 INVALID_REQUEST = "invalid request: "  # prefix of errors caused by the request's input
 _STOP = object()
 
@@ -74,6 +90,28 @@ def _optional_scalar(request: Any, name: str) -> Any:
     if arr.size != 1:
         raise ValueError(f"{name} must hold exactly one value, got {arr.size}")
     return arr[0].item()
+
+
+def _parse_stop(request: Any) -> tuple[str, ...]:
+    """Optional input `stop`: a JSON list of non-empty strings -> SamplingParams.stop."""
+    tensor = pb_utils.get_input_tensor_by_name(request, "stop")
+    if tensor is None:
+        return ()
+    raw = tensor.as_numpy().reshape(-1)
+    if raw.size != 1:
+        raise ValueError(f"stop must hold exactly one JSON string, got {raw.size}")
+    value = raw[0]
+    try:
+        stop = json.loads(value.decode("utf-8") if isinstance(value, bytes) else str(value))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"stop is not valid UTF-8 JSON: {exc}") from None
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise ValueError("stop must be a JSON list of non-empty strings")
+    if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise ValueError(f"stop allows at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
+    return tuple(dict.fromkeys(stop))  # duplicates would only cost time
 
 
 def _parse(request: Any) -> tuple[list[dict[str, str]], SamplingParams]:
@@ -99,6 +137,7 @@ def _parse(request: Any) -> tuple[list[dict[str, str]], SamplingParams]:
         top_k=int(opts["top_k"]) if opts["top_k"] is not None else defaults.top_k,
         seed=int(opts["seed"]) if opts["seed"] is not None else None,
         min_tokens=int(opts["min_tokens"]) if opts["min_tokens"] is not None else 0,
+        stop=_parse_stop(request),
     )
     params.validate()
     return messages, params
@@ -113,6 +152,68 @@ def _response(text: str, finish_reason: str, prompt_tokens: int, completion_toke
             pb_utils.Tensor("completion_tokens", np.array([completion_tokens], dtype=np.int32)),
         ]
     )
+
+
+class _Metrics:
+    """Engine stats -> Triton custom metrics; a no-op when the backend has no metrics API."""
+
+    COUNTERS = (  # (metric name, EngineStats field, help)
+        ("chat_time_to_first_token_ms_total", "ttft_ms_total",
+         "Sum over requests of the time from reaching the engine to the first sampled token, in ms (mean = / chat_first_tokens_total)"),
+        ("chat_first_tokens_total", "first_tokens_total", "Requests that got their first token"),
+        ("chat_time_per_output_token_ms_total", "tpot_ms_total",
+         "Sum of gaps between consecutive output tokens of a request, in ms (mean = / chat_output_tokens_total)"),
+        ("chat_output_tokens_total", "output_tokens_total", "Output tokens after the first of each request"),
+        ("chat_prefill_tokens_total", "prefill_tokens_total", "Prompt tokens prefilled"),
+        ("chat_prefill_batches_total", "prefill_batches_total", "Prefill forward passes (one per admitted batch)"),
+    )
+    GAUGES = (
+        ("chat_active_sequences", "active_sequences", "Sequences being generated (holding a KV-cache slot)"),
+        ("chat_queue_length", "queue_length", "Accepted requests waiting for a KV-cache slot"),
+    )
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.enabled = False
+        self._last: dict[str, float] = {}
+        self._metrics: dict[str, Any] = {}  # EngineStats field (or requests_total.<reason>) -> Metric
+        self._families: list[Any] = []  # families must outlive their metrics: keep them referenced
+        family_cls = getattr(pb_utils, "MetricFamily", None)
+        if family_cls is None:
+            pb_utils.Logger.log_warn("chat: this python backend has no pb_utils.MetricFamily; no custom metrics")
+            return
+        try:
+            for kind_name, specs in (("COUNTER", self.COUNTERS), ("GAUGE", self.GAUGES)):
+                for name, field, help_text in specs:
+                    family = family_cls(name=name, description=help_text, kind=getattr(family_cls, kind_name))
+                    self._families.append(family)
+                    self._metrics[field] = family.Metric(labels=labels)
+            family = family_cls(name="chat_requests_total", description="Finished requests by finish_reason",
+                                kind=family_cls.COUNTER)
+            self._families.append(family)
+            for reason in FINISH_REASONS:
+                self._metrics[f"requests_total.{reason}"] = family.Metric(labels={**labels, "finish_reason": reason})
+        except Exception as exc:  # metrics are nice to have: serve without them
+            pb_utils.Logger.log_warn(f"chat: custom metrics unavailable: {exc}")
+            self._metrics = {}
+            return
+        self.enabled = True
+
+    def update(self, stats: EngineStats) -> None:
+        """Push what changed since the last call: counter deltas, gauge values."""
+        if not self.enabled:
+            return
+        values: dict[str, float] = {field: float(getattr(stats, field)) for _, field, _ in self.COUNTERS + self.GAUGES}
+        values.update({f"requests_total.{r}": float(n) for r, n in stats.requests_total.items()})
+        gauges = {field for _, field, _ in self.GAUGES}
+        for key, value in values.items():
+            last = self._last.get(key, 0.0)
+            if value == last:
+                continue  # each call is an IPC round trip to the server
+            if key in gauges:
+                self._metrics[key].set(value)
+            else:
+                self._metrics[key].increment(value - last)  # engine counters only grow
+            self._last[key] = value
 
 
 class TritonPythonModel:
@@ -132,9 +233,12 @@ class TritonPythonModel:
             model_dir = Path(__file__).resolve().parent / model_dir  # relative to the version folder
         max_seq_len = int(params.get("max_seq_len", "0")) or None
         self.engine = Engine.from_pretrained(
-            model_dir, device=device, dtype=dtype, max_batch_size=int(params.get("max_num_seqs", "8")), max_seq_len=max_seq_len
+            model_dir, device=device, dtype=dtype, max_batch_size=int(params.get("max_num_seqs", "8")),
+            max_seq_len=max_seq_len, max_prefill_tokens=int(params.get("max_prefill_tokens", "2048")),
         )
         self.engine.start()
+        labels = {"model": args.get("model_name", "chat"), "version": str(args.get("model_version", "1"))}
+        self._metrics = _Metrics(labels)
         self._outbox: queue.Queue[Any] = queue.Queue()
         self._live: dict[str, _Live] = {}
         self._lock = threading.Lock()  # guards _live: execute registers, the sender thread removes
@@ -172,7 +276,7 @@ class TritonPythonModel:
         self._outbox.put(("event", event))
 
     def _send_loop(self) -> None:
-        last_poll = 0.0
+        last_poll = last_metrics = 0.0
         while True:
             try:
                 item = self._outbox.get(timeout=_CANCEL_POLL_S)
@@ -189,6 +293,12 @@ class TritonPythonModel:
             if now - last_poll >= _CANCEL_POLL_S:
                 last_poll = now
                 self._poll_cancelled()
+            if now - last_metrics >= _METRICS_INTERVAL_S:
+                last_metrics = now
+                try:
+                    self._metrics.update(self.engine.stats())
+                except Exception as exc:  # never let metrics stop the responses
+                    pb_utils.Logger.log_warn(f"chat: updating metrics failed: {exc}")
 
     def _send(self, item: tuple[Any, ...]) -> None:
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
