@@ -1,0 +1,508 @@
+"""Serving throughput and time to first token: our engine in Triton against `transformers`.
+
+The same weights (`triton_models/chat/1/demo`, loaded in fp32 on the CPU) are served
+three ways, one after the other, on the same workload:
+
+  engine      the `chat` model in a real `tritonserver` (continuous batching inside),
+              streamed over gRPC with the worker's own `stream_reply`;
+  sequential  `transformers.LlamaForCausalLM.generate`, one request at a time in arrival
+              order (a FIFO server with a batch size of one);
+  static      `generate` on static batches: when the server is idle it takes every
+              request that has arrived (up to --max-batch), left-pads them and runs one
+              `generate`; requests arriving meanwhile wait for the next batch.
+  in-proc     (only with --in-process, a diagnostic) the same `Engine` class in this
+              process, without Triton or gRPC: what the serving layers cost.
+
+Workload. For each level C of concurrent streams (default 1, 8, 32) the run sends waves
+of C requests whose arrivals are spread evenly over --spread seconds (the first at 0;
+--poisson draws exponential gaps with the same mean instead); the next wave starts when
+every request of the previous one has finished, and there are ceil(--requests / C) waves,
+so every level has about --requests samples. Requests are a system prompt plus one of a
+list of varied chit-chat user messages (the same list, in the same order, for every
+server). Every request produces exactly --new-tokens tokens: `min_tokens` = `max_tokens`
+for Triton, `min_new_tokens` = `max_new_tokens` for `generate`, so EOS never ends one
+early. Sampling is the same everywhere: temperature 0.8, top_p 0.95, no top-k.
+Prompts for `generate` are rendered and tokenized with our `ChatTokenizer`, exactly as
+the engine does it (the bench checks that both count the same prompt tokens).
+
+Measures, per level and server:
+  - output tokens/s: all output tokens of the level / the summed wall time of its waves
+    (a wave's wall time runs from its first arrival to its last finished request);
+  - TTFT p50/p99 (nearest rank), from a request's arrival to its first token:
+      engine: arrival = just before `stream_infer` is called, first token = the first
+        non-empty text delta on the client (so it includes gRPC and detokenization);
+      generate: `generate` does not stream per request, so a `streamer` object (the hook
+        `TextStreamer` uses) records the time of its second `put()` call: the first is the
+        prompt, the second carries the first sampled token of every row of the batch. A
+        request's TTFT is that time minus its arrival, which includes its wait in the
+        queue for the previous request (sequential) or batch (static) to end.
+
+The HF runs use `torch.set_num_threads(2)`, the Triton model its `num_threads` parameter
+(2). Every figure is CPU-bound, so the bench also meters the CPU time used by processes
+that are not its own (from /proc) and prints it per row as "other CPU": a row where
+that is more than a few percent was disturbed and should be run again (the report
+names such rows). The sequential server runs the full workload, not a sample: on this
+model a request takes about 0.4 s, so it stays within a few minutes.
+
+Run: `.venv/bin/python bench/engine.py [--in-process]`, about 4 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from chatbot.launcher import Child, Ports, http_ok, triton_argv, triton_env  # noqa: E402
+from chatbot.llm.tokenizer import ChatTokenizer  # noqa: E402
+
+if TYPE_CHECKING:
+    from chatbot.llm.engine import Engine, EngineEvent
+
+MODEL_DIR = Path(__file__).resolve().parent.parent / "triton_models" / "chat" / "1" / "demo"
+SYSTEM = "You are a helpful, friendly assistant. Keep your answers short and kind."
+# varied lengths and topics, so prompts in a static batch need real padding
+USER_MESSAGES = [
+    "Hi! How are you today?",
+    "What do you like to do on weekends?",
+    "I just got back from a long hike in the mountains and my legs are so tired. Any tips for recovering?",
+    "Do you have a favourite book?",
+    "My cat keeps knocking things off the table. Why do cats do that?",
+    "Can you recommend a good movie for a rainy evening?",
+    "I'm thinking about learning to play the guitar, but I'm not sure I have the time. What do you think?",
+    "What's your favourite season and why?",
+    "Tell me something that made you smile recently.",
+    "I cooked pasta for the first time and it was a disaster, the sauce burned and the noodles were mushy.",
+    "Do you prefer coffee or tea?",
+    "Any ideas for a birthday present for my sister? She likes gardening and old music.",
+    "How do you stay motivated when things get hard?",
+    "What would you do with a free day and no plans at all?",
+    "I moved to a new city last month and I don't know anyone yet. How can I meet people?",
+    "Good morning!",
+]
+SAMPLING = {"temperature": 0.8, "top_p": 0.95}
+
+
+# ---- workload -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    index: int
+    arrival: float  # seconds after the start of its wave
+    messages: list[dict[str, str]]
+    prompt_ids: list[int]
+
+
+@dataclasses.dataclass
+class Outcome:
+    arrival: float  # perf_counter() when the request arrived (was sent)
+    first_token: float  # perf_counter() of its first token
+    tokens: int  # output tokens produced
+
+
+@dataclasses.dataclass
+class LevelResult:
+    tokens: int = 0
+    wall: float = 0.0
+    ttft_ms: list[float] = dataclasses.field(default_factory=list)
+    other_cpu: float = 0.0  # share of the machine's CPU used by processes not ours meanwhile
+
+    def add_wave(self, start: float, end: float, outcomes: Sequence[Outcome]) -> None:
+        self.wall += end - start
+        self.tokens += sum(o.tokens for o in outcomes)
+        self.ttft_ms += [(o.first_token - o.arrival) * 1000 for o in outcomes]
+
+    @property
+    def throughput(self) -> float:
+        return self.tokens / self.wall if self.wall else 0.0
+
+
+def make_waves(
+    tokenizer: ChatTokenizer, streams: int, requests: int, spread: float, poisson: bool, seed: int,
+) -> list[list[Request]]:
+    rng = random.Random(seed * 1000 + streams)  # the same arrivals for every server
+    waves: list[list[Request]] = []
+    index = 0
+    for _ in range(math.ceil(requests / streams)):
+        if poisson:
+            gaps = [rng.expovariate(streams / spread) for _ in range(streams)]
+            arrivals = [sum(gaps[:i]) for i in range(streams)]  # the first arrives at 0
+        else:
+            arrivals = [i * spread / streams for i in range(streams)]
+        wave = []
+        for arrival in arrivals:
+            messages = [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": USER_MESSAGES[index % len(USER_MESSAGES)]},
+            ]
+            prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages))
+            wave.append(Request(index, arrival, messages, prompt_ids))
+            index += 1
+        waves.append(wave)
+    return waves
+
+
+# ---- disturbance meter -------------------------------------------------------------------------
+
+
+def _machine_busy_ticks() -> int:
+    # first line of /proc/stat: cpu user nice system idle iowait irq softirq steal ...
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return user + nice + system + irq + softirq + steal
+
+
+def _own_ticks() -> int:
+    """CPU ticks of this process and its live descendants (tritonserver and its stubs)."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            rest = stat.read_text().rsplit(")", 1)[1].split()  # the name may contain spaces
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        pid = int(stat.parent.name)
+        parents[pid] = int(rest[1])
+        ticks[pid] = int(rest[11]) + int(rest[12])  # utime + stime
+    ours, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in ours]
+        ours.update(children)
+        frontier += children
+    return sum(ticks.get(pid, 0) for pid in ours)
+
+
+class OtherCpu:
+    """Meter what processes that are not ours take of the CPU over a stretch of time.
+
+    Children that exit within the stretch would count as foreign; none do here (the
+    Triton child lives across every engine level and is stopped outside the meter).
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.busy, self.own = _machine_busy_ticks(), _own_ticks()
+
+    def share(self) -> float:
+        elapsed = time.perf_counter() - self.start
+        busy, own = _machine_busy_ticks() - self.busy, _own_ticks() - self.own
+        capacity = elapsed * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+        return max(0.0, (busy - own) / capacity) if capacity else 0.0
+
+
+def metered(run: Callable[[], LevelResult]) -> LevelResult:
+    meter = OtherCpu()
+    result = run()
+    result.other_cpu = meter.share()
+    return result
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+# ---- (a) the engine in Triton ---------------------------------------------------------------
+
+
+async def engine_level(grpc_url: str, waves: list[list[Request]], new_tokens: int) -> LevelResult:
+    from tritonclient.grpc import aio as triton_aio
+
+    from workers.inference import stream_reply
+
+    params = {**SAMPLING, "max_tokens": new_tokens, "min_tokens": new_tokens}
+    client = triton_aio.InferenceServerClient(grpc_url)
+    result = LevelResult()
+
+    async def one(request: Request, start: float) -> tuple[Outcome, float]:
+        await asyncio.sleep(max(0.0, start + request.arrival - time.perf_counter()))
+        arrival = time.perf_counter()
+        first = 0.0
+        final: dict[str, Any] | None = None
+        async for delta, end in stream_reply(
+            client, "chat", str(uuid.uuid4()), request.messages, {**params, "seed": request.index},
+        ):
+            if delta and not first:
+                first = time.perf_counter()
+            final = end or final
+        assert final is not None
+        if final["prompt_tokens"] != len(request.prompt_ids):
+            raise RuntimeError(f"the engine counted {final['prompt_tokens']} prompt tokens, we {len(request.prompt_ids)}")
+        return Outcome(arrival, first or time.perf_counter(), int(final["completion_tokens"])), time.perf_counter()
+
+    try:
+        for wave in waves:
+            start = time.perf_counter()
+            done = await asyncio.gather(*(one(r, start) for r in wave))
+            result.add_wave(start, max(end for _, end in done), [o for o, _ in done])
+    finally:
+        await client.close()
+    return result
+
+
+def run_engine(levels: dict[int, list[list[Request]]], new_tokens: int, log_dir: Path) -> dict[int, LevelResult]:
+    ports = Ports.random()
+    log = log_dir / "triton.log"
+    child = Child(
+        "triton", triton_argv(ports), triton_env(),
+        ready=lambda: http_ok(f"http://127.0.0.1:{ports.triton_http}/v2/health/ready"), ready_timeout=120, log=log,
+    )
+    grpc_url = f"127.0.0.1:{ports.triton_grpc}"
+    child.start()
+    try:
+        try:
+            child.wait_ready()
+        except (RuntimeError, TimeoutError):
+            print(log.read_text()[-4000:], file=sys.stderr)
+            raise
+        # warm-up: first forwards allocate and pick kernels; a short batch of 8 covers prefill and decode
+        every = [r for waves in levels.values() for wave in waves for r in wave]
+        warm = [dataclasses.replace(r, arrival=0.0) for r in every[:8]]
+        asyncio.run(engine_level(grpc_url, [warm], 8))
+        return {
+            streams: metered(lambda: asyncio.run(engine_level(grpc_url, waves, new_tokens)))
+            for streams, waves in levels.items()
+        }
+    finally:
+        child.stop()
+
+
+# ---- (diagnostic) the engine in this process ----------------------------------------------------
+
+
+async def in_process_level(engine: Engine, waves: list[list[Request]], new_tokens: int) -> LevelResult:
+    from chatbot.llm.generate import SamplingParams
+
+    loop = asyncio.get_running_loop()
+    result = LevelResult()
+
+    async def one(request: Request, start: float) -> tuple[Outcome, float]:
+        await asyncio.sleep(max(0.0, start + request.arrival - time.perf_counter()))
+        events: asyncio.Queue[tuple[EngineEvent, float]] = asyncio.Queue()
+
+        def on_event(event: EngineEvent) -> None:  # engine thread: stamp, then hand over
+            loop.call_soon_threadsafe(events.put_nowait, (event, time.perf_counter()))
+
+        params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, seed=request.index, **SAMPLING)
+        arrival = time.perf_counter()
+        engine.submit(request.messages, params, on_event)
+        first = 0.0
+        while True:
+            event, at = await events.get()
+            if event.text and not first:
+                first = at
+            if event.final:
+                if event.finish_reason == "error":
+                    raise RuntimeError(event.error)
+                return Outcome(arrival, first or at, event.completion_tokens), at
+
+    for wave in waves:
+        start = time.perf_counter()
+        done = await asyncio.gather(*(one(r, start) for r in wave))
+        result.add_wave(start, max(end for _, end in done), [o for o, _ in done])
+    return result
+
+
+def run_in_process(levels: dict[int, list[list[Request]]], new_tokens: int) -> dict[int, LevelResult]:
+    from chatbot.llm.engine import Engine
+
+    torch.set_num_threads(2)
+    engine = Engine.from_pretrained(MODEL_DIR, max_batch_size=max(levels))
+    engine.start()
+    try:
+        every = [r for waves in levels.values() for wave in waves for r in wave]
+        asyncio.run(in_process_level(engine, [[dataclasses.replace(r, arrival=0.0) for r in every[:8]]], 8))
+        return {
+            streams: metered(lambda: asyncio.run(in_process_level(engine, waves, new_tokens)))
+            for streams, waves in levels.items()
+        }
+    finally:
+        engine.stop()
+
+
+# ---- (b), (c) transformers generate -----------------------------------------------------------
+
+
+class FirstTokenClock:
+    """A `generate` streamer that only notes when the first sampled tokens come out.
+
+    `generate` calls `put()` once with the prompt ids, then once per decoding step with
+    the new token of every row; the second call is therefore the batch's first token.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.at = 0.0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def hf_generate(model: Any, batch: Sequence[Request], new_tokens: int, pad_id: int) -> tuple[float, int]:
+    """One `generate` over `batch`, left-padded; returns (first-token time, tokens per row)."""
+    width = max(len(r.prompt_ids) for r in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, r in enumerate(batch):
+        ids[row, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+        mask[row, width - len(r.prompt_ids):] = 1
+    clock = FirstTokenClock()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=True, top_k=0, pad_token_id=pad_id, streamer=clock, **SAMPLING,
+        )
+    produced = out.shape[1] - width
+    assert produced == new_tokens, f"generate produced {produced} tokens, expected {new_tokens}"
+    return clock.at, produced
+
+
+def serve_hf(
+    model: Any, waves: list[list[Request]], new_tokens: int, pad_id: int, take: Callable[[list[Request], float], int],
+) -> LevelResult:
+    """Simulate a FIFO server in real time: arrivals are fixed offsets from the wave start;
+    whenever the server is idle it runs `generate` on the first `take(arrived, now)` of
+    the requests that have arrived (sleeping until the next arrival if none has)."""
+    result = LevelResult()
+    for wave in waves:
+        pending = sorted(wave, key=lambda r: r.arrival)
+        start = time.perf_counter()
+        outcomes: list[Outcome] = []
+        while pending:
+            now = time.perf_counter() - start
+            arrived = [r for r in pending if r.arrival <= now]
+            if not arrived:
+                time.sleep(pending[0].arrival - now)
+                continue
+            batch = arrived[: take(arrived, now)]
+            first, produced = hf_generate(model, batch, new_tokens, pad_id)
+            outcomes += [Outcome(start + r.arrival, first, produced) for r in batch]
+            pending = pending[len(batch):]
+        result.add_wave(start, time.perf_counter(), outcomes)
+    return result
+
+
+def run_hf(levels: dict[int, list[list[Request]]], new_tokens: int, max_batch: int, pad_id: int) -> tuple[dict[int, LevelResult], dict[int, LevelResult]]:
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+    every = [r for waves in levels.values() for wave in waves for r in wave]
+    hf_generate(model, every[:1], 8, pad_id)  # warm-up: a batch of one and a padded batch
+    hf_generate(model, every[:8], 8, pad_id)
+    sequential = {
+        s: metered(lambda: serve_hf(model, waves, new_tokens, pad_id, lambda arrived, now: 1))
+        for s, waves in levels.items()
+    }
+    static = {
+        s: metered(lambda: serve_hf(model, waves, new_tokens, pad_id, lambda arrived, now: max_batch))
+        for s, waves in levels.items()
+    }
+    return sequential, static
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+def goal(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def report(results: dict[str, dict[int, LevelResult]], new_tokens: int) -> None:
+    print(f"\nOutput tokens/s and time to first token ({new_tokens} new tokens per request)")
+    print(f"{'streams':>7} | {'server':<10} | {'requests':>8} | {'tok/s':>7} | {'TTFT p50 ms':>11} | {'p99 ms':>8} "
+          f"| {'wall s':>6} | {'other CPU':>9}")
+    print("-" * 88)
+    levels = sorted(next(iter(results.values())))
+    for streams in levels:
+        for name, by_level in results.items():
+            r = by_level[streams]
+            print(
+                f"{streams:>7} | {name:<10} | {len(r.ttft_ms):>8} | {r.throughput:>7.0f} | "
+                f"{pct(r.ttft_ms, 50):>11.1f} | {pct(r.ttft_ms, 99):>8.1f} | {r.wall:>6.1f} | {r.other_cpu:>8.0%}"
+            )
+        print("-" * 88)
+    top = levels[-1]
+    engine, sequential, static = (results[k][top] for k in ("engine", "sequential", "static"))
+    vs_seq = engine.throughput / sequential.throughput
+    vs_static = engine.throughput / static.throughput
+    p99 = pct(engine.ttft_ms, 99)
+    print(f"\nAt {top} streams:")
+    print(f"  engine / sequential throughput: {vs_seq:5.1f}x  (goal >= 15x: {goal(vs_seq >= 15)})")
+    print(f"  engine / static-batch throughput: {vs_static:5.2f}x  (goal >= 1.5x: {goal(vs_static >= 1.5)})")
+    print(f"  engine TTFT p99: {p99:.0f} ms  (goal <= 250 ms: {goal(p99 <= 250)})")
+    disturbed = [f"{name}@{s}" for name, by in results.items() for s, r in by.items() if r.other_cpu > 0.05]
+    if disturbed:
+        print(f"  WARNING: other processes took more than 5% of the CPU during {', '.join(disturbed)}: run again")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levels", default="1,8,32", help="concurrent streams, comma-separated")
+    parser.add_argument("--requests", type=int, default=64, help="requests per level (whole waves)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--spread", type=float, default=0.5, help="seconds over which a wave's requests arrive")
+    parser.add_argument("--poisson", action="store_true", help="exponential inter-arrival gaps instead of even ones")
+    parser.add_argument("--max-batch", type=int, default=32, help="largest static batch for generate")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--in-process", action="store_true", help="also run the Engine in this process (diagnostic)")
+    args = parser.parse_args()
+
+    tokenizer = ChatTokenizer.from_pretrained(MODEL_DIR)
+    assert tokenizer.eos_token_id is not None
+    levels = {
+        s: make_waves(tokenizer, s, args.requests, args.spread, args.poisson, args.seed)
+        for s in (int(x) for x in args.levels.split(","))
+    }
+    started = datetime.now(timezone.utc)
+    print(f"bench/engine.py, started {started:%Y-%m-%d %H:%M:%S} UTC; {os.cpu_count()} CPUs, load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; torch {torch.__version__}")
+    print(f"levels {list(levels)}, {args.requests} requests per level, arrivals "
+          f"{'Poisson' if args.poisson else 'evenly spaced'} over {args.spread} s per wave")
+    results: dict[str, dict[int, LevelResult]] = {}
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
+        results["engine"] = run_engine(levels, args.new_tokens, Path(tmp))
+    print(f"engine done in {time.perf_counter() - t:.0f} s")
+    if args.in_process:
+        t = time.perf_counter()
+        results["in-proc"] = run_in_process(levels, args.new_tokens)
+        print(f"in-process engine done in {time.perf_counter() - t:.0f} s")
+    t = time.perf_counter()
+    # the tokenizer's EOS doubles as the pad token: padded positions are masked out anyway
+    sequential, static = run_hf(levels, args.new_tokens, args.max_batch, tokenizer.eos_token_id)
+    results["sequential"] = sequential
+    results["static"] = static
+    print(f"transformers done in {time.perf_counter() - t:.0f} s")
+    report(results, args.new_tokens)
+    print(f"\nfinished {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
+
+
+if __name__ == "__main__":
+    main()
