@@ -76,6 +76,14 @@ class LlamaConfig:
         act = d.get("hidden_act", "silu")
         assert act == "silu", f"only SwiGLU (hidden_act silu) is implemented, the config says {act!r}"
         known = {f.name for f in fields(cls)} - {"extra"}
+        d = dict(d)
+        rope = d.pop("rope_parameters", None)
+        if isinstance(rope, dict):
+            # transformers 5 writes RoPE settings as rope_parameters {rope_theta, rope_type, ...}
+            # instead of the top-level rope_theta / rope_scaling keys of earlier checkpoints.
+            d.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+            if rope.get("rope_type", "default") != "default":
+                d.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
         kwargs = {k: v for k, v in d.items() if k in known}
         extra = {k: v for k, v in d.items() if k not in known}
         if "num_key_value_heads" not in d:  # old configs: plain multi-head attention

@@ -46,18 +46,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "llama3 rope scaling": {"rope_theta": 500000.0, "rope_scaling": LLAMA3_SCALING},
 }
 
-# transformers 5 writes RoPE settings as `rope_parameters` ({"rope_theta": ..., "rope_type":
-# ...}) instead of the top-level `rope_theta` / `rope_scaling` keys; `LlamaConfig.from_dict`
-# reads only the old keys, so such checkpoints load with the default theta of 10000 (logits
-# off by ~8). Strict: once `from_dict` learns the new key these cases pass and the marker
-# must go.
-ROPE_PARAMETERS_BUG = pytest.mark.xfail(
-    strict=True, reason="LlamaConfig.from_dict ignores transformers 5's `rope_parameters` config key",
-)
-HF_TO_OURS_MARKS: dict[str, list[pytest.MarkDecorator]] = {
-    "rope theta 500000": [ROPE_PARAMETERS_BUG],
-    "llama3 rope scaling": [ROPE_PARAMETERS_BUG],
-}
 
 
 def tiny_config(**kw: Any) -> LlamaConfig:
@@ -127,7 +115,7 @@ def test_transformers_loads_our_checkpoint_and_computes_the_same_logits(variant:
 
 
 @pytest.mark.parametrize(
-    "variant", [pytest.param(v, marks=HF_TO_OURS_MARKS.get(v, [])) for v in VARIANTS],
+    "variant", list(VARIANTS),
 )
 def test_we_load_a_transformers_checkpoint_and_compute_the_same_logits(variant: str, tmp_path: Path) -> None:
     reference = hf_random_model(**VARIANTS[variant])
