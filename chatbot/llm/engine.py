@@ -61,7 +61,7 @@ from pathlib import Path
 
 import torch
 
-from chatbot.llm.generate import SamplingParams, StopMatcher, make_generator, sample_token
+from chatbot.llm.generate import SamplingParams, StopMatcher, make_generator, sample_batch
 from chatbot.llm.model import KVCache, LlamaForCausalLM
 from chatbot.llm.tokenizer import ChatTokenizer, StreamDecoder
 
@@ -346,8 +346,8 @@ class Engine:
                 self._finish(seq, "error", error=f"inference failed: {exc}")
             return
         now = time.monotonic()
-        for i, seq in enumerate(batch):
-            self._accept(seq, self._sample(seq, logits[i]), now)
+        for seq, token in zip(batch, self._sample(batch, logits)):
+            self._accept(seq, token, now)
 
     def _prefill(self, batch: list[_Sequence]) -> torch.Tensor:
         """One forward over all prompts, right-padded (see the module notes); [B, V] logits."""
@@ -372,11 +372,14 @@ class Engine:
             self._prefill_tokens_total += sum(lens)
         return logits[:, 0].cpu()  # one device->host copy for the whole batch
 
-    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> int:
-        if len(seq.out_ids) < seq.params.min_tokens:
-            logits = logits.clone()
-            logits[list(self.eos_ids)] = float("-inf")  # too early to end
-        return sample_token(logits, seq.params, seq.generator)
+    def _sample(self, batch: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        """One token per sequence from logits [B, V], in one batched pass."""
+        banned = None
+        early = [i for i, seq in enumerate(batch) if len(seq.out_ids) < seq.params.min_tokens]
+        if early:  # too early to end: these rows may not pick an end-of-sequence token
+            banned = torch.zeros(logits.shape, dtype=torch.bool)
+            banned[torch.tensor(early)[:, None], torch.tensor(sorted(self.eos_ids))[None, :]] = True
+        return sample_batch(logits, [s.params for s in batch], [s.generator for s in batch], banned)
 
     def _decode(self) -> None:
         batch = list(self._active)
@@ -386,9 +389,9 @@ class Engine:
         logits = self.model(ids, positions, self.cache, slots)[:, -1]  # [B, V]
         logits = logits.cpu()  # one device->host copy for the whole batch (and a sync)
         now = time.monotonic()
-        for i, seq in enumerate(batch):
+        for seq, token in zip(batch, self._sample(batch, logits)):
             seq.pos += 1
-            self._accept(seq, self._sample(seq, logits[i]), now)
+            self._accept(seq, token, now)
 
     def _accept(self, seq: _Sequence, token: int, now: float) -> None:
         """Take one token sampled at `now`: count it, emit text, or finish the sequence."""

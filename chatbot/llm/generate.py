@@ -58,22 +58,46 @@ def make_generator(seed: int | None) -> torch.Generator:
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Draw one token id from a row of logits [V]."""
     assert logits.dim() == 1, f"expected one row of logits [V], got shape {tuple(logits.shape)}"
+    return sample_batch(logits[None], [params], [generator])[0]
+
+
+def sample_batch(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator],
+    banned: torch.Tensor | None = None,
+) -> list[int]:
+    """Draw one token per row of logits [B, V], each row with its own parameters and RNG.
+
+    One sort and one softmax over the whole batch (per-row sampling cost half of a decode
+    step at 32 sequences). Each row draws a single uniform number from its own generator
+    and picks by inverse CDF, so a seeded request draws the same numbers whatever else is
+    in the batch. `banned` [B, V] bool masks tokens a row may not pick (EOS before
+    min_tokens)."""
+    assert logits.dim() == 2 and logits.shape[0] == len(params) == len(generators), "one row per request"
     logits = logits.detach().float().cpu()
-    if params.temperature == 0.0:
-        return int(torch.argmax(logits))
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        # drop a token when the tokens before it already cover top_p (the first always stays)
-        drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= params.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    if banned is not None:
+        logits = logits.masked_fill(banned, float("-inf"))
+    B, V = logits.shape
+    temps = torch.tensor([p.temperature for p in params])
+    greedy = temps == 0.0
+    best = torch.argmax(logits, dim=-1)  # [B]
+    if bool(greedy.all()):
+        return best.tolist()
+    scaled = logits / torch.where(greedy, torch.ones_like(temps), temps)[:, None]
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)  # [B, V]
+    rank = torch.arange(V)[None, :]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params])
+    sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    top_p = torch.tensor([p.top_p for p in params])
+    # drop a token when the tokens before it already cover top_p (the first always stays)
+    drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    u = torch.stack([torch.rand((), generator=g) for g in generators])  # [B]
+    pick = torch.searchsorted(probs.cumsum(-1), u[:, None]).clamp_(max=V - 1)  # [B, 1]
+    sampled = order.gather(1, pick).squeeze(1)  # [B]
+    return torch.where(greedy, best, sampled).tolist()
 
 
 class StopMatcher:
