@@ -24,6 +24,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/rebuild.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
