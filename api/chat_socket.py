@@ -27,7 +27,15 @@ from api.auth import user_of
 from api.routes import owner_of
 from api.schemas import CLIENT_FRAME_TYPES, ClientFrame, SendFrame, StopFrame
 from api.services import Services
-from chatbot.messaging import ReplyDone, ReplyError, TokenDelta, cancel_subject, token_decoder, token_subject
+from chatbot.messaging import (
+    ReplyDone,
+    ReplyError,
+    TokenDelta,
+    cancel_subject,
+    token_decoder,
+    token_subject,
+    unseen_text,
+)
 from domain.conversation import ConversationError, ConversationNotFound
 
 log = logging.getLogger("api.ws")
@@ -159,12 +167,9 @@ class ChatSession:
             return
         cid = str(conversation_id)
         if isinstance(message, TokenDelta):
-            seen = self.delivered.get(message.reply_id, 0)
-            end = message.offset + len(message.text)
-            if end <= seen:
+            text, self.delivered[message.reply_id] = unseen_text(message, self.delivered.get(message.reply_id, 0))
+            if not text:
                 return  # a regenerated prefix the client already has
-            text = message.text[max(0, seen - message.offset):]
-            self.delivered[message.reply_id] = end
             self.outbox.put_nowait({"type": "token", "conversation_id": cid, "reply_id": message.reply_id, "text": text})
         elif isinstance(message, ReplyDone):
             self.delivered.pop(message.reply_id, None)

@@ -48,7 +48,16 @@ from nats.aio.subscription import Subscription
 
 from api.auth import require_user
 from api.services import Services
-from chatbot.messaging import ReplyDone, ReplyError, TokenDelta, cancel_subject, token_decoder, token_subject
+from chatbot.llm.errors import INVALID_REQUEST
+from chatbot.messaging import (
+    ReplyDone,
+    ReplyError,
+    TokenDelta,
+    cancel_subject,
+    token_decoder,
+    token_subject,
+    unseen_text,
+)
 from domain.conversation import ConversationError, InvalidSampling, InvalidTurns, check_sampling
 from domain.ids import persona_id_for
 from domain.persona import PersonaError, PersonaNotFound
@@ -56,7 +65,6 @@ from domain.user import InvalidCredentials, UserError, parse_api_key
 
 log = logging.getLogger("api.openai")
 REPLY_IDLE_TIMEOUT_S = 300.0  # no token message for this long: the reply is given up (504)
-INVALID_REQUEST = "invalid request: "  # the chat model's prefix for errors in the request itself
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
 encoder = msgspec.json.Encoder()
 
@@ -329,10 +337,8 @@ class ReplyFollower:
             if message.reply_id != str(reply_id):
                 continue
             if isinstance(message, TokenDelta):
-                end = message.offset + len(message.text)
-                if end > seen:
-                    text = message.text[max(0, seen - message.offset):]
-                    seen = end
+                text, seen = unseen_text(message, seen)
+                if text:
                     yield text
             else:
                 yield message

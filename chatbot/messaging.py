@@ -124,5 +124,14 @@ class ReplyError(msgspec.Struct, tag="error"):
 
 
 TokenMessage = TokenDelta | ReplyDone | ReplyError
+
+
+def unseen_text(delta: TokenDelta, seen: int) -> tuple[str, int]:
+    """The part of `delta` a client holding `seen` characters of the reply lacks, and the
+    new count. A reply regenerated after a worker died repeats offsets already sent."""
+    end = delta.offset + len(delta.text)
+    if end <= seen:
+        return "", seen
+    return delta.text[max(0, seen - delta.offset):], end
 token_encoder = msgspec.json.Encoder()
 token_decoder = msgspec.json.Decoder(TokenMessage)

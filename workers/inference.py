@@ -42,6 +42,7 @@ from chatbot.messaging import (
     token_subject,
 )
 from domain.application import ChatApplication, ReplyJob
+from chatbot.llm.errors import INVALID_REQUEST
 from workers.prompt import PromptBuilder
 from workers.runtime import setup_logging, stop_on_signals
 
@@ -50,7 +51,6 @@ DURABLE = "workers"
 MAX_DELIVER = 5
 CONCURRENCY = 64  # generations in flight per worker process; Triton batches them
 MAX_PROMPT_CHARS = 24_000  # a cheap cut before tokenizing; PromptBuilder fits the rest
-INVALID_REQUEST = "invalid request: "  # the chat model's prefix for errors retrying cannot fix
 CANCEL_MEMORY_S = 600.0
 
 

@@ -11,29 +11,21 @@ Training of the demo model lives in `chatbot.llm.train` (not imported here).
 
 from __future__ import annotations
 
-from chatbot.llm.engine import (
-    Engine,
-    EngineEvent,
-    PromptTooLongError,
-    RequestHandle,
-    generate_text,
-    validate_messages,
-)
-from chatbot.llm.generate import SamplingParams
-from chatbot.llm.model import KVCache, LlamaConfig, LlamaForCausalLM
-from chatbot.llm.tokenizer import ChatTokenizer, StreamDecoder
+import importlib
+from typing import Any
 
-__all__ = [
-    "ChatTokenizer",
-    "Engine",
-    "EngineEvent",
-    "KVCache",
-    "LlamaConfig",
-    "LlamaForCausalLM",
-    "PromptTooLongError",
-    "RequestHandle",
-    "SamplingParams",
-    "StreamDecoder",
-    "generate_text",
-    "validate_messages",
-]
+# Names resolve on first use (PEP 562), so a process that needs only the tokenizer (the
+# worker's prompt builder) does not load torch and the model code.
+_HOMES = {
+    "Engine": "engine", "EngineEvent": "engine", "PromptTooLongError": "engine", "RequestHandle": "engine",
+    "generate_text": "engine", "validate_messages": "engine", "SamplingParams": "generate",
+    "KVCache": "model", "LlamaConfig": "model", "LlamaForCausalLM": "model",
+    "ChatTokenizer": "tokenizer", "StreamDecoder": "tokenizer",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'chatbot.llm' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"chatbot.llm.{_HOMES[name]}"), name)

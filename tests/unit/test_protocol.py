@@ -64,3 +64,11 @@ def test_trimming_keeps_the_system_prompt_and_the_newest_turns() -> None:
     # the newest turn is kept even when it alone is over the budget
     assert trim_history(messages, max_chars=5)[1:] == messages[-1:]
 
+
+
+def test_a_regenerated_delta_yields_only_the_text_the_client_lacks() -> None:
+    from chatbot.messaging import TokenDelta, unseen_text
+
+    assert unseen_text(TokenDelta("r", 0, "Hello"), 0) == ("Hello", 5)
+    assert unseen_text(TokenDelta("r", 0, "Hel"), 5) == ("", 5)  # all seen before
+    assert unseen_text(TokenDelta("r", 3, "lo there"), 5) == (" there", 11)  # overlaps

@@ -65,13 +65,13 @@ import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from chatbot.llm.engine import FINISH_REASONS, Engine, EngineEvent, EngineStats, validate_messages  # noqa: E402
+from chatbot.llm.errors import INVALID_REQUEST
 from chatbot.llm.generate import SamplingParams  # noqa: E402
 
 _CANCEL_POLL_S = 0.05
 _METRICS_INTERVAL_S = 0.25  # counters/gauges are pushed to Triton at most this often
 MAX_STOP_STRINGS = 16  # each is searched in the held-back text after every token
 MAX_STOP_CHARS = 256
-INVALID_REQUEST = "invalid request: "  # prefix of errors caused by the request's input
 _STOP = object()
 
 
