@@ -122,7 +122,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="chatbench") as tmp:
         settings = load_settings(Path(tmp))
-        stack = Stack(dataclasses.replace(settings), Ports.random(), log_dir=Path(tmp) / "logs")
+        # one simulated user sends far more than a person would: lift the per-user limits
+        settings = dataclasses.replace(settings, messages_per_minute=1_000_000, tokens_per_day=0)
+        stack = Stack(settings, Ports.random(), log_dir=Path(tmp) / "logs")
         print("starting the stack…", flush=True)
         stack.start()
         try:
