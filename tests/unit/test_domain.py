@@ -21,18 +21,6 @@ OUTCOME = dict(text="Hi!", finish_reason="stop", prompt_tokens=5, completion_tok
                ttft_ms=12.5, duration_ms=40.0, model_name="chat", model_version="1")
 
 
-@pytest.fixture
-def app() -> ChatApplication:
-    app = ChatApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"}, max_message_chars=100)
-    app.seed_personas()
-    return app
-
-
-@pytest.fixture
-def user(app: ChatApplication) -> UUID:
-    return app.register_user("Ada@Example.com", "correct horse")
-
-
 def test_a_user_registers_once_and_logs_in_with_any_case_of_email(app: ChatApplication, user: UUID) -> None:
     assert app.authenticate("ada@example.COM", "correct horse") == user
     with pytest.raises(EmailAlreadyRegistered):

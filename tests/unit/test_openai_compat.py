@@ -32,18 +32,6 @@ from domain.user import (
 )
 
 
-@pytest.fixture
-def app() -> ChatApplication:
-    app = ChatApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"}, max_message_chars=100)
-    app.seed_personas()
-    return app
-
-
-@pytest.fixture
-def user(app: ChatApplication) -> UUID:
-    return app.register_user("ada@example.com", "correct horse")
-
-
 # -- keys -------------------------------------------------------------------------------------
 
 
