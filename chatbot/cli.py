@@ -27,7 +27,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             return
         stopping.set()
         print("\nstopping…", flush=True)
-        stack._stopping.set()
+        stack.request_stop()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)

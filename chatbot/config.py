@@ -12,7 +12,8 @@ from __future__ import annotations
 import base64
 import os
 import secrets
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +52,6 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()  # other page origins that may open the websocket
     messages_per_minute: int = 30
     tokens_per_day: int = 200_000
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def pg_conninfo(self) -> str:
@@ -111,7 +111,7 @@ class Settings:
         }
 
 
-def _secret_from_file(path: Path, make: callable) -> str:  # type: ignore[valid-type]
+def _secret_from_file(path: Path, make: Callable[[], str]) -> str:
     """Read a secret from `path`, creating it (mode 0600) on first use."""
     if path.exists():
         return path.read_text().strip()

@@ -337,6 +337,10 @@ class Stack:
                     on_restart(child.name, code)
                 child.start()
 
+    def request_stop(self) -> None:
+        """Make `supervise()` return (safe from a signal handler); `stop()` then cleans up."""
+        self._stopping.set()
+
     def stop(self) -> None:
         self._stopping.set()
         # clients of the servers first, in the order they lean on each other; servers last

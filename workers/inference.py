@@ -69,6 +69,7 @@ class Generation:
     ttft_ms: float
     duration_ms: float
     model_version: str
+    prep_ms: float = 0.0  # from the request's arrival to the Triton call
 
 
 def trim_history(messages: list[dict[str, str]], max_chars: int = MAX_PROMPT_CHARS) -> list[dict[str, str]]:
@@ -195,7 +196,7 @@ class Worker:
                 job = await asyncio.to_thread(self.app.reply_job, conversation_id, reply_id)
             else:
                 log.info("reply %s: %d tokens, prep %.1f ms, ttft %.1f ms, %.0f ms in all", reply_id,
-                         generation.completion_tokens, self.last_prep_ms, generation.ttft_ms, generation.duration_ms)
+                         generation.completion_tokens, generation.prep_ms, generation.ttft_ms, generation.duration_ms)
             await self.announce(job, generation if recorded else None)
             await msg.ack()
         except GenerationError as e:
@@ -223,7 +224,6 @@ class Worker:
         counts: dict[str, Any] = {"prompt_tokens": 0, "completion_tokens": 0, "model_version": ""}
         offset = 0
         started = time.perf_counter()
-        self.last_prep_ms = (started - received) * 1000
         ttft = 0.0
 
         def outcome(finish_reason: str, model_version: str) -> Generation:
@@ -231,6 +231,7 @@ class Worker:
                 text="".join(parts), finish_reason=finish_reason,
                 prompt_tokens=counts["prompt_tokens"], completion_tokens=counts["completion_tokens"],
                 ttft_ms=ttft, duration_ms=(time.perf_counter() - started) * 1000, model_version=model_version,
+                prep_ms=(started - received) * 1000,
             )
 
         try:
