@@ -18,7 +18,7 @@ from api.openai_compat import ApiKeyController, OpenAIController
 from api.routes import AuthController, ConversationController, HealthController, MeController, PersonaController
 from api.services import Services
 from chatbot.config import REPO_ROOT, load_settings
-from domain.conversation import ConversationError, ConversationNotFound, ReplyNotFound, ReplyStillPending
+from domain.conversation import ConversationError, ConversationNotFound, MessageNotFound, ReplyNotFound, ReplyStillPending
 from domain.persona import InvalidPersona, NotPersonaOwner, PersonaError, PersonaNotFound, SlugTaken
 from domain.user import ApiKeyNotFound, EmailAlreadyRegistered, InvalidCredentials, UserError
 
@@ -31,6 +31,7 @@ ERROR_STATUS: list[tuple[type[Exception], int, str]] = [
     (ApiKeyNotFound, 404, "api_key_not_found"),
     (UserError, 400, "invalid_user"),
     (ConversationNotFound, 404, "not_found"),
+    (MessageNotFound, 404, "message_not_found"),
     (ReplyNotFound, 404, "not_found"),
     (PersonaNotFound, 404, "persona_not_found"),
     (NotPersonaOwner, 403, "not_owner"),

@@ -7,6 +7,13 @@ conversation's token subject, so no token can arrive before the subscription exi
 Token deltas carry their character offset: a reply regenerated after a worker crash
 repeats text already sent, and the session forwards only what the client has not seen.
 A single writer task owns the socket's send side.
+
+`regenerate` and `edit` frames make a sibling reply or a new branch, answered like `send`
+with an `accepted` frame. A client that reconnects (a refresh, another API process) sends
+`resume`: the session follows the conversation again and asks the worker writing its
+pending reply for the text so far (a request on `chat.progress.<reply>`); deltas that
+arrive meanwhile wait, then go through the same offset filter, so the client gets the
+text so far once and then the rest, with nothing lost or doubled.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import asyncio
 import logging
 from typing import Any
 from urllib.parse import urlsplit
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import msgspec
 from litestar import WebSocket, websocket
@@ -25,23 +32,25 @@ from nats.aio.subscription import Subscription
 
 from api.auth import user_of
 from api.routes import owner_of
-from api.schemas import CLIENT_FRAME_TYPES, ClientFrame, SendFrame, StopFrame
+from api.schemas import CLIENT_FRAME_TYPES, ClientFrame, EditFrame, RegenerateFrame, ResumeFrame, SendFrame, StopFrame
 from api.services import Services
 from chatbot.messaging import (
     ReplyDone,
     ReplyError,
     TokenDelta,
     cancel_subject,
+    progress_subject,
     token_decoder,
     token_subject,
     unseen_text,
 )
-from domain.conversation import ConversationError, ConversationNotFound
+from domain.conversation import ConversationError, ConversationNotFound, MessageNotFound
 
 log = logging.getLogger("api.ws")
 frame_decoder = msgspec.json.Decoder(ClientFrame)
 encoder = msgspec.json.Encoder()
 MAX_SUBSCRIPTIONS = 32  # conversations one socket follows at once
+PROGRESS_TIMEOUT_S = 1.0  # how long a resume waits for the worker's text so far
 
 
 class ChatSession:
@@ -51,6 +60,8 @@ class ChatSession:
         self.subscriptions: dict[UUID, Subscription] = {}
         self.delivered: dict[str, int] = {}  # reply id -> characters the client has
         self.replies: dict[UUID, UUID] = {}  # reply id -> conversation, for replies sent here
+        self.resuming: dict[str, list[TokenDelta]] = {}  # reply id -> deltas held until the text so far
+        self.holding: set[UUID] = set()  # conversations being resumed: their deltas are held
 
     async def run(self) -> None:
         writer = asyncio.create_task(self.write())
@@ -94,6 +105,12 @@ class ChatSession:
             await self.on_send(frame)
         elif isinstance(frame, StopFrame):
             await self.on_stop(frame)
+        elif isinstance(frame, RegenerateFrame):
+            await self.on_regenerate(frame)
+        elif isinstance(frame, EditFrame):
+            await self.on_edit(frame)
+        elif isinstance(frame, ResumeFrame):
+            await self.on_resume(frame)
 
     async def on_stop(self, frame: StopFrame) -> None:
         """Ask whichever worker generates the reply to stop; its final `reply` frame
@@ -119,19 +136,39 @@ class ChatSession:
         return "invalid", str(error)
 
     async def on_send(self, frame: SendFrame) -> None:
-        conversation_id = frame.conversation_id
-        ids = {"conversation_id": str(conversation_id), "client_message_id": frame.client_message_id}
+        await self.request_reply(
+            frame.conversation_id, {"client_message_id": frame.client_message_id},
+            self.services.app.post_message, frame.conversation_id, self.user_id, frame.client_message_id, frame.text,
+        )
+
+    async def on_regenerate(self, frame: RegenerateFrame) -> None:
+        await self.request_reply(
+            frame.conversation_id, {}, self.services.app.regenerate,
+            frame.conversation_id, self.user_id, frame.message_id,
+        )
+
+    async def on_edit(self, frame: EditFrame) -> None:
+        client_message_id = frame.client_message_id or f"edit-{uuid4()}"
+        await self.request_reply(
+            frame.conversation_id, {"client_message_id": client_message_id}, self.services.app.edit_message,
+            frame.conversation_id, self.user_id, frame.message_id, client_message_id, frame.text,
+        )
+
+    async def request_reply(self, conversation_id: UUID, ids: dict[str, Any], command: Any, *args: Any) -> None:
+        """Run a command that requests a reply (after the rate limit), following the
+        conversation first so no token can arrive unheard; answer `accepted` or an error."""
+        ids = {"conversation_id": str(conversation_id), **ids}
         limited = await self.services.call(self.services.limits.check_send, self.user_id)
         if limited is not None:
             return self.error("rate_limited", limited.message, retry_after=limited.retry_after, **ids)
         try:
             await self.follow(conversation_id)
-            posted = await self.services.call(
-                self.services.app.post_message, conversation_id, self.user_id, frame.client_message_id, frame.text
-            )
+            posted = await self.services.call(command, *args)
         except ConversationNotFound:
             await self.unfollow(conversation_id)
             return self.error("not_found", "no such conversation", **ids)
+        except MessageNotFound:
+            return self.error("not_found", "no such message in this conversation", **ids)
         except ConversationError as e:
             return self.error("rejected", str(e), **ids)
         self.replies[posted.reply_id] = conversation_id
@@ -139,6 +176,47 @@ class ChatSession:
             "type": "accepted", **ids, "message_id": str(posted.message_id),
             "reply_id": str(posted.reply_id), "duplicate": not posted.created,
         })
+
+    async def on_resume(self, frame: ResumeFrame) -> None:
+        """Follow the conversation again; for a reply being written, send its text so far
+        (then the rest streams as usual). `resumed` names that reply (or null)."""
+        conversation_id = frame.conversation_id
+        cid = str(conversation_id)
+        if await owner_of(self.services, conversation_id) != self.user_id:
+            return self.error("not_found", "no such conversation", conversation_id=cid)
+        self.holding.add(conversation_id)  # deltas from now on wait for the text so far
+        try:
+            await self.follow(conversation_id)
+            reply_id = await self.services.call(self.services.app.pending_reply, conversation_id, self.user_id)
+            rid = str(reply_id) if reply_id else None
+            if rid is not None:
+                self.replies[reply_id] = conversation_id
+                self.resuming.setdefault(rid, [])
+            self.outbox.put_nowait({"type": "resumed", "conversation_id": cid, "reply_id": rid})
+            so_far = await self.text_so_far(rid) if rid else None
+        except ConversationNotFound:
+            return self.error("not_found", "no such conversation", conversation_id=cid)
+        finally:
+            self.holding.discard(conversation_id)
+        # Frames are handled one at a time, so everything held is this resume's: the text so
+        # far and what followed it, then any other reply's deltas. A reply that finished
+        # meanwhile has no entry any more (its `reply` frame went out with the whole text).
+        held = self.resuming.pop(rid, None) if rid else None
+        if held is not None:
+            for delta in ([so_far] if so_far else []) + held:
+                self.forward_delta(cid, delta)
+        while self.resuming:
+            for delta in self.resuming.pop(next(iter(self.resuming))):
+                self.forward_delta(cid, delta)
+
+    async def text_so_far(self, reply_id: str) -> TokenDelta | None:
+        try:
+            answer = await self.services.nc.request(progress_subject(reply_id), b"", timeout=PROGRESS_TIMEOUT_S)
+            so_far = token_decoder.decode(answer.data)
+        except Exception as e:  # noqa: BLE001 - timeout or no responders: queued, or its worker is gone
+            log.info("resume of reply %s: no text so far (%s)", reply_id, type(e).__name__)
+            return None
+        return so_far if isinstance(so_far, TokenDelta) else None
 
     async def follow(self, conversation_id: UUID) -> None:
         if conversation_id in self.subscriptions:
@@ -167,17 +245,22 @@ class ChatSession:
             return
         cid = str(conversation_id)
         if isinstance(message, TokenDelta):
-            text, self.delivered[message.reply_id] = unseen_text(message, self.delivered.get(message.reply_id, 0))
-            if not text:
-                return  # a regenerated prefix the client already has
-            self.outbox.put_nowait({"type": "token", "conversation_id": cid, "reply_id": message.reply_id, "text": text})
+            held = self.resuming.get(message.reply_id)
+            if held is None and conversation_id in self.holding:
+                held = self.resuming.setdefault(message.reply_id, [])
+            if held is not None:
+                held.append(message)  # after the text so far
+            else:
+                self.forward_delta(cid, message)
         elif isinstance(message, ReplyDone):
+            self.resuming.pop(message.reply_id, None)
             self.delivered.pop(message.reply_id, None)
             self.outbox.put_nowait({
                 "type": "reply", "conversation_id": cid, "reply_id": message.reply_id,
                 "text": message.text, "finish_reason": message.finish_reason,
             })
         elif isinstance(message, ReplyError):
+            self.resuming.pop(message.reply_id, None)
             self.delivered.pop(message.reply_id, None)
             self.error("reply_failed", message.message, conversation_id=cid, reply_id=message.reply_id)
             # a terminal frame too, so a client waiting for the reply always stops waiting
@@ -185,6 +268,12 @@ class ChatSession:
                 "type": "reply", "conversation_id": cid, "reply_id": message.reply_id,
                 "text": "", "finish_reason": "error",
             })
+
+
+    def forward_delta(self, cid: str, delta: TokenDelta) -> None:
+        text, self.delivered[delta.reply_id] = unseen_text(delta, self.delivered.get(delta.reply_id, 0))
+        if text:  # else a regenerated prefix the client already has
+            self.outbox.put_nowait({"type": "token", "conversation_id": cid, "reply_id": delta.reply_id, "text": text})
 
 
 def origin_allowed(socket: WebSocket[Any, Any, Any], allowed: tuple[str, ...]) -> bool:

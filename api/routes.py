@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any
 from uuid import UUID
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.datastructures import Cookie
 from litestar.exceptions import NotFoundException
+from litestar.params import Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT, HTTP_503_SERVICE_UNAVAILABLE
 
 from api import schemas
@@ -100,6 +102,10 @@ class PersonaController(Controller):
         return [schemas.PersonaDetail(**v) for v in versions]
 
 
+CONVERSATION_FIELDS = tuple(schemas.Conversation.__struct_fields__)
+MESSAGE_FIELDS = set(schemas.Message.__struct_fields__)
+
+
 class ConversationController(Controller):
     path = "/api/conversations"
 
@@ -115,21 +121,67 @@ class ConversationController(Controller):
 
     @get("/")
     async def list_conversations(
-        self, request: Request[Any, Any, Any], services: Services, limit: int = 50
+        self, request: Request[Any, Any, Any], services: Services,
+        limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
+        before: datetime | None = None,
+        q: Annotated[str, Parameter(max_length=200)] = "",
+        archived: bool = False,
     ) -> list[schemas.Conversation]:
+        """The user's conversations, newest first, `limit` at a time: pass the last one's
+        `updated_at` as `before` for the next page. `q` searches titles and message text."""
         user_id = require_user(request, services.settings.secret_key)
-        rows = await services.call(services.readmodels.conversations, user_id, max(1, min(limit, 200)))
+        rows = await services.call(services.readmodels.conversations, user_id, limit, before, q.strip(), archived)
         return [schemas.Conversation(**r) for r in rows]
+
+    @get("/{conversation_id:uuid}")
+    async def get_conversation(
+        self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID
+    ) -> schemas.Conversation:
+        user_id = require_user(request, services.settings.secret_key)
+        row = await services.call(services.readmodels.conversation, conversation_id)
+        if row is None or UUID(str(row["owner_id"])) != user_id:
+            raise NotFoundException("no such conversation")
+        return schemas.Conversation(**{k: row[k] for k in CONVERSATION_FIELDS})
+
+    @patch("/{conversation_id:uuid}", status_code=HTTP_204_NO_CONTENT)
+    async def update_conversation(
+        self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID,
+        data: schemas.ConversationUpdate,
+    ) -> None:
+        """Rename (`title`) or archive/unarchive (`archived`); recorded as events."""
+        user_id = require_user(request, services.settings.secret_key)
+        title = None if data.title is msgspec.UNSET else data.title
+        archived = None if data.archived is msgspec.UNSET else data.archived
+        await services.call(services.app.update_conversation, conversation_id, user_id, title, archived)
+
+    @delete("/{conversation_id:uuid}", status_code=HTTP_204_NO_CONTENT)
+    async def delete_conversation(
+        self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID
+    ) -> None:
+        user_id = require_user(request, services.settings.secret_key)
+        await services.call(services.app.delete_conversation, conversation_id, user_id)
 
     @get("/{conversation_id:uuid}/messages")
     async def list_messages(
         self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID
     ) -> list[schemas.Message]:
+        """The active branch, root to leaf, each message with its siblings."""
         user_id = require_user(request, services.settings.secret_key)
         await check_owner(services, conversation_id, user_id)
-        rows = await services.call(services.readmodels.messages, conversation_id)
+        rows = await services.call(services.readmodels.branch, conversation_id)
         return [schemas.Message(**r) for r in rows]
 
+    @post("/{conversation_id:uuid}/branch", status_code=HTTP_200_OK)
+    async def select_branch(
+        self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID,
+        data: schemas.BranchSelect,
+    ) -> list[schemas.Message]:
+        """Switch to the branch through `message_id` (down to its newest leaf); returns it.
+        Read from the events, so the answer holds even before the read model catches up."""
+        user_id = require_user(request, services.settings.secret_key)
+        await services.call(services.app.select_branch, conversation_id, user_id, data.message_id)
+        nodes = await services.call(services.app.branch, conversation_id, user_id)
+        return [schemas.Message(**{k: v for k, v in n.items() if k in MESSAGE_FIELDS}) for n in nodes]
 
     @post("/{conversation_id:uuid}/messages/{message_id:uuid}/feedback", status_code=HTTP_204_NO_CONTENT)
     async def give_feedback(

@@ -41,15 +41,33 @@ class Conversation(msgspec.Struct):
     persona_id: UUID
     title: str
     message_count: int = 0
+    archived: bool = False
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
 
+class ConversationUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    """Only the fields present change."""
+
+    title: Annotated[str, msgspec.Meta(min_length=1, max_length=80)] | msgspec.UnsetType = msgspec.UNSET
+    archived: bool | msgspec.UnsetType = msgspec.UNSET
+
+
+class BranchSelect(msgspec.Struct, forbid_unknown_fields=True):
+    message_id: UUID
+
+
 class Message(msgspec.Struct):
+    """A message of the active branch. `parent_id` is the message it follows; `siblings`
+    are the ids of its parent's children (itself included, oldest first): the branches
+    a client can switch between."""
+
     id: UUID
     role: str
     text: str
     status: str
+    parent_id: UUID | None = None
+    siblings: list[UUID] = msgspec.field(default_factory=list)
     reply_to: UUID | None = None
     finish_reason: str | None = None
     model: str | None = None
@@ -145,5 +163,28 @@ class StopFrame(msgspec.Struct, tag="stop", tag_field="type", forbid_unknown_fie
     reply_id: UUID
 
 
-ClientFrame = SendFrame | StopFrame
-CLIENT_FRAME_TYPES = {"send", "stop"}
+class RegenerateFrame(msgspec.Struct, tag="regenerate", tag_field="type", forbid_unknown_fields=True):
+    """Another reply to the user message that `message_id` (a reply) answers."""
+
+    conversation_id: UUID
+    message_id: UUID
+
+
+class EditFrame(msgspec.Struct, tag="edit", tag_field="type", forbid_unknown_fields=True):
+    """A new branch: `text` in place of the user message `message_id`."""
+
+    conversation_id: UUID
+    message_id: UUID
+    text: str
+    client_message_id: ClientId | None = None
+
+
+class ResumeFrame(msgspec.Struct, tag="resume", tag_field="type", forbid_unknown_fields=True):
+    """After a reconnect: follow the conversation again and get the text so far of a
+    reply being written, then the rest."""
+
+    conversation_id: UUID
+
+
+ClientFrame = SendFrame | StopFrame | RegenerateFrame | EditFrame | ResumeFrame
+CLIENT_FRAME_TYPES = {"send", "stop", "regenerate", "edit", "resume"}

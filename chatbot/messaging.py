@@ -24,6 +24,7 @@ from nats.js.errors import NotFoundError
 EVENT_SUBJECT_PREFIX = "chat.ev"
 TOKEN_SUBJECT_PREFIX = "chat.tok"
 CANCEL_SUBJECT_PREFIX = "chat.cancel"
+PROGRESS_SUBJECT_PREFIX = "chat.progress"
 DUPLICATE_WINDOW_S = 600.0
 
 H_TOPIC = "Chat-Topic"
@@ -55,6 +56,12 @@ def event_filter(event: str = ">") -> str:
 
 def token_subject(conversation_id: UUID | str) -> str:
     return f"{TOKEN_SUBJECT_PREFIX}.{conversation_id}"
+
+
+def progress_subject(reply_id: UUID | str) -> str:
+    """Core request subject: the worker writing the reply answers with its text so far
+    (a `TokenDelta` at offset 0); no answer means no worker is writing it now."""
+    return f"{PROGRESS_SUBJECT_PREFIX}.{reply_id}"
 
 
 def cancel_subject(reply_id: UUID | str) -> str:

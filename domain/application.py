@@ -238,7 +238,10 @@ class ChatApplication(Application[UUID]):
         return conversation.id
 
     def conversation_owner(self, conversation_id: UUID) -> UUID:
-        return self._get(Conversation, conversation_id, ConversationNotFound).owner_id
+        conversation = self._get(Conversation, conversation_id, ConversationNotFound)
+        if conversation.deleted:
+            raise ConversationNotFound(str(conversation_id))
+        return conversation.owner_id
 
     def post_message(
         self, conversation_id: UUID, user_id: UUID, client_message_id: str, text: str,
@@ -252,25 +255,116 @@ class ChatApplication(Application[UUID]):
         def attempt() -> PostedMessage:
             conversation = self._owned(conversation_id, user_id)
             persona = self.get_persona(conversation.persona_id)
-            params = {
-                "temperature": persona.temperature,
-                "top_p": persona.top_p,
-                "max_tokens": persona.max_tokens,
-                # A pinned seed makes a redelivered request regenerate the same text.
-                "seed": int.from_bytes(conversation_id.bytes[:4], "big") + len(conversation.messages),
-            }
-            params.update(overrides)
-            if persona.min_tokens:
-                params["min_tokens"] = min(persona.min_tokens, params["max_tokens"])
             message_id, reply_id, created = conversation.post_message(
-                client_message_id, text, persona.version, persona.model, params,
-                self.max_message_chars,
+                client_message_id, text, persona.version, persona.model,
+                self._reply_params(conversation, persona, overrides), self.max_message_chars,
             )
             if created:
                 self.save(conversation)
             return PostedMessage(conversation_id, message_id, reply_id, created)
 
         return self._retry_races(attempt)
+
+    def edit_message(
+        self, conversation_id: UUID, user_id: UUID, message_id: UUID, client_message_id: str, text: str,
+    ) -> PostedMessage:
+        """A new branch: `text` posted beside the user message `message_id`, and its reply."""
+
+        def attempt() -> PostedMessage:
+            conversation = self._owned(conversation_id, user_id)
+            persona = self.get_persona(conversation.persona_id)
+            new_id, reply_id, created = conversation.edit_message(
+                message_id, client_message_id, text, persona.version, persona.model,
+                self._reply_params(conversation, persona, {}), self.max_message_chars,
+            )
+            if created:
+                self.save(conversation)
+            return PostedMessage(conversation_id, new_id, reply_id, created)
+
+        return self._retry_races(attempt)
+
+    def regenerate(self, conversation_id: UUID, user_id: UUID, message_id: UUID) -> PostedMessage:
+        """Another reply to the user message that `message_id` answers: a sibling reply,
+        with the persona as it stands now and a fresh seed."""
+
+        def attempt() -> PostedMessage:
+            conversation = self._owned(conversation_id, user_id)
+            persona = self.get_persona(conversation.persona_id)
+            parent, reply_id = conversation.regenerate(
+                message_id, persona.version, persona.model, self._reply_params(conversation, persona, {})
+            )
+            self.save(conversation)
+            return PostedMessage(conversation_id, parent, reply_id, True)
+
+        return self._retry_races(attempt)
+
+    def select_branch(self, conversation_id: UUID, user_id: UUID, message_id: UUID) -> UUID:
+        """Make the branch through `message_id` the active one; returns its leaf."""
+
+        def attempt() -> UUID:
+            conversation = self._owned(conversation_id, user_id)
+            leaf = conversation.select_branch(message_id)
+            self.save(conversation)
+            return leaf
+
+        return self._retry_races(attempt)
+
+    def branch(self, conversation_id: UUID, user_id: UUID) -> list[dict[str, Any]]:
+        """The active branch, root to leaf, each message with its siblings' ids."""
+        conversation = self._owned(conversation_id, user_id)
+        branch = []
+        for node in conversation.branch():
+            row = {**node, "siblings": list(conversation.children(node["parent_id"]))}
+            reply = conversation.replies.get(node["id"])
+            if reply is not None:
+                row["reply_to"] = reply["message_id"]
+                row["finish_reason"] = reply.get("finish_reason")
+                if "model_name" in reply:
+                    row["model"] = f"{reply['model_name']}/{reply['model_version']}"
+                row["feedback"] = reply.get("feedback", {}).get("rating")
+            branch.append(row)
+        return branch
+
+    def pending_reply(self, conversation_id: UUID, user_id: UUID) -> UUID | None:
+        """The reply being written in the conversation, if any (at most one at a time)."""
+        conversation = self._owned(conversation_id, user_id)
+        return next((rid for rid, r in conversation.replies.items() if r["status"] == "pending"), None)
+
+    def update_conversation(
+        self, conversation_id: UUID, user_id: UUID, title: str | None = None, archived: bool | None = None,
+    ) -> None:
+        def attempt() -> None:
+            conversation = self._owned(conversation_id, user_id)
+            if title is not None:
+                conversation.rename(title)
+            if archived is not None:
+                conversation.set_archived(archived)
+            self.save(conversation)
+
+        self._retry_races(attempt)
+
+    def delete_conversation(self, conversation_id: UUID, user_id: UUID) -> None:
+        def attempt() -> None:
+            conversation = self._owned(conversation_id, user_id)
+            conversation.delete()
+            self.save(conversation)
+
+        self._retry_races(attempt)
+
+    @staticmethod
+    def _reply_params(conversation: Conversation, persona: Persona, overrides: dict[str, Any]) -> dict[str, Any]:
+        params = {
+            "temperature": persona.temperature,
+            "top_p": persona.top_p,
+            "max_tokens": persona.max_tokens,
+            # A pinned seed makes a redelivered request regenerate the same text; a
+            # regenerated reply gets another one (the tree has grown).
+            "seed": int.from_bytes(conversation.id.bytes[:4], "big") + len(conversation.nodes),
+        }
+        params.update(overrides)
+        if persona.min_tokens:
+            params["min_tokens"] = min(persona.min_tokens, params["max_tokens"])
+        return params
 
     def reply_job(self, conversation_id: UUID, reply_id: UUID) -> ReplyJob:
         conversation = self._get(Conversation, conversation_id, ConversationNotFound)
@@ -354,7 +448,7 @@ class ChatApplication(Application[UUID]):
 
     def _owned(self, conversation_id: UUID, user_id: UUID) -> Conversation:
         conversation = self._get(Conversation, conversation_id, ConversationNotFound)
-        if conversation.owner_id != user_id:
+        if conversation.owner_id != user_id or conversation.deleted:
             # Same answer as a missing conversation: do not reveal that it exists.
             raise ConversationNotFound(str(conversation_id))
         return conversation

@@ -7,6 +7,17 @@ ends in exactly one outcome: `ReplyCompleted` or `ReplyFailed`; recording a seco
 raises `ReplyAlreadyFinished`, which is how a redelivered request is recognised.
 `client_message_id` makes a retried send a no-op that returns the original ids.
 
+Messages form a tree: each message names its parent. Regenerating a reply requests a new
+reply to the same user message (a sibling); editing a user message posts a new message
+beside it (same parent) and requests its reply: a new branch. The conversation's
+`current` leaf names the active branch, the path from the root to it; selecting a
+branch moves it. History for a reply is the path from the root to the reply's message.
+
+A conversation is titled after its first reply (`Titled`, from the first message, unless
+the user already renamed it), and can be renamed, archived and deleted. A deleted
+conversation answers every command and query as if it did not exist; its events stay in
+the log (the audit trail), encrypted like everything else.
+
 A conversation held elsewhere (the `messages` of an OpenAI-style request) is brought in with
 `import_turns` before its first posted message: `TurnsImported` records the earlier user and
 assistant turns, which `history_for` then puts in the prompt like any others, and extra
@@ -71,6 +82,36 @@ class InvalidSampling(ConversationError):
     pass
 
 
+class MessageNotFound(ConversationError):
+    pass
+
+
+class InvalidTitle(ConversationError):
+    pass
+
+
+def make_title(text: str, max_words: int = 8) -> str:
+    """A short title from a message: its first line, at most `max_words` words, without
+    Markdown markers or a trailing punctuation mark."""
+    line = next((ln for ln in text.splitlines() if ln.strip()), "").strip()
+    line = line.lstrip("#>*-` ").replace("**", "").replace("`", "")
+    words = line.split()
+    title = " ".join(words[:max_words])
+    if len(words) > max_words:
+        title += "…"
+    title = title.rstrip(" .,;:!?")[:MAX_TITLE]
+    return (title[:1].upper() + title[1:]) or "New chat"
+
+
+def check_title(title: str) -> str:
+    title = " ".join(title.split())
+    if not title:
+        raise InvalidTitle("a title needs some text")
+    if len(title) > MAX_TITLE:
+        raise InvalidTitle(f"a title has at most {MAX_TITLE} characters")
+    return title
+
+
 def check_sampling(
     temperature: float | None = None,
     top_p: float | None = None,
@@ -104,8 +145,15 @@ class Conversation(Aggregate):
         self.owner_id = owner_id
         self.persona_id = persona_id
         self.title = title
-        # ordered transcript: {"id", "role", "text", "status", "reply_to"?}
-        self.messages: list[dict[str, Any]] = []
+        self.titled_by_user = False
+        self.archived = False
+        self.deleted = False
+        # every message of the tree, in the order written: {"id", "role", "text", "status",
+        # "parent_id"}; `child_ids` lists each message's children ("" for the roots);
+        # `current` is the leaf of the active branch
+        self.nodes: dict[UUID, dict[str, Any]] = {}
+        self.child_ids: dict[str, list[UUID]] = {}
+        self.current: UUID | None = None
         self.client_message_ids: dict[str, tuple[UUID, UUID]] = {}
         self.replies: dict[UUID, dict[str, Any]] = {}
         self.instructions = ""  # system instructions imported with earlier turns
@@ -126,18 +174,85 @@ class Conversation(Aggregate):
         if client_message_id in self.client_message_ids:
             message_id, reply_id = self.client_message_ids[client_message_id]
             return message_id, reply_id, False
+        return self._post_and_request(client_message_id, text, self.current, persona_version, model, params, max_chars)
+
+    def edit_message(
+        self,
+        message_id: UUID,
+        client_message_id: str,
+        text: str,
+        persona_version: int,
+        model: str,
+        params: dict[str, Any],
+        max_chars: int,
+    ) -> tuple[UUID, UUID, bool]:
+        """Start a new branch: a new user message beside `message_id` (same parent) with
+        `text`, and the request for its reply. The edited message and its replies stay."""
+        if client_message_id in self.client_message_ids:
+            message_id, reply_id = self.client_message_ids[client_message_id]
+            return message_id, reply_id, False
+        edited = self.node(message_id)
+        if edited["role"] != "user":
+            raise ConversationError("only a user message can be edited; regenerate a reply instead")
+        return self._post_and_request(
+            client_message_id, text, edited["parent_id"], persona_version, model, params, max_chars
+        )
+
+    def regenerate(self, message_id: UUID, persona_version: int, model: str, params: dict[str, Any]) -> tuple[UUID, UUID]:
+        """Request another reply to the user message that `message_id` answers (or to
+        `message_id` itself, a user message): a sibling of the earlier replies. Returns
+        (user message id, new reply id)."""
+        node = self.node(message_id)
+        if node["role"] == "assistant":
+            parent = node["parent_id"]
+        elif node["role"] == "user":
+            parent = message_id
+        else:
+            raise ConversationError("that message cannot be regenerated")
+        if self.nodes[parent].get("imported"):
+            raise ConversationError("a reply imported with earlier turns cannot be regenerated")
+        self.check_no_pending_reply()
+        reply_id = uuid4()
+        self._request_reply(reply_id, parent, self.persona_id, persona_version, model, params)
+        return parent, reply_id
+
+    def select_branch(self, message_id: UUID) -> UUID:
+        """Make the branch through `message_id` the active one: its newest leaf becomes the
+        current message. Returns that leaf."""
+        self.node(message_id)
+        leaf = self.newest_leaf(message_id)
+        if leaf != self.current:
+            self._select_branch(leaf)
+        return leaf
+
+    def rename(self, title: str) -> None:
+        title = check_title(title)
+        if title != self.title or not self.titled_by_user:
+            self._rename(title)
+
+    def set_archived(self, archived: bool) -> None:
+        if archived != self.archived:
+            self._set_archived(archived)
+
+    def delete(self) -> None:
+        self._delete()
+
+    def _post_and_request(
+        self, client_message_id: str, text: str, parent_id: UUID | None,
+        persona_version: int, model: str, params: dict[str, Any], max_chars: int,
+    ) -> tuple[UUID, UUID, bool]:
         text = text.strip()
         self.check_message(text, max_chars)
         self.check_no_pending_reply()
         message_id, reply_id = uuid4(), uuid4()
-        self._post_message(message_id, client_message_id, text)
+        self._post_message(message_id, client_message_id, text, parent_id)
         self._request_reply(reply_id, message_id, self.persona_id, persona_version, model, params)
         return message_id, reply_id, True
 
     def import_turns(self, turns: list[dict[str, str]], instructions: str, max_chars: int) -> None:
         """Record earlier turns ({"role": "user"|"assistant", "content"}) and extra system
         instructions of a conversation that began elsewhere; only before the first message."""
-        if self.messages or self.instructions:
+        if self.nodes or self.instructions:
             raise InvalidTurns("earlier turns can only be imported into a new conversation")
         if len(turns) > MAX_IMPORTED_TURNS:
             raise InvalidTurns(f"at most {MAX_IMPORTED_TURNS} earlier turns, got {len(turns)}")
@@ -173,6 +288,10 @@ class Conversation(Aggregate):
             reply_id, text, finish_reason, prompt_tokens, completion_tokens,
             round(ttft_ms, 3), round(duration_ms, 3), model_name, model_version,
         )
+        if self.title == "New chat" and not self.titled_by_user:
+            first = next((m for m in self.nodes.values() if m["role"] == "user"), None)
+            if first is not None:
+                self._title(make_title(first["text"]))
 
     def fail_reply(self, reply_id: UUID, error: str) -> None:
         self.check_reply_pending(reply_id)
@@ -203,14 +322,43 @@ class Conversation(Aggregate):
         if request is None:
             raise ReplyNotFound(str(reply_id))
         turns: list[dict[str, str]] = []
-        for message in self.messages:
-            if message["role"] == "user":
-                turns.append({"role": "user", "content": message["text"]})
-                if message["id"] == request["message_id"]:
-                    break
-            elif message["status"] == "complete":
-                turns.append({"role": "assistant", "content": message["text"]})
+        for message in self.path_to(request["message_id"]):
+            if message["role"] == "user" or message["status"] == "complete":
+                turns.append({"role": message["role"], "content": message["text"]})
         return turns
+
+    def path_to(self, message_id: UUID | None) -> list[dict[str, Any]]:
+        """The messages from the root to `message_id`, in order."""
+        path = []
+        while message_id is not None:
+            node = self.nodes[message_id]
+            path.append(node)
+            message_id = node["parent_id"]
+        return path[::-1]
+
+    def branch(self) -> list[dict[str, Any]]:
+        """The active branch: the path from the root to the current leaf."""
+        return self.path_to(self.current)
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        """Every message of the tree, in the order written."""
+        return list(self.nodes.values())
+
+    def children(self, parent_id: UUID | None) -> list[UUID]:
+        return self.child_ids.get(str(parent_id) if parent_id else "", [])
+
+    def newest_leaf(self, message_id: UUID) -> UUID:
+        """Follow the newest child down from `message_id` to a leaf."""
+        while children := self.children(message_id):
+            message_id = children[-1]
+        return message_id
+
+    def node(self, message_id: UUID) -> dict[str, Any]:
+        try:
+            return self.nodes[message_id]
+        except KeyError:
+            raise MessageNotFound(str(message_id)) from None
 
     def reply(self, reply_id: UUID) -> dict[str, Any]:
         try:
@@ -240,20 +388,45 @@ class Conversation(Aggregate):
     @event("TurnsImported")
     def _import_turns(self, turns: list[dict[str, Any]], instructions: str) -> None:
         for turn in turns:
-            self.messages.append({
+            self._add_node({
                 "id": turn["id"], "role": turn["role"], "text": turn["text"], "status": "complete",
-                "imported": True,
+                "imported": True, "parent_id": self.current,
             })
         self.instructions = instructions
 
     @event("UserMessagePosted")
-    def _post_message(self, message_id: UUID, client_message_id: str, text: str) -> None:
-        self.messages.append({
+    def _post_message(self, message_id: UUID, client_message_id: str, text: str, parent_id: UUID | None) -> None:
+        self._add_node({
             "id": message_id, "role": "user", "text": text, "status": "complete",
-            "client_message_id": client_message_id,
+            "client_message_id": client_message_id, "parent_id": parent_id,
         })
-        if self.title == "New chat":
-            self.title = text[:MAX_TITLE]
+
+    def _add_node(self, node: dict[str, Any]) -> None:
+        self.nodes[node["id"]] = node
+        parent = node["parent_id"]
+        self.child_ids.setdefault(str(parent) if parent else "", []).append(node["id"])
+        self.current = node["id"]
+
+    @event("BranchSelected")
+    def _select_branch(self, leaf_id: UUID) -> None:
+        self.current = leaf_id
+
+    @event("Titled")
+    def _title(self, title: str) -> None:
+        self.title = title
+
+    @event("Renamed")
+    def _rename(self, title: str) -> None:
+        self.title = title
+        self.titled_by_user = True
+
+    @event("ArchiveSet")
+    def _set_archived(self, archived: bool) -> None:
+        self.archived = archived
+
+    @event("Deleted")
+    def _delete(self) -> None:
+        self.deleted = True
 
     @event("ReplyRequested")
     def _request_reply(
@@ -265,8 +438,9 @@ class Conversation(Aggregate):
         model: str,
         params: dict[str, Any],
     ) -> None:
-        posted = next(m for m in reversed(self.messages) if m["id"] == message_id)
-        self.client_message_ids[posted["client_message_id"]] = (message_id, reply_id)
+        posted = self.nodes[message_id]
+        if posted.get("client_message_id") and posted["client_message_id"] not in self.client_message_ids:
+            self.client_message_ids[posted["client_message_id"]] = (message_id, reply_id)
         self.replies[reply_id] = {
             "message_id": message_id,
             "persona_id": persona_id,
@@ -276,7 +450,7 @@ class Conversation(Aggregate):
             "status": "pending",
             "text": "",
         }
-        self.messages.append({"id": reply_id, "role": "assistant", "text": "", "status": "pending"})
+        self._add_node({"id": reply_id, "role": "assistant", "text": "", "status": "pending", "parent_id": message_id})
 
     @event("ReplyCompleted")
     def _complete_reply(
@@ -313,6 +487,4 @@ class Conversation(Aggregate):
 
     def _finish(self, reply_id: UUID, status: str, text: str) -> None:
         self.replies[reply_id].update(status=status, text=text)
-        for message in self.messages:
-            if message["id"] == reply_id:
-                message.update(status=status, text=text)
+        self.nodes[reply_id].update(status=status, text=text)

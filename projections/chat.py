@@ -8,7 +8,7 @@ from typing import Any
 from eventsourcing.persistence import Tracking
 from eventsourcing.projection import Projection
 
-from domain.conversation import MAX_TITLE, Conversation
+from domain.conversation import Conversation
 from domain.persona import Persona
 from projections.readmodels import ReadModelRecorder
 
@@ -46,12 +46,10 @@ class ChatProjection(Projection[ReadModelRecorder]):
 
     @process_event.register
     def _(self, e: Conversation.UserMessagePosted, tracking: Tracking) -> None:
-        # A candidate title: the read model keeps it only while the title is "New chat".
-        title = e.text[:MAX_TITLE]
         self.view.add_message(tracking, {
             "id": e.message_id, "conversation_id": e.originator_id, "role": "user",
-            "text": e.text, "status": "complete", "reply_to": None, "at": e.timestamp,
-        }, title)
+            "text": e.text, "status": "complete", "reply_to": None, "parent_id": e.parent_id, "at": e.timestamp,
+        })
 
     @process_event.register
     def _(self, e: Conversation.TurnsImported, tracking: Tracking) -> None:
@@ -61,8 +59,29 @@ class ChatProjection(Projection[ReadModelRecorder]):
     def _(self, e: Conversation.ReplyRequested, tracking: Tracking) -> None:
         self.view.add_message(tracking, {
             "id": e.reply_id, "conversation_id": e.originator_id, "role": "assistant",
-            "text": "", "status": "pending", "reply_to": e.message_id, "at": e.timestamp,
-        }, None)
+            "text": "", "status": "pending", "reply_to": e.message_id, "parent_id": e.message_id,
+            "at": e.timestamp,
+        })
+
+    @process_event.register
+    def _(self, e: Conversation.BranchSelected, tracking: Tracking) -> None:
+        self.view.update_conversation(tracking, e.originator_id, {"current_leaf": e.leaf_id})
+
+    @process_event.register
+    def _(self, e: Conversation.Titled, tracking: Tracking) -> None:
+        self.view.update_conversation(tracking, e.originator_id, {"title": e.title})
+
+    @process_event.register
+    def _(self, e: Conversation.Renamed, tracking: Tracking) -> None:
+        self.view.update_conversation(tracking, e.originator_id, {"title": e.title})
+
+    @process_event.register
+    def _(self, e: Conversation.ArchiveSet, tracking: Tracking) -> None:
+        self.view.update_conversation(tracking, e.originator_id, {"archived": e.archived})
+
+    @process_event.register
+    def _(self, e: Conversation.Deleted, tracking: Tracking) -> None:
+        self.view.delete_conversation(tracking, e.originator_id)
 
     @process_event.register
     def _(self, e: Conversation.ReplyCompleted, tracking: Tracking) -> None:

@@ -42,6 +42,10 @@ SCHEMA = [
     "ALTER TABLE rm_personas ADD COLUMN IF NOT EXISTS retired boolean NOT NULL DEFAULT false",
     "ALTER TABLE rm_personas ADD COLUMN IF NOT EXISTS avatar text NOT NULL DEFAULT ''",
     "ALTER TABLE rm_messages ADD COLUMN IF NOT EXISTS feedback text",
+    # message trees (regenerate, edit) and conversation management
+    "ALTER TABLE rm_messages ADD COLUMN IF NOT EXISTS parent_id uuid",
+    "ALTER TABLE rm_conversations ADD COLUMN IF NOT EXISTS current_leaf uuid",
+    "ALTER TABLE rm_conversations ADD COLUMN IF NOT EXISTS archived boolean NOT NULL DEFAULT false",
     # tokens each user's replies used per day: the daily quota reads it
     """CREATE TABLE IF NOT EXISTS rm_usage (
         user_id uuid NOT NULL, day date NOT NULL, tokens bigint NOT NULL DEFAULT 0,
@@ -143,42 +147,60 @@ class ReadModelRecorder(PostgresTrackingRecorder):
                 row,
             )
 
-    def add_message(self, tracking: Tracking, row: dict[str, Any], title: str | None) -> None:
+    def add_message(self, tracking: Tracking, row: dict[str, Any]) -> None:
+        """A new message of the tree; it becomes the conversation's current leaf."""
         with self._tx() as curs:
             self._insert_tracking(curs, tracking)
-            self._exec(
-                curs, "INSERT INTO rm_messages (id, conversation_id, seq, role, text, status, reply_to,"
-                " created_at, updated_at)"
-                " SELECT %(id)s, %(conversation_id)s,"
-                " coalesce(max(seq), 0) + 1, %(role)s, %(text)s, %(status)s, %(reply_to)s, %(at)s, %(at)s"
-                " FROM rm_messages WHERE conversation_id = %(conversation_id)s",
-                row,
-            )
+            self._insert_message(curs, row)
             self._exec(
                 curs, "UPDATE rm_conversations SET message_count = message_count + 1, updated_at = %(at)s,"
-                # the first posted message names the conversation, as the aggregate does
-                " title = CASE WHEN title = 'New chat' AND %(title)s::text IS NOT NULL THEN %(title)s::text ELSE title END"
-                " WHERE id = %(conversation_id)s",
-                {**row, "title": title},
+                " current_leaf = %(id)s WHERE id = %(conversation_id)s",
+                row,
             )
+
+    def _insert_message(self, curs: Any, row: dict[str, Any]) -> None:
+        self._exec(
+            curs, "INSERT INTO rm_messages (id, conversation_id, seq, role, text, status, reply_to, parent_id,"
+            " created_at, updated_at)"
+            " SELECT %(id)s, %(conversation_id)s, coalesce(max(seq), 0) + 1, %(role)s, %(text)s, %(status)s,"
+            " %(reply_to)s, %(parent_id)s, %(at)s, %(at)s"
+            " FROM rm_messages WHERE conversation_id = %(conversation_id)s",
+            row,
+        )
 
     def import_messages(self, tracking: Tracking, conversation_id: UUID, turns: list[dict[str, Any]],
                         at: datetime) -> None:
-        """Earlier turns brought in with a conversation (the OpenAI API), all at once."""
+        """Earlier turns brought in with a conversation (the OpenAI API), all at once: a
+        chain, each turn the parent of the next."""
         with self._tx() as curs:
             self._insert_tracking(curs, tracking)
+            parent = None  # turns are only imported into a new conversation
             for turn in turns:
-                self._exec(
-                    curs, "INSERT INTO rm_messages (id, conversation_id, seq, role, text, status, created_at,"
-                    " updated_at) SELECT %(id)s, %(cid)s, coalesce(max(seq), 0) + 1, %(role)s, %(text)s,"
-                    " 'complete', %(at)s, %(at)s FROM rm_messages WHERE conversation_id = %(cid)s",
-                    {"id": turn["id"], "cid": conversation_id, "role": turn["role"], "text": turn["text"], "at": at},
-                )
+                self._insert_message(curs, {
+                    "id": turn["id"], "conversation_id": conversation_id, "role": turn["role"],
+                    "text": turn["text"], "status": "complete", "reply_to": None, "parent_id": parent, "at": at,
+                })
+                parent = turn["id"]
             self._exec(
-                curs, "UPDATE rm_conversations SET message_count = message_count + %(n)s, updated_at = %(at)s"
-                " WHERE id = %(cid)s",
-                {"n": len(turns), "at": at, "cid": conversation_id},
+                curs, "UPDATE rm_conversations SET message_count = message_count + %(n)s, updated_at = %(at)s,"
+                " current_leaf = %(leaf)s WHERE id = %(cid)s",
+                {"n": len(turns), "at": at, "cid": conversation_id, "leaf": parent},
             )
+
+    def update_conversation(self, tracking: Tracking, conversation_id: UUID, changes: dict[str, Any]) -> None:
+        """Set the title, archived flag or current leaf (names from a fixed set only)."""
+        columns = {k: v for k, v in changes.items() if k in ("title", "archived", "current_leaf")}
+        sets = ", ".join(f"{k} = %({k})s" for k in columns)
+        with self._tx() as curs:
+            self._insert_tracking(curs, tracking)
+            self._exec(curs, f"UPDATE rm_conversations SET {sets} WHERE id = %(id)s", {**columns, "id": conversation_id})
+
+    def delete_conversation(self, tracking: Tracking, conversation_id: UUID) -> None:
+        """A deleted conversation leaves the read models (its usage still counts)."""
+        with self._tx() as curs:
+            self._insert_tracking(curs, tracking)
+            self._exec(curs, "DELETE FROM rm_messages WHERE conversation_id = %(id)s", {"id": conversation_id})
+            self._exec(curs, "DELETE FROM rm_conversations WHERE id = %(id)s", {"id": conversation_id})
 
     def rate_reply(self, tracking: Tracking, reply_id: UUID, rating: str) -> None:
         with self._tx() as curs:
@@ -221,13 +243,21 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             {"user": user_id},
         )
 
-    def conversations(self, owner_id: UUID, limit: int = 50, before: datetime | None = None) -> list[DictRow]:
+    def conversations(
+        self, owner_id: UUID, limit: int = 50, before: datetime | None = None, query: str = "",
+        archived: bool = False,
+    ) -> list[DictRow]:
+        """A page of the user's conversations, newest first: those updated before `before`
+        whose title or any message contains `query` (case-insensitive)."""
+        pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%" if query else None
         return self._query(
-            "SELECT id, persona_id, title, message_count, created_at, updated_at"
-            " FROM rm_conversations WHERE owner_id = %(owner)s"
+            "SELECT id, persona_id, title, message_count, archived, created_at, updated_at"
+            " FROM rm_conversations c WHERE owner_id = %(owner)s AND archived = %(archived)s"
             " AND (%(before)s::timestamptz IS NULL OR updated_at < %(before)s)"
+            " AND (%(pattern)s::text IS NULL OR title ILIKE %(pattern)s OR EXISTS ("
+            "   SELECT 1 FROM rm_messages m WHERE m.conversation_id = c.id AND m.text ILIKE %(pattern)s))"
             " ORDER BY updated_at DESC LIMIT %(limit)s",
-            {"owner": owner_id, "limit": limit, "before": before},
+            {"owner": owner_id, "limit": limit, "before": before, "pattern": pattern, "archived": archived},
         )
 
     def conversation(self, conversation_id: UUID) -> DictRow | None:
@@ -235,11 +265,30 @@ class ReadModelRecorder(PostgresTrackingRecorder):
         return rows[0] if rows else None
 
     def messages(self, conversation_id: UUID) -> list[DictRow]:
+        """Every message of the conversation's tree, in the order written."""
         return self._query(
-            "SELECT id, role, text, status, reply_to, finish_reason, model, feedback, created_at"
+            "SELECT id, role, text, status, reply_to, parent_id, finish_reason, model, feedback, created_at"
             " FROM rm_messages WHERE conversation_id = %(id)s ORDER BY seq",
             {"id": conversation_id},
         )
+
+    def branch(self, conversation_id: UUID) -> list[dict[str, Any]]:
+        """The active branch, root to the current leaf; each message lists its siblings
+        (the children of its parent, itself included, in the order written)."""
+        conversation = self.conversation(conversation_id)
+        if conversation is None:
+            return []
+        rows = self.messages(conversation_id)
+        by_id = {row["id"]: row for row in rows}
+        children: dict[UUID | None, list[UUID]] = {}
+        for row in rows:
+            children.setdefault(row["parent_id"], []).append(row["id"])
+        path = []
+        node = conversation["current_leaf"]
+        while node is not None and node in by_id:
+            path.append({**by_id[node], "siblings": children[by_id[node]["parent_id"]]})
+            node = by_id[node]["parent_id"]
+        return path[::-1]
 
     def tokens_today(self, user_id: UUID) -> int:
         rows = self._query(

@@ -33,6 +33,7 @@ from chatbot.bootstrap import chat_application
 from chatbot.config import Settings, load_settings
 from chatbot.messaging import (
     CANCEL_SUBJECT_PREFIX,
+    PROGRESS_SUBJECT_PREFIX,
     ReplyDone,
     ReplyError,
     TokenDelta,
@@ -163,6 +164,14 @@ class Worker:
         self.prompts = PromptBuilder()
         self.generating: dict[str, asyncio.Event] = {}  # reply id -> set to stop it
         self.cancelled: dict[str, float] = {}  # stops heard for replies not (yet) here
+        self.progress: dict[str, list[str]] = {}  # reply id -> the text parts written so far
+
+    async def on_progress(self, msg: Msg) -> None:
+        """A client reconnected mid-reply: send the text so far, if this worker writes it."""
+        reply_id = msg.subject.rsplit(".", 1)[-1]
+        parts = self.progress.get(reply_id)
+        if parts is not None and msg.reply:
+            await msg.respond(token_encoder.encode(TokenDelta(reply_id, 0, "".join(parts))))
 
     async def on_cancel(self, msg: Msg) -> None:
         reply_id = msg.subject.rsplit(".", 1)[-1]
@@ -220,7 +229,7 @@ class Worker:
         if self.cancelled.pop(reply_id, None) is not None:
             stop.set()  # stopped before it started
         heartbeat = asyncio.create_task(self.keep_alive(msg))
-        parts: list[str] = []
+        parts = self.progress[reply_id] = []
         counts: dict[str, Any] = {"prompt_tokens": 0, "completion_tokens": 0, "model_version": ""}
         offset = 0
         started = time.perf_counter()
@@ -254,6 +263,7 @@ class Worker:
         finally:
             heartbeat.cancel()
             self.generating.pop(reply_id, None)
+            self.progress.pop(reply_id, None)
         raise GenerationError("no final response")
 
     async def keep_alive(self, msg: Msg) -> None:
@@ -303,6 +313,7 @@ async def main(settings: Settings) -> None:
         ),
     )
     await nc.subscribe(f"{CANCEL_SUBJECT_PREFIX}.*", cb=worker.on_cancel)
+    await nc.subscribe(f"{PROGRESS_SUBJECT_PREFIX}.*", cb=worker.on_progress)
     tasks: set[asyncio.Task[None]] = set()
     log.info("consuming reply requests (up to %d at once)", CONCURRENCY)
     while not stop.is_set():

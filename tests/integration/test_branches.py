@@ -1,0 +1,160 @@
+"""Message trees over the real stack: regenerate, edit, branch switching, resumable
+streams, and conversation management (titles, rename, archive, delete, search, paging)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+
+from tests.client import ChatClient, collect_reply, recv, send
+from tests.integration.test_reliability_and_storage import long_talker
+
+pytestmark = pytest.mark.integration
+
+
+def done(n: int):
+    return lambda ms: len(ms) >= n and all(m["status"] != "pending" for m in ms)
+
+
+async def test_regenerate_and_edit_make_branches_that_rest_and_the_prompt_follow(client: ChatClient) -> None:
+    cid = await client.start_conversation()
+    async with client.ws() as ws:
+        await send(ws, cid, "Hello there, how are you?")
+        first, _, first_reply = await collect_reply(ws)
+        await ws.send(json.dumps({"type": "regenerate", "conversation_id": cid, "message_id": first["reply_id"]}))
+        again, tokens, again_reply = await collect_reply(ws)
+    assert again["message_id"] == first["message_id"] and again["reply_id"] != first["reply_id"]
+    assert again_reply["text"] == "".join(t["text"] for t in tokens)
+
+    branch = await client.messages_when(cid, lambda ms: len(ms) == 2 and ms[1]["id"] == again["reply_id"]
+                                        and ms[1]["status"] == "complete")
+    assert [m["id"] for m in branch] == [first["message_id"], again["reply_id"]]
+    assert branch[1]["siblings"] == [first["reply_id"], again["reply_id"]]
+    assert branch[1]["parent_id"] == first["message_id"] and branch[0]["parent_id"] is None
+
+    async with client.ws() as ws:
+        await ws.send(json.dumps({"type": "edit", "conversation_id": cid, "message_id": first["message_id"],
+                                  "text": "Tell me about ships."}))
+        edited, _, _ = await collect_reply(ws)
+    branch = await client.messages_when(cid, lambda ms: ms and ms[0]["id"] == edited["message_id"]
+                                        and ms[-1]["status"] == "complete")
+    assert branch[0]["text"] == "Tell me about ships."
+    assert branch[0]["siblings"] == [first["message_id"], edited["message_id"]]
+
+    # back to the first branch: it ends at its newest leaf, the regenerated reply
+    r = await client.http.post(f"/api/conversations/{cid}/branch", json={"message_id": first["message_id"]},
+                               headers=client.headers)
+    assert r.status_code == 200, r.text
+    assert [m["id"] for m in r.json()] == [first["message_id"], again["reply_id"]]
+    assert r.json()[1]["text"] == again_reply["text"]
+    branch = await client.messages_when(cid, lambda ms: ms and ms[-1]["id"] == again["reply_id"])
+    assert [m["id"] for m in branch] == [first["message_id"], again["reply_id"]]
+
+
+async def test_bad_branch_requests_get_clear_errors(client: ChatClient, other_client: ChatClient) -> None:
+    cid = await client.start_conversation()
+    async with client.ws() as ws:
+        await send(ws, cid, "Hi!")
+        accepted, _, _ = await collect_reply(ws)
+        await ws.send(json.dumps({"type": "regenerate", "conversation_id": cid, "message_id": str(uuid.uuid4())}))
+        assert (await recv(ws))["code"] == "not_found"
+        await ws.send(json.dumps({"type": "edit", "conversation_id": cid, "message_id": accepted["reply_id"],
+                                  "text": "x"}))
+        frame = await recv(ws)
+        assert frame["code"] == "rejected" and "only a user message" in frame["message"]
+        await ws.send(json.dumps({"type": "edit", "conversation_id": cid, "message_id": accepted["message_id"]}))
+        assert (await recv(ws))["code"] == "invalid"
+    async with other_client.ws() as ws:  # not theirs
+        await ws.send(json.dumps({"type": "regenerate", "conversation_id": cid, "message_id": accepted["reply_id"]}))
+        assert (await recv(ws))["code"] == "not_found"
+    r = await client.http.post(f"/api/conversations/{cid}/branch", json={"message_id": str(uuid.uuid4())},
+                               headers=client.headers)
+    assert r.status_code == 404 and r.json()["code"] == "message_not_found"
+    r = await other_client.http.post(f"/api/conversations/{cid}/branch", json={"message_id": accepted["message_id"]},
+                                     headers=other_client.headers)
+    assert r.status_code == 404
+
+
+async def test_a_client_that_reconnects_mid_reply_gets_the_text_so_far_then_the_rest(client: ChatClient, chat_app) -> None:
+    cid = await client.start_conversation(long_talker(chat_app))  # a long reply
+    async with client.ws() as ws:
+        await send(ws, cid, "Tell me a very long story.")
+        accepted = await recv(ws)
+        seen = ""
+        while len(seen) < 20:  # part of it, then the connection drops
+            frame = await recv(ws)
+            assert frame["type"] == "token"
+            seen += frame["text"]
+    async with client.ws() as ws:  # a refresh: a new socket
+        await ws.send(json.dumps({"type": "resume", "conversation_id": cid}))
+        resumed = await recv(ws)
+        assert resumed == {"type": "resumed", "conversation_id": cid, "reply_id": accepted["reply_id"]}
+        text = ""
+        while (frame := await recv(ws))["type"] == "token":
+            text += frame["text"]
+    assert frame["type"] == "reply"
+    assert text == frame["text"], "the text so far and the rest add up to the reply, nothing lost or doubled"
+    assert frame["text"].startswith(seen)
+    async with client.ws() as ws:  # nothing pending now
+        await ws.send(json.dumps({"type": "resume", "conversation_id": cid}))
+        assert await recv(ws) == {"type": "resumed", "conversation_id": cid, "reply_id": None}
+
+
+async def test_titles_rename_archive_delete_search_and_paging(client: ChatClient) -> None:
+    word = f"zebra{uuid.uuid4().hex[:6]}"
+    ids = []
+    async with client.ws() as ws:
+        for text in (f"What do {word} eat in winter?", "Plan a trip to Lisbon", "Explain photosynthesis simply"):
+            cid = await client.start_conversation()
+            ids.append(cid)
+            await send(ws, cid, text)
+            await collect_reply(ws)
+
+    async def listing(query: str = "") -> list[dict]:
+        for _ in range(200):
+            r = await client.get(f"/api/conversations{query}")
+            assert r.status_code == 200, r.text
+            if all(c["title"] != "New chat" for c in r.json()):
+                return list(r.json())
+            await asyncio.sleep(0.05)
+        return list(r.json())
+
+    rows = await listing()
+    assert [c["id"] for c in rows] == ids[::-1]  # newest first
+    assert rows[-1]["title"] == f"What do {word} eat in winter"  # titled after the first reply
+    page = await listing("?limit=2")
+    assert [c["id"] for c in page] == ids[:0:-1]
+    rest = await listing(f"?limit=2&before={page[-1]['updated_at']}")
+    assert [c["id"] for c in rest] == ids[:1]
+    assert [c["id"] for c in await listing(f"?q={word.upper()}")] == [ids[0]]  # title, any case
+    assert [c["id"] for c in await listing("?q=100%25")] == []  # % is a character, not a wildcard
+
+    r = await client.http.patch(f"/api/conversations/{ids[1]}", json={"title": "Lisbon weekend"}, headers=client.headers)
+    assert r.status_code == 204, r.text
+    r = await client.http.patch(f"/api/conversations/{ids[2]}", json={"archived": True}, headers=client.headers)
+    assert r.status_code == 204, r.text
+    r = await client.http.patch(f"/api/conversations/{ids[2]}", json={"title": ""}, headers=client.headers)
+    assert r.status_code == 400
+    r = await client.http.patch(f"/api/conversations/{ids[2]}", json={"colour": "red"}, headers=client.headers)
+    assert r.status_code == 400
+    r = await client.http.delete(f"/api/conversations/{ids[0]}", headers=client.headers)
+    assert r.status_code == 204, r.text
+
+    for _ in range(200):
+        rows = (await client.get("/api/conversations")).json()
+        if [c["id"] for c in rows] == [ids[1]] and rows[0]["title"] == "Lisbon weekend":
+            break
+        await asyncio.sleep(0.05)
+    assert [(c["id"], c["title"]) for c in rows] == [(ids[1], "Lisbon weekend")]
+    archived = (await client.get("/api/conversations?archived=true")).json()
+    assert [c["id"] for c in archived] == [ids[2]] and archived[0]["archived"] is True
+    assert (await client.get(f"/api/conversations/{ids[0]}/messages")).status_code == 404
+    assert (await client.get(f"/api/conversations/{ids[1]}")).json()["title"] == "Lisbon weekend"
+    # message text is searched too
+    assert [c["id"] for c in (await client.get("/api/conversations?q=lisbon")).json()] == [ids[1]]
+    async with client.ws() as ws:  # a deleted conversation takes no more messages
+        await send(ws, ids[0], "Are you there?")
+        assert (await recv(ws))["code"] == "not_found"
