@@ -26,6 +26,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/rebuild.py
+	$(BIN)/python bench/connections.py
+	$(BIN)/python bench/long_conversation.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

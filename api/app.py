@@ -7,22 +7,28 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from litestar import Litestar, MediaType, Request, Response, get
+from litestar import Litestar, Request, Response
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
-from litestar.response import File
-from litestar.static_files import create_static_files_router
 
+from api.account import AccountController
 from api.chat_socket import chat_socket
 from api.openai_compat import ApiKeyController, OpenAIController
-from api.routes import AuthController, ConversationController, HealthController, MeController, PersonaController
+from api.routes import (
+    AuthController,
+    ConversationController,
+    HealthController,
+    PersonaController,
+    ShareController,
+    TransferController,
+)
 from api.services import Services
-from chatbot.config import REPO_ROOT, load_settings
-from domain.conversation import ConversationError, ConversationNotFound, MessageNotFound, ReplyNotFound, ReplyStillPending
+from api.training import ConsentController
+from chatbot.config import load_settings
+from domain.conversation import ConversationError, ConversationNotFound, MessageNotFound, ShareNotFound, ReplyNotFound, ReplyStillPending
 from domain.persona import InvalidPersona, NotPersonaOwner, PersonaError, PersonaNotFound, SlugTaken
 from domain.user import ApiKeyNotFound, EmailAlreadyRegistered, InvalidCredentials, UserError
-
-WEB = REPO_ROOT / "web"
+from web.pages import page_handlers, template_config
 
 # domain error -> (HTTP status, error code); the most specific class wins.
 ERROR_STATUS: list[tuple[type[Exception], int, str]] = [
@@ -31,6 +37,7 @@ ERROR_STATUS: list[tuple[type[Exception], int, str]] = [
     (ApiKeyNotFound, 404, "api_key_not_found"),
     (UserError, 400, "invalid_user"),
     (ConversationNotFound, 404, "not_found"),
+    (ShareNotFound, 404, "share_not_found"),
     (MessageNotFound, 404, "message_not_found"),
     (ReplyNotFound, 404, "not_found"),
     (PersonaNotFound, 404, "persona_not_found"),
@@ -47,11 +54,6 @@ def domain_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str
         if isinstance(exc, cls):
             return Response({"code": code, "detail": str(exc)}, status_code=status)
     return Response({"code": "error", "detail": "internal error"}, status_code=500)
-
-
-@get("/", media_type=MediaType.HTML, include_in_schema=False)
-async def index() -> File:
-    return File(WEB / "index.html", content_disposition_type="inline")
 
 
 def create_app() -> Litestar:
@@ -71,10 +73,12 @@ def create_app() -> Litestar:
 
     return Litestar(
         route_handlers=[
-            index, chat_socket, AuthController, MeController, PersonaController, ConversationController,
-            HealthController, create_static_files_router(path="/static", directories=[WEB], include_in_schema=False),
-            ApiKeyController, OpenAIController,
+            chat_socket, AuthController, PersonaController, ConversationController,
+            HealthController, ApiKeyController, OpenAIController, ShareController, TransferController, ConsentController,
+            AccountController,  # GET /api/me (MeController's) and DELETE /api/me
+            *page_handlers(settings),  # the web UI: server-rendered pages and their static files
         ],
+        template_config=template_config,
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers={UserError: domain_error, ConversationError: domain_error, PersonaError: domain_error},
         lifespan=[lifespan],

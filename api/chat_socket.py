@@ -8,19 +8,31 @@ Token deltas carry their character offset: a reply regenerated after a worker cr
 repeats text already sent, and the session forwards only what the client has not seen.
 A single writer task owns the socket's send side.
 
+Frames are handled concurrently, in one lane per conversation (a `stop`: per reply):
+frames of one conversation are handled in the order they came, each after the one before
+it has been answered, while frames of other conversations go ahead. At most
+`MAX_IN_FLIGHT` frames of a socket are in hand at once; beyond that the session stops
+reading the socket until one is answered. Resumes are handled one at a time.
+
 `regenerate` and `edit` frames make a sibling reply or a new branch, answered like `send`
 with an `accepted` frame. A client that reconnects (a refresh, another API process) sends
 `resume`: the session follows the conversation again and asks the worker writing its
 pending reply for the text so far (a request on `chat.progress.<reply>`); deltas that
 arrive meanwhile wait, then go through the same offset filter, so the client gets the
 text so far once and then the rest, with nothing lost or doubled.
+
+Token messages travel on core NATS, which delivers at most once: when a NATS node dies,
+the messages on their way through it are lost, a reply's end among them. So a reply this
+socket waits for that has been quiet for `QUIET_S` is looked up in the read model, and
+if it has ended there, its `reply` frame is sent from there (`watch`): a client never
+waits for an end that was lost on the way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 from uuid import UUID, uuid4
 
@@ -31,6 +43,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from api.auth import user_of
+from api.limits import Limited
 from api.routes import owner_of
 from api.schemas import CLIENT_FRAME_TYPES, ClientFrame, EditFrame, RegenerateFrame, ResumeFrame, SendFrame, StopFrame
 from api.services import Services
@@ -41,16 +54,20 @@ from chatbot.messaging import (
     cancel_subject,
     progress_subject,
     token_decoder,
+    token_encoder,
     token_subject,
     unseen_text,
 )
+from domain.application import PostedMessage
 from domain.conversation import ConversationError, ConversationNotFound, MessageNotFound
 
 log = logging.getLogger("api.ws")
 frame_decoder = msgspec.json.Decoder(ClientFrame)
 encoder = msgspec.json.Encoder()
 MAX_SUBSCRIPTIONS = 32  # conversations one socket follows at once
+MAX_IN_FLIGHT = 64  # frames of one socket being handled at once
 PROGRESS_TIMEOUT_S = 1.0  # how long a resume waits for the worker's text so far
+QUIET_S = 5.0  # a reply waited for and unheard of this long is looked up in the read model
 
 
 class ChatSession:
@@ -62,6 +79,13 @@ class ChatSession:
         self.replies: dict[UUID, UUID] = {}  # reply id -> conversation, for replies sent here
         self.resuming: dict[str, list[TokenDelta]] = {}  # reply id -> deltas held until the text so far
         self.holding: set[UUID] = set()  # conversations being resumed: their deltas are held
+        self.lanes: dict[Any, asyncio.Task[None]] = {}  # conversation (or reply) -> its newest frame's task
+        self.in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self.following = asyncio.Lock()  # subscribing and unsubscribing, one at a time
+        self.resume_lock = asyncio.Lock()  # one resume at a time: held deltas are that resume's
+        self.awaited: dict[str, tuple[UUID, float]] = {}  # reply id -> (conversation, last heard of) until its end
+        self.ended: set[str] = set()  # replies whose end `watch` sent from the read model
+        self.watcher: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         writer = asyncio.create_task(self.write())
@@ -77,6 +101,11 @@ class ChatSession:
         except WebSocketDisconnect:
             pass
         finally:
+            # what is in hand finishes (a command in a thread cannot be called back anyway)
+            while self.lanes:
+                await asyncio.wait(list(self.lanes.values()))
+            if self.watcher is not None:
+                self.watcher.cancel()
             for sub in self.subscriptions.values():
                 await sub.unsubscribe()
             self.outbox.put_nowait(None)
@@ -99,18 +128,40 @@ class ChatSession:
             return self.error("frame_too_large", f"frames are at most {limit} bytes, this one has {size}")
         try:
             frame = frame_decoder.decode(raw)
+        except RecursionError:  # deep nesting where the "type" tag is looked for
+            return self.error("malformed", "a frame nests too deeply")
         except msgspec.DecodeError as e:
             return self.error(*self.explain(raw, e))
-        if isinstance(frame, SendFrame):
-            await self.on_send(frame)
-        elif isinstance(frame, StopFrame):
-            await self.on_stop(frame)
-        elif isinstance(frame, RegenerateFrame):
-            await self.on_regenerate(frame)
-        elif isinstance(frame, EditFrame):
-            await self.on_edit(frame)
-        elif isinstance(frame, ResumeFrame):
-            await self.on_resume(frame)
+        lane: Any = ("reply", frame.reply_id) if isinstance(frame, StopFrame) else frame.conversation_id
+        await self.in_flight.acquire()
+        task = asyncio.create_task(self.handle(frame, self.lanes.get(lane)))
+        self.lanes[lane] = task
+        task.add_done_callback(lambda done: self.lanes.pop(lane) if self.lanes.get(lane) is done else None)
+
+    async def handle(self, frame: ClientFrame, before: asyncio.Task[None] | None) -> None:
+        """Handle a frame after the frame before it in its lane; an unexpected failure
+        is answered with an `internal` error frame, and the connection stays usable."""
+        try:
+            if before is not None:
+                await asyncio.wait([before])
+            if isinstance(frame, SendFrame):
+                await self.on_send(frame)
+            elif isinstance(frame, StopFrame):
+                await self.on_stop(frame)
+            elif isinstance(frame, RegenerateFrame):
+                await self.on_regenerate(frame)
+            elif isinstance(frame, EditFrame):
+                await self.on_edit(frame)
+            elif isinstance(frame, ResumeFrame):
+                async with self.resume_lock:
+                    await self.on_resume(frame)
+        except Exception:
+            log.exception("handling a %s frame", type(frame).__name__)
+            ids = {k: str(v) for k in ("conversation_id", "client_message_id", "reply_id")
+                   if (v := getattr(frame, k, None)) is not None}
+            self.error("internal", "the frame could not be handled; try again", **ids)
+        finally:
+            self.in_flight.release()
 
     async def on_stop(self, frame: StopFrame) -> None:
         """Ask whichever worker generates the reply to stop; its final `reply` frame
@@ -127,6 +178,8 @@ class ChatSession:
         """Tell a malformed frame from an unknown type from a bad field."""
         try:
             value = msgspec.json.decode(raw)
+        except RecursionError:  # msgspec's answer to very deep nesting, not a DecodeError
+            return "malformed", "a frame nests too deeply"
         except msgspec.DecodeError:
             return "malformed", "a frame is a JSON object"
         if not isinstance(value, dict) or not isinstance(value.get("type"), str):
@@ -158,12 +211,9 @@ class ChatSession:
         """Run a command that requests a reply (after the rate limit), following the
         conversation first so no token can arrive unheard; answer `accepted` or an error."""
         ids = {"conversation_id": str(conversation_id), **ids}
-        limited = await self.services.call(self.services.limits.check_send, self.user_id)
-        if limited is not None:
-            return self.error("rate_limited", limited.message, retry_after=limited.retry_after, **ids)
+        subscribed = await self.follow(conversation_id)
         try:
-            await self.follow(conversation_id)
-            posted = await self.services.call(command, *args)
+            posted = await self.services.call(self.limited, command, *args)  # one trip to a thread
         except ConversationNotFound:
             await self.unfollow(conversation_id)
             return self.error("not_found", "no such conversation", **ids)
@@ -171,11 +221,21 @@ class ChatSession:
             return self.error("not_found", "no such message in this conversation", **ids)
         except ConversationError as e:
             return self.error("rejected", str(e), **ids)
+        if isinstance(posted, Limited):
+            if subscribed:
+                await self.unfollow(conversation_id)
+            return self.error("rate_limited", posted.message, retry_after=posted.retry_after, **ids)
         self.replies[posted.reply_id] = conversation_id
+        self.await_end(str(posted.reply_id), conversation_id)
         self.outbox.put_nowait({
             "type": "accepted", **ids, "message_id": str(posted.message_id),
             "reply_id": str(posted.reply_id), "duplicate": not posted.created,
         })
+
+    def limited(self, command: Callable[..., PostedMessage], *args: Any) -> PostedMessage | Limited:
+        """The rate limit, then (if within it) the command; in a thread."""
+        limited = self.services.limits.check_send(self.user_id)
+        return limited if limited is not None else command(*args)
 
     async def on_resume(self, frame: ResumeFrame) -> None:
         """Follow the conversation again; for a reply being written, send its text so far
@@ -192,13 +252,14 @@ class ChatSession:
             if rid is not None:
                 self.replies[reply_id] = conversation_id
                 self.resuming.setdefault(rid, [])
+                self.await_end(rid, conversation_id)
             self.outbox.put_nowait({"type": "resumed", "conversation_id": cid, "reply_id": rid})
             so_far = await self.text_so_far(rid) if rid else None
         except ConversationNotFound:
             return self.error("not_found", "no such conversation", conversation_id=cid)
         finally:
             self.holding.discard(conversation_id)
-        # Frames are handled one at a time, so everything held is this resume's: the text so
+        # Resumes are handled one at a time, so everything held is this resume's: the text so
         # far and what followed it, then any other reply's deltas. A reply that finished
         # meanwhile has no entry any more (its `reply` frame went out with the whole text).
         held = self.resuming.pop(rid, None) if rid else None
@@ -218,21 +279,28 @@ class ChatSession:
             return None
         return so_far if isinstance(so_far, TokenDelta) else None
 
-    async def follow(self, conversation_id: UUID) -> None:
-        if conversation_id in self.subscriptions:
-            return
-        if len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
-            oldest = next(iter(self.subscriptions))
-            await self.unfollow(oldest)
+    async def follow(self, conversation_id: UUID) -> bool:
+        """Subscribe to the conversation's tokens; False if this socket follows it already."""
+        async with self.following:  # two lanes never subscribe to one conversation twice
+            if conversation_id in self.subscriptions:
+                return False
+            if len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
+                oldest = next(iter(self.subscriptions))
+                await self._unfollow(oldest)
 
-        async def forward(msg: Msg) -> None:
-            self.on_token_message(conversation_id, msg.data)
+            async def forward(msg: Msg) -> None:
+                self.on_token_message(conversation_id, msg.data)
 
-        self.subscriptions[conversation_id] = await self.services.nc.subscribe(
-            token_subject(conversation_id), cb=forward
-        )
+            self.subscriptions[conversation_id] = await self.services.nc.subscribe(
+                token_subject(conversation_id), cb=forward
+            )
+            return True
 
     async def unfollow(self, conversation_id: UUID) -> None:
+        async with self.following:
+            await self._unfollow(conversation_id)
+
+    async def _unfollow(self, conversation_id: UUID) -> None:
         sub = self.subscriptions.pop(conversation_id, None)
         if sub is not None:
             await sub.unsubscribe()
@@ -244,6 +312,12 @@ class ChatSession:
             log.warning("dropping an undecodable token message")
             return
         cid = str(conversation_id)
+        if message.reply_id in self.ended:
+            return  # its end went out already, from the read model
+        if message.reply_id in self.awaited:
+            self.awaited[message.reply_id] = (conversation_id, asyncio.get_running_loop().time())
+        if not isinstance(message, TokenDelta):
+            self.awaited.pop(message.reply_id, None)
         if isinstance(message, TokenDelta):
             held = self.resuming.get(message.reply_id)
             if held is None and conversation_id in self.holding:
@@ -269,6 +343,35 @@ class ChatSession:
                 "text": "", "finish_reason": "error",
             })
 
+
+    def await_end(self, reply_id: str, conversation_id: UUID) -> None:
+        """Wait for the reply's end; `watch` looks it up if it is quiet for too long."""
+        self.awaited[reply_id] = (conversation_id, asyncio.get_running_loop().time())
+        if self.watcher is None or self.watcher.done():
+            self.watcher = asyncio.create_task(self.watch())
+
+    async def watch(self) -> None:
+        """Send the end of a reply that ended without this socket hearing of it (its end
+        was lost on a NATS node that died), from the read model; until none is awaited."""
+        while self.awaited:
+            await asyncio.sleep(QUIET_S / 2)
+            now = asyncio.get_running_loop().time()
+            for reply_id, (conversation_id, heard) in list(self.awaited.items()):
+                if now - heard < QUIET_S:
+                    continue
+                self.awaited[reply_id] = (conversation_id, now)  # quiet from now on, if still pending
+                try:
+                    row = await self.services.call(self.services.readmodels.message, UUID(reply_id))
+                except Exception:  # noqa: BLE001 - the database is away: ask again later
+                    log.warning("looking up quiet reply %s", reply_id, exc_info=True)
+                    continue
+                if reply_id not in self.awaited or row is None or row["status"] == "pending":
+                    continue  # its end came meanwhile, or it is being written (or queued)
+                log.info("reply %s ended unheard: its end is sent from the read model", reply_id)
+                end = (ReplyDone(reply_id, row["text"], row["finish_reason"] or "stop") if row["status"] == "complete"
+                       else ReplyError(reply_id, "the reply failed"))
+                self.on_token_message(conversation_id, token_encoder.encode(end))
+                self.ended.add(reply_id)
 
     def forward_delta(self, cid: str, delta: TokenDelta) -> None:
         text, self.delivered[delta.reply_id] = unseen_text(delta, self.delivered.get(delta.reply_id, 0))

@@ -3,22 +3,39 @@
 Messages per minute: a fixed-window counter in PostgreSQL, one upsert per send (the API
 processes share nothing else, and the database is already on the send path). Tokens per
 day: the `rm_usage` read model, which the projector keeps from `ReplyCompleted` events, so
-the quota lags a reply by the projector's few milliseconds.
+the quota lags a reply by the projector's few milliseconds. Both are one statement, sent
+with its transaction in one round trip; the count commits without waiting for its fsync
+(`synchronous_commit = off`): a crash of the database can forget the last few counts of
+the current minute, and nothing else. Sends that arrive while a count is under way are
+counted together, in one statement (domain/batching.py): each still gets its own place
+in its user's count, as if counted one by one.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from uuid import UUID
 
+from domain.batching import Batcher, Item
 from projections.readmodels import ReadModelRecorder
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS rate_windows (
     user_id uuid NOT NULL, window_start bigint NOT NULL, count int NOT NULL,
     PRIMARY KEY (user_id, window_start))"""
 WINDOW_S = 60
+# Add n messages to each (user, window) and return the users' counts after them and (when
+# asked) their tokens today, as `ReadModelRecorder.tokens_today` reads them. Rows are
+# locked in key order, so two processes' batches cannot deadlock.
+COUNT_AND_USAGE = """WITH counted AS (
+    INSERT INTO rate_windows SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::int[]) AS t ORDER BY 1, 2
+    ON CONFLICT (user_id, window_start) DO UPDATE SET count = rate_windows.count + EXCLUDED.count
+    RETURNING user_id, window_start, count)
+SELECT counted.*, CASE WHEN %s::bool THEN coalesce((SELECT tokens FROM rm_usage u
+    WHERE u.user_id = counted.user_id AND u.day = (now() AT TIME ZONE 'UTC')::date), 0) ELSE 0 END AS tokens
+FROM counted"""
 
 
 @dataclass(frozen=True)
@@ -27,11 +44,40 @@ class Limited:
     retry_after: int  # seconds
 
 
+class WindowCounts(Batcher[tuple[UUID, int], tuple[int, int]]):
+    """Counts (user, window) sends in batches; each send's answer is (its place in the
+    user's count of the window, the user's tokens today)."""
+
+    def __init__(self, readmodels: ReadModelRecorder, with_tokens: bool) -> None:
+        super().__init__()
+        self.readmodels, self.with_tokens = readmodels, with_tokens
+
+    def run(self, batch: list[Item[tuple[UUID, int], tuple[int, int]]]) -> None:
+        added = Counter(item.value for item in batch)
+        keys = sorted(added)
+        with self.readmodels.datastore.get_connection() as conn, conn.cursor() as curs:
+            with conn.pipeline(), conn.transaction():  # BEGIN .. COMMIT in one round trip
+                curs.execute("SET LOCAL synchronous_commit = off")
+                curs.execute(COUNT_AND_USAGE, (
+                    [u for u, _ in keys], [w for _, w in keys], [added[k] for k in keys], self.with_tokens,
+                ), prepare=True)
+                if random.random() < 0.01:  # now and then, forget old windows
+                    conn.execute("DELETE FROM rate_windows WHERE window_start < %s", (keys[0][1] - 1,))
+            rows = curs.fetchall()
+        totals = {(r["user_id"], int(r["window_start"])): (int(r["count"]), int(r["tokens"])) for r in rows}
+        assert set(totals) == set(added), "every (user, window) was counted"
+        places = {k: totals[k][0] - n for k, n in added.items()}  # the count before this batch
+        for item in batch:
+            places[item.value] += 1
+            item.succeed((places[item.value], totals[item.value][1]))
+
+
 class RateLimiter:
     def __init__(self, readmodels: ReadModelRecorder, per_minute: int, tokens_per_day: int) -> None:
         self.readmodels = readmodels
         self.per_minute = per_minute
         self.tokens_per_day = tokens_per_day
+        self.counts = WindowCounts(readmodels, with_tokens=bool(tokens_per_day))
 
     def create_table(self) -> None:
         with self.readmodels.datastore.transaction(commit=True) as curs:
@@ -40,23 +86,15 @@ class RateLimiter:
     def check_send(self, user_id: UUID) -> Limited | None:
         """Count one message against the user's limits; a `Limited` says when to retry."""
         now = time.time()
-        window = int(now // WINDOW_S)
-        with self.readmodels.datastore.transaction(commit=True) as curs:
-            curs.execute(
-                "INSERT INTO rate_windows VALUES (%s, %s, 1) ON CONFLICT (user_id, window_start)"
-                " DO UPDATE SET count = rate_windows.count + 1 RETURNING count",
-                (user_id, window),
-            )
-            row = curs.fetchone()
-            count = int(row["count"]) if row else 0
-            if random.random() < 0.01:  # now and then, forget old windows
-                curs.execute("DELETE FROM rate_windows WHERE window_start < %s", (window - 1,))
+        counted = self.counts.submit((user_id, int(now // WINDOW_S)))
+        assert counted is not None, "a count answers with a place and tokens"
+        count, tokens = counted
         if count > self.per_minute:
             return Limited(
                 f"at most {self.per_minute} messages a minute; try again shortly",
                 retry_after=int(WINDOW_S - now % WINDOW_S) + 1,
             )
-        if self.tokens_per_day and self.readmodels.tokens_today(user_id) >= self.tokens_per_day:
+        if self.tokens_per_day and tokens >= self.tokens_per_day:
             return Limited(
                 f"the daily quota of {self.tokens_per_day} tokens is used up; it resets at midnight UTC",
                 retry_after=int(86400 - now % 86400) + 1,

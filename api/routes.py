@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any
 from uuid import UUID
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.datastructures import Cookie
-from litestar.exceptions import NotFoundException
+from litestar.exceptions import NotFoundException, ValidationException
 from litestar.params import Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT, HTTP_503_SERVICE_UNAVAILABLE
 
@@ -19,6 +19,9 @@ from api.services import Services
 from domain.application import DEFAULT_PERSONA
 from domain.conversation import ConversationNotFound
 from domain.ids import persona_id_for
+from domain.transfer import to_markdown
+
+MAX_IMPORT_BYTES = 64 * 1024 * 1024  # a ChatGPT export of a heavy user
 
 
 class AuthController(Controller):
@@ -50,7 +53,8 @@ class MeController(Controller):
     async def get_me(self, request: Request[Any, Any, Any], services: Services) -> schemas.Me:
         user_id = require_user(request, services.settings.secret_key)
         email = await services.call(services.app.user_email, user_id)
-        return schemas.Me(user_id=user_id, email=email)
+        consent = await services.call(services.app.training_consent, user_id)
+        return schemas.Me(user_id=user_id, email=email, training_consent=consent)
 
 
 class PersonaController(Controller):
@@ -113,11 +117,14 @@ class ConversationController(Controller):
     async def create_conversation(
         self, request: Request[Any, Any, Any], services: Services, data: schemas.ConversationCreate | None = None
     ) -> schemas.Conversation:
+        """A new conversation; with `expires_in_s`, a temporary one, gone after that time."""
         user_id = require_user(request, services.settings.secret_key)
         persona_id = data.persona_id if data else None
-        conversation_id = await services.call(services.app.start_conversation, user_id, persona_id)
+        keep_for = timedelta(seconds=data.expires_in_s) if data and data.expires_in_s else None
+        conversation_id = await services.call(services.app.start_conversation, user_id, persona_id, keep_for)
         persona = persona_id or persona_id_for(DEFAULT_PERSONA)
-        return schemas.Conversation(id=conversation_id, persona_id=persona, title="New chat")
+        expires_at = datetime.now(timezone.utc) + keep_for if keep_for else None
+        return schemas.Conversation(id=conversation_id, persona_id=persona, title="New chat", expires_at=expires_at)
 
     @get("/")
     async def list_conversations(
@@ -148,11 +155,15 @@ class ConversationController(Controller):
         self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID,
         data: schemas.ConversationUpdate,
     ) -> None:
-        """Rename (`title`) or archive/unarchive (`archived`); recorded as events."""
+        """Rename (`title`), archive or unarchive (`archived`), make temporary or keep for
+        good (`expires_in_s`); recorded as events."""
         user_id = require_user(request, services.settings.secret_key)
         title = None if data.title is msgspec.UNSET else data.title
         archived = None if data.archived is msgspec.UNSET else data.archived
-        await services.call(services.app.update_conversation, conversation_id, user_id, title, archived)
+        keep_for: timedelta | None | bool = False
+        if data.expires_in_s is not msgspec.UNSET:
+            keep_for = timedelta(seconds=data.expires_in_s) if data.expires_in_s else None
+        await services.call(services.app.update_conversation, conversation_id, user_id, title, archived, keep_for)
 
     @delete("/{conversation_id:uuid}", status_code=HTTP_204_NO_CONTENT)
     async def delete_conversation(
@@ -191,6 +202,92 @@ class ConversationController(Controller):
         """Rate a reply (thumbs up or down, with an optional comment), recorded as an event."""
         user_id = require_user(request, services.settings.secret_key)
         await services.call(services.app.give_feedback, conversation_id, user_id, message_id, data.rating, data.comment)
+
+
+    @get("/{conversation_id:uuid}/export")
+    async def export_conversation(
+        self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID,
+        format: Annotated[str, Parameter(pattern="^(json|markdown)$")] = "json",
+    ) -> Response[Any]:
+        """The conversation with every branch as JSON, or its active branch as Markdown."""
+        user_id = require_user(request, services.settings.secret_key)
+        export = await services.call(services.app.export_conversation, conversation_id, user_id)
+        if format == "markdown":
+            return Response(
+                to_markdown(export), media_type="text/markdown; charset=utf-8",
+                headers={"Content-Disposition": f'attachment; filename="conversation-{conversation_id}.md"'},
+            )
+        return Response(export, headers={"Content-Disposition": f'attachment; filename="conversation-{conversation_id}.json"'})
+
+    @post("/{conversation_id:uuid}/shares", status_code=HTTP_201_CREATED)
+    async def share_conversation(
+        self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID
+    ) -> schemas.ShareCreated:
+        """A read-only snapshot of the active branch as it is now, readable by anyone with
+        the link until revoked."""
+        user_id = require_user(request, services.settings.secret_key)
+        share_id = await services.call(services.app.share_conversation, conversation_id, user_id)
+        return schemas.ShareCreated(id=share_id, url=f"/s/{share_id}", api_url=f"/api/shares/{share_id}")
+
+    @get("/{conversation_id:uuid}/shares")
+    async def list_shares(
+        self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID
+    ) -> list[schemas.ShareInfo]:
+        user_id = require_user(request, services.settings.secret_key)
+        await check_owner(services, conversation_id, user_id)
+        rows = await services.call(services.readmodels.shares, conversation_id)
+        return [schemas.ShareInfo(**r) for r in rows]
+
+    @delete("/{conversation_id:uuid}/shares/{share_id:uuid}", status_code=HTTP_204_NO_CONTENT)
+    async def revoke_share(
+        self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID, share_id: UUID
+    ) -> None:
+        user_id = require_user(request, services.settings.secret_key)
+        await services.call(services.app.revoke_share, conversation_id, user_id, share_id)
+
+
+class TransferController(Controller):
+    path = "/api"
+
+    @get("/export")
+    async def export_all(self, request: Request[Any, Any, Any], services: Services) -> Response[Any]:
+        """Every conversation of the user (archived ones too), every branch, as JSON."""
+        user_id = require_user(request, services.settings.secret_key)
+
+        def export() -> list[dict[str, Any]]:
+            ids = [r["id"] for archived in (False, True)
+                   for r in services.readmodels.conversations(user_id, 100_000, archived=archived)]
+            return [services.app.export_conversation(cid, user_id) for cid in ids]
+
+        conversations = await services.call(export)
+        return Response(
+            {"format": "chatbot.export.v1", "conversations": conversations},
+            headers={"Content-Disposition": 'attachment; filename="conversations.json"'},
+        )
+
+    @post("/import", status_code=HTTP_201_CREATED, request_max_body_size=MAX_IMPORT_BYTES)
+    async def import_chatgpt(self, request: Request[Any, Any, Any], services: Services) -> schemas.ImportResult:
+        """Import ChatGPT's `conversations.json` (the body, as is). Conversations that cannot
+        be read are listed under `skipped` with the reason; the rest are imported."""
+        user_id = require_user(request, services.settings.secret_key)
+        try:
+            data = msgspec.json.decode(await request.body())
+        except msgspec.DecodeError as e:
+            raise ValidationException(f"the body is not JSON: {e}") from None
+        result = await services.call(services.app.import_conversations, user_id, data)
+        return schemas.ImportResult(**result)
+
+
+class ShareController(Controller):
+    path = "/api/shares"
+
+    @get("/{share_id:uuid}")
+    async def get_share(self, services: Services, share_id: UUID) -> schemas.Share:
+        """A shared snapshot: public, read-only; 404 once revoked."""
+        row = await services.call(services.readmodels.share, share_id)
+        if row is None:
+            raise NotFoundException("no such share (it may have been revoked)")
+        return schemas.Share(**row)
 
 
 async def owner_of(services: Services, conversation_id: UUID) -> UUID | None:

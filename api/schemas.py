@@ -30,10 +30,16 @@ class LoggedIn(msgspec.Struct):
 class Me(msgspec.Struct):
     user_id: UUID
     email: str
+    training_consent: bool = False  # may their messages train a model (PUT /api/me/consent)
+
+
+KeepFor = Annotated[int, msgspec.Meta(ge=60, le=365 * 24 * 3600)]
 
 
 class ConversationCreate(msgspec.Struct, forbid_unknown_fields=True):
     persona_id: UUID | None = None
+    # a temporary conversation: it expires this many seconds from now
+    expires_in_s: KeepFor | None = None
 
 
 class Conversation(msgspec.Struct):
@@ -42,6 +48,7 @@ class Conversation(msgspec.Struct):
     title: str
     message_count: int = 0
     archived: bool = False
+    expires_at: datetime | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
@@ -51,6 +58,44 @@ class ConversationUpdate(msgspec.Struct, forbid_unknown_fields=True):
 
     title: Annotated[str, msgspec.Meta(min_length=1, max_length=80)] | msgspec.UnsetType = msgspec.UNSET
     archived: bool | msgspec.UnsetType = msgspec.UNSET
+    # seconds from now until the conversation expires; null keeps it for good
+    expires_in_s: KeepFor | None | msgspec.UnsetType = msgspec.UNSET
+
+
+class ShareCreated(msgspec.Struct):
+    id: UUID
+    url: str  # the page
+    api_url: str  # the snapshot as JSON
+
+
+class ShareInfo(msgspec.Struct):
+    id: UUID
+    created_at: datetime
+    revoked: bool
+
+
+class SharedMessage(msgspec.Struct):
+    role: str
+    text: str
+
+
+class Share(msgspec.Struct):
+    id: UUID
+    title: str
+    persona_name: str
+    messages: list[SharedMessage]
+    created_at: datetime
+
+
+class ImportSkipped(msgspec.Struct):
+    index: int
+    reason: str
+
+
+class ImportResult(msgspec.Struct):
+    imported: int
+    conversation_ids: list[UUID]
+    skipped: list[ImportSkipped]
 
 
 class BranchSelect(msgspec.Struct, forbid_unknown_fields=True):

@@ -13,8 +13,10 @@ from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
 
+from chatbot.messaging import event_name
 from domain.application import ChatApplication
 from domain.conversation import Conversation, ConversationNotFound
+from domain.user import AccountErased
 
 HIDDEN = {"originator_id", "originator_version", "timestamp", "originator_topic"}
 
@@ -54,7 +56,10 @@ def audit(
     at: datetime | None = None,
 ) -> dict[str, Any]:
     """The events up to `at_version` / `at` and the conversation as it stood then."""
-    events = list(app.events.get(conversation_id))
+    try:
+        events = list(app.events.get(conversation_id))
+    except AccountErased:
+        return erased_report(app, conversation_id, at_version)
     if not events or not isinstance(events[0], Conversation.Started):
         raise ConversationNotFound(str(conversation_id))
     if at is not None:
@@ -88,7 +93,28 @@ def audit(
     })
 
 
+def erased_report(app: ChatApplication, conversation_id: UUID, at_version: int | None = None) -> dict[str, Any]:
+    """What is left of a conversation whose owner was erased: the events' versions and
+    types, no time (it is inside the ciphertext), no content. Nothing can be recorded on
+    it any more, so this look is not."""
+    stored = [e for e in app.recorder.select_events(conversation_id)
+              if at_version is None or e.originator_version <= at_version]
+    return jsonable({
+        "conversation_id": conversation_id,
+        "erased": True,
+        "version": stored[-1].originator_version if stored else 0,
+        "events": [{"version": e.originator_version, "time": None, "type": event_name(e.topic),
+                    "actor": None, "status": "erased", "data": None} for e in stored],
+        "state": None,
+    })
+
+
 def render_text(report: dict[str, Any]) -> str:
+    if report.get("erased"):
+        lines = [f"conversation {report['conversation_id']}: erased (its owner's key is destroyed;"
+                 " nothing can be read, and this look is not recorded)", ""]
+        lines += [f"  v{e['version']:<4} {e['type']:<18} erased" for e in report["events"]]
+        return "\n".join(lines)
     lines = [f"conversation {report['conversation_id']} at version {report['version']}", ""]
     for e in report["events"]:
         data = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in e["data"].items())

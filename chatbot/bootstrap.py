@@ -19,9 +19,9 @@ def chat_application(settings: Settings, create_tables: bool = False) -> ChatApp
 
 
 async def _ensure_stream(settings: Settings) -> None:
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_servers)
     try:
-        await ensure_stream(nc.jetstream(), settings.stream_name)
+        await ensure_stream(nc.jetstream(), settings.stream_name, settings.stream_replicas)
     finally:
         await nc.drain()
 

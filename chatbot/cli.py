@@ -19,7 +19,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     ports = Ports(api=args.port)
-    stack = Stack(settings, ports, workers=args.workers, apis=args.api)
+    stack = Stack(settings, ports, workers=args.workers, apis=args.api, nats_nodes=3 if args.nats_cluster else 1,
+                  projectors=args.projectors, worker_groups=args.worker_groups)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -36,7 +37,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(
         "\n  Chat:       " + "  ".join(u + "/" for u in stack.api_urls)
         + f"\n  Triton:     http://127.0.0.1:{ports.triton_http} (gRPC {ports.triton_grpc}, metrics {ports.triton_metrics})"
-        + f"\n  NATS:       nats://127.0.0.1:{ports.nats} (monitor http://127.0.0.1:{ports.nats_monitor})"
+        + f"\n  NATS:       {stack.settings.nats_url} (monitor http://127.0.0.1:{ports.nats_monitor})"
         + f"\n  PostgreSQL: socket in {stack.settings.pg_host}"
         + "\n\nPress Ctrl-C to stop.\n",
         flush=True,
@@ -85,11 +86,20 @@ def cmd_projector(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bootstrap(_: argparse.Namespace) -> int:
+    """Tables, the event stream (CHATBOT_STREAM_REPLICAS copies) and the built-in personas:
+    run once before the other processes of a deployment (`chatbot up` does it itself)."""
+    from chatbot.bootstrap import bootstrap
+
+    bootstrap(load_settings())
+    return 0
+
+
 def cmd_triton(args: argparse.Namespace) -> int:
     from chatbot.launcher import Ports, triton_argv, triton_env
 
     ports = Ports(triton_http=args.http_port, triton_grpc=args.grpc_port, triton_metrics=args.metrics_port)
-    argv = triton_argv(ports)
+    argv = triton_argv(ports, load_settings().model_repository)
     os.execve(argv[0], argv, triton_env())
 
 
@@ -109,10 +119,20 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from datetime import datetime
     from uuid import UUID
 
+    from eventsourcing.persistence import MapperDeserialisationError
+
     from chatbot.audit import audit, render_text
     from chatbot.bootstrap import chat_application
     from domain.conversation import ConversationError
 
+    if args.verify:
+        return cmd_verify(args)
+    if args.conversation_id is None or args.user or args.all:
+        print("chatbot audit: name one CONVERSATION_ID (--user and --all go with --verify)", file=sys.stderr)
+        return 2
+    if not args.reason:
+        print("chatbot audit: --reason is required: why you are reading it (it is recorded)", file=sys.stderr)
+        return 2
     settings, _postgres = tool_settings()
     app = chat_application(settings)
     try:
@@ -127,9 +147,85 @@ def cmd_audit(args: argparse.Namespace) -> int:
     except ConversationError as e:
         print(f"chatbot audit: no such conversation: {e}", file=sys.stderr)
         return 1
+    except MapperDeserialisationError as e:  # a stored event does not decrypt: it was altered
+        print(f"chatbot audit: {e}\nrun `chatbot audit --verify {conversation_id}` to see what was changed",
+              file=sys.stderr)
+        return 1
     finally:
         app.close()
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else render_text(report))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """`chatbot audit --verify`: exit 0 if the chain is intact, 1 if anything is wrong."""
+    from uuid import UUID
+
+    from chatbot.bootstrap import chat_application
+    from chatbot.integrity import render_verification, verify
+    from domain.ids import user_id_for
+    from domain.user import UserError, check_email
+
+    if sum(bool(x) for x in (args.conversation_id, args.user, args.all)) != 1:
+        print("chatbot audit --verify: name one CONVERSATION_ID, --user EMAIL or --all", file=sys.stderr)
+        return 2
+    try:
+        conversation_id = UUID(args.conversation_id) if args.conversation_id else None
+        email = check_email(args.user) if args.user else None
+    except (ValueError, UserError) as e:
+        print(f"chatbot audit: {e}", file=sys.stderr)
+        return 2
+    settings, _postgres = tool_settings()
+    app = chat_application(settings)
+    try:
+        ids: list[UUID] | None = None
+        scope = "every aggregate"
+        if conversation_id is not None:
+            ids, scope = [conversation_id], f"conversation {conversation_id}"
+        elif email is not None:
+            user_id = user_id_for(email)
+            ids = list(dict.fromkeys([user_id, *app.mapper.keys.aggregates_of(user_id)]))  # type: ignore[attr-defined]
+            scope = f"user {email}"
+        report = verify(app, ids, every=ids is not None)
+    finally:
+        app.close()
+    if ids is not None and report.aggregates == 0:
+        print(f"chatbot audit --verify: no events for {scope}", file=sys.stderr)
+        return 1
+    print(json.dumps(report.as_dict(), indent=2) if args.json else render_verification(report, scope))
+    return 1 if report.problems else 0
+
+
+def cmd_erase_user(args: argparse.Namespace) -> int:
+    from chatbot.bootstrap import chat_application
+    from domain.ids import user_id_for
+    from domain.user import UserError, UserNotFound, check_email
+
+    try:
+        email = check_email(args.email)
+    except UserError as e:
+        print(f"chatbot erase-user: {e}", file=sys.stderr)
+        return 2
+    if not args.yes:
+        print(f"chatbot erase-user: this destroys the key of {email}: their account and conversations"
+              " become unreadable for good. Add --yes to do it.", file=sys.stderr)
+        return 2
+    settings, _postgres = tool_settings()
+    app = chat_application(settings)
+    user_id = user_id_for(email)
+    try:
+        erased = app.erase_user(user_id, by="operator")
+        aggregates = len(app.mapper.keys.aggregates_of(user_id))  # type: ignore[attr-defined]
+    except UserNotFound:
+        print(f"chatbot erase-user: no user {email}", file=sys.stderr)
+        return 1
+    finally:
+        app.close()
+    if erased:
+        print(f"erased user {user_id}: key destroyed, the events of {aggregates} aggregates are unreadable;"
+              " the read models drop their rows as the projector applies User.Erased")
+    else:
+        print(f"user {user_id} was erased already")
     return 0
 
 
@@ -180,12 +276,18 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--api", type=int, default=1, help="API processes")
     up.add_argument("--workers", type=int, default=1, help="inference worker processes")
     up.add_argument("--port", type=int, default=8000, help="port of the first API process")
+    up.add_argument("--nats-cluster", action="store_true", help="NATS as a 3-node cluster, the stream in 3 replicas")
+    up.add_argument("--projectors", type=int, default=1,
+                    help="projector processes, each over its share of CHATBOT_PARTITIONS")
+    up.add_argument("--worker-groups", type=int, default=1,
+                    help="split the workers into groups, each over its share of CHATBOT_PARTITIONS")
     up.set_defaults(func=cmd_up)
     for name, func, text in [
         ("api", cmd_api, "the Litestar API (websocket chat, REST, the chat page)"),
         ("relay", cmd_relay, "publish stored events to JetStream"),
         ("worker", cmd_worker, "generate replies with Triton"),
         ("projector", cmd_projector, "maintain the read models"),
+        ("bootstrap", cmd_bootstrap, "create tables, the event stream and the built-in personas (safe to repeat)"),
     ]:
         sub.add_parser(name, help=text).set_defaults(func=func)
     triton = sub.add_parser("triton", help="run the Triton server on triton_models/")
@@ -194,13 +296,21 @@ def main(argv: list[str] | None = None) -> int:
     triton.add_argument("--metrics-port", type=int, default=18002)
     triton.set_defaults(func=cmd_triton)
     aud = sub.add_parser("audit", help="a conversation's events, and the conversation as it stood then")
-    aud.add_argument("conversation_id")
+    aud.add_argument("conversation_id", nargs="?", default=None)
+    aud.add_argument("--verify", action="store_true",
+                     help="recompute the hash chain; name every event altered or removed (exit 1 if any)")
+    aud.add_argument("--user", default=None, metavar="EMAIL", help="with --verify: every event of this user")
+    aud.add_argument("--all", action="store_true", help="with --verify: every event in the store")
     aud.add_argument("--at-version", type=int, default=None, help="reconstruct it at this version")
     aud.add_argument("--at", default=None, help="reconstruct it at this time (ISO 8601, UTC if no zone)")
     aud.add_argument("--json", action="store_true", help="machine-readable output")
     aud.add_argument("--operator", default=os.environ.get("USER", "operator"), help="who is looking (recorded)")
-    aud.add_argument("--reason", required=True, help="why (recorded as an event on the conversation)")
+    aud.add_argument("--reason", default=None, help="why (recorded as an event on the conversation); required to read")
     aud.set_defaults(func=cmd_audit)
+    erase = sub.add_parser("erase-user", help="crypto-shred a user: destroy their key, drop their read-model rows")
+    erase.add_argument("email")
+    erase.add_argument("--yes", action="store_true", help="really do it (it cannot be undone)")
+    erase.set_defaults(func=cmd_erase_user)
     proj = sub.add_parser("projections", help="read-model projections: status, rebuild")
     proj.add_argument("action", choices=["status", "rebuild"])
     proj.add_argument("name", nargs="?", default=None, help="the projection to rebuild (chat)")
@@ -215,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--init-from", default=None, help="continue from this checkpoint (keeps its tokenizer)")
     train.add_argument("--lr", type=float, default=2e-3)
     train.set_defaults(func=cmd_train_demo)
+    from chatbot.retrain_cli import add_retraining_commands
+
+    add_retraining_commands(sub)  # dataset export, train, models list|rollout|rollback|promote
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

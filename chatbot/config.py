@@ -41,9 +41,13 @@ class Settings:
     secret_key: bytes  # HMAC key that signs session tokens
     pg_pool_size: int = 3
     pg_pool_overflow: int = 7
-    partitions: int = 1
+    partitions: int = 1  # event subjects carry crc32(aggregate id) % partitions
+    # The partitions this process's durable consumer reads (a worker or projector); empty: all.
+    consume_partitions: tuple[int, ...] = ()
+    stream_replicas: int = 1  # copies of the event stream (3 on a NATS cluster)
     stream_name: str = "CHAT"
     ack_wait_s: float = 30.0
+    retention_sweep_s: float = 30.0  # how often temporary conversations are checked for expiry
     model_name: str = "chat"
     token_ttl_s: int = 7 * 24 * 3600
     max_message_chars: int = 8000
@@ -52,6 +56,13 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()  # other page origins that may open the websocket
     messages_per_minute: int = 30
     tokens_per_day: int = 200_000
+    chain_key: str = ""  # base64 HMAC key of the events' hash chain (kept out of the database)
+    model_repository: Path = REPO_ROOT / "triton_models"  # what Triton serves; `chatbot train` adds versions
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """`CHATBOT_NATS_URL` may list several servers of a cluster, comma-separated."""
+        return [u.strip() for u in self.nats_url.split(",") if u.strip()]
 
     @property
     def pg_conninfo(self) -> str:
@@ -67,7 +78,10 @@ class Settings:
         fail with "tuple concurrently updated"."""
         return {
             "CREATE_TABLE": "y" if create_tables else "n",
-            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            # eventsourcing's PostgreSQL store, with per-user keys, the hash chain and
+            # sealed snapshots (chatbot/eventstore.py)
+            "PERSISTENCE_MODULE": "chatbot.eventstore:ChatStoreFactory",
+            "CHAIN_KEY": self.chain_key,
             "POSTGRES_DBNAME": self.pg_dbname,
             "POSTGRES_HOST": self.pg_host,
             "POSTGRES_PORT": str(self.pg_port),
@@ -101,14 +115,62 @@ class Settings:
             "CHATBOT_CIPHER_KEY": self.cipher_key,
             "CHATBOT_SECRET_KEY": base64.b64encode(self.secret_key).decode(),
             "CHATBOT_PARTITIONS": str(self.partitions),
+            "CHATBOT_CONSUME_PARTITIONS": format_partitions(self.consume_partitions),
+            "CHATBOT_STREAM_REPLICAS": str(self.stream_replicas),
             "CHATBOT_STREAM": self.stream_name,
             "CHATBOT_ACK_WAIT_S": str(self.ack_wait_s),
+            "CHATBOT_RETENTION_SWEEP_S": str(self.retention_sweep_s),
             "CHATBOT_MODEL": self.model_name,
             "CHATBOT_COOKIE_SECURE": "1" if self.cookie_secure else "0",
             "CHATBOT_MESSAGES_PER_MINUTE": str(self.messages_per_minute),
             "CHATBOT_ALLOWED_ORIGINS": ",".join(self.allowed_origins),
             "CHATBOT_TOKENS_PER_DAY": str(self.tokens_per_day),
+            "CHATBOT_CHAIN_KEY": self.chain_key,
+            "CHATBOT_MODEL_REPOSITORY": str(self.model_repository),
         }
+
+
+def parse_partitions(spec: str, partitions: int) -> tuple[int, ...]:
+    """`"0-3,6"` -> (0, 1, 2, 3, 6): the partitions a consumer reads; `""` -> () (all)."""
+    chosen: set[int] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        first, dash, last = part.partition("-")
+        try:
+            low, high = int(first), int(last if dash else first)
+        except ValueError:
+            raise ValueError(
+                f"CHATBOT_CONSUME_PARTITIONS: {part!r} is not a partition or a range like 0-3"
+            ) from None
+        if not 0 <= low <= high < partitions:
+            raise ValueError(
+                f"CHATBOT_CONSUME_PARTITIONS: {part!r} is outside partitions 0-{partitions - 1}"
+                f" (CHATBOT_PARTITIONS={partitions})"
+            )
+        chosen.update(range(low, high + 1))
+    return tuple(sorted(chosen))
+
+
+def format_partitions(chosen: tuple[int, ...], sep: str = ",") -> str:
+    """(0, 1, 2, 3, 6) -> `"0-3,6"`, the inverse of `parse_partitions`."""
+    runs: list[list[int]] = []
+    for p in sorted(chosen):
+        if runs and p == runs[-1][1] + 1:
+            runs[-1][1] = p
+        else:
+            runs.append([p, p])
+    return sep.join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
+
+
+def _positive(name: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"CHATBOT_{name} must be a whole number, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"CHATBOT_{name} must be at least 1, got {number}")
+    return number
 
 
 def _secret_from_file(path: Path, make: Callable[[], str]) -> str:
@@ -129,9 +191,13 @@ def load_settings(data_dir: Path | None = None) -> Settings:
     cipher_key = os.environ.get("CHATBOT_CIPHER_KEY") or _secret_from_file(
         keys / "cipher.key", lambda: base64.b64encode(secrets.token_bytes(32)).decode()
     )
+    chain_key = os.environ.get("CHATBOT_CHAIN_KEY") or _secret_from_file(
+        keys / "chain.key", lambda: base64.b64encode(secrets.token_bytes(32)).decode()
+    )
     secret_b64 = os.environ.get("CHATBOT_SECRET_KEY") or _secret_from_file(
         keys / "secret.key", lambda: base64.b64encode(secrets.token_bytes(32)).decode()
     )
+    partitions = _positive("PARTITIONS", _env("PARTITIONS", "1"))
     return Settings(
         data_dir=data_dir,
         pg_host=_env("PG_HOST", str(data_dir / "postgres")),
@@ -147,12 +213,17 @@ def load_settings(data_dir: Path | None = None) -> Settings:
         api_port=int(_env("API_PORT", "8000")),
         cipher_key=cipher_key,
         secret_key=base64.b64decode(secret_b64),
-        partitions=int(_env("PARTITIONS", "1")),
+        partitions=partitions,
+        consume_partitions=parse_partitions(_env("CONSUME_PARTITIONS", ""), partitions),
+        stream_replicas=_positive("STREAM_REPLICAS", _env("STREAM_REPLICAS", "1")),
         stream_name=_env("STREAM", "CHAT"),
         ack_wait_s=float(_env("ACK_WAIT_S", "30")),
+        retention_sweep_s=float(_env("RETENTION_SWEEP_S", "30")),
         model_name=_env("MODEL", "chat"),
         cookie_secure=_env("COOKIE_SECURE", "0") == "1",
         messages_per_minute=int(_env("MESSAGES_PER_MINUTE", "30")),
         allowed_origins=tuple(o for o in _env("ALLOWED_ORIGINS", "").split(",") if o),
         tokens_per_day=int(_env("TOKENS_PER_DAY", "200000")),
+        chain_key=chain_key,
+        model_repository=Path(_env("MODEL_REPOSITORY", str(REPO_ROOT / "triton_models"))).resolve(),
     )

@@ -7,6 +7,12 @@ every write), and Triton from the `nvidia-pytriton` wheel (the python backend on
 The application processes (relay, projector, workers, api) run as children in their own
 sessions, so a Ctrl-C reaches only the supervisor, which stops them in order: API first,
 databases last. A child that dies is restarted with a backoff.
+
+`nats_nodes=3` runs NATS as a three-node cluster instead (routes between the nodes,
+JetStream on each, the event stream kept in three replicas, every write fsynced): the
+production topology, on one machine. `projectors=K` and `worker_groups=G` deal the event
+partitions (`CHATBOT_PARTITIONS`) among K projectors and G groups of workers, each with its
+own durable consumer filtered on its partitions.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable
 
-from chatbot.config import REPO_ROOT, Settings
+from chatbot.config import REPO_ROOT, Settings, format_partitions
+from chatbot.messaging import assign_partitions
 
 SITE_PACKAGES = Path(sysconfig.get_paths()["purelib"])
 VENV_BIN = Path(sys.executable).parent
@@ -116,6 +123,51 @@ def nats_config(data_dir: Path, ports: Ports) -> Path:
         "jetstream {\n"
         f'  store_dir: "{data_dir / "jetstream"}"\n'
         "  sync_interval: always\n"  # fsync every write: an acked event survives power loss
+        "}\n"
+    )
+    return conf
+
+
+@dataclass
+class NatsNode:
+    """One server of a NATS cluster: its name (also its child's) and its three ports."""
+
+    name: str
+    client: int
+    monitor: int
+    route: int
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.client}"
+
+
+def nats_cluster_nodes(ports: Ports, size: int) -> list[NatsNode]:
+    """The first node keeps the stack's NATS ports; the others get free ones."""
+    nodes = [NatsNode("nats-0", ports.nats, ports.nats_monitor, free_port())]
+    return nodes + [NatsNode(f"nats-{i}", free_port(), free_port(), free_port()) for i in range(1, size)]
+
+
+def nats_cluster_config(data_dir: Path, node: NatsNode, nodes: list[NatsNode]) -> Path:
+    """A cluster member: JetStream on its own store, routes to every other member. Streams
+    with 3 replicas survive the loss of any one node (a majority of 2 still acks writes)."""
+    node_dir = data_dir / node.name
+    node_dir.mkdir(parents=True, exist_ok=True)
+    routes = ", ".join(f"nats-route://127.0.0.1:{n.route}" for n in nodes if n is not node)
+    conf = node_dir / "nats.conf"
+    conf.write_text(
+        f"server_name: {node.name}\n"
+        f"listen: 127.0.0.1:{node.client}\n"
+        f"http: 127.0.0.1:{node.monitor}\n"
+        "max_payload: 8MB\n"
+        "jetstream {\n"
+        f'  store_dir: "{node_dir / "jetstream"}"\n'
+        "  sync_interval: always\n"  # fsync every write, on every replica
+        "}\n"
+        "cluster {\n"
+        "  name: chatbot\n"
+        f"  listen: 127.0.0.1:{node.route}\n"
+        f"  routes: [{routes}]\n"
         "}\n"
     )
     return conf
@@ -219,16 +271,32 @@ class Stack:
         apis: int = 1,
         log_dir: Path | None = None,
         extra_env: dict[str, str] | None = None,
-        model_repository: Path = MODEL_REPOSITORY,
+        model_repository: Path | None = None,  # None: settings.model_repository
+        nats_nodes: int = 1,
+        projectors: int = 1,
+        worker_groups: int = 1,
     ) -> None:
+        if nats_nodes not in (1, 3):
+            raise ValueError(f"NATS runs as 1 server or a cluster of 3, not {nats_nodes}")
+        if worker_groups > workers:
+            raise ValueError(f"{worker_groups} worker groups need at least as many workers, not {workers}")
         self.ports = ports or Ports()
-        self.model_repository = model_repository
+        self.model_repository = model_repository or settings.model_repository
+        self.nats_nodes = nats_cluster_nodes(self.ports, nats_nodes) if nats_nodes > 1 else []
+        nats_url = (",".join(n.url for n in self.nats_nodes) if self.nats_nodes
+                    else f"nats://127.0.0.1:{self.ports.nats}")
         self.settings = dataclasses.replace(
             settings,
-            nats_url=f"nats://127.0.0.1:{self.ports.nats}",
+            nats_url=nats_url,
+            stream_replicas=3 if self.nats_nodes else settings.stream_replicas,
             triton_url=f"127.0.0.1:{self.ports.triton_grpc}",
             api_port=self.ports.api,
         )
+        # the tools (`chatbot train`, `chatbot models`) find the repository Triton serves
+        self.settings = dataclasses.replace(self.settings, model_repository=self.model_repository)
+        # which partitions each projector and each group of workers reads: () is all
+        self.projector_partitions = assign_partitions(settings.partitions, projectors) if projectors > 1 else [()]
+        self.worker_partitions = assign_partitions(settings.partitions, worker_groups) if worker_groups > 1 else [()]
         self.workers, self.apis = workers, apis
         self.log_dir = log_dir
         self.extra_env = extra_env or {}
@@ -264,21 +332,32 @@ class Stack:
         data = self.settings.data_dir
         self.postgres = EmbeddedPostgres(data / "postgres")
         self.settings = dataclasses.replace(self.settings, pg_host=self.postgres.socket_dir)
-        conf = nats_config(data / "nats", self.ports)
-        nats_child = Child(
-            "nats", [str(VENV_BIN / "nats-server"), "-c", str(conf)], dict(os.environ),
-            ready=lambda: http_ok(f"http://127.0.0.1:{self.ports.nats_monitor}/healthz?js-enabled-only=true"),
-            ready_timeout=30, log=self._log("nats"),
-        )
+        if self.nats_nodes:
+            # a member is healthy once the cluster has a JetStream leader and its streams are current
+            servers = [
+                Child(
+                    node.name, [str(VENV_BIN / "nats-server"), "-c", str(nats_cluster_config(data / "nats", node, self.nats_nodes))],
+                    dict(os.environ), ready=lambda node=node: http_ok(f"http://127.0.0.1:{node.monitor}/healthz"),
+                    ready_timeout=60, log=self._log(node.name),
+                )
+                for node in self.nats_nodes
+            ]
+        else:
+            conf = nats_config(data / "nats", self.ports)
+            servers = [Child(
+                "nats", [str(VENV_BIN / "nats-server"), "-c", str(conf)], dict(os.environ),
+                ready=lambda: http_ok(f"http://127.0.0.1:{self.ports.nats_monitor}/healthz?js-enabled-only=true"),
+                ready_timeout=30, log=self._log("nats"),
+            )]
         triton = Child(
             "triton", triton_argv(self.ports, self.model_repository), triton_env(),
             ready=lambda: http_ok(f"http://127.0.0.1:{self.ports.triton_http}/v2/health/ready"),
             ready_timeout=180, stop_timeout=35, log=self._log("triton"),  # it unloads models for up to 30 s
         )
-        for child in (nats_child, triton):
+        for child in (*servers, triton):
             self.children[child.name] = child
             child.start()
-        for child in (nats_child, triton):
+        for child in (*servers, triton):
             child.wait_ready()
 
     def bootstrap(self) -> None:
@@ -289,8 +368,13 @@ class Stack:
         bootstrap(self.settings)
 
     def start_apps(self) -> None:
-        specs = [self._app_child("relay", "relay"), self._app_child("projector", "projector")]
-        specs += [self._app_child(f"worker-{i}", "worker") for i in range(self.workers)]
+        specs = [self._app_child("relay", "relay")]
+        for i, chosen in enumerate(self.projector_partitions):
+            name = "projector" if len(self.projector_partitions) == 1 else f"projector-{i}"
+            specs.append(self._app_child(name, "projector", CHATBOT_CONSUME_PARTITIONS=format_partitions(chosen)))
+        for i in range(self.workers):
+            chosen = self.worker_partitions[i % len(self.worker_partitions)]
+            specs.append(self._app_child(f"worker-{i}", "worker", CHATBOT_CONSUME_PARTITIONS=format_partitions(chosen)))
         for i in range(self.apis):
             port = self.api_port(i)
             specs.append(self._app_child(
@@ -344,9 +428,13 @@ class Stack:
     def stop(self) -> None:
         self._stopping.set()
         # clients of the servers first, in the order they lean on each other; servers last
-        last = ["projector", "relay", "triton", "nats"]
-        first = sorted((n for n in self.children if n not in last), key=lambda n: not n.startswith("api"))
-        for name in first + [n for n in last if n in self.children]:
+        order = ["api", "worker", "projector", "relay", "triton", "nats"]
+
+        def rank(name: str) -> int:
+            kind = name.split("-")[0]
+            return order.index(kind) if kind in order else 1
+
+        for name in sorted(self.children, key=rank):
             self.children[name].stop()
         if self.postgres is not None:
             self.postgres.stop()

@@ -5,6 +5,11 @@ payload is the event exactly as stored in PostgreSQL (compressed, then AES-GCM e
 so conversation text never lies in plaintext on the broker's disk. `Nats-Msg-Id` is the
 event id (`<originator id>:<version>`), so the broker drops a republished event.
 
+The partition is `crc32(aggregate id) % CHATBOT_PARTITIONS`: every event of one
+conversation is on one partition, in order. A worker or projector may read a subset of
+the partitions (`CHATBOT_CONSUME_PARTITIONS`) through its own durable consumer, filtered
+on those subjects; docs/scaling.md says how to lay them out.
+
 Tokens are ephemeral: they go out on the core subject `chat.tok.<conversation id>` to
 whichever API process holds the conversation's websocket, and never touch a disk.
 """
@@ -20,6 +25,8 @@ from eventsourcing.persistence import Mapper, Notification, StoredEvent
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
+
+from chatbot.config import format_partitions
 
 EVENT_SUBJECT_PREFIX = "chat.ev"
 TOKEN_SUBJECT_PREFIX = "chat.tok"
@@ -52,6 +59,31 @@ def event_filter(event: str = ">") -> str:
     """A consumer filter for one event type across all partitions, e.g.
     `event_filter("Conversation.ReplyRequested")`."""
     return f"{EVENT_SUBJECT_PREFIX}.*.{event}" if event != ">" else f"{EVENT_SUBJECT_PREFIX}.>"
+
+
+def consumer_filters(event: str, chosen: tuple[int, ...]) -> list[str] | None:
+    """The filter subjects of a durable consumer that reads only the `chosen` partitions
+    (None: one filter over all of them, `event_filter(event)`)."""
+    if not chosen:
+        return None
+    return [f"{EVENT_SUBJECT_PREFIX}.{p}.{event}" for p in chosen]
+
+
+def consumer_name(base: str, chosen: tuple[int, ...]) -> str:
+    """A durable consumer per set of partitions: `workers` reads them all, `workers-p0-3_6`
+    reads 0 to 3 and 6. Processes with the same set share it and split its messages; a
+    different set is a different consumer, so changing a process's set never inherits
+    another consumer's filter or position."""
+    if not chosen:
+        return base
+    return f"{base}-p{format_partitions(chosen, sep='_')}"
+
+
+def assign_partitions(partitions: int, groups: int) -> list[tuple[int, ...]]:
+    """Deal `partitions` round-robin to `groups` consumers (each gets at least one)."""
+    if not 1 <= groups <= partitions:
+        raise ValueError(f"{groups} consumer groups need 1 to {partitions} partitions (CHATBOT_PARTITIONS)")
+    return [tuple(range(g, partitions, groups)) for g in range(groups)]
 
 
 def token_subject(conversation_id: UUID | str) -> str:
@@ -91,7 +123,8 @@ def decode_event(mapper: Mapper[UUID], headers: dict[str, str], payload: bytes) 
 
 
 async def ensure_stream(js: JetStreamContext, name: str, replicas: int = 1) -> None:
-    """Create the event stream, or bring its configuration up to date (idempotent)."""
+    """Create the event stream, or bring its configuration up to date (idempotent). On a
+    cluster `replicas` is 3: each event is acked once a majority of the nodes stored it."""
     config = StreamConfig(
         name=name,
         subjects=[f"{EVENT_SUBJECT_PREFIX}.>"],

@@ -9,6 +9,7 @@ send a no-op and a second outcome for one reply impossible.
 from __future__ import annotations
 
 import hmac
+from datetime import datetime, timedelta
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 from uuid import UUID
@@ -18,8 +19,17 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError
 
-from domain.conversation import Conversation, ConversationNotFound, ReplyAlreadyFinished, check_sampling
+from domain.aggregate_cache import CachingRepository
+from domain.conversation import (
+    Conversation,
+    ConversationError,
+    ConversationNotFound,
+    ReplyAlreadyFinished,
+    check_sampling,
+)
 from domain.ids import persona_id_for, user_id_for
+from domain.transfer import export_conversation, parse_chatgpt
+from domain.model_rollout import ModelRollout, RolloutNotFound, check_model_name, check_version, rollout_id_for
 from domain.persona import (
     BUILTIN_PERSONAS,
     EDITABLE,
@@ -31,12 +41,15 @@ from domain.persona import (
     check_slug,
     render_system_prompt,
 )
+from domain.snapshot import StateSnapshot, register_state_transcodings
 from domain.user import (
+    AccountErased,
     ApiKey,
     ApiKeyNotFound,
     EmailAlreadyRegistered,
     InvalidCredentials,
     User,
+    UserNotFound,
     api_key_aggregate_id,
     check_email,
     check_password,
@@ -52,6 +65,9 @@ PERSONA_DEFAULTS: dict[str, Any] = {
     "max_tokens": 96, "visibility": "private", "avatar": "", "starters": [],
 }
 RACE_RETRIES = 5
+# A conversation is snapshotted every this many events (only the newest snapshot is kept),
+# so loading a long one reads its snapshot and at most this many events after it.
+SNAPSHOT_INTERVAL = 100
 
 
 @dataclass(frozen=True)
@@ -78,6 +94,7 @@ class ReplyJob:
 
 class ChatApplication(Application[UUID]):
     name = "chat"
+    snapshotting_intervals = {Conversation: SNAPSHOT_INTERVAL}  # type: ignore[dict-item]
 
     def __init__(self, env: dict[str, str] | None = None, *, max_message_chars: int = 8000) -> None:
         super().__init__(env)
@@ -85,6 +102,40 @@ class ChatApplication(Application[UUID]):
         self.hasher = PasswordHasher()
         self._prompt_cache: dict[tuple[UUID, int], str] = {}
         self._name_cache: dict[UUID, str] = {}
+
+    def register_transcodings(self, transcoder: Any) -> None:
+        super().register_transcodings(transcoder)
+        register_state_transcodings(transcoder)  # what snapshots of aggregate state need
+
+    def construct_repository(self) -> CachingRepository:
+        """Conversations and personas stay in memory between commands (domain/aggregate_cache.py)."""
+        return CachingRepository(
+            self.events, snapshot_store=self.snapshots,
+            checked_out=(Conversation,), shared=(Persona,), readable=self._readable,
+        )
+
+    def _readable(self, aggregate: Any) -> None:
+        """Raise AccountErased for a cached conversation whose owner's key is gone."""
+        keys = getattr(self.mapper, "keys", None)  # the keyed stores (chatbot/eventstore.py)
+        if keys is not None and isinstance(aggregate, Conversation):
+            owner = keys.owner_of(aggregate.id)
+            if owner is not None:
+                keys.key_for(owner)
+
+    def save(self, *objs: Any, **kwargs: Any) -> Any:
+        """The library's; then the saved conversations and personas are cached. A method
+        does not change an aggregate after saving it (another command may have it then)."""
+        recordings = super().save(*objs, **kwargs)
+        repository = self.repository
+        if isinstance(repository, CachingRepository):
+            repository.saved(objs)
+        return recordings
+
+    def take_snapshot(self, aggregate_id: UUID, version: int | None = None, **kwargs: Any) -> None:
+        """The library's, with a snapshot class that carries any state JSON can hold."""
+        assert self.snapshots is not None, "snapshotting is off (IS_SNAPSHOTTING_ENABLED)"
+        aggregate = self.repository.get(aggregate_id, version=version, **kwargs)
+        self.snapshots.put([StateSnapshot.take(aggregate)])
 
     # -- users ----------------------------------------------------------------------------
 
@@ -94,7 +145,7 @@ class ChatApplication(Application[UUID]):
         user = User(email=email, password_hash=self.hasher.hash(password))
         try:
             self.save(user)
-        except IntegrityError:
+        except (IntegrityError, AccountErased):  # an erased account keeps its address
             raise EmailAlreadyRegistered("this e-mail address is already registered") from None
         return user.id
 
@@ -102,7 +153,7 @@ class ChatApplication(Application[UUID]):
         try:
             user: User = self.repository.get(user_id_for(email))
             self.hasher.verify(user.password_hash, password)
-        except (AggregateNotFoundError, VerificationError, InvalidHashError):
+        except (AggregateNotFoundError, VerificationError, InvalidHashError, AccountErased):
             raise InvalidCredentials("wrong e-mail address or password") from None
         if self.hasher.check_needs_rehash(user.password_hash):
             user.rehash_password(self.hasher.hash(password))
@@ -111,6 +162,40 @@ class ChatApplication(Application[UUID]):
 
     def user_email(self, user_id: UUID) -> str:
         return self._get(User, user_id, InvalidCredentials).email
+
+    def erase_user(self, user_id: UUID, by: str = "operator") -> bool:
+        """Crypto-shred a user: record `User.Erased` (no personal data, under the master key)
+        and destroy the user's data key in the same transaction, so every earlier event of
+        theirs (and every snapshot) becomes unreadable. False if erased already."""
+
+        def attempt() -> bool:
+            try:
+                user = self.repository.get(user_id)
+            except AggregateNotFoundError:
+                raise UserNotFound(str(user_id)) from None
+            except AccountErased:
+                return False
+            if not isinstance(user, User):
+                raise UserNotFound(str(user_id))
+            user.erase(by)
+            self.save(user, erase_user=user_id)  # the recorder destroys the key with the event
+            return True
+
+        erased = self._retry_races(attempt)
+        forget = getattr(self.mapper, "forget_user", None)
+        if forget is not None:
+            forget(user_id)
+        self._name_cache.pop(user_id, None)
+        return erased
+
+    def delete_account(self, user_id: UUID, password: str) -> None:
+        """A user erases their own account, confirming it with their password."""
+        user = self._get(User, user_id, InvalidCredentials)
+        try:
+            self.hasher.verify(user.password_hash, password)
+        except (VerificationError, InvalidHashError):
+            raise InvalidCredentials("wrong password") from None
+        self.erase_user(user_id, by="user")
 
     # -- API keys -------------------------------------------------------------------------
 
@@ -217,13 +302,29 @@ class ChatApplication(Application[UUID]):
 
     # -- conversations --------------------------------------------------------------------
 
-    def start_conversation(self, owner_id: UUID, persona_id: UUID | None = None) -> UUID:
+    def start_conversation(
+        self, owner_id: UUID, persona_id: UUID | None = None, keep_for: timedelta | None = None,
+    ) -> UUID:
+        """A new conversation; with `keep_for`, a temporary one that expires then."""
         persona_id = persona_id or persona_id_for(DEFAULT_PERSONA)
         if not self.get_persona(persona_id).visible_to(owner_id):  # exists, usable by this user
             raise PersonaNotFound(str(persona_id))
         conversation = Conversation(owner_id=owner_id, persona_id=persona_id, title="New chat")
+        if keep_for is not None:
+            conversation.set_retention(keep_for)
         self.save(conversation)
         return conversation.id
+
+    def expire_conversation(self, conversation_id: UUID, now: datetime | None = None) -> bool:
+        """Record the expiry of a temporary conversation if it is due (the retention job)."""
+        def attempt() -> bool:
+            conversation = self._get(Conversation, conversation_id, ConversationNotFound)
+            if not conversation.expire(now):
+                return False
+            self.save(conversation)
+            return True
+
+        return self._retry_races(attempt)
 
     def start_imported_conversation(
         self, owner_id: UUID, persona_id: UUID, turns: list[dict[str, str]], instructions: str = ""
@@ -332,13 +433,18 @@ class ChatApplication(Application[UUID]):
 
     def update_conversation(
         self, conversation_id: UUID, user_id: UUID, title: str | None = None, archived: bool | None = None,
+        keep_for: timedelta | None | bool = False,
     ) -> None:
+        """Rename, archive, or change retention (`keep_for`: a duration, None to keep the
+        conversation for good, False to leave retention as it is)."""
         def attempt() -> None:
             conversation = self._owned(conversation_id, user_id)
             if title is not None:
                 conversation.rename(title)
             if archived is not None:
                 conversation.set_archived(archived)
+            if keep_for is not False:
+                conversation.set_retention(keep_for)  # type: ignore[arg-type]
             self.save(conversation)
 
         self._retry_races(attempt)
@@ -347,6 +453,61 @@ class ChatApplication(Application[UUID]):
         def attempt() -> None:
             conversation = self._owned(conversation_id, user_id)
             conversation.delete()
+            self.save(conversation)
+
+        self._retry_races(attempt)
+
+    # -- export, import, share ---------------------------------------------------------
+
+    def export_conversation(self, conversation_id: UUID, user_id: UUID) -> dict[str, Any]:
+        """The whole conversation (every branch) as this system's JSON export."""
+        conversation = self._owned(conversation_id, user_id)
+        persona = self.get_persona(conversation.persona_id).snapshot()
+        timestamps: dict[UUID, Any] = {}
+        for stored in self.recorder.select_events(conversation_id):
+            event = self.mapper.to_domain_event(stored)
+            for key in ("message_id", "reply_id"):
+                node = getattr(event, key, None)
+                if node is not None and node not in timestamps and node in conversation.nodes:
+                    timestamps[node] = event.timestamp
+            for node in getattr(event, "turns", None) or getattr(event, "nodes", None) or []:
+                timestamps.setdefault(node["id"], event.timestamp)
+        return export_conversation(conversation, persona, timestamps)
+
+    def import_conversations(self, user_id: UUID, data: Any) -> dict[str, Any]:
+        """ChatGPT's `conversations.json`: each conversation becomes one of the user's
+        (with every branch), all saved in one transaction; those that cannot be read are
+        skipped, with the reason."""
+        self._get(User, user_id, InvalidCredentials)
+        parsed, skipped = parse_chatgpt(data)
+        persona_id = persona_id_for(DEFAULT_PERSONA)
+        conversations = []
+        for index, item in parsed:
+            conversation = Conversation(owner_id=user_id, persona_id=persona_id, title="New chat")
+            try:
+                conversation.import_tree(item.nodes, item.current, item.title, self.max_message_chars)
+            except ConversationError as e:
+                skipped.append({"index": index, "reason": str(e)})
+                continue
+            conversations.append(conversation)
+        if conversations:
+            self.save(*conversations)
+        skipped.sort(key=lambda s: s["index"])
+        return {"imported": len(conversations), "conversation_ids": [c.id for c in conversations], "skipped": skipped}
+
+    def share_conversation(self, conversation_id: UUID, user_id: UUID) -> UUID:
+        def attempt() -> UUID:
+            conversation = self._owned(conversation_id, user_id)
+            share_id = conversation.share()
+            self.save(conversation)
+            return share_id
+
+        return self._retry_races(attempt)
+
+    def revoke_share(self, conversation_id: UUID, user_id: UUID, share_id: UUID) -> None:
+        def attempt() -> None:
+            conversation = self._owned(conversation_id, user_id)
+            conversation.revoke_share(share_id)
             self.save(conversation)
 
         self._retry_races(attempt)
@@ -456,7 +617,7 @@ class ChatApplication(Application[UUID]):
     def _get(self, cls: type[T], aggregate_id: UUID, missing: type[Exception]) -> T:
         try:
             aggregate = self.repository.get(aggregate_id)
-        except AggregateNotFoundError:
+        except (AggregateNotFoundError, AccountErased):  # an erased user's data is gone
             raise missing(str(aggregate_id)) from None
         if not isinstance(aggregate, cls):
             raise missing(str(aggregate_id))
@@ -470,3 +631,63 @@ class ChatApplication(Application[UUID]):
             except IntegrityError:
                 continue  # another process saved first: reload and decide again
         return attempt()
+
+    # -- training: consent and model rollouts ---------------------------------------------
+
+    def set_training_consent(self, user_id: UUID, training: bool) -> bool:
+        """Give or withdraw the user's consent to training on their messages; returns the
+        consent now in force."""
+
+        def attempt() -> bool:
+            user = self._get(User, user_id, InvalidCredentials)
+            if user.set_training_consent(training):
+                self.save(user)
+            return user.training_consent
+
+        return self._retry_races(attempt)
+
+    def training_consent(self, user_id: UUID) -> bool:
+        return bool(self._get(User, user_id, InvalidCredentials).training_consent)
+
+    def model_rollout(self, model: str) -> dict[str, Any] | None:
+        """The rollout state of a model, or None when none was ever recorded (every reply
+        then goes to the version Triton serves by default)."""
+        try:
+            rollout: ModelRollout = self.repository.get(rollout_id_for(check_model_name(model)))
+        except AggregateNotFoundError:
+            return None
+        return rollout.snapshot()
+
+    def roll_out_model(self, model: str, version: str, percent: float, stable: str | None = None) -> dict[str, Any]:
+        """Send `percent` of new replies to `version` of `model`. The first rollout of a
+        model records `stable`, the version that served until then."""
+
+        def attempt() -> dict[str, Any]:
+            try:
+                rollout: ModelRollout = self.repository.get(rollout_id_for(check_model_name(model)))
+            except AggregateNotFoundError:
+                if stable is None:
+                    raise RolloutNotFound(f"name the stable version of {model!r}: none is recorded yet") from None
+                rollout = ModelRollout(model=model, stable=check_version(stable))
+            rollout.roll_out(version, percent)
+            self.save(rollout)
+            return rollout.snapshot()
+
+        return self._retry_races(attempt)
+
+    def roll_back_model(self, model: str) -> dict[str, Any]:
+        """Every new reply of `model` on its stable version again."""
+        return self._change_rollout(model, ModelRollout.roll_back)
+
+    def promote_model(self, model: str) -> dict[str, Any]:
+        """The version being rolled out becomes the stable one."""
+        return self._change_rollout(model, ModelRollout.promote)
+
+    def _change_rollout(self, model: str, command: Callable[[ModelRollout], Any]) -> dict[str, Any]:
+        def attempt() -> dict[str, Any]:
+            rollout = self._get(ModelRollout, rollout_id_for(check_model_name(model)), RolloutNotFound)
+            command(rollout)
+            self.save(rollout)
+            return rollout.snapshot()
+
+        return self._retry_races(attempt)

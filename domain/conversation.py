@@ -14,9 +14,10 @@ beside it (same parent) and requests its reply: a new branch. The conversation's
 branch moves it. History for a reply is the path from the root to the reply's message.
 
 A conversation is titled after its first reply (`Titled`, from the first message, unless
-the user already renamed it), and can be renamed, archived and deleted. A deleted
-conversation answers every command and query as if it did not exist; its events stay in
-the log (the audit trail), encrypted like everything else.
+the user already renamed it), and can be renamed, archived and deleted. A temporary one
+(`RetentionSet`) expires at a chosen time: a scheduled job records `Expired`. A deleted or
+expired conversation answers every command and query as if it did not exist; its events
+stay in the log (the audit trail), encrypted like everything else.
 
 A conversation held elsewhere (the `messages` of an OpenAI-style request) is brought in with
 `import_turns` before its first posted message: `TurnsImported` records the earlier user and
@@ -26,6 +27,7 @@ system instructions, which the application appends to the persona's system promp
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -52,6 +54,10 @@ class EmptyMessage(ConversationError):
 
 class MessageTooLong(ConversationError):
     pass
+
+
+class InvalidCharacters(ConversationError):
+    """Text with NUL (U+0000), which PostgreSQL text columns (the read models) cannot hold."""
 
 
 class ReplyNotFound(ConversationError):
@@ -90,16 +96,29 @@ class InvalidTitle(ConversationError):
     pass
 
 
+class ShareNotFound(ConversationError):
+    pass
+
+
+class InvalidRetention(ConversationError):
+    pass
+
+
+MIN_RETENTION = timedelta(minutes=1)
+MAX_RETENTION = timedelta(days=365)
+MAX_IMPORTED_NODES = 5000  # messages of one conversation brought in from an export
+
+
 def make_title(text: str, max_words: int = 8) -> str:
     """A short title from a message: its first line, at most `max_words` words, without
-    Markdown markers or a trailing punctuation mark."""
+    Markdown markers or a trailing full stop, comma or colon."""
     line = next((ln for ln in text.splitlines() if ln.strip()), "").strip()
     line = line.lstrip("#>*-` ").replace("**", "").replace("`", "")
     words = line.split()
     title = " ".join(words[:max_words])
     if len(words) > max_words:
         title += "…"
-    title = title.rstrip(" .,;:!?")[:MAX_TITLE]
+    title = title.rstrip(" .,;:")[:MAX_TITLE]
     return (title[:1].upper() + title[1:]) or "New chat"
 
 
@@ -109,6 +128,8 @@ def check_title(title: str) -> str:
         raise InvalidTitle("a title needs some text")
     if len(title) > MAX_TITLE:
         raise InvalidTitle(f"a title has at most {MAX_TITLE} characters")
+    if "\x00" in title:
+        raise InvalidTitle("a title cannot contain NUL (U+0000) characters")
     return title
 
 
@@ -157,6 +178,8 @@ class Conversation(Aggregate):
         self.client_message_ids: dict[str, tuple[UUID, UUID]] = {}
         self.replies: dict[UUID, dict[str, Any]] = {}
         self.instructions = ""  # system instructions imported with earlier turns
+        self.shares: dict[UUID, bool] = {}  # share id -> still active
+        self.expires_at: datetime | None = None  # a temporary conversation's end
 
     # -- commands -------------------------------------------------------------------------
 
@@ -209,8 +232,6 @@ class Conversation(Aggregate):
             parent = message_id
         else:
             raise ConversationError("that message cannot be regenerated")
-        if self.nodes[parent].get("imported"):
-            raise ConversationError("a reply imported with earlier turns cannot be regenerated")
         self.check_no_pending_reply()
         reply_id = uuid4()
         self._request_reply(reply_id, parent, self.persona_id, persona_version, model, params)
@@ -236,6 +257,67 @@ class Conversation(Aggregate):
 
     def delete(self) -> None:
         self._delete()
+
+    def set_retention(self, keep_for: timedelta | None, now: datetime | None = None) -> None:
+        """Make the conversation temporary: it expires `keep_for` from now (None: kept)."""
+        if keep_for is None:
+            if self.expires_at is not None:
+                self._set_retention(None)
+            return
+        if not MIN_RETENTION <= keep_for <= MAX_RETENTION:
+            raise InvalidRetention(
+                f"a temporary conversation is kept from {int(MIN_RETENTION.total_seconds())} seconds"
+                f" to {MAX_RETENTION.days} days"
+            )
+        self._set_retention((now or datetime.now(timezone.utc)) + keep_for)
+
+    def expire(self, now: datetime | None = None) -> bool:
+        """Record the expiry of a temporary conversation that is due; False if it is not."""
+        now = now or datetime.now(timezone.utc)
+        if self.deleted or self.expires_at is None or self.expires_at > now:
+            return False
+        self._expire()
+        return True
+
+    def share(self) -> UUID:
+        """A read-only snapshot of the active branch, behind an unguessable id."""
+        share_id = uuid4()
+        snapshot = [
+            {"role": m["role"], "text": m["text"]}
+            for m in self.branch() if m["role"] == "user" or m["status"] == "complete"
+        ]
+        self._share(share_id, self.title, snapshot)
+        return share_id
+
+    def revoke_share(self, share_id: UUID) -> None:
+        if share_id not in self.shares:
+            raise ShareNotFound(str(share_id))
+        if self.shares[share_id]:
+            self._revoke_share(share_id)
+
+    def import_tree(self, nodes: list[dict[str, Any]], current: UUID | None, title: str, max_chars: int) -> None:
+        """Bring in a whole conversation exported elsewhere (a tree of {"id", "parent_id",
+        "role", "text"}, parents first) into this new conversation."""
+        if self.nodes or self.instructions:
+            raise InvalidTurns("a conversation can only be imported into a new conversation")
+        if not nodes:
+            raise InvalidTurns("there are no messages to import")
+        if len(nodes) > MAX_IMPORTED_NODES:
+            raise InvalidTurns(f"at most {MAX_IMPORTED_NODES} messages, got {len(nodes)}")
+        seen: set[UUID] = set()
+        for i, node in enumerate(nodes):
+            if node["role"] not in IMPORTABLE_ROLES:
+                raise InvalidTurns(f"message {i}: the role is one of {list(IMPORTABLE_ROLES)}")
+            if node["parent_id"] is not None and node["parent_id"] not in seen:
+                raise InvalidTurns(f"message {i}: its parent must come before it")
+            try:
+                self.check_message(node["text"], max_chars)
+            except ConversationError as e:
+                raise type(e)(f"message {i}: {e}") from None
+            seen.add(node["id"])
+        if current is not None and current not in seen:
+            raise InvalidTurns("the current message is not among the messages")
+        self._import_tree(nodes, current or nodes[-1]["id"], check_title(title or "Imported chat"))
 
     def _post_and_request(
         self, client_message_id: str, text: str, parent_id: UUID | None,
@@ -289,7 +371,9 @@ class Conversation(Aggregate):
             round(ttft_ms, 3), round(duration_ms, 3), model_name, model_version,
         )
         if self.title == "New chat" and not self.titled_by_user:
-            first = next((m for m in self.nodes.values() if m["role"] == "user"), None)
+            # the first message posted here names it (earlier turns imported are context)
+            users = [m for m in self.nodes.values() if m["role"] == "user"]
+            first = next((m for m in users if not m.get("imported")), users[0] if users else None)
             if first is not None:
                 self._title(make_title(first["text"]))
 
@@ -374,6 +458,8 @@ class Conversation(Aggregate):
             raise EmptyMessage("a message needs some text")
         if len(text) > max_chars:
             raise MessageTooLong(f"a message has at most {max_chars} characters, this one has {len(text)}")
+        if "\x00" in text:
+            raise InvalidCharacters("a message cannot contain NUL (U+0000) characters")
 
     def check_no_pending_reply(self) -> None:
         if any(r["status"] == "pending" for r in self.replies.values()):
@@ -427,6 +513,35 @@ class Conversation(Aggregate):
     @event("Deleted")
     def _delete(self) -> None:
         self.deleted = True
+        self.shares = {share_id: False for share_id in self.shares}
+
+    @event("RetentionSet")
+    def _set_retention(self, expires_at: datetime | None) -> None:
+        self.expires_at = expires_at
+
+    @event("Expired")
+    def _expire(self) -> None:
+        self.deleted = True
+        self.shares = {share_id: False for share_id in self.shares}
+
+    @event("Shared")
+    def _share(self, share_id: UUID, title: str, messages: list[dict[str, str]]) -> None:
+        self.shares[share_id] = True
+
+    @event("ShareRevoked")
+    def _revoke_share(self, share_id: UUID) -> None:
+        self.shares[share_id] = False
+
+    @event("TreeImported")
+    def _import_tree(self, nodes: list[dict[str, Any]], current: UUID, title: str) -> None:
+        for node in nodes:
+            self._add_node({
+                "id": node["id"], "role": node["role"], "text": node["text"], "status": "complete",
+                "imported": True, "parent_id": node["parent_id"],
+            })
+        self.current = current
+        self.title = title
+        self.titled_by_user = True
 
     @event("ReplyRequested")
     def _request_reply(

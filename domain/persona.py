@@ -67,6 +67,10 @@ def check_fields(fields: dict[str, Any]) -> None:
             not isinstance(x, str) or not 0 < len(x) <= 200 for x in starters
         ):
             raise InvalidPersona("starters are at most 6 texts of 1 to 200 characters")
+    # PostgreSQL text (the read models) cannot hold NUL: refuse it here, not in the projector
+    texts = [v for v in fields.values() if isinstance(v, str)] + list(fields.get("starters") or [])
+    if any("\x00" in t for t in texts):
+        raise InvalidPersona("persona texts cannot contain NUL (U+0000) characters")
 
 
 def check_slug(slug: str) -> None:

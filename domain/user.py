@@ -59,6 +59,18 @@ class InvalidApiKeyName(UserError):
     pass
 
 
+class UserNotFound(UserError):
+    pass
+
+
+class AccountErased(InvalidCredentials):
+    """The account was erased: its data key is destroyed, so nothing of it can be read and
+    nothing more can be recorded for it. To a caller it is as if it never existed."""
+
+
+ERASERS = ("user", "operator")  # who may erase an account: its owner, or an operator
+
+
 def check_email(email: str) -> str:
     email = normalize_email(email)
     if len(email) > 254 or not EMAIL_RE.match(email):
@@ -110,6 +122,7 @@ class User(Aggregate):
         self.email = email
         self.password_hash = password_hash
         self.api_keys: dict[str, dict[str, Any]] = {}  # key id -> {"key_id", "name", "key_hash", "revoked"}
+        self.training_consent = False  # nobody's messages train a model until they opt in
 
     @event("PasswordRehashed")
     def rehash_password(self, password_hash: str) -> None:
@@ -146,6 +159,41 @@ class User(Aggregate):
     @event("ApiKeyRevoked")
     def _revoke_api_key(self, key_id: str) -> None:
         self.api_keys[key_id]["revoked"] = True
+
+    # -- consent to training --------------------------------------------------------------
+    # Opt-in: a user's messages may train a model only while consent is given. The export
+    # reads when each change happened from the event log, so a message keeps the consent
+    # in force when it was written, and a later revocation withdraws everything.
+
+    def set_training_consent(self, training: bool) -> bool:
+        """Give or withdraw consent; False when it was so already (no event)."""
+        if not isinstance(training, bool):
+            raise UserError("consent to training is true or false")
+        if training == self.training_consent:
+            return False
+        self._set_training_consent(training)
+        return True
+
+    @event("TrainingConsentChanged")
+    def _set_training_consent(self, training: bool) -> None:
+        self.training_consent = training
+
+    # -- erasure --------------------------------------------------------------------------
+    # `Erased` holds no personal data: it is stored under the master key, so it stays
+    # readable after the user's own key (under which every earlier event is encrypted)
+    # is destroyed in the same transaction.
+
+    def erase(self, by: str) -> None:
+        if by not in ERASERS:
+            raise UserError(f"an account is erased by one of {', '.join(ERASERS)}")
+        self._erase(by)
+
+    @event("Erased")
+    def _erase(self, by: str) -> None:
+        self.erased = True
+        self.email = ""
+        self.password_hash = ""
+        self.api_keys = {}
 
 
 class ApiKey(Aggregate):

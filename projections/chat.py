@@ -10,6 +10,7 @@ from eventsourcing.projection import Projection
 
 from domain.conversation import Conversation
 from domain.persona import Persona
+from domain.user import User
 from projections.readmodels import ReadModelRecorder
 
 
@@ -80,6 +81,29 @@ class ChatProjection(Projection[ReadModelRecorder]):
         self.view.update_conversation(tracking, e.originator_id, {"archived": e.archived})
 
     @process_event.register
+    def _(self, e: Conversation.TreeImported, tracking: Tracking) -> None:
+        self.view.import_tree(tracking, e.originator_id, e.nodes, e.current, e.title, e.timestamp)
+
+    @process_event.register
+    def _(self, e: Conversation.Shared, tracking: Tracking) -> None:
+        self.view.add_share(tracking, {
+            "id": e.share_id, "conversation_id": e.originator_id, "title": e.title,
+            "messages": e.messages, "at": e.timestamp,
+        })
+
+    @process_event.register
+    def _(self, e: Conversation.ShareRevoked, tracking: Tracking) -> None:
+        self.view.revoke_share(tracking, e.share_id)
+
+    @process_event.register
+    def _(self, e: Conversation.RetentionSet, tracking: Tracking) -> None:
+        self.view.update_conversation(tracking, e.originator_id, {"expires_at": e.expires_at})
+
+    @process_event.register
+    def _(self, e: Conversation.Expired, tracking: Tracking) -> None:
+        self.view.delete_conversation(tracking, e.originator_id)
+
+    @process_event.register
     def _(self, e: Conversation.Deleted, tracking: Tracking) -> None:
         self.view.delete_conversation(tracking, e.originator_id)
 
@@ -102,3 +126,7 @@ class ChatProjection(Projection[ReadModelRecorder]):
             "id": e.reply_id, "conversation_id": e.originator_id, "text": "",
             "status": "failed", "finish_reason": "error", "model": None, "at": e.timestamp,
         })
+
+    @process_event.register
+    def _(self, e: User.Erased, tracking: Tracking) -> None:
+        self.view.erase_user(tracking, e.originator_id)

@@ -19,6 +19,7 @@ from eventsourcing.postgres import PostgresFactory, PostgresTrackingRecorder
 from eventsourcing.utils import Environment
 from psycopg.rows import DictRow
 from psycopg.sql import SQL
+from psycopg.types.json import Jsonb
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS rm_personas (
@@ -46,6 +47,14 @@ SCHEMA = [
     "ALTER TABLE rm_messages ADD COLUMN IF NOT EXISTS parent_id uuid",
     "ALTER TABLE rm_conversations ADD COLUMN IF NOT EXISTS current_leaf uuid",
     "ALTER TABLE rm_conversations ADD COLUMN IF NOT EXISTS archived boolean NOT NULL DEFAULT false",
+    "ALTER TABLE rm_conversations ADD COLUMN IF NOT EXISTS expires_at timestamptz",
+    "CREATE INDEX IF NOT EXISTS rm_conversations_expiry ON rm_conversations (expires_at) WHERE expires_at IS NOT NULL",
+    # read-only snapshots shared by link
+    """CREATE TABLE IF NOT EXISTS rm_shares (
+        id uuid PRIMARY KEY, conversation_id uuid NOT NULL, owner_id uuid NOT NULL,
+        title text NOT NULL, persona_name text NOT NULL, messages jsonb NOT NULL,
+        created_at timestamptz NOT NULL, revoked boolean NOT NULL DEFAULT false)""",
+    "CREATE INDEX IF NOT EXISTS rm_shares_conversation ON rm_shares (conversation_id)",
     # tokens each user's replies used per day: the daily quota reads it
     """CREATE TABLE IF NOT EXISTS rm_usage (
         user_id uuid NOT NULL, day date NOT NULL, tokens bigint NOT NULL DEFAULT 0,
@@ -57,7 +66,7 @@ APPLICATION = "chat"  # the notification log the projections follow
 
 
 LIVE_PREFIX = "rm_"
-TABLES = ("personas", "conversations", "messages", "usage")
+TABLES = ("personas", "conversations", "messages", "usage", "shares")
 
 
 class ReadModelRecorder(PostgresTrackingRecorder):
@@ -188,8 +197,8 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             )
 
     def update_conversation(self, tracking: Tracking, conversation_id: UUID, changes: dict[str, Any]) -> None:
-        """Set the title, archived flag or current leaf (names from a fixed set only)."""
-        columns = {k: v for k, v in changes.items() if k in ("title", "archived", "current_leaf")}
+        """Set the title, archived flag, current leaf or expiry (names from a fixed set only)."""
+        columns = {k: v for k, v in changes.items() if k in ("title", "archived", "current_leaf", "expires_at")}
         sets = ", ".join(f"{k} = %({k})s" for k in columns)
         with self._tx() as curs:
             self._insert_tracking(curs, tracking)
@@ -200,7 +209,41 @@ class ReadModelRecorder(PostgresTrackingRecorder):
         with self._tx() as curs:
             self._insert_tracking(curs, tracking)
             self._exec(curs, "DELETE FROM rm_messages WHERE conversation_id = %(id)s", {"id": conversation_id})
+            self._exec(curs, "DELETE FROM rm_shares WHERE conversation_id = %(id)s", {"id": conversation_id})
             self._exec(curs, "DELETE FROM rm_conversations WHERE id = %(id)s", {"id": conversation_id})
+
+    def import_tree(self, tracking: Tracking, conversation_id: UUID, nodes: list[dict[str, Any]],
+                    current: UUID, title: str, at: datetime) -> None:
+        """A whole conversation brought in from an export: every branch, parents first."""
+        with self._tx() as curs:
+            self._insert_tracking(curs, tracking)
+            for node in nodes:
+                self._insert_message(curs, {
+                    "id": node["id"], "conversation_id": conversation_id, "role": node["role"],
+                    "text": node["text"], "status": "complete", "reply_to": None,
+                    "parent_id": node["parent_id"], "at": at,
+                })
+            self._exec(
+                curs, "UPDATE rm_conversations SET message_count = message_count + %(n)s, updated_at = %(at)s,"
+                " current_leaf = %(leaf)s, title = %(title)s WHERE id = %(cid)s",
+                {"n": len(nodes), "at": at, "cid": conversation_id, "leaf": current, "title": title},
+            )
+
+    def add_share(self, tracking: Tracking, row: dict[str, Any]) -> None:
+        with self._tx() as curs:
+            self._insert_tracking(curs, tracking)
+            self._exec(
+                curs, "INSERT INTO rm_shares (id, conversation_id, owner_id, title, persona_name, messages, created_at)"
+                " SELECT %(id)s, c.id, c.owner_id, %(title)s, coalesce(p.name, ''), %(messages)s, %(at)s"
+                " FROM rm_conversations c LEFT JOIN rm_personas p ON p.id = c.persona_id"
+                " WHERE c.id = %(conversation_id)s",
+                {**row, "messages": Jsonb(row["messages"])},
+            )
+
+    def revoke_share(self, tracking: Tracking, share_id: UUID) -> None:
+        with self._tx() as curs:
+            self._insert_tracking(curs, tracking)
+            self._exec(curs, "UPDATE rm_shares SET revoked = true WHERE id = %(id)s", {"id": share_id})
 
     def rate_reply(self, tracking: Tracking, reply_id: UUID, rating: str) -> None:
         with self._tx() as curs:
@@ -228,6 +271,34 @@ class ReadModelRecorder(PostgresTrackingRecorder):
                 curs, "UPDATE rm_conversations SET updated_at = %(at)s WHERE id = %(conversation_id)s", row
             )
 
+    def erase_user(self, tracking: Tracking, user_id: UUID) -> None:
+        """An erased user leaves every read model: their conversations, and the rows of
+        every table with a `conversation_id` (of theirs) or a `user_id` (theirs) column,
+        found in the catalogue so that tables added later are covered too. On the live
+        tables, also their rate-limit windows (not a read model, but about them)."""
+        with self._tx() as curs:
+            self._insert_tracking(curs, tracking)
+            curs.execute(
+                "SELECT table_name, column_name FROM information_schema.columns"
+                " WHERE table_schema = current_schema() AND column_name IN ('conversation_id', 'user_id')"
+                " AND table_name LIKE %s ORDER BY table_name",
+                (self.sql("rm_").replace("_", "\\_") + "%",),
+            )
+            for row in curs.fetchall():
+                table, column = row["table_name"], row["column_name"]  # names from the catalogue
+                if column == "conversation_id":
+                    curs.execute(
+                        f'DELETE FROM "{table}" WHERE conversation_id IN'
+                        f" (SELECT id FROM {self.sql('rm_conversations')} WHERE owner_id = %s)", (user_id,),
+                    )
+                else:
+                    curs.execute(f'DELETE FROM "{table}" WHERE user_id = %s', (user_id,))
+            self._exec(curs, "DELETE FROM rm_conversations WHERE owner_id = %s", (user_id,))
+            if self.prefix == LIVE_PREFIX:
+                curs.execute("SELECT to_regclass('rate_windows') IS NOT NULL AS present")
+                if curs.fetchone()["present"]:
+                    curs.execute("DELETE FROM rate_windows WHERE user_id = %s", (user_id,))
+
     # -- reads ------------------------------------------------------------------------------
 
     def _query(self, sql: str, params: dict[str, Any]) -> list[DictRow]:
@@ -251,7 +322,7 @@ class ReadModelRecorder(PostgresTrackingRecorder):
         whose title or any message contains `query` (case-insensitive)."""
         pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%" if query else None
         return self._query(
-            "SELECT id, persona_id, title, message_count, archived, created_at, updated_at"
+            "SELECT id, persona_id, title, message_count, archived, expires_at, created_at, updated_at"
             " FROM rm_conversations c WHERE owner_id = %(owner)s AND archived = %(archived)s"
             " AND (%(before)s::timestamptz IS NULL OR updated_at < %(before)s)"
             " AND (%(pattern)s::text IS NULL OR title ILIKE %(pattern)s OR EXISTS ("
@@ -289,6 +360,28 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             path.append({**by_id[node], "siblings": children[by_id[node]["parent_id"]]})
             node = by_id[node]["parent_id"]
         return path[::-1]
+
+    def due_expiries(self, limit: int = 500) -> list[UUID]:
+        """Temporary conversations past their time, oldest first (the retention job)."""
+        rows = self._query(
+            "SELECT id FROM rm_conversations WHERE expires_at <= now() ORDER BY expires_at LIMIT %(limit)s",
+            {"limit": limit},
+        )
+        return [row["id"] for row in rows]
+
+    def share(self, share_id: UUID) -> DictRow | None:
+        """A shared snapshot anyone with the link may read (None once revoked)."""
+        rows = self._query(
+            "SELECT id, title, persona_name, messages, created_at FROM rm_shares WHERE id = %(id)s AND NOT revoked",
+            {"id": share_id},
+        )
+        return rows[0] if rows else None
+
+    def shares(self, conversation_id: UUID) -> list[DictRow]:
+        return self._query(
+            "SELECT id, created_at, revoked FROM rm_shares WHERE conversation_id = %(id)s ORDER BY created_at",
+            {"id": conversation_id},
+        )
 
     def tokens_today(self, user_id: UUID) -> int:
         rows = self._query(

@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
-from eventsourcing.persistence import Tracking
+from eventsourcing.persistence import Notification, Tracking
 from psycopg.errors import DeadlockDetected
 from tqdm import tqdm
 
 from chatbot.bootstrap import chat_application
 from chatbot.config import Settings
+from chatbot.eventstore import DataErased, Unreadable
 from domain.application import ChatApplication
 from projections.chat import ChatProjection
+from projections.positions import read_positions
 from projections.readmodels import APPLICATION, LIVE_PREFIX, TABLES, ReadModelRecorder, read_model_recorder
 
 REBUILD_PREFIX = "rb_"
@@ -56,21 +59,27 @@ def status(settings: Settings) -> dict[str, Any]:
         with live.datastore.get_connection() as conn:
             row = conn.execute("SELECT notification_id FROM relay_position WHERE name = 'chat'").fetchone()
         relay = int(row["notification_id"]) if row else 0
-        position = live.position()
-        return {
+        positions = read_positions(live, settings.partitions)
+        position = positions.head
+        report: dict[str, Any] = {
             "event_store_head": head,
             "relay": {"position": relay, "lag": head - relay},
             "projections": {"chat": {"position": position, "lag": head - position,
                                      "tables": [LIVE_PREFIX + t for t in TABLES]}},
         }
+        if settings.partitions > 1:  # where each partition stands (a quiet one stays behind)
+            report["projections"]["chat"]["partitions"] = {str(p): n for p, n in positions.applied.items()}
+        return report
     finally:
         live.datastore.close()
         app.close()
 
 
 def replay(app: ChatApplication, projection: ChatProjection, start: int, stop: int | None,
-           curs: Any = None, bar: tqdm | None = None) -> tuple[int, int]:
-    """Apply notifications after `start` (up to `stop`) in batches; returns (count, last)."""
+           curs: Any = None, bar: tqdm | None = None,
+           include: Callable[[Notification], bool] | None = None) -> tuple[int, int]:
+    """Apply notifications after `start` (up to `stop`) in batches; returns (count, last).
+    `include` leaves out the notifications it refuses (not yet applied live)."""
     count, position = 0, start
     while True:
         limit = BATCH if stop is None else min(BATCH, stop - position)
@@ -81,8 +90,14 @@ def replay(app: ChatApplication, projection: ChatProjection, start: int, stop: i
             break
         with projection.view.batch(curs):
             for n in notifications:
-                projection.process_event(app.mapper.to_domain_event(n), Tracking(APPLICATION, n.id))
-        count += len(notifications)
+                if include is not None and not include(n):
+                    continue
+                try:
+                    event = app.mapper.to_domain_event(n)
+                except DataErased:  # an erased user's event: skipped, as the live projector does
+                    event = Unreadable(n.originator_id, n.originator_version)
+                projection.process_event(event, Tracking(APPLICATION, n.id))
+                count += 1
         position = notifications[-1].id
         if bar is not None:
             bar.update(len(notifications))
@@ -142,8 +157,13 @@ def rebuild(settings: Settings, *, dry_run: bool = False, progress: bool = True)
                 with live.datastore.transaction(commit=not dry_run) as curs:
                     curs.execute("SET LOCAL lock_timeout = '5s'")
                     curs.execute(f"LOCK TABLE {', '.join(LIVE_PREFIX + t for t in TABLES)} IN ACCESS EXCLUSIVE MODE")
-                    target = live._max_tracking_id(APPLICATION, curs) or 0
-                    caught_up, position = replay(app, projection, position, target, curs=curs)
+                    # where the live projection stands, per partition when there are several
+                    live_positions = read_positions(live, settings.partitions, curs)
+                    target = live_positions.head
+                    caught_up, position = replay(
+                        app, projection, position, target, curs=curs,
+                        include=lambda n: live_positions.is_applied(n.originator_id, n.id),
+                    )
                     report.events += caught_up
                     report.position = position
                     report.differences = differences(curs)

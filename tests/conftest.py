@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from chatbot.config import load_settings
-from chatbot.launcher import Ports, Stack
+from chatbot.launcher import MODEL_REPOSITORY, Ports, Stack
 from tests.client import ChatClient
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -23,7 +23,13 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir = tmp_path_factory.mktemp("stack")
     # A short ack wait makes JetStream redeliver a dead worker's request within seconds.
-    settings = dataclasses.replace(load_settings(data_dir), ack_wait_s=2.0, messages_per_minute=6)
+    # Triton serves a copy of the model repository: a test that trains adds versions to it.
+    models = tmp_path_factory.mktemp("triton_models")
+    shutil.copytree(MODEL_REPOSITORY, models, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    settings = dataclasses.replace(
+        load_settings(data_dir), ack_wait_s=2.0, messages_per_minute=6, model_repository=models,
+        retention_sweep_s=1.0,  # temporary conversations expire within a second of their time
+    )
     logs = ARTIFACTS / "logs"
     shutil.rmtree(logs, ignore_errors=True)  # each session's logs alone
     stack = Stack(settings, Ports.random(), workers=1, apis=1, log_dir=logs)

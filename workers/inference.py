@@ -38,6 +38,8 @@ from chatbot.messaging import (
     ReplyError,
     TokenDelta,
     decode_event,
+    consumer_filters,
+    consumer_name,
     event_filter,
     token_encoder,
     token_subject,
@@ -45,6 +47,7 @@ from chatbot.messaging import (
 from domain.application import ChatApplication, ReplyJob
 from chatbot.llm.errors import INVALID_REQUEST
 from workers.prompt import PromptBuilder
+from workers.rollout import serving_model
 from workers.runtime import setup_logging, stop_on_signals
 
 log = logging.getLogger("worker")
@@ -142,14 +145,14 @@ async def stream_reply(
             completion_tokens = int(result.as_numpy("completion_tokens")[0])
             if counts is not None:
                 counts.update(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                              model_version=result.get_response().model_version or "1")
+                              model_version=result.get_response().model_version or version or "1")
             if text:
                 yield text, None
             if finish:
                 yield "", {
                     "finish_reason": finish, "prompt_tokens": prompt_tokens,
                     "completion_tokens": completion_tokens,
-                    "model_version": result.get_response().model_version or "1",
+                    "model_version": result.get_response().model_version or version or "1",
                 }
                 return
         raise GenerationError("the stream ended without a final response")
@@ -213,6 +216,10 @@ class Worker:
         except Exception as e:  # noqa: BLE001 - a worker must survive any one request
             log.exception("reply %s failed", reply_id)
             await self.give_up_or_retry(msg, conversation_id, reply_id, f"internal error: {type(e).__name__}")
+        finally:
+            # Only now: a client resuming while the outcome is being recorded (the reply still
+            # pending in the events) must still get the text so far, here the whole of it.
+            self.progress.pop(str(reply_id), None)
 
     def prepare(self, conversation_id: UUID, reply_id: UUID) -> tuple[ReplyJob, list[dict[str, str]]]:
         """Load the request's context and fit it to the model (blocking: runs in a thread)."""
@@ -246,7 +253,8 @@ class Worker:
         try:
             if stop.is_set():
                 return outcome("cancelled", job.model.partition("/")[2])
-            stream = stream_reply(self.triton, job.model, reply_id, messages, job.params, counts)
+            model = await serving_model(self.app, self.triton, job.model, reply_id)  # the rollout picks
+            stream = stream_reply(self.triton, model, reply_id, messages, job.params, counts)
             async with aclosing(stream):
                 async for delta, final in stream:
                     if final is not None:
@@ -263,7 +271,6 @@ class Worker:
         finally:
             heartbeat.cancel()
             self.generating.pop(reply_id, None)
-            self.progress.pop(reply_id, None)
         raise GenerationError("no final response")
 
     async def keep_alive(self, msg: Msg) -> None:
@@ -301,15 +308,18 @@ async def main(settings: Settings) -> None:
     setup_logging("worker")
     stop = stop_on_signals()
     app = chat_application(settings)
-    nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1)
+    nc = await nats.connect(settings.nats_servers, max_reconnect_attempts=-1)
     js = nc.jetstream()
     triton = triton_aio.InferenceServerClient(settings.triton_url)
     worker = Worker(settings, app, nc, triton)
     sub = await js.pull_subscribe(
-        event_filter("Conversation.ReplyRequested"), durable=DURABLE, stream=settings.stream_name,
+        # CHATBOT_CONSUME_PARTITIONS: a consumer of its own over those partitions only
+        event_filter("Conversation.ReplyRequested"), durable=consumer_name(DURABLE, settings.consume_partitions),
+        stream=settings.stream_name,
         config=ConsumerConfig(
             ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
             ack_wait=settings.ack_wait_s, max_deliver=MAX_DELIVER, max_ack_pending=10_000,
+            filter_subjects=consumer_filters("Conversation.ReplyRequested", settings.consume_partitions),
         ),
     )
     await nc.subscribe(f"{CANCEL_SUBJECT_PREFIX}.*", cb=worker.on_cancel)
@@ -325,6 +335,10 @@ async def main(settings: Settings) -> None:
             # returns at once with what is waiting (up to `free`), else the first to arrive
             messages = await sub.fetch(free, timeout=1.0)
         except TimeoutError:  # nats-py raises its own subclass or the builtin, depending on where it timed out
+            continue
+        except nats.errors.Error as e:  # a NATS node or the consumer's leader is changing: ask again
+            log.warning("fetching requests: %s; retrying", e)
+            await asyncio.sleep(1.0)
             continue
         for msg in messages:
             task = asyncio.create_task(worker.handle(msg))

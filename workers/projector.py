@@ -4,30 +4,69 @@ A durable JetStream pull consumer delivers every event in stream order (which is
 event store's notification order, as the relay publishes it). Each event is applied with
 its `Tracking(notification id)` in the same transaction as its rows, then acked; an event
 redelivered after a crash finds its position recorded and changes nothing.
+
+With `CHATBOT_PARTITIONS` > 1 positions are kept per partition (projections/positions.py),
+and `CHATBOT_CONSUME_PARTITIONS` makes this projector read only those partitions, through
+its own durable consumer (`projector-chat-p0-3`): several projectors then share the load,
+each applying its partitions in stream order, so every conversation's events stay in order.
+
+A projector that dies mid-batch (killed, or PostgreSQL gone) leaves events delivered and
+never acked. JetStream would give them back only after the ack wait, behind newer events
+that its successor fetches at once, and the position (the newest event applied) would then
+pass over them. So a projector starting on a consumer that holds unacked events first
+rewinds it to the oldest of them (`rewind_if_interrupted`): the events it applied before
+are skipped by the position, the rest are applied in stream order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 
 import nats
 from nats.aio.msg import Msg
-from eventsourcing.persistence import IntegrityError, Tracking
+from eventsourcing.persistence import IntegrityError
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from chatbot.bootstrap import chat_application
 from chatbot.config import Settings, load_settings
-from chatbot.messaging import H_NOTIFICATION, decode_event, event_filter
+from chatbot.eventstore import DataErased, Unreadable
+from chatbot.messaging import H_NOTIFICATION, H_ORIGINATOR, consumer_filters, consumer_name, decode_event, event_filter
 from projections.chat import ChatProjection
-from projections.readmodels import APPLICATION, read_model_recorder
+from projections.positions import PartitionPositions, read_positions
+from projections.readmodels import read_model_recorder
+from workers import retention
 from workers.runtime import setup_logging, stop_on_signals
 
 log = logging.getLogger("projector")
 DURABLE = "projector-chat"
 BATCH = 256
 PRIORITY_OFFSET = 10
+
+
+async def rewind_if_interrupted(js: JetStreamContext, stream: str, durable: str, config: ConsumerConfig) -> int | None:
+    """If the durable consumer holds events delivered and never acked (its projector died
+    mid-batch), make it again from the oldest of them, so they come next and in order;
+    returns that stream sequence, or None when nothing was interrupted. One projector
+    runs per consumer (per partition set), so no live process loses its messages."""
+    try:
+        info = await js.consumer_info(stream, durable)
+    except NotFoundError:
+        return None
+    if not info.num_ack_pending:
+        return None
+    start = info.ack_floor.stream_seq + 1  # every event before it was acked
+    await js.delete_consumer(stream, durable)
+    await js.add_consumer(stream, config=dataclasses.replace(
+        config, name=durable, durable_name=durable, filter_subject=None if config.filter_subjects else event_filter(),
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start,
+    ))
+    return start
 
 
 async def main(settings: Settings) -> None:
@@ -38,44 +77,59 @@ async def main(settings: Settings) -> None:
     app = chat_application(settings)  # only its mapper: to decrypt and decode events
     recorder = read_model_recorder(settings.eventsourcing_env())
     projection = ChatProjection(recorder)
-    position = recorder.position()
-    nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1)
+    positions = read_positions(recorder, settings.partitions)
+    chosen = settings.consume_partitions
+    nc = await nats.connect(settings.nats_servers, max_reconnect_attempts=-1)
     js = nc.jetstream()
-    sub = await js.pull_subscribe(
-        event_filter(), durable=DURABLE, stream=settings.stream_name,
-        config=ConsumerConfig(
-            ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-            ack_wait=30, max_ack_pending=BATCH * 4,
-        ),
-    )
-    log.info("projecting from notification %d", position)
+    durable = consumer_name(DURABLE, chosen)
 
-    def apply(messages: list[Msg], position: int) -> int:
+    def config() -> ConsumerConfig:
+        return ConsumerConfig(
+            ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+            ack_wait=30, max_ack_pending=BATCH * 4, filter_subjects=consumer_filters(">", chosen),
+        )
+
+    rewound = await rewind_if_interrupted(js, settings.stream_name, durable, config())
+    if rewound is not None:
+        log.info("the last projector stopped mid-batch: consuming again from stream sequence %d", rewound)
+    sub = await js.pull_subscribe(event_filter(), durable=durable, stream=settings.stream_name, config=config())
+    sweeper = asyncio.create_task(retention.run(settings, app, recorder, stop))  # temporary conversations
+    log.info("projecting partitions %s of %d from notification %d",
+             ",".join(map(str, chosen)) or "all", settings.partitions, positions.head)
+
+    def apply(messages: list[Msg], positions: PartitionPositions) -> None:
         for msg in messages:
             headers = msg.headers or {}
-            notification_id = int(headers[H_NOTIFICATION])
-            if notification_id <= position:
+            notification_id, originator = int(headers[H_NOTIFICATION]), headers[H_ORIGINATOR]
+            if positions.is_applied(originator, notification_id):
                 continue  # already applied: a redelivery or a republished event
-            event = decode_event(app.mapper, headers, msg.data)
             try:
-                projection.process_event(event, Tracking(APPLICATION, notification_id))
+                event = decode_event(app.mapper, headers, msg.data)
+            except DataErased:  # its user was erased: there is nothing of it to project
+                event = Unreadable(originator)
+            try:
+                projection.process_event(event, positions.tracking(originator, notification_id))
             except IntegrityError:
-                pass  # applied before (a replay): the tracking row says so
-            position = notification_id
-        return position
+                pass  # applied before (a replay, or another projector): the tracking row says so
+            positions.record(originator, notification_id)
 
     while not stop.is_set():
         try:
             messages = await sub.fetch(BATCH, timeout=1.0)
         except TimeoutError:  # nats-py raises its own subclass or the builtin, depending on where it timed out
             continue
-        position = await asyncio.to_thread(apply, messages, position)
+        except NatsError as e:  # a NATS node or the consumer's leader is changing: ask again
+            log.warning("fetching events: %s; retrying", e)
+            await asyncio.sleep(1.0)
+            continue
+        await asyncio.to_thread(apply, messages, positions)
         for msg in messages:
             await msg.ack()
+    await sweeper
     await nc.drain()
     recorder.datastore.close()
     app.close()
-    log.info("stopped at notification %d", position)
+    log.info("stopped at notification %d", positions.head)
 
 
 def run() -> None:

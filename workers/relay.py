@@ -15,6 +15,7 @@ import logging
 
 import nats
 import psycopg
+from nats.errors import Error as NatsError
 
 from chatbot.bootstrap import chat_application
 from chatbot.config import Settings, load_settings
@@ -25,15 +26,16 @@ log = logging.getLogger("relay")
 LOCK_KEY = 0x636861747265  # "chatre": one active relay
 BATCH = 500
 IDLE_WAIT_S = 1.0
+RETRY_S = 1.0
 
 
 async def main(settings: Settings) -> None:
     setup_logging("relay")
     stop = stop_on_signals()
     app = chat_application(settings)
-    nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1)
+    nc = await nats.connect(settings.nats_servers, max_reconnect_attempts=-1)
     js = nc.jetstream()
-    await ensure_stream(js, settings.stream_name)
+    await ensure_stream(js, settings.stream_name, settings.stream_replicas)
     conn = await psycopg.AsyncConnection.connect(settings.pg_conninfo, autocommit=True)
     await conn.execute(
         "CREATE TABLE IF NOT EXISTS relay_position (name text PRIMARY KEY, notification_id bigint NOT NULL)"
@@ -51,13 +53,20 @@ async def main(settings: Settings) -> None:
         if notifications:
             # Pipelined: all go out in order on one connection, then the acks are awaited
             # together, so a batch costs about one fsync round trip instead of one each.
-            await asyncio.gather(*(
-                js.publish(
-                    event_subject(n, settings.partitions), n.state,
-                    stream=settings.stream_name, headers=event_headers(n),
-                )
-                for n in notifications
-            ))
+            try:
+                await asyncio.gather(*(
+                    js.publish(
+                        event_subject(n, settings.partitions), n.state,
+                        stream=settings.stream_name, headers=event_headers(n),
+                    )
+                    for n in notifications
+                ))
+            except (TimeoutError, NatsError) as e:
+                # A NATS node died or the stream's leader is moving: publish the batch again
+                # (those that arrived are dropped as duplicates by their Nats-Msg-Id).
+                log.warning("publishing %d events: %r; retrying", len(notifications), e)
+                await asyncio.sleep(RETRY_S)
+                continue
             position = notifications[-1].id
             await conn.execute(
                 "INSERT INTO relay_position VALUES ('chat', %s)"

@@ -41,17 +41,17 @@ async def test_an_operator_replays_a_conversation_at_any_version_and_the_look_is
     assert full.returncode == 0, full.stderr
     report = json.loads(full.stdout)
     assert [e["type"] for e in report["events"]] == [
-        "Started", "UserMessagePosted", "ReplyRequested", "ReplyCompleted",
+        "Started", "UserMessagePosted", "ReplyRequested", "ReplyCompleted", "Titled",
         "UserMessagePosted", "ReplyRequested", "ReplyCompleted",
     ]
-    assert [e["version"] for e in report["events"]] == list(range(1, 8))
+    assert [e["version"] for e in report["events"]] == list(range(1, 9))
     assert report["events"][3]["actor"].startswith("model:chat/")
     assert [m["role"] for m in report["state"]["messages"]] == ["user", "assistant"] * 2
 
     at_v3 = json.loads(run_audit(stack, conversation_id, "--json", "--at-version", "3", "--reason", "check").stdout)
     assert [(m["text"], m["status"]) for m in at_v3["state"]["messages"]] == [("First question", "complete"), ("", "pending")]
     at_time = json.loads(run_audit(stack, conversation_id, "--json", "--at", between.isoformat(), "--reason", "check").stdout)
-    assert at_time["version"] == 4
+    assert at_time["version"] == 5  # the first reply, and the title given with it
     assert at_time["state"]["messages"][-1]["text"] == first["text"]
 
     text = run_audit(stack, conversation_id, "--reason", "a human read")

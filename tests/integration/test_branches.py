@@ -124,7 +124,7 @@ async def test_titles_rename_archive_delete_search_and_paging(client: ChatClient
 
     rows = await listing()
     assert [c["id"] for c in rows] == ids[::-1]  # newest first
-    assert rows[-1]["title"] == f"What do {word} eat in winter"  # titled after the first reply
+    assert rows[-1]["title"] == f"What do {word} eat in winter?"  # titled after the first reply
     page = await listing("?limit=2")
     assert [c["id"] for c in page] == ids[:0:-1]
     rest = await listing(f"?limit=2&before={page[-1]['updated_at']}")
@@ -158,3 +158,54 @@ async def test_titles_rename_archive_delete_search_and_paging(client: ChatClient
     async with client.ws() as ws:  # a deleted conversation takes no more messages
         await send(ws, ids[0], "Are you there?")
         assert (await recv(ws))["code"] == "not_found"
+
+
+async def test_a_temporary_conversation_is_gone_after_its_time(client: ChatClient, chat_app) -> None:
+    from datetime import datetime, timezone
+    from uuid import UUID
+
+    r = await client.http.post("/api/conversations", json={"expires_in_s": 60}, headers=client.headers)
+    assert r.status_code == 201, r.text
+    cid = r.json()["id"]
+    assert r.json()["expires_at"]
+    bad = await client.http.post("/api/conversations", json={"expires_in_s": 5}, headers=client.headers)
+    assert bad.status_code == 400
+    async with client.ws() as ws:
+        await send(ws, cid, "Forget this soon")
+        await collect_reply(ws)
+    # instead of waiting a minute, record that it is due now: the same command with a later clock
+    conversation = chat_app.repository.get(UUID(cid))
+    assert chat_app.expire_conversation(UUID(cid), now=conversation.expires_at) is True
+    for _ in range(100):
+        if (await client.get(f"/api/conversations/{cid}/messages")).status_code == 404:
+            break
+        await asyncio.sleep(0.05)
+    assert (await client.get(f"/api/conversations/{cid}/messages")).status_code == 404
+    assert cid not in [c["id"] for c in (await client.get("/api/conversations")).json()]
+
+
+async def test_the_retention_job_expires_due_conversations_by_itself(client: ChatClient, chat_app) -> None:
+    """The job runs in the projector every second here. One conversation is made temporary
+    as if two minutes ago with a minute to live (so it is due), another with an hour."""
+    from datetime import datetime, timedelta, timezone
+    from uuid import UUID
+
+    due, later = UUID(await client.start_conversation()), UUID(await client.start_conversation())
+    conversation = chat_app.repository.get(due)
+    conversation.set_retention(timedelta(minutes=1), now=datetime.now(timezone.utc) - timedelta(minutes=2))
+    chat_app.save(conversation)
+    chat_app.update_conversation(later, UUID(client.user_id), keep_for=timedelta(hours=1))
+    for _ in range(200):
+        if chat_app.repository.get(due).deleted:
+            break
+        await asyncio.sleep(0.1)
+    events = [type(e).__name__ for e in chat_app.repository.get(due).collect_events()]
+    stored = [n.topic.rsplit(".", 1)[-1] for n in chat_app.recorder.select_events(due)]
+    assert stored[-1] == "Expired" and not events
+    assert not chat_app.repository.get(later).deleted
+    for _ in range(100):
+        ids = [c["id"] for c in (await client.get("/api/conversations")).json()]
+        if str(due) not in ids:
+            break
+        await asyncio.sleep(0.05)
+    assert str(due) not in ids and str(later) in ids

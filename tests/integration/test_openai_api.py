@@ -81,15 +81,16 @@ async def test_a_completion_returns_the_reply_and_its_usage_and_is_recorded_as_e
     assert str(conversation.owner_id) == client.user_id
     events = list(chat_app.events.get(conversation_id))
     assert [type(e).__name__ for e in events] == [
-        "Started", "TurnsImported", "UserMessagePosted", "ReplyRequested", "ReplyCompleted",
+        "Started", "TurnsImported", "UserMessagePosted", "ReplyRequested", "ReplyCompleted", "Titled",
     ]
-    imported, posted, requested, completed = events[1:]
+    imported, posted, requested, completed, titled = events[1:]
     assert [t["text"] for t in imported.turns] == ["Hello there!", "Ahoy, matey!"]
     assert imported.instructions == "Keep it short."
     assert posted.text == "How are you today?"
     assert requested.reply_id == reply_id and requested.params["max_tokens"] == 24
     assert requested.params["temperature"] == 0.7
     assert completed.text == choice.message.content
+    assert titled.title == "How are you today?"
     assert (completed.prompt_tokens, completed.completion_tokens) == (usage.prompt_tokens, usage.completion_tokens)
     # and the read models show the whole exchange, imported turns first, titled by the message
     messages = await client.messages_when(
@@ -99,7 +100,11 @@ async def test_a_completion_returns_the_reply_and_its_usage_and_is_recorded_as_e
         ("user", "Hello there!"), ("assistant", "Ahoy, matey!"),
         ("user", "How are you today?"), ("assistant", completed.text),
     ]
-    listed = {c["id"]: c for c in (await client.get("/api/conversations")).json()}
+    for _ in range(100):  # the title follows the reply
+        listed = {c["id"]: c for c in (await client.get("/api/conversations")).json()}
+        if listed[str(conversation_id)]["title"] != "New chat":
+            break
+        await asyncio.sleep(0.05)
     assert listed[str(conversation_id)]["title"] == "How are you today?"
     assert listed[str(conversation_id)]["message_count"] == 4
 

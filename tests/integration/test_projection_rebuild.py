@@ -13,10 +13,11 @@ import psycopg
 import pytest
 
 from chatbot.launcher import Stack
+from projections.readmodels import TABLES as READ_MODEL_TABLES
 from tests.client import ChatClient, collect_reply, send
 
 pytestmark = pytest.mark.integration
-TABLES = ("rm_personas", "rm_conversations", "rm_messages", "rm_usage")
+TABLES = tuple(f"rm_{t}" for t in READ_MODEL_TABLES)
 
 
 def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:

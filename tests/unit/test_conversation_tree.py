@@ -105,9 +105,9 @@ def test_the_title_comes_after_the_first_reply_and_a_rename_sticks(app: ChatAppl
 
 
 def test_make_title_handles_short_and_odd_messages() -> None:
-    assert make_title("hi!") == "Hi"
+    assert make_title("hi!") == "Hi!"
     assert make_title("\n\n# Plan for Monday.\nrest") == "Plan for Monday"
-    assert make_title("???") == "New chat"
+    assert make_title("...") == "New chat"
 
 
 def test_archive_and_delete(app: ChatApplication, user: UUID) -> None:
@@ -136,3 +136,26 @@ def test_someone_else_cannot_branch_or_rename(app: ChatApplication, user: UUID) 
         app.update_conversation(cid, other, title="mine now")
     with pytest.raises(ConversationNotFound):
         app.select_branch(cid, other, m1)
+
+
+def test_a_temporary_conversation_expires_only_when_due(app: ChatApplication, user: UUID) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from domain.conversation import InvalidRetention
+
+    cid = app.start_conversation(user, keep_for=timedelta(hours=1))
+    exchange(app, cid, user, "Hello", "Hi")
+    expires_at = app.repository.get(cid).expires_at
+    assert timedelta(minutes=59) < expires_at - datetime.now(timezone.utc) <= timedelta(hours=1)
+    assert not app.expire_conversation(cid)  # not due yet
+    assert app.branch(cid, user)
+    assert app.expire_conversation(cid, now=expires_at)
+    assert not app.expire_conversation(cid, now=expires_at)  # once
+    with pytest.raises(ConversationNotFound):
+        app.branch(cid, user)
+    with pytest.raises(InvalidRetention):
+        app.start_conversation(user, keep_for=timedelta(seconds=5))
+    kept = app.start_conversation(user, keep_for=timedelta(days=1))
+    app.update_conversation(kept, user, keep_for=None)  # keep it for good after all
+    assert app.repository.get(kept).expires_at is None
+    assert not app.expire_conversation(kept, now=datetime.now(timezone.utc) + timedelta(days=2))

@@ -1,0 +1,209 @@
+"""The Triton model repository as versions: what is on disk, what Triton has loaded, and
+how a new version is written and loaded.
+
+A model is a folder with `config.pbtxt` and numbered version folders. The weights of a
+version sit in the folder its config's `model_dir` parameter names (relative to the
+version folder, e.g. `chat/2/demo/`), next to the version's `model.py`. `chatbot train`
+writes version N+1 into a hidden staging folder beside the others (Triton ignores names
+that are not numbers) and renames it into place when it is complete, with its model card
+(`model_card.json` for tools, `MODEL_CARD.md` for people).
+
+Triton runs with `--model-control-mode=explicit`. `load_versions` asks it to serve exactly
+the given versions of a model by loading the model with its own `config.pbtxt` and the
+`version_policy` replaced (`specific`): versions already loaded keep serving until their
+replacements are ready, versions left out are unloaded once their requests finish.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+CARD_JSON = "model_card.json"
+CARD_MD = "MODEL_CARD.md"
+_SKIP = {"__pycache__", CARD_JSON, CARD_MD}
+
+
+class ModelRepositoryError(Exception):
+    pass
+
+
+def models(repository: Path) -> list[str]:
+    return sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file()) if repository.is_dir() else []
+
+
+def model_root(repository: Path, model: str) -> Path:
+    root = repository / model
+    if not (root / "config.pbtxt").is_file():
+        known = ", ".join(models(repository)) or "none"
+        raise ModelRepositoryError(f"no model {model!r} in {repository} (models: {known})")
+    return root
+
+
+def versions(repository: Path, model: str) -> list[int]:
+    root = model_root(repository, model)
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit() and not p.name.startswith("0"))
+
+
+def weights_folder(repository: Path, model: str) -> str:
+    """The `model_dir` parameter of the model's config (where each version keeps its weights)."""
+    config = (model_root(repository, model) / "config.pbtxt").read_text()
+    match = re.search(r'key:\s*"model_dir".*?string_value:\s*"([^"]+)"', config, re.S)
+    folder = match.group(1) if match else "demo"
+    if Path(folder).is_absolute():
+        raise ModelRepositoryError(f"{model}: model_dir {folder!r} is absolute: versions would share their weights")
+    return folder
+
+
+def version_weights(repository: Path, model: str, version: int | str) -> Path:
+    path = model_root(repository, model) / str(version)
+    if not path.is_dir():
+        raise ModelRepositoryError(f"model {model!r} has no version {version} (versions: {versions(repository, model)})")
+    return path / weights_folder(repository, model)
+
+
+def read_card(repository: Path, model: str, version: int | str) -> dict[str, Any] | None:
+    path = repository / model / str(version) / CARD_JSON
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def create_version(
+    repository: Path, model: str, base: int, write: Callable[[Path, int], dict[str, Any]],
+) -> tuple[int, Path]:
+    """Write version N+1 of `model`: the base version's files (model.py, tokenizer, ...),
+    then `write(weights_dir, new_version)` puts the new weights in place and returns the
+    model card. Renamed into place only when complete. Returns (version, folder)."""
+    root = model_root(repository, model)
+    base_dir = root / str(base)
+    if not base_dir.is_dir():
+        raise ModelRepositoryError(f"model {model!r} has no version {base} to start from")
+    weights = weights_folder(repository, model)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    try:
+        for item in base_dir.iterdir():
+            if item.name in _SKIP:
+                continue
+            target = staging / item.name
+            if item.is_dir():
+                shutil.copytree(item, target, ignore=shutil.ignore_patterns("__pycache__", "*.safetensors",
+                                                                          "training_stats.json"))
+            else:
+                shutil.copy2(item, target)
+        version = max(versions(repository, model), default=0) + 1
+        card = write(staging / weights, version)
+        (staging / CARD_JSON).write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+        (staging / CARD_MD).write_text(render_card(card))
+        for path in staging.rglob("*"):  # readable by a Triton running as another user
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        staging.chmod(0o755)
+        while True:  # another training may have taken the number meanwhile
+            final = root / str(version)
+            try:
+                staging.rename(final)
+                break
+            except OSError:
+                if not final.exists():
+                    raise
+                version += 1
+                card["version"] = str(version)
+                (staging / CARD_JSON).write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+                (staging / CARD_MD).write_text(render_card(card))
+        return version, final
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def render_card(card: dict[str, Any]) -> str:
+    data, metrics, training = card.get("data", {}), card.get("metrics", {}), card.get("training", {})
+
+    def loss(x: Any) -> str:
+        return f"{x:.4f}" if isinstance(x, (int, float)) else "-"
+
+    lines = [
+        f"# {card.get('model')} version {card.get('version')}",
+        "",
+        f"Fine-tuned from version {card.get('base_version')} on {data.get('records', 0)} exported chat records "
+        f"({card.get('created_at', '')}).",
+        "",
+        "## Data",
+        "",
+        f"- file: `{data.get('file')}` (sha256 `{data.get('sha256', '')[:16]}…`)",
+        f"- replies written from {data.get('first') or '-'} to {data.get('last') or '-'}",
+        f"- records: {data.get('records', 0)}; trained on {data.get('train_records', 0)}, "
+        f"held out {data.get('heldout_records', 0)}; left out: {data.get('excluded') or 'none'}",
+        f"- ratings: {data.get('ratings') or {}}; personas: {data.get('personas') or {}}; "
+        f"written by: {data.get('written_by') or {}}",
+        "",
+        "## Metrics (held-out replies, cross-entropy per token)",
+        "",
+        "| | before | after |",
+        "| --- | --- | --- |",
+        f"| held-out loss | {loss(metrics.get('heldout_loss_before'))} | {loss(metrics.get('heldout_loss_after'))} |",
+        f"| training loss (first step / last 10%) | {loss(metrics.get('train_loss_first'))} "
+        f"| {loss(metrics.get('train_loss_last'))} |",
+        "",
+        f"Held-out tokens: {metrics.get('heldout_tokens', 0)}.",
+        "",
+        "## Training",
+        "",
+        f"- {training.get('steps')} steps, {training.get('train_tokens')} target tokens, "
+        f"{training.get('seconds', 0):.1f} s",
+        f"- {json.dumps(training.get('hyperparameters', {}))}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# -- Triton ----------------------------------------------------------------------------------
+
+
+def config_with_versions(repository: Path, model: str, keep: list[str]) -> str:
+    """The model's config.pbtxt as JSON, serving exactly the versions in `keep`."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = model_config_pb2.ModelConfig()
+    text_format.Parse((model_root(repository, model) / "config.pbtxt").read_text(), config)
+    config.version_policy.Clear()
+    config.version_policy.specific.versions.extend(sorted({int(v) for v in keep}))
+    return str(json_format.MessageToJson(config))
+
+
+def triton_versions(triton_url: str, model: str) -> dict[str, str]:
+    """version -> state (READY, UNLOADING, UNAVAILABLE...) of the versions Triton knows."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(triton_url)
+    try:
+        index = client.get_model_repository_index(as_json=True)
+    finally:
+        client.close()
+    return {m["version"]: m.get("state", "") for m in index.get("models", []) if m.get("name") == model and m.get("version")}
+
+
+def load_versions(triton_url: str, repository: Path, model: str, keep: list[str], timeout_s: float = 300.0) -> None:
+    """Have Triton serve exactly `keep` of `model` (returns once they are ready)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    for v in keep:
+        if not (model_root(repository, model) / str(v)).is_dir():
+            raise ModelRepositoryError(f"model {model!r} has no version {v} in {repository}")
+    client = grpcclient.InferenceServerClient(triton_url)
+    try:
+        client.load_model(model, config=config_with_versions(repository, model, keep), client_timeout=timeout_s)
+        not_ready = [v for v in keep if not client.is_model_ready(model, str(v))]
+    except InferenceServerException as e:
+        raise ModelRepositoryError(f"Triton could not load {model} versions {keep}: {e.message()}") from None
+    finally:
+        client.close()
+    if not_ready:
+        raise ModelRepositoryError(f"Triton loaded {model} but versions {not_ready} are not ready")

@@ -1,0 +1,168 @@
+"""Moving conversations in and out: this system's JSON export (every branch), Markdown
+(the active branch, for reading), and ChatGPT's `conversations.json` import.
+
+Pure functions over plain data: the application loads and saves, these only convert.
+A ChatGPT export is a list of conversations, each a `mapping` of nodes (`message`,
+`parent`, `children`) with a `current_node`. Only user and assistant text survives the
+import: system, tool and empty nodes are dropped and their children attached to the
+nearest kept ancestor, so the tree keeps its shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+from domain.conversation import MAX_TITLE, ConversationError
+
+EXPORT_FORMAT = "chatbot.conversation.v1"
+MAX_IMPORT_CONVERSATIONS = 1000
+
+
+class NotAnExport(ConversationError):
+    """A file that is not a ChatGPT export (its message names what is wrong)."""
+
+
+@dataclass
+class ImportedConversation:
+    title: str
+    nodes: list[dict[str, Any]]  # {"id", "parent_id", "role", "text"}, parents first
+    current: UUID | None
+
+
+def export_conversation(conversation: Any, persona: dict[str, Any], timestamps: dict[UUID, datetime]) -> dict[str, Any]:
+    """The whole tree of a `Conversation` aggregate, with what each reply was written by."""
+    messages = []
+    for node in conversation.messages:
+        item: dict[str, Any] = {
+            "id": str(node["id"]), "parent_id": str(node["parent_id"]) if node["parent_id"] else None,
+            "role": node["role"], "text": node["text"], "status": node["status"],
+            "created_at": timestamps[node["id"]].isoformat() if node["id"] in timestamps else None,
+        }
+        reply = conversation.replies.get(node["id"])
+        if reply is not None:
+            item["persona_version"] = reply["persona_version"]
+            if "model_name" in reply:
+                item["model"] = f"{reply['model_name']}/{reply['model_version']}"
+                item["finish_reason"] = reply.get("finish_reason")
+            if "feedback" in reply:
+                item["feedback"] = reply["feedback"]
+        messages.append(item)
+    return {
+        "format": EXPORT_FORMAT,
+        "id": str(conversation.id),
+        "title": conversation.title,
+        "archived": conversation.archived,
+        "created_at": conversation.created_on.isoformat(),
+        "persona": {"id": str(persona["id"]), "slug": persona["slug"], "name": persona["name"]},
+        "current_message_id": str(conversation.current) if conversation.current else None,
+        "messages": messages,
+    }
+
+
+def active_branch(export: dict[str, Any]) -> list[dict[str, Any]]:
+    by_id = {m["id"]: m for m in export["messages"]}
+    path, node = [], export["current_message_id"]
+    while node is not None:
+        path.append(by_id[node])
+        node = by_id[node]["parent_id"]
+    return path[::-1]
+
+
+def to_markdown(export: dict[str, Any]) -> str:
+    """The active branch as a Markdown document; other branches are counted, not shown."""
+    children: dict[str | None, int] = {}
+    for m in export["messages"]:
+        children[m["parent_id"]] = children.get(m["parent_id"], 0) + 1
+    persona = export["persona"]["name"]
+    lines = [f"# {export['title']}", "", f"*With {persona}, started {export['created_at'][:10]}.*", ""]
+    for m in active_branch(export):
+        if m["role"] == "assistant" and m["status"] != "complete":
+            continue
+        who = "You" if m["role"] == "user" else persona
+        alternatives = children.get(m["parent_id"], 1) - 1
+        note = f" *({alternatives} other version{'s' if alternatives > 1 else ''})*" if alternatives else ""
+        lines += [f"**{who}:**{note}", "", m["text"], ""]
+    return "\n".join(lines)
+
+
+def parse_chatgpt(data: Any) -> tuple[list[tuple[int, ImportedConversation]], list[dict[str, Any]]]:
+    """ChatGPT's `conversations.json` -> ((index, conversation) to import, skipped ones
+    with the reason). Raises NotAnExport when the file as a whole is not such an export."""
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise NotAnExport("a ChatGPT export is a JSON list of conversations")
+    if len(data) > MAX_IMPORT_CONVERSATIONS:
+        raise NotAnExport(f"at most {MAX_IMPORT_CONVERSATIONS} conversations at once, got {len(data)}")
+    imported, skipped = [], []
+    for index, item in enumerate(data):
+        try:
+            imported.append((index, _parse_one(item)))
+        except NotAnExport as e:
+            skipped.append({"index": index, "reason": str(e)})
+    return imported, skipped
+
+
+def _text(message: dict[str, Any]) -> str:
+    content = message.get("content") or {}
+    if not isinstance(content, dict):
+        return ""
+    parts = content.get("parts")
+    if isinstance(parts, list):
+        return "\n".join(p for p in parts if isinstance(p, str)).strip()
+    text = content.get("text")
+    return text.strip() if isinstance(text, str) else ""
+
+
+def _parse_one(item: Any) -> ImportedConversation:
+    if not isinstance(item, dict) or not isinstance(item.get("mapping"), dict):
+        raise NotAnExport("not a conversation: it has no `mapping` of messages")
+    mapping: dict[str, Any] = item["mapping"]
+    title = item.get("title") if isinstance(item.get("title"), str) else ""
+    title = " ".join(title.split())[:MAX_TITLE] or "Imported chat"
+    ids = {key: uuid4() for key in mapping}  # fresh ids: the same file may be imported twice
+
+    kept: dict[str, dict[str, Any]] = {}  # foreign id -> our node
+    order: list[dict[str, Any]] = []
+
+    def visit(key: str, parent: UUID | None) -> None:
+        """Depth first, with an explicit stack (a long chat is a deep tree): every
+        parent comes before its children, siblings in the order given."""
+        stack = [(key, parent)]
+        while stack:
+            key, parent = stack.pop()
+            node = mapping.get(key)
+            if not isinstance(node, dict) or key in seen:
+                continue
+            seen.add(key)
+            message = node.get("message") if isinstance(node.get("message"), dict) else {}
+            author = message.get("author") if isinstance(message.get("author"), dict) else {}
+            role, text = author.get("role"), _text(message)
+            here = parent
+            if role in ("user", "assistant") and text:
+                ours = {"id": ids[key], "parent_id": parent, "role": role, "text": text}
+                kept[key] = ours
+                order.append(ours)
+                here = ours["id"]
+            children = node.get("children") if isinstance(node.get("children"), list) else []
+            for child in reversed([c for c in children if isinstance(c, str)]):
+                stack.append((child, here))
+
+    seen: set[str] = set()
+    roots = [k for k, n in mapping.items() if isinstance(n, dict) and mapping.get(n.get("parent") or "") is None]
+    for root in roots:
+        visit(root, None)
+    if not order:
+        raise NotAnExport("no user or assistant messages with text")
+    # the current node, or its nearest kept ancestor
+    current_key = item.get("current_node")
+    current = None
+    while isinstance(current_key, str) and current is None and current_key in mapping:
+        if current_key in kept:
+            current = kept[current_key]["id"]
+        parent = mapping[current_key].get("parent") if isinstance(mapping[current_key], dict) else None
+        current_key = parent
+    return ImportedConversation(title=title, nodes=order, current=current)

@@ -1,0 +1,140 @@
+"""The server-rendered pages over plain HTTP: sessions, CSRF protection of every form,
+POST-redirect-GET, security headers, and the pages nobody may see without logging in."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.unit.test_transfer import chatgpt_export
+
+pytestmark = pytest.mark.integration
+PASSWORD = "correct horse battery"
+
+
+@dataclass
+class Visitor:
+    """A browser-like client (cookies kept, redirects not followed) and its account."""
+
+    http: httpx.AsyncClient
+    email: str
+
+
+def token_in(html: str) -> str:
+    match = re.search(r'name="_csrf" value="([0-9a-f]{64})"', html)
+    assert match, "the page has no CSRF token"
+    return match.group(1)
+
+
+@pytest.fixture
+async def visitor(api_url: str) -> AsyncIterator[Visitor]:
+    """Someone who registered and logged in through the pages."""
+    http = httpx.AsyncClient(base_url=api_url, timeout=30)
+    email = f"web-{uuid.uuid4().hex[:12]}@example.com"
+    token = token_in((await http.get("/register")).text)
+    r = await http.post("/register", data={"_csrf": token, "email": email, "password": PASSWORD,
+                                           "password_again": PASSWORD})
+    assert r.status_code == 303 and r.headers["location"] == "/c", r.text
+    assert "session" in http.cookies
+    page = await http.get("/c")
+    assert page.status_code == 200 and email in page.text
+    yield Visitor(http, email)
+    await http.aclose()
+
+
+async def form_token(http: httpx.AsyncClient, path: str = "/c") -> str:
+    return token_in((await http.get(path)).text)
+
+
+async def test_pages_need_a_session_and_send_strangers_to_the_login(api_url: str) -> None:
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+        r = await http.get("/")
+        assert r.status_code == 303 and r.headers["location"] == "/login"
+        r = await http.get("/c?q=x")
+        assert r.status_code == 303 and r.headers["location"] == "/login?next=/c%3Fq%3Dx"
+        for path in ("/personas", "/personas/new", f"/c/{uuid.uuid4()}"):
+            assert (await http.get(path)).status_code == 303, path
+        login = await http.get("/login")
+        assert login.status_code == 200 and login.headers["content-type"].startswith("text/html")
+        csp = login.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+        assert login.headers["x-content-type-options"] == "nosniff"
+        assert "csrf" in http.cookies
+        r = await http.get(f"/s/{uuid.uuid4()}")
+        assert r.status_code == 404 and "Not found" in r.text
+
+
+async def test_a_form_without_its_token_is_refused(visitor: Visitor, api_url: str) -> None:
+    http, token = visitor.http, await form_token(visitor.http)
+    await http.post("/logout", data={"_csrf": token})
+    anonymous = token_in((await http.get("/login")).text)
+    await http.post("/login", data={"_csrf": anonymous, "email": visitor.email, "password": PASSWORD})
+    token = token_in((await http.get("/c")).text)
+    assert (await http.post("/c", data={})).status_code == 403
+    assert (await http.post("/c", data={"_csrf": "0" * 64})).status_code == 403
+    r = await http.post("/logout", data={})
+    assert r.status_code == 403 and "Form expired" in r.text
+    # a token from another browser (another csrf cookie) does not work here
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as other:
+        foreign = token_in((await other.get("/login")).text)
+    assert (await http.post("/c", data={"_csrf": foreign})).status_code == 403
+    # nor does one taken before logging in
+    assert (await http.post("/c", data={"_csrf": anonymous})).status_code == 403
+    r = await http.post("/c", data={"_csrf": token})
+    assert r.status_code == 303 and re.fullmatch(r"/c/[0-9a-f-]{36}", r.headers["location"])
+    # the JSON API is not a form: a Bearer token needs no CSRF token
+    login = await http.post("/api/auth/login", json={"email": "nobody@example.com", "password": "x"})
+    assert login.status_code == 401
+
+
+async def test_logging_in_goes_back_to_the_page_asked_for_but_never_off_site(visitor: Visitor) -> None:
+    http, email = visitor.http, visitor.email
+    r = await http.post("/logout", data={"_csrf": token_in((await http.get("/c")).text)})
+    assert r.status_code == 303 and r.headers["location"] == "/login"
+    assert "session" not in http.cookies
+    for asked, landed in (("/personas", "/personas"), ("//evil.example/x", "/c"), ("https://evil.example", "/c")):
+        token = token_in((await http.get("/login", params={"next": asked})).text)
+        r = await http.post("/login", data={"_csrf": token, "email": email, "password": PASSWORD, "next": asked})
+        assert r.status_code == 303 and r.headers["location"] == landed, asked
+        http.cookies.delete("session")
+    token = token_in((await http.get("/login")).text)
+    r = await http.post("/login", data={"_csrf": token, "email": email, "password": "wrong"})
+    assert r.status_code == 401 and "Wrong e-mail address or password." in r.text
+
+
+async def test_a_chat_is_shared_read_only_and_the_link_can_be_withdrawn(visitor: Visitor, api_url: str) -> None:
+    http, token = visitor.http, await form_token(visitor.http)
+    conversation = (await http.post("/c", data={"_csrf": token})).headers["location"]
+    r = await http.post(f"{conversation}/messages", data={"_csrf": token, "text": "Tell me about *owls*",
+                                                          "client_message_id": str(uuid.uuid4())})
+    assert r.status_code == 303
+    r = await http.post(f"{conversation}/shares", data={"_csrf": token})
+    assert r.status_code == 303
+    page = (await http.get(conversation)).text
+    share = re.search(r'href="(/s/[0-9a-f-]{36})"', page).group(1)
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as stranger:
+        shared = await stranger.get(share)
+        assert shared.status_code == 200 and "Tell me about *owls*" in shared.text  # user text is not Markdown
+        assert "Start your own chat" in shared.text and 'name="_csrf"' not in shared.text
+    r = await http.post(f"{conversation}{share.replace('/s/', '/shares/')}/delete", data={"_csrf": token})
+    assert r.status_code == 303
+    assert (await http.get(share)).status_code == 404
+
+
+async def test_a_chatgpt_export_is_imported_from_the_page(visitor: Visitor, api_url: str) -> None:
+    http, token = visitor.http, await form_token(visitor.http)
+    upload = {"file": ("conversations.json", json.dumps(chatgpt_export()).encode(), "application/json")}
+    r = await http.post("/c/import", data={"_csrf": token}, files=upload)
+    assert r.status_code == 303 and r.headers["location"] == "/c"
+    page = await http.get("/c")
+    assert "Imported 1 conversation. Skipped 2:" in page.text
+    assert ">Tides</a>" in page.text
+    r = await http.post("/c/import", data={"_csrf": token},
+                        files={"file": ("conversations.json", b"{not json", "application/json")})
+    assert r.status_code == 400 and "That file is not JSON" in r.text

@@ -1,0 +1,84 @@
+"""A reply whose end was lost on the way (core NATS delivers at most once) still ends for
+the client: the socket looks a quiet reply up in the read model and sends its end from
+there, once. The session runs against fakes of its services; no servers."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+
+import api.chat_socket as chat_socket
+from api.chat_socket import ChatSession
+from chatbot.messaging import ReplyDone, TokenDelta, token_encoder
+
+
+class FakeReadModels:
+    def __init__(self) -> None:
+        self.rows: dict[uuid.UUID, dict[str, Any]] = {}
+        self.lookups = 0
+
+    def message(self, message_id: uuid.UUID) -> dict[str, Any] | None:
+        self.lookups += 1
+        return self.rows.get(message_id)
+
+
+class FakeServices:
+    def __init__(self) -> None:
+        self.readmodels = FakeReadModels()
+
+    async def call(self, func: Any, *args: Any) -> Any:
+        return func(*args)
+
+
+def frames(session: ChatSession) -> list[dict[str, Any]]:
+    out = []
+    while not session.outbox.empty():
+        out.append(session.outbox.get_nowait())
+    return out
+
+
+@pytest.fixture
+def quick(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chat_socket, "QUIET_S", 0.05)
+
+
+async def test_a_reply_whose_end_was_lost_ends_from_the_read_model_once(quick: None) -> None:
+    services = FakeServices()
+    session = ChatSession(None, uuid.uuid4(), services)  # type: ignore[arg-type]
+    conversation_id, reply_id = uuid.uuid4(), uuid.uuid4()
+    rid = str(reply_id)
+    session.await_end(rid, conversation_id)
+    services.readmodels.rows[reply_id] = {"status": "pending", "text": "", "finish_reason": None}
+    await asyncio.sleep(0.2)
+    assert frames(session) == [] and services.readmodels.lookups > 0  # still being written: nothing sent
+
+    services.readmodels.rows[reply_id] = {"status": "complete", "text": "Ahoy there!", "finish_reason": "stop"}
+    await asyncio.sleep(0.2)
+    assert frames(session) == [{"type": "reply", "conversation_id": str(conversation_id), "reply_id": rid,
+                                "text": "Ahoy there!", "finish_reason": "stop"}]
+    # the lost end turns up after all: the client does not get the reply twice
+    session.on_token_message(conversation_id, token_encoder.encode(ReplyDone(rid, "Ahoy there!", "stop")))
+    assert frames(session) == []
+    await asyncio.sleep(0.1)
+    assert session.watcher is not None and session.watcher.done()  # nothing left to wait for
+
+
+async def test_a_reply_that_streams_or_ends_as_usual_is_never_looked_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chat_socket, "QUIET_S", 0.5)
+    services = FakeServices()
+    session = ChatSession(None, uuid.uuid4(), services)  # type: ignore[arg-type]
+    conversation_id, reply_id = uuid.uuid4(), uuid.uuid4()
+    rid = str(reply_id)
+    session.await_end(rid, conversation_id)
+    for i in range(6):  # tokens keep coming: the reply is not quiet
+        session.on_token_message(conversation_id, token_encoder.encode(TokenDelta(rid, i, "x")))
+        await asyncio.sleep(0.02)
+    session.on_token_message(conversation_id, token_encoder.encode(ReplyDone(rid, "xxxxxx", "length")))
+    await asyncio.sleep(0.6)
+    assert services.readmodels.lookups == 0 and session.watcher is not None and session.watcher.done()
+    sent = frames(session)
+    assert "".join(f["text"] for f in sent if f["type"] == "token") == "xxxxxx"
+    assert [f["type"] for f in sent][-1] == "reply" and sum(f["type"] == "reply" for f in sent) == 1

@@ -1,0 +1,113 @@
+"""Export (JSON with branches, Markdown), ChatGPT import and share links, in memory."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+
+from domain.application import ChatApplication
+from domain.conversation import ConversationNotFound, ShareNotFound
+from domain.transfer import NotAnExport, active_branch, parse_chatgpt, to_markdown
+
+OUTCOME = dict(finish_reason="stop", prompt_tokens=5, completion_tokens=2,
+               ttft_ms=1.0, duration_ms=2.0, model_name="chat", model_version="1")
+
+
+def node(key: str, parent: str | None, children: list[str], role: str | None, text: Any = None) -> dict[str, Any]:
+    message = None
+    if role is not None:
+        content = {"content_type": "text", "parts": [text]} if not isinstance(text, dict) else text
+        message = {"id": key, "author": {"role": role}, "content": content, "create_time": 1.7e9}
+    return {"id": key, "message": message, "parent": parent, "children": children}
+
+
+def chatgpt_export() -> list[dict[str, Any]]:
+    """The shape of ChatGPT's conversations.json: an empty root, a system message, an
+    edited first question (two branches), a tool call, and an image part."""
+    mapping = {
+        "root": node("root", None, ["sys"], None),
+        "sys": node("sys", "root", ["u1", "u1b"], "system", ""),
+        "u1": node("u1", "sys", ["a1"], "user", "What is a tide?"),
+        "a1": node("a1", "u1", [], "assistant", "The rise and fall of the sea."),
+        "u1b": node("u1b", "sys", ["tool"], "user", "What causes tides?"),
+        "tool": node("tool", "u1b", ["a2"], "tool", "search results"),
+        "a2": node("a2", "tool", ["u3"], "assistant", "Mostly the Moon's gravity."),
+        "u3": node("u3", "a2", [], "user", {"content_type": "multimodal_text",
+                                             "parts": [{"asset_pointer": "file-1"}, "And this picture?"]}),
+    }
+    return [
+        {"title": "Tides", "create_time": 1.7e9, "mapping": mapping, "current_node": "u3"},
+        {"title": "Broken", "mapping": "not a mapping"},
+        {"title": "Empty", "mapping": {"r": node("r", None, [], "system", "")}, "current_node": "r"},
+    ]
+
+
+def test_parse_chatgpt_keeps_branches_and_drops_what_is_not_chat() -> None:
+    parsed, skipped = parse_chatgpt(chatgpt_export())
+    assert [s["index"] for s in skipped] == [1, 2]
+    assert "mapping" in skipped[0]["reason"] and "no user or assistant" in skipped[1]["reason"]
+    index, tides = parsed[0]
+    assert index == 0 and tides.title == "Tides"
+    texts = [n["text"] for n in tides.nodes]
+    assert texts == ["What is a tide?", "The rise and fall of the sea.", "What causes tides?",
+                     "Mostly the Moon's gravity.", "And this picture?"]
+    by_text = {n["text"]: n for n in tides.nodes}
+    assert by_text["What is a tide?"]["parent_id"] is None and by_text["What causes tides?"]["parent_id"] is None
+    # the tool message is dropped and its child attached to the nearest kept ancestor
+    assert by_text["Mostly the Moon's gravity."]["parent_id"] == by_text["What causes tides?"]["id"]
+    assert tides.current == by_text["And this picture?"]["id"]
+
+
+@pytest.mark.parametrize("bad", ["text", 42, None, [1] * 1001])
+def test_parse_chatgpt_refuses_what_is_not_an_export(bad: Any) -> None:
+    with pytest.raises(NotAnExport):
+        parse_chatgpt(bad)
+
+
+def test_import_then_export_round_trips_every_branch(app: ChatApplication, user: UUID) -> None:
+    result = app.import_conversations(user, chatgpt_export())
+    assert result["imported"] == 1 and [s["index"] for s in result["skipped"]] == [1, 2]
+    cid = result["conversation_ids"][0]
+    branch = app.branch(cid, user)
+    assert [m["text"] for m in branch] == ["What causes tides?", "Mostly the Moon's gravity.", "And this picture?"]
+    assert len(branch[0]["siblings"]) == 2
+    export = app.export_conversation(cid, user)
+    assert export["title"] == "Tides" and len(export["messages"]) == 5
+    assert [m["text"] for m in active_branch(export)] == [m["text"] for m in branch]
+    markdown = to_markdown(export)
+    assert markdown.startswith("# Tides")
+    assert "*(1 other version)*" in markdown and "What is a tide?" not in markdown
+    # the imported conversation goes on like any other
+    posted = app.post_message(cid, user, "c1", "Thanks!")
+    app.complete_reply(cid, posted.reply_id, text="You're welcome.", **OUTCOME)
+    history = [t["content"] for t in app.reply_job(cid, posted.reply_id).messages[1:]]
+    assert history == ["What causes tides?", "Mostly the Moon's gravity.", "And this picture?", "Thanks!"]
+
+
+def test_a_bad_conversation_inside_an_export_is_skipped_not_fatal(app: ChatApplication, user: UUID) -> None:
+    data = chatgpt_export()[:1] * 3
+    data[1] = {**data[1], "mapping": {**data[1]["mapping"], "u1": node("u1", "sys", ["a1"], "user", "x" * 101)}}
+    data[2] = {**data[2], "mapping": {**data[2]["mapping"], "u1": node("u1", "sys", ["a1"], "user", "nul \x00")}}
+    result = app.import_conversations(user, data)  # the app's limit is 100 characters
+    assert result["imported"] == 1 and [s["index"] for s in result["skipped"]] == [1, 2]
+    assert "NUL" in result["skipped"][1]["reason"]
+    assert "at most 100 characters" in result["skipped"][0]["reason"]
+
+
+def test_share_and_revoke(app: ChatApplication, user: UUID) -> None:
+    cid = app.start_conversation(user)
+    posted = app.post_message(cid, user, "c1", "Hello")
+    app.complete_reply(cid, posted.reply_id, text="Hi!", **OUTCOME)
+    share_id = app.share_conversation(cid, user)
+    conversation = app.repository.get(cid)
+    assert conversation.shares == {share_id: True}
+    other = app.register_user("eve@example.com", "correct horse")
+    with pytest.raises(ConversationNotFound):
+        app.revoke_share(cid, other, share_id)
+    with pytest.raises(ShareNotFound):
+        app.revoke_share(cid, user, uuid4())
+    app.revoke_share(cid, user, share_id)
+    app.revoke_share(cid, user, share_id)  # again: a no-op
+    assert app.repository.get(cid).shares == {share_id: False}
