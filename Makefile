@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install bench clean
+.PHONY: run test install bench chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,12 +22,15 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
+# faults injected under load (workers, a NATS node, PostgreSQL, the projector, the relay, an API
+# process), then the invariants checked: exits 1 on a broken one (tests/chaos/run.py, ~3 minutes)
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos.run
+
+# every bench/*.py in turn; the figures of each that succeeds go to docs/benchmarks.md
+# (bench/report.py); `make bench BENCH=ingest,websocket_fanout` runs only those
 bench: $(STAMP)
-	$(BIN)/python bench/pipeline.py
-	$(BIN)/python bench/engine.py
-	$(BIN)/python bench/rebuild.py
-	$(BIN)/python bench/connections.py
-	$(BIN)/python bench/long_conversation.py
+	$(BIN)/python bench/report.py $(if $(BENCH),--only $(BENCH))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

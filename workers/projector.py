@@ -49,6 +49,21 @@ BATCH = 256
 PRIORITY_OFFSET = 10
 
 
+async def rewind_if_lost(js: JetStreamContext, stream: str, durable: str, config: ConsumerConfig) -> None:
+    """While idle, or after a NATS error, this projector holds no event unacked: any the
+    consumer still counts as delivered were lost on the way (a node died with the fetch
+    response), and would come back only after the ack wait, behind newer events that the
+    position would then pass over. Rewind to the oldest of them. A rewind that only races
+    the last acks is harmless: events already applied are skipped by the position."""
+    try:
+        rewound = await rewind_if_interrupted(js, stream, durable, config)
+    except (NatsError, TimeoutError) as e:
+        log.warning("checking the consumer for lost deliveries: %s", e)
+        return
+    if rewound is not None:
+        log.warning("deliveries were lost: consuming again from stream sequence %d", rewound)
+
+
 async def rewind_if_interrupted(js: JetStreamContext, stream: str, durable: str, config: ConsumerConfig) -> int | None:
     """If the durable consumer holds events delivered and never acked (its projector died
     mid-batch), make it again from the oldest of them, so they come next and in order;
@@ -117,10 +132,12 @@ async def main(settings: Settings) -> None:
         try:
             messages = await sub.fetch(BATCH, timeout=1.0)
         except TimeoutError:  # nats-py raises its own subclass or the builtin, depending on where it timed out
+            await rewind_if_lost(js, settings.stream_name, durable, config())
             continue
         except NatsError as e:  # a NATS node or the consumer's leader is changing: ask again
             log.warning("fetching events: %s; retrying", e)
             await asyncio.sleep(1.0)
+            await rewind_if_lost(js, settings.stream_name, durable, config())
             continue
         await asyncio.to_thread(apply, messages, positions)
         for msg in messages:
