@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -177,6 +178,10 @@ class FormError(ValueError):
 # -- auth ------------------------------------------------------------------------------------
 
 
+# how long a temporary chat is kept (the start form's choices), in seconds
+KEEP_CHOICES = {"1h": 3600, "1d": 86_400, "7d": 7 * 86_400, "30d": 30 * 86_400}
+
+
 class AuthPages(Controller):
     path = "/"
     include_in_schema = False
@@ -257,7 +262,11 @@ class ConversationPages(Controller):
         user_id = require_viewer(request, services)
         form = await request.form()
         persona_id = uuid_field(form, "persona_id") if form.get("persona_id") else None
-        conversation_id = await services.call(services.app.start_conversation, user_id, persona_id)
+        keep = str(form.get("keep", ""))
+        if keep and keep not in KEEP_CHOICES:
+            raise FormError("choose how long to keep the chat from the list")
+        keep_for = timedelta(seconds=KEEP_CHOICES[keep]) if keep else None
+        conversation_id = await services.call(services.app.start_conversation, user_id, persona_id, keep_for)
         await queries.settle(services, conversation_id)
         return redirect(services, f"/c/{conversation_id}")
 
@@ -510,6 +519,45 @@ class PersonaPages(Controller):
 # -- shared snapshots ---------------------------------------------------------------------------
 
 
+class AccountPages(Controller):
+    """The account: consent to training use, and erasing the account with all its data."""
+
+    path = "/account"
+    include_in_schema = False
+
+    @get("/")
+    async def show_account(self, request: Request[Any, Any, Any], services: Services) -> Template:
+        user_id = require_viewer(request, services)
+        consent = await services.call(services.app.training_consent, user_id)
+        return await render(request, services, "account.html", training_consent=consent,
+                            **await sidebar(services, user_id))
+
+    @post("/consent")
+    async def set_consent(self, request: Request[Any, Any, Any], services: Services) -> Redirect:
+        user_id = require_viewer(request, services)
+        form = await request.form()
+        training = form.get("training") == "on"
+        await services.call(services.app.set_training_consent, user_id, training)
+        note = "Your conversations may now help train the model." if training else \
+            "Your conversations will not be used for training."
+        return redirect(services, "/account", note)
+
+    @post("/delete")
+    async def delete_account(self, request: Request[Any, Any, Any], services: Services) -> Response[Any]:
+        """Erase the account: its data key is destroyed, so every message it wrote becomes
+        unreadable everywhere; the read models drop its rows."""
+        user_id = require_viewer(request, services)
+        form = await request.form()
+        if form.get("confirm") != "erase":
+            return redirect(services, "/account", "Tick the box to confirm that everything should be erased.", "error")
+        try:
+            await services.call(services.app.delete_account, user_id, str(form.get("password", "")))
+        except InvalidCredentials:
+            return redirect(services, "/account", "Wrong password: nothing was erased.", "error")
+        gone = Cookie(key=SESSION_COOKIE, value="", max_age=0, path="/")
+        return redirect(services, "/login", "Your account and all its conversations are erased.", cookies=[gone])
+
+
 class SharePages(Controller):
     path = "/s"
     include_in_schema = False
@@ -600,7 +648,7 @@ def page_handlers(settings: Settings) -> list[Any]:
     """The page routes (CSRF-guarded, security headers, HTML errors) and the static files."""
     pages = Router(
         path="/",
-        route_handlers=[AuthPages, ConversationPages, PersonaPages, SharePages],
+        route_handlers=[AuthPages, ConversationPages, PersonaPages, AccountPages, SharePages],
         guards=[csrf_guard(settings.secret_key)],
         response_headers=SECURITY_HEADERS,
         include_in_schema=False,

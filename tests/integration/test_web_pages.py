@@ -138,3 +138,40 @@ async def test_a_chatgpt_export_is_imported_from_the_page(visitor: Visitor, api_
     r = await http.post("/c/import", data={"_csrf": token},
                         files={"file": ("conversations.json", b"{not json", "application/json")})
     assert r.status_code == 400 and "That file is not JSON" in r.text
+
+
+async def test_the_account_page_sets_consent_starts_temporary_chats_and_erases_the_account(
+    visitor: Visitor, api_url: str
+) -> None:
+    page = await visitor.http.get("/account")
+    assert page.status_code == 200 and 'id="erase-form"' in page.text and 'id="training"' in page.text
+    assert 'id="training" checked' not in page.text  # off until the user opts in
+    r = await visitor.http.post("/account/consent", data={"_csrf": token_in(page.text), "training": "on"})
+    assert r.status_code == 303 and r.headers["location"] == "/account"
+    assert 'id="training" checked' in (await visitor.http.get("/account")).text
+
+    # a temporary chat, kept for a day
+    token = await form_token(visitor.http)
+    r = await visitor.http.post("/c", data={"_csrf": token, "keep": "1d"})
+    assert r.status_code == 303, r.text
+    chat_id = r.headers["location"].rsplit("/", 1)[-1]
+    r = await visitor.http.post("/c", data={"_csrf": token, "keep": "forever and ever"})
+    assert r.status_code == 400
+    bearer = await visitor.http.post("/api/auth/login", json={"email": visitor.email, "password": PASSWORD})
+    headers = {"Authorization": f"Bearer {bearer.json()['token']}"}
+    async with httpx.AsyncClient(base_url=api_url, timeout=30, headers=headers) as api:
+        conversation = (await api.get(f"/api/conversations/{chat_id}")).json()
+        assert conversation["expires_at"] is not None
+
+    # erasing needs the password and the confirmation; then the session is gone for good
+    token = token_in((await visitor.http.get("/account")).text)
+    r = await visitor.http.post("/account/delete", data={"_csrf": token, "password": "wrong", "confirm": "erase"})
+    assert r.status_code == 303 and r.headers["location"] == "/account"
+    assert (await visitor.http.get("/c")).status_code == 200  # nothing was erased
+    r = await visitor.http.post("/account/delete", data={"_csrf": token, "password": PASSWORD})
+    assert r.status_code == 303 and r.headers["location"] == "/account"  # not confirmed
+    r = await visitor.http.post("/account/delete", data={"_csrf": token, "password": PASSWORD, "confirm": "erase"})
+    assert r.status_code == 303 and r.headers["location"] == "/login"
+    assert (await visitor.http.get("/c")).status_code == 303  # logged out
+    again = await visitor.http.post("/api/auth/login", json={"email": visitor.email, "password": PASSWORD})
+    assert again.status_code == 401
