@@ -3,7 +3,8 @@
 Starts the stack on embedded servers with no inference workers (requests wait in the
 stream, so generation does not compete for the CPU), opens websockets for many users, and
 sends one message to each of many fresh conversations: first all at once (throughput;
-the latency is then mostly queueing), then paced at half that rate (latency under load).
+the latency is then mostly queueing), then paced at half that rate for 4 s (latency under
+load).
 For every message it records the time from the `send` frame to the `accepted` frame (the
 events are committed) and to the moment its `ReplyRequested` event is on the stream (seen
 by a core NATS subscriber on the event subjects). Prints throughput, percentiles and the
@@ -155,7 +156,10 @@ async def run(stack: Stack, users: int, messages: int, paced: float | None,
     try:
         burst = await phase(stack, clients, per_user, None, profile, idle)
         if paced != 0:
-            await phase(stack, clients, per_user, paced or burst / 2)
+            rate = paced or burst / 2
+            # 4 s of sending: an API session looks up a reply it has heard nothing of for 5 s
+            # (with no workers, every reply), which would be measured as well after that
+            await phase(stack, clients, max(1, min(per_user, int(rate * 4 / users))), rate)
     finally:
         for c in clients:
             await c.close()
