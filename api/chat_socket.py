@@ -211,6 +211,9 @@ class ChatSession:
         """Run a command that requests a reply (after the rate limit), following the
         conversation first so no token can arrive unheard; answer `accepted` or an error."""
         ids = {"conversation_id": str(conversation_id), **ids}
+        if conversation_id not in self.subscriptions and await owner_of(self.services, conversation_id) != self.user_id:
+            # checked before following: another user's tokens must never reach this socket
+            return self.error("not_found", "no such conversation", **ids)
         subscribed = await self.follow(conversation_id)
         try:
             posted = await self.services.call(self.limited, command, *args)  # one trip to a thread

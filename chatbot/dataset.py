@@ -146,6 +146,9 @@ def _withheld(event: Any) -> Any:
         changes["turns"] = [
             {**t, **{k: WITHHELD for k in ("text", "content") if k in t}} if isinstance(t, dict) else t for t in turns
         ]
+    nodes = getattr(event, "nodes", None)  # a conversation imported whole (TreeImported)
+    if isinstance(nodes, list):
+        changes["nodes"] = [{**n, "text": WITHHELD} if isinstance(n, dict) and "text" in n else n for n in nodes]
     return dataclasses.replace(event, **changes) if changes else event
 
 

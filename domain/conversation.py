@@ -228,6 +228,8 @@ class Conversation(Aggregate):
         node = self.node(message_id)
         if node["role"] == "assistant":
             parent = node["parent_id"]
+            if parent is None:  # an imported conversation may begin with a reply
+                raise ConversationError("a reply that answers no message cannot be regenerated")
         elif node["role"] == "user":
             parent = message_id
         else:

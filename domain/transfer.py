@@ -152,7 +152,7 @@ def _parse_one(item: Any) -> ImportedConversation:
                 stack.append((child, here))
 
     seen: set[str] = set()
-    roots = [k for k, n in mapping.items() if isinstance(n, dict) and mapping.get(n.get("parent") or "") is None]
+    roots = [k for k, n in mapping.items() if isinstance(n, dict) and _parent(n) not in mapping]
     for root in roots:
         visit(root, None)
     if not order:
@@ -160,9 +160,16 @@ def _parse_one(item: Any) -> ImportedConversation:
     # the current node, or its nearest kept ancestor
     current_key = item.get("current_node")
     current = None
-    while isinstance(current_key, str) and current is None and current_key in mapping:
+    walked: set[str] = set()  # a file may link nodes in a circle
+    while isinstance(current_key, str) and current is None and current_key in mapping and current_key not in walked:
+        walked.add(current_key)
         if current_key in kept:
             current = kept[current_key]["id"]
-        parent = mapping[current_key].get("parent") if isinstance(mapping[current_key], dict) else None
-        current_key = parent
+        node = mapping[current_key]
+        current_key = _parent(node) if isinstance(node, dict) else None
     return ImportedConversation(title=title, nodes=order, current=current)
+
+
+def _parent(node: dict[str, Any]) -> str | None:
+    parent = node.get("parent")
+    return parent if isinstance(parent, str) else None

@@ -294,3 +294,13 @@ def test_fine_tuning_learns_only_the_reply_and_its_end_of_turn() -> None:
     held = split_heldout([f"c{i}" for i in range(20)], 0.1)
     assert len(held) == 2 and held == split_heldout([f"c{i}" for i in reversed(range(20))], 0.1)
     assert split_heldout(["only"], 0.1) == set()
+
+
+def test_a_conversation_imported_without_consent_stays_out_after_opting_in(app: ChatApplication, user: UUID) -> None:
+    from tests.unit.test_transfer import chatgpt_export
+
+    cid = app.import_conversations(user, chatgpt_export()[:1])["conversation_ids"][0]
+    app.set_training_consent(user, True)
+    chat(app, user, "written after opting in", "a later reply", conversation=cid)
+    dumped = json.dumps(export(app))
+    assert "Moon's gravity" not in dumped and "What causes tides" not in dumped

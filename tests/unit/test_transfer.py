@@ -111,3 +111,35 @@ def test_share_and_revoke(app: ChatApplication, user: UUID) -> None:
     app.revoke_share(cid, user, share_id)
     app.revoke_share(cid, user, share_id)  # again: a no-op
     assert app.repository.get(cid).shares == {share_id: False}
+
+
+def test_a_circular_or_malformed_export_is_refused_or_imported_without_hanging() -> None:
+    looped = {
+        "r": node("r", None, [], "user", "Root"),
+        "u": node("u", "b", [], "user", "Hello"),
+        "a": node("a", "b", [], "system", ""),
+        "b": node("b", "a", ["a"], "system", ""),
+    }
+    parsed, skipped = parse_chatgpt([
+        {"title": "Loop", "mapping": looped, "current_node": "a"},  # a and b are each other's parent
+        {"title": "Odd parent", "mapping": {"x": {**node("x", None, [], "user", "Hi"), "parent": ["not", "an", "id"]}}},
+    ])
+    assert [i for i, _ in parsed] == [0, 1] and not skipped
+    loop = parsed[0][1]
+    assert [n["text"] for n in loop.nodes] == ["Root"]  # the circle is unreachable from the root
+    assert loop.current is None  # walking up from current_node went round the circle once, then stopped
+    assert parsed[1][1].nodes[0]["text"] == "Hi"
+
+
+def test_a_reply_that_answers_nothing_cannot_be_regenerated(app: ChatApplication, user: UUID) -> None:
+    from domain.conversation import ConversationError
+
+    starts_with_reply = [{"title": "Odd", "current_node": "a", "mapping": {
+        "a": node("a", None, ["u"], "assistant", "Hello, I start."),
+        "u": node("u", "a", [], "user", "Hi."),
+    }}]
+    cid = app.import_conversations(user, starts_with_reply)["conversation_ids"][0]
+    first = app.branch(cid, user)[0]
+    assert first["role"] == "assistant" and first["parent_id"] is None
+    with pytest.raises(ConversationError, match="answers no message"):
+        app.regenerate(cid, user, first["id"])
