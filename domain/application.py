@@ -152,6 +152,8 @@ class ChatApplication(Application[UUID]):
     def authenticate(self, email: str, password: str) -> UUID:
         try:
             user: User = self.repository.get(user_id_for(email))
+            if getattr(user, "erased", False):  # read through a key still cached here
+                raise AccountErased(str(user.id))
             self.hasher.verify(user.password_hash, password)
         except (AggregateNotFoundError, VerificationError, InvalidHashError, AccountErased):
             raise InvalidCredentials("wrong e-mail address or password") from None
@@ -161,7 +163,10 @@ class ChatApplication(Application[UUID]):
         return user.id
 
     def user_email(self, user_id: UUID) -> str:
-        return self._get(User, user_id, InvalidCredentials).email
+        user = self._get(User, user_id, InvalidCredentials)
+        if getattr(user, "erased", False):  # read through a key still cached here
+            raise AccountErased(str(user_id))
+        return user.email
 
     def erase_user(self, user_id: UUID, by: str = "operator") -> bool:
         """Crypto-shred a user: record `User.Erased` (no personal data, under the master key)
