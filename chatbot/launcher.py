@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -59,6 +60,15 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, alive: Call
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{what} not ready after {timeout:.0f} s")
+
+
+def raise_fd_limit() -> int:
+    """Lift this process's open-file limit to its hard limit (children inherit it): an API
+    process holds a file descriptor per websocket, and the soft limit is often 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def http_ok(url: str) -> bool:
@@ -388,6 +398,7 @@ class Stack:
             child.wait_ready()
 
     def start(self) -> None:
+        raise_fd_limit()  # before any child starts: they inherit it
         try:
             self.start_infrastructure()
             self.bootstrap()

@@ -35,7 +35,7 @@ from eventsourcing.persistence import EventStore
 
 from domain.batching import Batcher, Item
 
-CACHE_SIZE = 1000  # entries of each kind
+CACHE_SIZE = 1000  # aggregates kept, conversations and personas together (least recently saved go first)
 
 
 class NewerEvents(Batcher[tuple[UUID, int], list[Any]]):
