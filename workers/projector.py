@@ -49,7 +49,7 @@ BATCH = 256
 PRIORITY_OFFSET = 10
 
 
-async def rewind_if_lost(js: JetStreamContext, stream: str, durable: str, config: ConsumerConfig) -> None:
+async def rewind_if_lost(js: JetStreamContext, stream: str, durable: str, config: ConsumerConfig) -> bool:
     """While idle, or after a NATS error, this projector holds no event unacked: any the
     consumer still counts as delivered were lost on the way (a node died with the fetch
     response), and would come back only after the ack wait, behind newer events that the
@@ -59,9 +59,10 @@ async def rewind_if_lost(js: JetStreamContext, stream: str, durable: str, config
         rewound = await rewind_if_interrupted(js, stream, durable, config)
     except (NatsError, TimeoutError) as e:
         log.warning("checking the consumer for lost deliveries: %s", e)
-        return
+        return False
     if rewound is not None:
         log.warning("deliveries were lost: consuming again from stream sequence %d", rewound)
+    return rewound is not None
 
 
 async def rewind_if_interrupted(js: JetStreamContext, stream: str, durable: str, config: ConsumerConfig) -> int | None:
@@ -128,17 +129,31 @@ async def main(settings: Settings) -> None:
                 pass  # applied before (a replay, or another projector): the tracking row says so
             positions.record(originator, notification_id)
 
+    expected = 0  # the consumer sequence the next delivery should carry (0: not known yet)
     while not stop.is_set():
         try:
             messages = await sub.fetch(BATCH, timeout=1.0)
         except TimeoutError:  # nats-py raises its own subclass or the builtin, depending on where it timed out
-            await rewind_if_lost(js, settings.stream_name, durable, config())
+            if await rewind_if_lost(js, settings.stream_name, durable, config()):
+                expected = 0
             continue
         except NatsError as e:  # a NATS node or the consumer's leader is changing: ask again
             log.warning("fetching events: %s; retrying", e)
             await asyncio.sleep(1.0)
-            await rewind_if_lost(js, settings.stream_name, durable, config())
+            if await rewind_if_lost(js, settings.stream_name, durable, config()):
+                expected = 0
             continue
+        # Every delivery takes the next consumer sequence: a jump means deliveries were lost
+        # on the way (a node died with a fetch response). Applying this batch would move the
+        # position past them, so rewind first; the batch comes again, after them, in order.
+        first = messages[0].metadata.sequence.consumer if messages[0].metadata else 0
+        if expected and first != expected:
+            log.warning("deliveries %d to %d were lost: rewinding", expected, first - 1)
+            if await rewind_if_lost(js, settings.stream_name, durable, config()):
+                expected = 0
+                continue
+        last = messages[-1].metadata.sequence.consumer if messages[-1].metadata else 0
+        expected = last + 1 if last else 0
         await asyncio.to_thread(apply, messages, positions)
         for msg in messages:
             await msg.ack()
