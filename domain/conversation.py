@@ -514,6 +514,10 @@ class Conversation(Aggregate):
 
     @event("Deleted")
     def _delete(self) -> None:
+        self._hide()
+
+    def _hide(self) -> None:
+        """Deleted or expired: gone for every command and query, and so are its links."""
         self.deleted = True
         self.shares = {share_id: False for share_id in self.shares}
 
@@ -523,8 +527,7 @@ class Conversation(Aggregate):
 
     @event("Expired")
     def _expire(self) -> None:
-        self.deleted = True
-        self.shares = {share_id: False for share_id in self.shares}
+        self._hide()
 
     @event("Shared")
     def _share(self, share_id: UUID, title: str, messages: list[dict[str, str]]) -> None:

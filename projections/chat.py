@@ -54,7 +54,11 @@ class ChatProjection(Projection[ReadModelRecorder]):
 
     @process_event.register
     def _(self, e: Conversation.TurnsImported, tracking: Tracking) -> None:
-        self.view.import_messages(tracking, e.originator_id, e.turns, e.timestamp)
+        # a chain, each turn the parent of the next (turns only go into a new conversation)
+        parents = [None] + [t["id"] for t in e.turns[:-1]]
+        nodes = [{**t, "parent_id": parent} for t, parent in zip(e.turns, parents)]
+        current = nodes[-1]["id"] if nodes else None
+        self.view.import_tree(tracking, e.originator_id, nodes, current, None, e.timestamp)
 
     @process_event.register
     def _(self, e: Conversation.ReplyRequested, tracking: Tracking) -> None:

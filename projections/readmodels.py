@@ -177,25 +177,6 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             row,
         )
 
-    def import_messages(self, tracking: Tracking, conversation_id: UUID, turns: list[dict[str, Any]],
-                        at: datetime) -> None:
-        """Earlier turns brought in with a conversation (the OpenAI API), all at once: a
-        chain, each turn the parent of the next."""
-        with self._tx() as curs:
-            self._insert_tracking(curs, tracking)
-            parent = None  # turns are only imported into a new conversation
-            for turn in turns:
-                self._insert_message(curs, {
-                    "id": turn["id"], "conversation_id": conversation_id, "role": turn["role"],
-                    "text": turn["text"], "status": "complete", "reply_to": None, "parent_id": parent, "at": at,
-                })
-                parent = turn["id"]
-            self._exec(
-                curs, "UPDATE rm_conversations SET message_count = message_count + %(n)s, updated_at = %(at)s,"
-                " current_leaf = %(leaf)s WHERE id = %(cid)s",
-                {"n": len(turns), "at": at, "cid": conversation_id, "leaf": parent},
-            )
-
     def update_conversation(self, tracking: Tracking, conversation_id: UUID, changes: dict[str, Any]) -> None:
         """Set the title, archived flag, current leaf or expiry (names from a fixed set only)."""
         columns = {k: v for k, v in changes.items() if k in ("title", "archived", "current_leaf", "expires_at")}
@@ -213,8 +194,10 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             self._exec(curs, "DELETE FROM rm_conversations WHERE id = %(id)s", {"id": conversation_id})
 
     def import_tree(self, tracking: Tracking, conversation_id: UUID, nodes: list[dict[str, Any]],
-                    current: UUID, title: str, at: datetime) -> None:
-        """A whole conversation brought in from an export: every branch, parents first."""
+                    current: UUID, title: str | None, at: datetime) -> None:
+        """Messages brought in all at once, parents first: a whole conversation from an
+        export (with its title), or the earlier turns of an OpenAI-style request (a chain,
+        title unchanged)."""
         with self._tx() as curs:
             self._insert_tracking(curs, tracking)
             for node in nodes:
@@ -225,7 +208,7 @@ class ReadModelRecorder(PostgresTrackingRecorder):
                 })
             self._exec(
                 curs, "UPDATE rm_conversations SET message_count = message_count + %(n)s, updated_at = %(at)s,"
-                " current_leaf = %(leaf)s, title = %(title)s WHERE id = %(cid)s",
+                " current_leaf = %(leaf)s, title = coalesce(%(title)s::text, title) WHERE id = %(cid)s",
                 {"n": len(nodes), "at": at, "cid": conversation_id, "leaf": current, "title": title},
             )
 

@@ -243,6 +243,15 @@ async def sidebar(services: Services, user_id: UUID, q: str = "", archived: bool
     }
 
 
+async def over_limit(services: Services, user_id: UUID, conversation_id: UUID) -> Redirect | None:
+    """Every form that requests a reply (send, edit, regenerate) counts against the user's
+    rate, as its websocket frame does; over it, back to the chat with the reason."""
+    limited = await services.call(services.limits.check_send, user_id)
+    if limited is None:
+        return None
+    return redirect(services, f"/c/{conversation_id}", limited.message.capitalize(), kind="error")
+
+
 class ConversationPages(Controller):
     path = "/c"
     include_in_schema = False
@@ -288,9 +297,8 @@ class ConversationPages(Controller):
         form = await request.form()
         text = text_field(form, "text", services.app.max_message_chars, required=True)
         client_message_id = text_field(form, "client_message_id", 100) or str(uuid4())
-        limited = await services.call(services.limits.check_send, user_id)
-        if limited is not None:
-            return redirect(services, f"/c/{conversation_id}", f"{limited.message}".capitalize(), kind="error")
+        if (refused := await over_limit(services, user_id, conversation_id)) is not None:
+            return refused
         await services.call(services.app.post_message, conversation_id, user_id, client_message_id, text)
         await queries.settle(services, conversation_id)
         return redirect(services, f"/c/{conversation_id}#composer")
@@ -303,6 +311,8 @@ class ConversationPages(Controller):
         form = await request.form()
         text = text_field(form, "text", services.app.max_message_chars, required=True)
         client_message_id = text_field(form, "client_message_id", 100) or str(uuid4())
+        if (refused := await over_limit(services, user_id, conversation_id)) is not None:
+            return refused
         posted = await services.call(
             services.app.edit_message, conversation_id, user_id, message_id, client_message_id, text
         )
@@ -314,6 +324,8 @@ class ConversationPages(Controller):
         self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID, message_id: UUID
     ) -> Redirect:
         user_id = require_viewer(request, services)
+        if (refused := await over_limit(services, user_id, conversation_id)) is not None:
+            return refused
         posted = await services.call(services.app.regenerate, conversation_id, user_id, message_id)
         await queries.settle(services, conversation_id)
         return redirect(services, f"/c/{conversation_id}#m-{posted.reply_id}")
