@@ -134,6 +134,7 @@ async def ensure_stream(js: JetStreamContext, name: str, replicas: int = 1) -> N
         duplicate_window=DUPLICATE_WINDOW_S,
         num_replicas=replicas,
         max_age=30 * 24 * 3600.0,
+        allow_atomic=True,  # the relay's batches land whole or not at all (workers/relay.py)
     )
     try:
         await js.stream_info(name)

@@ -2,31 +2,106 @@
 
 It tails the event store's notification log and wakes on the `NOTIFY` that the
 `eventsourcing` recorder sends with every insert, so an event reaches the broker about a
-millisecond after its commit. Each message carries `Nats-Msg-Id` = the event id, so a
-relay that crashed between publishing and recording its position republishes harmlessly:
-JetStream drops the duplicate. One relay is active at a time (a PostgreSQL advisory lock);
+millisecond after its commit. One relay is active at a time (a PostgreSQL advisory lock);
 others wait as standbys.
+
+Each batch goes out as one JetStream atomic batch: its messages stream out pipelined on
+one connection and the last one commits them, so the stream stores all of them, in order,
+or none. A batch that fails in the middle (a NATS node dies, the stream's leader moves)
+leaves nothing behind it, so a later event can never land before an earlier one, which
+would break a conversation's order for every consumer. Each message also carries
+`Nats-Msg-Id` = the event id: a batch that was stored although its acknowledgement was
+lost, or that a relay killed before recording its position sends again, is refused as a
+duplicate, and the relay then reads where the stream really ends (its last message names
+its notification id) and goes on from there. So the stream is always the notification
+log's prefix: every event once, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import uuid
+from collections.abc import Iterator, Sequence
 
 import nats
 import psycopg
+from eventsourcing.persistence import Notification
+from nats.aio.client import Client
 from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from chatbot.bootstrap import chat_application
 from chatbot.config import Settings, load_settings
-from chatbot.messaging import ensure_stream, event_headers, event_subject
+from chatbot.messaging import H_NOTIFICATION, ensure_stream, event_headers, event_subject
 from workers.runtime import setup_logging, stop_on_signals
 
 log = logging.getLogger("relay")
 LOCK_KEY = 0x636861747265  # "chatre": one active relay
-BATCH = 500
+BATCH = 500  # notifications read at a time
+ATOMIC_MAX = 1000  # messages in one atomic batch: the server's limit
+ATOMIC_MAX_BYTES = 4 << 20  # keeps a batch of large events (imports) well inside the server's buffers
+COMMIT_TIMEOUT_S = 10.0
 IDLE_WAIT_S = 1.0
 RETRY_S = 1.0
+
+
+class BatchRefused(Exception):
+    """JetStream refused an atomic batch: nothing of it was stored."""
+
+    def __init__(self, code: int, description: str) -> None:
+        super().__init__(f"{description} (error {code})")
+        self.code = code
+
+
+def atomic_batches(notifications: Sequence[Notification]) -> Iterator[Sequence[Notification]]:
+    """`notifications` in order, cut into batches the server accepts whole."""
+    start, size = 0, 0
+    for i, n in enumerate(notifications):
+        if i > start and (i - start >= ATOMIC_MAX or size + len(n.state) > ATOMIC_MAX_BYTES):
+            yield notifications[start:i]
+            start, size = i, 0
+        size += len(n.state)
+    if start < len(notifications):
+        yield notifications[start:]
+
+
+async def publish_atomic(nc: Client, notifications: Sequence[Notification], partitions: int) -> int:
+    """Publish `notifications` as one atomic batch; returns the stream sequence of its last
+    message. Raises BatchRefused (nothing stored), or a NATS error or TimeoutError (stored
+    whole or not at all: unknown until the stream is read)."""
+    batch_id = uuid.uuid4().hex
+    last = len(notifications)
+    for i, n in enumerate(notifications, 1):
+        headers = {**event_headers(n), "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i)}
+        subject = event_subject(n, partitions)
+        if i < last:
+            await nc.publish(subject, n.state, headers=headers)
+            continue
+        headers["Nats-Batch-Commit"] = "1"
+        reply = await nc.request(subject, n.state, headers=headers, timeout=COMMIT_TIMEOUT_S)
+        ack = json.loads(reply.data)
+        if "error" in ack:
+            raise BatchRefused(ack["error"].get("err_code", 0), ack["error"].get("description", "refused"))
+        return int(ack["seq"])
+    raise ValueError("an atomic batch needs at least one message")
+
+
+async def relayed_through(js: JetStreamContext, stream: str) -> int:
+    """The notification id of the stream's last message: every event up to it is on the
+    stream (the relay is its only publisher, and publishes whole batches in order).
+    0 when the stream is empty or its last message is not an event."""
+    info = await js.stream_info(stream)
+    if not info.state.last_seq:
+        return 0
+    try:
+        message = await js.get_msg(stream, seq=info.state.last_seq)
+    except NotFoundError:  # removed between the two calls (the stream's age limit)
+        return 0
+    value = (message.headers or {}).get(H_NOTIFICATION)
+    return int(value) if value and value.isdigit() else 0
 
 
 async def main(settings: Settings) -> None:
@@ -44,35 +119,39 @@ async def main(settings: Settings) -> None:
     await conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
     await conn.execute(f"LISTEN {app.recorder.channel_name}")  # type: ignore[attr-defined]
     row = await (await conn.execute("SELECT notification_id FROM relay_position WHERE name = 'chat'")).fetchone()
-    position = row[0] if row else 0
-    log.info("relaying from notification %d", position)
+    recorded = row[0] if row else 0
+    # A relay that died after publishing and before recording its position: go on from
+    # where the stream ends instead of sending that batch again.
+    position = max(recorded, await relayed_through(js, settings.stream_name))
+    log.info("relaying from notification %d (recorded: %d)", position, recorded)
     while not stop.is_set():
         notifications = await asyncio.to_thread(
             app.recorder.select_notifications, position, BATCH, inclusive_of_start=False
         )
         if notifications:
-            # Pipelined: all go out in order on one connection, then the acks are awaited
-            # together, so a batch costs about one fsync round trip instead of one each.
             try:
-                await asyncio.gather(*(
-                    js.publish(
-                        event_subject(n, settings.partitions), n.state,
-                        stream=settings.stream_name, headers=event_headers(n),
-                    )
-                    for n in notifications
-                ))
-            except (TimeoutError, NatsError) as e:
-                # A NATS node died or the stream's leader is moving: publish the batch again
-                # (those that arrived are dropped as duplicates by their Nats-Msg-Id).
-                log.warning("publishing %d events: %r; retrying", len(notifications), e)
+                for batch in atomic_batches(notifications):
+                    await publish_atomic(nc, batch, settings.partitions)
+                    position = batch[-1].id
+            except (BatchRefused, TimeoutError, NatsError) as e:
+                # A NATS node died, the stream's leader is moving, or the batch was stored
+                # before (its ack lost): nothing of a refused batch was stored, so read
+                # where the stream ends and send again from there.
+                log.warning("publishing events after notification %d: %r; retrying", position, e)
                 await asyncio.sleep(RETRY_S)
+                try:
+                    position = max(position, await relayed_through(js, settings.stream_name))
+                except (TimeoutError, NatsError) as e:
+                    log.warning("reading where the stream ends: %r", e)
                 continue
-            position = notifications[-1].id
-            await conn.execute(
-                "INSERT INTO relay_position VALUES ('chat', %s)"
-                " ON CONFLICT (name) DO UPDATE SET notification_id = EXCLUDED.notification_id",
-                (position,),
-            )
+            finally:
+                if position > recorded:
+                    await conn.execute(
+                        "INSERT INTO relay_position VALUES ('chat', %s)"
+                        " ON CONFLICT (name) DO UPDATE SET notification_id = EXCLUDED.notification_id",
+                        (position,),
+                    )
+                    recorded = position
             continue
         # Nothing new: sleep until the next insert's NOTIFY (or a timeout, as a safety net).
         async for _ in conn.notifies(timeout=IDLE_WAIT_S, stop_after=1):
