@@ -54,6 +54,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import itertools
 import logging
 import os
 import sys
@@ -201,6 +202,13 @@ class DataKey:
             raise ValueError("MAC check failed") from None
 
 
+def _make_room(cache: dict[Any, Any]) -> None:
+    """Drop the oldest quarter of a full cache (dicts keep insertion order)."""
+    if len(cache) >= CACHE_MAX:
+        for key in list(itertools.islice(cache, CACHE_MAX // 4)):
+            del cache[key]
+
+
 class KeyStore:
     """Each user's data key, wrapped by the master key, and the owner of each aggregate.
 
@@ -213,6 +221,7 @@ class KeyStore:
         self._keys: dict[UUID, tuple[float, DataKey]] = {}
         self._owners: dict[UUID, UUID] = {}
         self._erased: set[UUID] = set()
+        self._lock = threading.Lock()  # the caches are shared by the threads of a process
 
     def key_for(self, user_id: UUID, *, create: bool = False) -> DataKey:
         """The user's data key; with `create`, made if the user has none yet. Raises
@@ -234,9 +243,9 @@ class KeyStore:
         if wrapped is None:
             raise DataErased(user_id)  # events under a key that is not there: unreadable
         key = DataKey(self.master.decrypt(wrapped, self._aad(user_id)))
-        if len(self._keys) >= CACHE_MAX:
-            self._keys.clear()
-        self._keys[user_id] = (now, key)
+        with self._lock:
+            _make_room(self._keys)
+            self._keys[user_id] = (now, key)
         return key
 
     def owner_of(self, originator_id: UUID) -> UUID | None:
@@ -248,9 +257,13 @@ class KeyStore:
         return owner
 
     def remember(self, originator_id: UUID, user_id: UUID) -> None:
-        if len(self._owners) >= CACHE_MAX:
-            self._owners.clear()
-        self._owners[originator_id] = user_id
+        """Cache an aggregate's owner. A new aggregate's owner is known only from here
+        until its first events commit (with its `key_directory` row), so the newest entries
+        are the last to go: a full cache drops its oldest quarter, never the lot."""
+        with self._lock:
+            self._owners.pop(originator_id, None)  # re-inserted: the newest again
+            _make_room(self._owners)
+            self._owners[originator_id] = user_id
 
     def forget(self, user_id: UUID) -> None:
         """This process erased the user: stop using the cached key at once."""

@@ -54,3 +54,29 @@ def test_the_keyed_cipher_uses_the_master_data_key_for_the_library_s_master_ciph
     assert library_cipher(key).decrypt(cipher.encrypt(b"persona")) == b"persona"
     other = library_cipher(os.urandom(32))
     assert KeyedCipher(other, keys).master is other, "a different master cipher is kept as it is"
+
+
+def test_a_full_owner_cache_drops_its_oldest_entries_and_keeps_the_newest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new aggregate's owner lives only in the cache until its first events commit: a
+    full cache must not forget it (it would encrypt the aggregate's next events under the
+    master key)."""
+    import uuid
+
+    from chatbot import eventstore
+
+    monkeypatch.setattr(eventstore, "CACHE_MAX", 8)
+    keys = MemoryKeyStore(os.urandom(32))
+    owner = uuid.uuid4()
+    aggregates = [uuid.uuid4() for _ in range(20)]
+    for a in aggregates:
+        keys.remember(a, owner)
+        assert keys._owners.get(a) == owner, "the entry just remembered is always there"
+        assert len(keys._owners) <= 8
+    newest = aggregates[-6:]
+    assert all(keys._owners.get(a) == owner for a in newest)
+    assert keys._owners.get(aggregates[0]) is None  # the oldest went first
+    # remembering an old entry again makes it the newest
+    keys.remember(newest[0], owner)
+    for a in (uuid.uuid4() for _ in range(4)):
+        keys.remember(a, owner)
+    assert keys._owners.get(newest[0]) == owner
