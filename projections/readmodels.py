@@ -8,6 +8,7 @@ the rows. Replaying an event that was already applied fails to record its tracki
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
@@ -77,7 +78,8 @@ class ReadModelRecorder(PostgresTrackingRecorder):
         self.prefix = prefix
         self.sql_create_statements.extend(SQL(self.sql(s)) for s in SCHEMA)  # type: ignore[arg-type]
         self._batch: Any = None  # the cursor of an open batch transaction, if any
-        self._batch_tracking: Tracking | None = None
+        self._batch_tracking: dict[str, Tracking] = {}  # the newest position per tracking name
+        self._batch_thread = 0  # the thread whose writes join the batch
 
     def sql(self, text: str) -> str:
         """The statement for this recorder's tables (every `rm_` in the SQL is a name)."""
@@ -88,8 +90,8 @@ class ReadModelRecorder(PostgresTrackingRecorder):
 
     @contextmanager
     def _tx(self) -> Iterator[Any]:
-        """A transaction per write, or the open batch's when replaying in bulk."""
-        if self._batch is not None:
+        """A transaction per write, or the open batch's (in the thread that opened it)."""
+        if self._batch is not None and self._batch_thread == threading.get_ident():
             yield self._batch
             return
         with self.datastore.transaction(commit=True) as curs:
@@ -100,21 +102,22 @@ class ReadModelRecorder(PostgresTrackingRecorder):
         """Apply many events in one transaction (a rebuild): statements stream to the
         server in pipeline mode, and the tracking position is written once, at the end,
         instead of one commit and several round trips per event. With `curs`, join that
-        transaction instead of opening one. Positions must only grow within a batch."""
+        transaction instead of opening one. Positions must only grow within a batch; with
+        several tracking names (partitions) each name's newest is written."""
         context = nullcontext(curs) if curs is not None else self.datastore.transaction(commit=True)
         with context as curs:
-            self._batch, self._batch_tracking = curs, None
+            self._batch, self._batch_tracking, self._batch_thread = curs, {}, threading.get_ident()
             try:
                 with curs.connection.pipeline():
                     yield curs
-                if self._batch_tracking is not None:
-                    super()._insert_tracking(curs, self._batch_tracking)
+                for tracking in self._batch_tracking.values():
+                    super()._insert_tracking(curs, tracking)
             finally:
-                self._batch = None
+                self._batch, self._batch_tracking = None, {}
 
     def _insert_tracking(self, curs: Any, tracking: Tracking) -> None:
-        if self._batch is not None:
-            self._batch_tracking = tracking  # written when the batch ends
+        if self._batch is not None and self._batch_thread == threading.get_ident():
+            self._batch_tracking[tracking.application_name] = tracking  # written when the batch ends
             return
         super()._insert_tracking(curs, tracking)
 

@@ -24,6 +24,9 @@ import asyncio
 import dataclasses
 import logging
 import os
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
 
 import nats
 from nats.aio.msg import Msg
@@ -35,7 +38,7 @@ from nats.js.errors import NotFoundError
 
 from chatbot.bootstrap import chat_application
 from chatbot.config import Settings, load_settings
-from chatbot.eventstore import DataErased, Unreadable
+from chatbot.eventstore import DataErased, Unreadable, key_owner
 from chatbot.messaging import H_NOTIFICATION, H_ORIGINATOR, consumer_filters, consumer_name, decode_event, event_filter
 from projections.chat import ChatProjection
 from projections.positions import PartitionPositions, read_positions
@@ -113,21 +116,56 @@ async def main(settings: Settings) -> None:
     log.info("projecting partitions %s of %d from notification %d",
              ",".join(map(str, chosen)) or "all", settings.partitions, positions.head)
 
-    def apply(messages: list[Msg], positions: PartitionPositions) -> None:
+    def project(msg: Msg, headers: dict[str, str], erased: set[UUID], positions: PartitionPositions) -> None:
+        notification_id, originator = int(headers[H_NOTIFICATION]), headers[H_ORIGINATOR]
+        owner = key_owner(msg.data)
+        try:
+            event = Unreadable(originator) if owner in erased else decode_event(app.mapper, headers, msg.data)
+        except DataErased:  # its user was erased: there is nothing of it to project
+            event = Unreadable(originator)
+        projection.process_event(event, positions.tracking(originator, notification_id))
+
+    def apply(messages: list[Msg], positions: PartitionPositions) -> PartitionPositions:
+        """Apply a fetched batch in one transaction (one commit, statements pipelined),
+        holding a share lock on the key rows of the users whose events it applies: an
+        erasure (which nulls the key row) waits for this commit, then the `Erased` event
+        deletes these rows too; or it went first, and this batch sees the key gone and
+        writes nothing of theirs. Without the lock a projector of other partitions, still
+        holding the key in its cache, could write an erased user's rows back."""
+        todo = []
         for msg in messages:
             headers = msg.headers or {}
-            notification_id, originator = int(headers[H_NOTIFICATION]), headers[H_ORIGINATOR]
-            if positions.is_applied(originator, notification_id):
-                continue  # already applied: a redelivery or a republished event
-            try:
-                event = decode_event(app.mapper, headers, msg.data)
-            except DataErased:  # its user was erased: there is nothing of it to project
-                event = Unreadable(originator)
-            try:
-                projection.process_event(event, positions.tracking(originator, notification_id))
-            except IntegrityError:
-                pass  # applied before (a replay, or another projector): the tracking row says so
-            positions.record(originator, notification_id)
+            if not positions.is_applied(headers[H_ORIGINATOR], int(headers[H_NOTIFICATION])):
+                todo.append((msg, headers))  # else: a redelivery or a republished event
+        if not todo:
+            return positions
+        owners = sorted({o for msg, _ in todo if (o := key_owner(msg.data)) is not None})
+        try:
+            with recorder.datastore.transaction(commit=True) as curs:
+                erased = lock_owners(curs, owners)
+                with recorder.batch(curs):
+                    for msg, headers in todo:
+                        project(msg, headers, erased, positions)
+        except IntegrityError:
+            # Another projector applied some of these (two reading one partition): take the
+            # positions it recorded and apply the rest one by one, each in its own transaction.
+            positions = read_positions(recorder, settings.partitions)
+            for msg, headers in todo:
+                notification_id, originator = int(headers[H_NOTIFICATION]), headers[H_ORIGINATOR]
+                if positions.is_applied(originator, notification_id):
+                    continue
+                try:
+                    with recorder.datastore.transaction(commit=True) as curs:
+                        erased = lock_owners(curs, [o] if (o := key_owner(msg.data)) else [])
+                        with recorder.batch(curs):
+                            project(msg, headers, erased, positions)
+                except IntegrityError:
+                    pass  # applied before: the tracking row says so
+                positions.record(originator, notification_id)
+            return positions
+        for msg, headers in todo:
+            positions.record(headers[H_ORIGINATOR], int(headers[H_NOTIFICATION]))
+        return positions
 
     expected = 0  # the consumer sequence the next delivery should carry (0: not known yet)
     while not stop.is_set():
@@ -154,7 +192,7 @@ async def main(settings: Settings) -> None:
                 continue
         last = messages[-1].metadata.sequence.consumer if messages[-1].metadata else 0
         expected = last + 1 if last else 0
-        await asyncio.to_thread(apply, messages, positions)
+        positions = await asyncio.to_thread(apply, messages, positions)
         for msg in messages:
             await msg.ack()
     await sweeper
@@ -162,6 +200,18 @@ async def main(settings: Settings) -> None:
     recorder.datastore.close()
     app.close()
     log.info("stopped at notification %d", positions.head)
+
+
+def lock_owners(curs: Any, owners: Sequence[UUID]) -> set[UUID]:
+    """Share-lock the key rows of `owners` until the transaction ends; returns those of
+    them that were erased."""
+    if not owners:
+        return set()
+    curs.execute(
+        "SELECT user_id, wrapped_key IS NULL AS erased FROM user_keys WHERE user_id = ANY(%s::uuid[])"
+        " ORDER BY user_id FOR SHARE", (list(owners),),
+    )
+    return {row["user_id"] for row in curs.fetchall() if row["erased"]}
 
 
 def run() -> None:

@@ -268,3 +268,29 @@ async def test_the_projector_skips_the_events_of_a_user_erased_before_it_applied
     await wait_for(lambda: status(stack.settings)["projections"]["chat"]["position"] >= head, timeout=30)
     assert projector.alive()
     assert rows_of(stack, user, [conversation_id]) == 0
+
+
+def test_a_projector_batch_and_an_erasure_never_interleave(stack: Stack) -> None:
+    """A projector applies a batch holding a share lock on the key rows of the users in it
+    (`lock_owners`). An erasure, which nulls the key row, waits for that batch to commit, so
+    the `Erased` event that follows deletes the batch's rows too; a batch that starts after
+    the erasure sees the user as erased and writes nothing of theirs."""
+    from workers.projector import lock_owners
+
+    user, bystander = uuid.uuid4(), uuid.uuid4()
+    with psycopg.connect(stack.settings.pg_conninfo, autocommit=True) as conn:
+        conn.execute("INSERT INTO user_keys (user_id, wrapped_key) VALUES (%s, %s), (%s, %s)",
+                     (user, b"wrapped", bystander, b"wrapped"))
+    with psycopg.connect(stack.settings.pg_conninfo, row_factory=psycopg.rows.dict_row) as projector, \
+            psycopg.connect(stack.settings.pg_conninfo, autocommit=True) as eraser:
+        with projector.cursor() as curs:
+            assert lock_owners(curs, [user, bystander]) == set()
+            # the projector's batch is open: the erasure cannot null the key row meanwhile
+            eraser.execute("SET lock_timeout = '300ms'")
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                eraser.execute("UPDATE user_keys SET wrapped_key = NULL, erased_at = now() WHERE user_id = %s", (user,))
+        projector.commit()  # the batch commits: the erasure goes through
+        eraser.execute("UPDATE user_keys SET wrapped_key = NULL, erased_at = now() WHERE user_id = %s", (user,))
+        with projector.cursor() as curs:
+            assert lock_owners(curs, [user, bystander]) == {user}  # the next batch skips them
+        projector.commit()
