@@ -44,6 +44,7 @@ class RebuildReport:
     seconds: float = 0.0
     position: int = 0
     differences: dict[str, int] = field(default_factory=dict)
+    samples: dict[str, list[str]] = field(default_factory=dict)  # a few differing rows per table
     switched: bool = False
 
     @property
@@ -112,17 +113,20 @@ def columns(curs: Any, table: str) -> list[str]:
     return [r["column_name"] for r in curs.fetchall()]
 
 
-def differences(curs: Any) -> dict[str, int]:
-    """Rows in one set of tables and not the other, per table (0 everywhere: identical)."""
+def differences(curs: Any, samples: dict[str, list[str]] | None = None) -> dict[str, int]:
+    """Rows in one set of tables and not the other, per table (0 everywhere: identical).
+    With `samples`, up to 3 rows of each side of each differing table go in it."""
     found = {}
     for t in TABLES:
         cols = ", ".join(columns(curs, LIVE_PREFIX + t))
-        curs.execute(
-            f"SELECT (SELECT count(*) FROM (SELECT {cols} FROM {LIVE_PREFIX}{t} EXCEPT ALL"
-            f" SELECT {cols} FROM {REBUILD_PREFIX}{t}) a) + (SELECT count(*) FROM (SELECT {cols}"
-            f" FROM {REBUILD_PREFIX}{t} EXCEPT ALL SELECT {cols} FROM {LIVE_PREFIX}{t}) b) AS n"
-        )
+        live_only = f"SELECT {cols} FROM {LIVE_PREFIX}{t} EXCEPT ALL SELECT {cols} FROM {REBUILD_PREFIX}{t}"
+        rebuilt_only = f"SELECT {cols} FROM {REBUILD_PREFIX}{t} EXCEPT ALL SELECT {cols} FROM {LIVE_PREFIX}{t}"
+        curs.execute(f"SELECT (SELECT count(*) FROM ({live_only}) a) + (SELECT count(*) FROM ({rebuilt_only}) b) AS n")
         found[LIVE_PREFIX + t] = int(curs.fetchone()["n"])
+        if samples is not None and found[LIVE_PREFIX + t]:
+            for side, query in (("live", live_only), ("rebuilt", rebuilt_only)):
+                curs.execute(f"{query} LIMIT 3")
+                samples.setdefault(LIVE_PREFIX + t, []).extend(f"{side}: {dict(r)}" for r in curs.fetchall())
     return found
 
 
@@ -166,7 +170,7 @@ def rebuild(settings: Settings, *, dry_run: bool = False, progress: bool = True)
                     )
                     report.events += caught_up
                     report.position = position
-                    report.differences = differences(curs)
+                    report.differences = differences(curs, report.samples)
                     if not dry_run:
                         rename_tables(curs, LIVE_PREFIX, OLD_PREFIX)
                         rename_tables(curs, REBUILD_PREFIX, LIVE_PREFIX)

@@ -116,57 +116,6 @@ async def main(settings: Settings) -> None:
     log.info("projecting partitions %s of %d from notification %d",
              ",".join(map(str, chosen)) or "all", settings.partitions, positions.head)
 
-    def project(msg: Msg, headers: dict[str, str], erased: set[UUID], positions: PartitionPositions) -> None:
-        notification_id, originator = int(headers[H_NOTIFICATION]), headers[H_ORIGINATOR]
-        owner = key_owner(msg.data)
-        try:
-            event = Unreadable(originator) if owner in erased else decode_event(app.mapper, headers, msg.data)
-        except DataErased:  # its user was erased: there is nothing of it to project
-            event = Unreadable(originator)
-        projection.process_event(event, positions.tracking(originator, notification_id))
-
-    def apply(messages: list[Msg], positions: PartitionPositions) -> PartitionPositions:
-        """Apply a fetched batch in one transaction (one commit, statements pipelined),
-        holding a share lock on the key rows of the users whose events it applies: an
-        erasure (which nulls the key row) waits for this commit, then the `Erased` event
-        deletes these rows too; or it went first, and this batch sees the key gone and
-        writes nothing of theirs. Without the lock a projector of other partitions, still
-        holding the key in its cache, could write an erased user's rows back."""
-        todo = []
-        for msg in messages:
-            headers = msg.headers or {}
-            if not positions.is_applied(headers[H_ORIGINATOR], int(headers[H_NOTIFICATION])):
-                todo.append((msg, headers))  # else: a redelivery or a republished event
-        if not todo:
-            return positions
-        owners = sorted({o for msg, _ in todo if (o := key_owner(msg.data)) is not None})
-        try:
-            with recorder.datastore.transaction(commit=True) as curs:
-                erased = lock_owners(curs, owners)
-                with recorder.batch(curs):
-                    for msg, headers in todo:
-                        project(msg, headers, erased, positions)
-        except IntegrityError:
-            # Another projector applied some of these (two reading one partition): take the
-            # positions it recorded and apply the rest one by one, each in its own transaction.
-            positions = read_positions(recorder, settings.partitions)
-            for msg, headers in todo:
-                notification_id, originator = int(headers[H_NOTIFICATION]), headers[H_ORIGINATOR]
-                if positions.is_applied(originator, notification_id):
-                    continue
-                try:
-                    with recorder.datastore.transaction(commit=True) as curs:
-                        erased = lock_owners(curs, [o] if (o := key_owner(msg.data)) else [])
-                        with recorder.batch(curs):
-                            project(msg, headers, erased, positions)
-                except IntegrityError:
-                    pass  # applied before: the tracking row says so
-                positions.record(originator, notification_id)
-            return positions
-        for msg, headers in todo:
-            positions.record(headers[H_ORIGINATOR], int(headers[H_NOTIFICATION]))
-        return positions
-
     expected = 0  # the consumer sequence the next delivery should carry (0: not known yet)
     while not stop.is_set():
         try:
@@ -192,7 +141,7 @@ async def main(settings: Settings) -> None:
                 continue
         last = messages[-1].metadata.sequence.consumer if messages[-1].metadata else 0
         expected = last + 1 if last else 0
-        positions = await asyncio.to_thread(apply, messages, positions)
+        positions = await asyncio.to_thread(apply_batch, projection, app.mapper, messages, positions)
         for msg in messages:
             await msg.ack()
     await sweeper
@@ -200,6 +149,65 @@ async def main(settings: Settings) -> None:
     recorder.datastore.close()
     app.close()
     log.info("stopped at notification %d", positions.head)
+
+
+def project(projection: ChatProjection, mapper: Any, msg: Msg, headers: dict[str, str], erased: set[UUID],
+            positions: PartitionPositions) -> None:
+    notification_id, originator = int(headers[H_NOTIFICATION]), headers[H_ORIGINATOR]
+    owner = key_owner(msg.data)
+    try:
+        event = Unreadable(originator) if owner in erased else decode_event(mapper, headers, msg.data)
+    except DataErased:  # its user was erased: there is nothing of it to project
+        event = Unreadable(originator)
+    projection.process_event(event, positions.tracking(originator, notification_id))
+
+def apply_batch(projection: ChatProjection, mapper: Any, messages: list[Msg],
+                positions: PartitionPositions) -> PartitionPositions:
+    """Apply a fetched batch in one transaction (one commit, statements pipelined),
+    holding a share lock on the key rows of the users whose events it applies: an
+    erasure (which nulls the key row) waits for this commit, then the `Erased` event
+    deletes these rows too; or it went first, and this batch sees the key gone and
+    writes nothing of theirs. Without the lock a projector of other partitions, still
+    holding the key in its cache, could write an erased user's rows back."""
+    # Where this batch will leave the positions: an event at or before them (a
+    # redelivery, even one within this very batch) is not applied again. The positions
+    # are recorded per batch, so the tracking table no longer refuses such an event.
+    after = dataclasses.replace(positions, applied=dict(positions.applied))
+    todo = []
+    for msg in messages:
+        headers = msg.headers or {}
+        originator, notification_id = headers[H_ORIGINATOR], int(headers[H_NOTIFICATION])
+        if not after.is_applied(originator, notification_id):
+            after.record(originator, notification_id)
+            todo.append((msg, headers))
+    if not todo:
+        return positions
+    recorder = projection.view
+    owners = sorted({o for msg, _ in todo if (o := key_owner(msg.data)) is not None})
+    try:
+        with recorder.datastore.transaction(commit=True) as curs:
+            erased = lock_owners(curs, owners)
+            with recorder.batch(curs):
+                for msg, headers in todo:
+                    project(projection, mapper, msg, headers, erased, positions)
+    except IntegrityError:
+        # Another projector applied some of these (two reading one partition): take the
+        # positions it recorded and apply the rest one by one, each in its own transaction.
+        positions = read_positions(recorder, positions.partitions)
+        for msg, headers in todo:
+            notification_id, originator = int(headers[H_NOTIFICATION]), headers[H_ORIGINATOR]
+            if positions.is_applied(originator, notification_id):
+                continue
+            try:
+                with recorder.datastore.transaction(commit=True) as curs:
+                    erased = lock_owners(curs, [o] if (o := key_owner(msg.data)) else [])
+                    with recorder.batch(curs):
+                        project(projection, mapper, msg, headers, erased, positions)
+            except IntegrityError:
+                pass  # applied before: the tracking row says so
+            positions.record(originator, notification_id)
+        return positions
+    return after
 
 
 def lock_owners(curs: Any, owners: Sequence[UUID]) -> set[UUID]:

@@ -762,7 +762,8 @@ def rebuild_check(stack: Stack) -> Check:
     changed = {t: n for t, n in report.differences.items() if n}
     return Check("the read models equal a fresh rebuild from the events", not changed,
                  [f"replayed {report.events} events into fresh tables in {report.seconds:.1f} s; "
-                  + (f"rows differing: {changed}" if changed else "identical row for row")])
+                  + (f"rows differing: {changed}" if changed else "identical row for row")]
+                 + [row for rows in report.samples.values() for row in rows])
 
 
 def wait_caught_up(stack: Stack, timeout: float) -> tuple[bool, dict[str, Any]]:

@@ -1,0 +1,83 @@
+"""The projector applies each fetched batch in one transaction, with one position per
+partition written at its end. So the tracking table no longer refuses an event applied
+before: `apply_batch` itself must skip a redelivery, even one in the same batch as its
+first delivery (a consumer rewound while deliveries were under way), or a reply's tokens
+would count twice in the usage table.
+
+Real events (encrypted, from the session stack's event store), applied by `apply_batch`
+into read-model tables of the test's own (prefix `tp_`) in the stack's PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from chatbot.launcher import Stack
+from chatbot.messaging import event_headers
+from projections.chat import ChatProjection
+from projections.positions import read_positions
+from projections.readmodels import ReadModelRecorder
+from workers.projector import apply_batch
+
+pytestmark = pytest.mark.integration
+OUTCOME = dict(finish_reason="stop", prompt_tokens=3, completion_tokens=2, ttft_ms=1.0, duration_ms=2.0,
+               model_name="chat", model_version="1")
+
+
+@dataclass
+class Delivery:
+    """What `apply_batch` reads of a JetStream message."""
+
+    headers: dict[str, str]
+    data: bytes
+
+
+def usage(recorder: ReadModelRecorder, user_id: uuid.UUID) -> tuple[int, int]:
+    with recorder.datastore.get_connection() as conn:
+        row = conn.execute("SELECT sum(tokens) AS tokens, sum(replies) AS replies FROM tp_usage WHERE user_id = %s",
+                           (user_id,)).fetchone()
+    return int(row["tokens"] or 0), int(row["replies"] or 0)
+
+
+def test_a_redelivery_inside_one_batch_is_applied_once(stack: Stack, chat_app: Any) -> None:
+    from eventsourcing.postgres import PostgresFactory
+    from eventsourcing.utils import Environment
+
+    factory = PostgresFactory(Environment(name="tp", env=stack.settings.eventsourcing_env()))
+    table = f"tp_tracking_{uuid.uuid4().hex[:8]}"
+    recorder = ReadModelRecorder(datastore=factory.datastore, tracking_table_name=table, prefix="tp_")
+    recorder.create_table()
+    with recorder.datastore.transaction(commit=True) as curs:  # a clean slate for the tp_ tables
+        curs.execute("TRUNCATE tp_personas, tp_conversations, tp_messages, tp_usage, tp_shares")
+    projection = ChatProjection(recorder)
+
+    user = chat_app.register_user(f"batch-{uuid.uuid4().hex[:10]}@example.com", "correct horse battery")
+    start = chat_app.recorder.max_notification_id() or 0
+    conversation = chat_app.start_conversation(user)
+    posted = chat_app.post_message(conversation, user, "m1", "hello there")
+    chat_app.complete_reply(conversation, posted.reply_id, text="hi", **OUTCOME)
+    mine = [n for n in chat_app.recorder.select_notifications(start, 1000, inclusive_of_start=False)
+            if n.originator_id == conversation]
+    deliveries = [Delivery(event_headers(n), n.state) for n in mine]
+    assert len(deliveries) >= 3, "started, posted, reply requested, completed"
+
+    positions = read_positions(recorder, 1)
+    # the batch as a rewound consumer may hand it over: everything, then the newest again
+    positions = apply_batch(projection, chat_app.mapper, deliveries + deliveries[-2:], positions)
+    assert usage(recorder, user) == (5, 1), "the reply counted once"
+    assert positions.head == mine[-1].id
+
+    # the whole batch again (a projector restarted before its acks): nothing changes
+    positions = apply_batch(projection, chat_app.mapper, deliveries, positions)
+    assert usage(recorder, user) == (5, 1)
+    fresh = apply_batch(projection, chat_app.mapper, deliveries, read_positions(recorder, 1))
+    assert usage(recorder, user) == (5, 1), "positions read back from the tracking table skip them too"
+    assert fresh.head == mine[-1].id
+    with recorder.datastore.get_connection() as conn:
+        rows = conn.execute("SELECT role, status, text FROM tp_messages WHERE conversation_id = %s ORDER BY seq",
+                            (conversation,)).fetchall()
+    assert [(r["role"], r["status"], r["text"]) for r in rows] == [("user", "complete", "hello there"),
+                                                                  ("assistant", "complete", "hi")]
