@@ -66,6 +66,7 @@ frame_decoder = msgspec.json.Decoder(ClientFrame)
 encoder = msgspec.json.Encoder()
 MAX_SUBSCRIPTIONS = 32  # conversations one socket follows at once
 MAX_IN_FLIGHT = 64  # frames of one socket being handled at once
+MAX_HELD = 10_000  # token messages held for a conversation while its ownership is checked
 PROGRESS_TIMEOUT_S = 1.0  # how long a resume waits for the worker's text so far
 QUIET_S = 5.0  # a reply waited for and unheard of this long is looked up in the read model
 
@@ -79,6 +80,7 @@ class ChatSession:
         self.replies: dict[UUID, UUID] = {}  # reply id -> conversation, for replies sent here
         self.resuming: dict[str, list[TokenDelta]] = {}  # reply id -> deltas held until the text so far
         self.holding: set[UUID] = set()  # conversations being resumed: their deltas are held
+        self.unconfirmed: dict[UUID, list[bytes]] = {}  # followed, ownership not checked yet: tokens held
         self.lanes: dict[Any, asyncio.Task[None]] = {}  # conversation (or reply) -> its newest frame's task
         self.in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
         self.following = asyncio.Lock()  # subscribing and unsubscribing, one at a time
@@ -209,24 +211,32 @@ class ChatSession:
 
     async def request_reply(self, conversation_id: UUID, ids: dict[str, Any], command: Any, *args: Any) -> None:
         """Run a command that requests a reply (after the rate limit), following the
-        conversation first so no token can arrive unheard; answer `accepted` or an error."""
+        conversation first so no token can arrive unheard; answer `accepted` or an error.
+
+        The command itself checks that the user owns the conversation (in the same trip
+        to a thread, instead of a read-model query first). Until it has, the tokens of a
+        conversation this call began to follow are held back (`unconfirmed`): another
+        user's tokens must never reach this socket."""
         ids = {"conversation_id": str(conversation_id), **ids}
-        if conversation_id not in self.subscriptions and await owner_of(self.services, conversation_id) != self.user_id:
-            # checked before following: another user's tokens must never reach this socket
-            return self.error("not_found", "no such conversation", **ids)
-        subscribed = await self.follow(conversation_id)
+        subscribed = await self.follow(conversation_id, confirmed=False)
+        confirmed = False
         try:
             posted = await self.services.call(self.limited, command, *args)  # one trip to a thread
+            confirmed = not isinstance(posted, Limited)  # the rate limit comes before the command
         except ConversationNotFound:
-            await self.unfollow(conversation_id)
             return self.error("not_found", "no such conversation", **ids)
         except MessageNotFound:
+            confirmed = True  # the conversation is theirs; the message is not in it
             return self.error("not_found", "no such message in this conversation", **ids)
         except ConversationError as e:
+            confirmed = True
             return self.error("rejected", str(e), **ids)
-        if isinstance(posted, Limited):
-            if subscribed:
+        finally:
+            if confirmed:
+                self.confirm(conversation_id)
+            elif subscribed:
                 await self.unfollow(conversation_id)
+        if isinstance(posted, Limited):
             return self.error("rate_limited", posted.message, retry_after=posted.retry_after, **ids)
         self.replies[posted.reply_id] = conversation_id
         self.await_end(str(posted.reply_id), conversation_id)
@@ -282,14 +292,18 @@ class ChatSession:
             return None
         return so_far if isinstance(so_far, TokenDelta) else None
 
-    async def follow(self, conversation_id: UUID) -> bool:
-        """Subscribe to the conversation's tokens; False if this socket follows it already."""
+    async def follow(self, conversation_id: UUID, *, confirmed: bool = True) -> bool:
+        """Subscribe to the conversation's tokens; False if this socket follows it already.
+        Not `confirmed`: its tokens are held until `confirm` (the user's ownership of the
+        conversation is not known yet)."""
         async with self.following:  # two lanes never subscribe to one conversation twice
             if conversation_id in self.subscriptions:
                 return False
             if len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
                 oldest = next(iter(self.subscriptions))
                 await self._unfollow(oldest)
+            if not confirmed:
+                self.unconfirmed[conversation_id] = []
 
             async def forward(msg: Msg) -> None:
                 self.on_token_message(conversation_id, msg.data)
@@ -304,11 +318,22 @@ class ChatSession:
             await self._unfollow(conversation_id)
 
     async def _unfollow(self, conversation_id: UUID) -> None:
+        self.unconfirmed.pop(conversation_id, None)  # held tokens of a conversation not theirs: dropped
         sub = self.subscriptions.pop(conversation_id, None)
         if sub is not None:
             await sub.unsubscribe()
 
+    def confirm(self, conversation_id: UUID) -> None:
+        """The user owns the conversation: pass on the tokens held meanwhile, in order."""
+        for data in self.unconfirmed.pop(conversation_id, ()):
+            self.on_token_message(conversation_id, data)
+
     def on_token_message(self, conversation_id: UUID, data: bytes) -> None:
+        held = self.unconfirmed.get(conversation_id)
+        if held is not None:
+            if len(held) < MAX_HELD:
+                held.append(data)
+            return
         try:
             message = token_decoder.decode(data)
         except msgspec.DecodeError:
