@@ -9,7 +9,7 @@ For every message it records the time from the `send` frame to the `accepted` fr
 events are committed) and to the moment its `ReplyRequested` event is on the stream (seen
 by a core NATS subscriber on the event subjects). Prints throughput, percentiles and the
 CPU time each process of the stack spent per message.
-Run: `.venv/bin/python bench/ingest.py [--users 32] [--messages 2000] [--profile out.txt]`;
+Run: `.venv/bin/python bench/ingest.py [--users 32] [--messages 2000] [--api 1] [--profile out.txt]`;
 `--profile` attaches py-spy to the API process while the messages go in and writes the
 samples of the thread holding the GIL (where the process's Python time goes) as collapsed
 stacks; `--profile-idle` samples every thread, waiting ones too.
@@ -54,7 +54,8 @@ def start_profiler(stack: Stack, out: Path, idle: bool) -> subprocess.Popen[byte
 
 
 async def sign_up(stack: Stack, users: int) -> list[ChatClient]:
-    clients = [ChatClient(stack.api_urls[0]) for _ in range(users)]
+    urls = stack.api_urls
+    clients = [ChatClient(urls[i % len(urls)]) for i in range(users)]  # users spread over the API processes
     hashing = asyncio.Semaphore(2)  # argon2 takes its memory and CPU: a few sign-ups at a time
 
     async def one(c: ChatClient) -> None:
@@ -171,16 +172,17 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--paced", type=float, default=None,
                         help="then send again at this rate (messages/s; default: half the burst's, 0: skip)")
-    parser.add_argument("--profile", type=Path, help="write py-spy samples of the API process here")
+    parser.add_argument("--api", type=int, default=1, help="API processes (users spread over them)")
+    parser.add_argument("--profile", type=Path, help="write py-spy samples of the (first) API process here")
     parser.add_argument("--profile-idle", action="store_true", help="sample waiting threads too")
     args = parser.parse_args()
-    if args.users < 1 or args.messages < args.users:
-        parser.error("--users is at least 1 and --messages at least --users")
+    if args.users < 1 or args.messages < args.users or args.api < 1:
+        parser.error("--users and --api are at least 1, --messages at least --users")
     with tempfile.TemporaryDirectory(prefix="chatbench") as tmp:
         settings = load_settings(Path(tmp))
         settings = dataclasses.replace(settings, messages_per_minute=1_000_000, tokens_per_day=0)
-        stack = Stack(settings, Ports.random(), workers=0, worker_groups=0, log_dir=Path(tmp) / "logs")
-        print("starting the stack (no workers)…", flush=True)
+        stack = Stack(settings, Ports.random(), workers=0, worker_groups=0, apis=args.api, log_dir=Path(tmp) / "logs")
+        print(f"starting the stack (no workers, {args.api} API process{'es' if args.api > 1 else ''})…", flush=True)
         stack.start()
         try:
             asyncio.run(run(stack, args.users, args.messages, args.paced, args.profile, args.profile_idle))

@@ -10,7 +10,9 @@ Two kinds of entry:
   stored. A failed save puts nothing back (the next `get` loads from the store), and two
   commands on one conversation at once never share an object: the second one loads.
 - Shared (personas, read on every send by every user): the cache keeps a copy that is
-  never changed; `get` hands out a copy of it, brought up to date.
+  never changed; `get` hands out a copy of it, brought up to date, and `peek` the kept
+  copy itself to read, checked against the store at most once every few hundred
+  milliseconds.
 
 Erased users: a hit on a conversation asks `readable(aggregate)` first (the key store's
 answer, as fresh as a read of the events would be), so an erased user's conversation is
@@ -24,6 +26,7 @@ it has one; domain/batching.py).
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
 from copy import deepcopy
@@ -35,7 +38,9 @@ from eventsourcing.persistence import EventStore
 
 from domain.batching import Batcher, Item
 
-CACHE_SIZE = 1000  # aggregates kept, conversations and personas together (least recently saved go first)
+# Aggregates kept, conversations and personas together (least recently saved go first): an
+# API process holds up to 10,000 sockets, and a short conversation is a few kilobytes.
+CACHE_SIZE = 10_000
 
 
 class NewerEvents(Batcher[tuple[UUID, int], list[Any]]):
@@ -87,6 +92,7 @@ class CachingRepository(Repository[UUID]):
         self.readable = readable  # raises if the aggregate may not be read any more
         self.size = size
         self.entries: OrderedDict[UUID, Any] = OrderedDict()
+        self.checked: dict[UUID, float] = {}  # when `peek` last brought a shared entry up to date
         self.lock = threading.Lock()
         self.newer_events = NewerEvents(self.event_store)
 
@@ -118,6 +124,25 @@ class CachingRepository(Repository[UUID]):
             if shared:
                 self._keep(deepcopy(aggregate))
         return aggregate
+
+    def peek(self, aggregate_id: UUID, fresh_s: float) -> Any:
+        """A shared aggregate to read, not to change: the cached copy itself, with no copy
+        made and, if it was brought up to date less than `fresh_s` ago, no read of the
+        store either. So a change made by another process shows within `fresh_s`; one
+        made by this process, at once (`saved`)."""
+        now = time.monotonic()
+        with self.lock:
+            entry = self.entries.get(aggregate_id)
+            checked = self.checked.get(aggregate_id, 0.0)
+        if entry is not None and isinstance(entry, self.shared) and now - checked < fresh_s:
+            return entry
+        aggregate = self.get(aggregate_id)  # up to date; a shared kind is kept as a copy
+        with self.lock:
+            self.checked[aggregate_id] = now
+            if len(self.checked) > 2 * self.size:
+                self.checked = {k: v for k, v in self.checked.items() if k in self.entries}
+            kept = self.entries.get(aggregate_id)
+        return kept if kept is not None and kept.version >= aggregate.version else aggregate
 
     def saved(self, aggregates: Iterable[Any]) -> None:
         """Aggregates whose events were just stored: keep them (a shared kind as a copy)."""

@@ -68,6 +68,7 @@ RACE_RETRIES = 5
 # A conversation is snapshotted every this many events (only the newest snapshot is kept),
 # so loading a long one reads its snapshot and at most this many events after it.
 SNAPSHOT_INTERVAL = 100
+PERSONA_FRESH_S = 0.5  # how stale a persona read for a send may be (an edit in another process)
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,20 @@ class ChatApplication(Application[UUID]):
     def get_persona(self, persona_id: UUID) -> Persona:
         return self._get(Persona, persona_id, PersonaNotFound)
 
+    def read_persona(self, persona_id: UUID) -> Persona:
+        """The persona to read, not to change (every send reads one): the cached copy
+        itself, which an edit made in another process reaches within `PERSONA_FRESH_S`."""
+        peek = getattr(self.repository, "peek", None)
+        if peek is None:
+            return self.get_persona(persona_id)
+        try:
+            persona = peek(persona_id, PERSONA_FRESH_S)
+        except (AggregateNotFoundError, AccountErased):
+            raise PersonaNotFound(str(persona_id)) from None
+        if not isinstance(persona, Persona):
+            raise PersonaNotFound(str(persona_id))
+        return persona
+
     def visible_persona(self, persona_id: UUID, user_id: UUID | None) -> dict[str, Any]:
         persona = self.get_persona(persona_id)
         if not persona.visible_to(user_id) and persona.owner_id != user_id:
@@ -312,7 +327,7 @@ class ChatApplication(Application[UUID]):
     ) -> UUID:
         """A new conversation; with `keep_for`, a temporary one that expires then."""
         persona_id = persona_id or persona_id_for(DEFAULT_PERSONA)
-        if not self.get_persona(persona_id).visible_to(owner_id):  # exists, usable by this user
+        if not self.read_persona(persona_id).visible_to(owner_id):  # exists, usable by this user
             raise PersonaNotFound(str(persona_id))
         conversation = Conversation(owner_id=owner_id, persona_id=persona_id, title="New chat")
         if keep_for is not None:
@@ -336,7 +351,7 @@ class ChatApplication(Application[UUID]):
     ) -> UUID:
         """A new conversation that already holds earlier turns and extra system instructions
         (those of an OpenAI-style request), saved in one transaction."""
-        if not self.get_persona(persona_id).visible_to(owner_id):
+        if not self.read_persona(persona_id).visible_to(owner_id):
             raise PersonaNotFound(str(persona_id))
         conversation = Conversation(owner_id=owner_id, persona_id=persona_id, title="New chat")
         conversation.import_turns(turns, instructions, self.max_message_chars)
@@ -360,7 +375,7 @@ class ChatApplication(Application[UUID]):
 
         def attempt() -> PostedMessage:
             conversation = self._owned(conversation_id, user_id)
-            persona = self.get_persona(conversation.persona_id)
+            persona = self.read_persona(conversation.persona_id)
             message_id, reply_id, created = conversation.post_message(
                 client_message_id, text, persona.version, persona.model,
                 self._reply_params(conversation, persona, overrides), self.max_message_chars,
@@ -378,7 +393,7 @@ class ChatApplication(Application[UUID]):
 
         def attempt() -> PostedMessage:
             conversation = self._owned(conversation_id, user_id)
-            persona = self.get_persona(conversation.persona_id)
+            persona = self.read_persona(conversation.persona_id)
             new_id, reply_id, created = conversation.edit_message(
                 message_id, client_message_id, text, persona.version, persona.model,
                 self._reply_params(conversation, persona, {}), self.max_message_chars,
@@ -395,7 +410,7 @@ class ChatApplication(Application[UUID]):
 
         def attempt() -> PostedMessage:
             conversation = self._owned(conversation_id, user_id)
-            persona = self.get_persona(conversation.persona_id)
+            persona = self.read_persona(conversation.persona_id)
             parent, reply_id = conversation.regenerate(
                 message_id, persona.version, persona.model, self._reply_params(conversation, persona, {})
             )

@@ -126,3 +126,28 @@ def test_a_persona_loaded_once_is_kept(app: ChatApplication, user: UUID) -> None
     app.repository.forget(assistant)
     app.start_conversation(user)  # reads the persona
     assert cached(app, assistant) is not None
+
+
+def test_a_persona_read_for_a_send_is_the_kept_copy_and_an_edit_elsewhere_shows_within_its_freshness(
+    app: ChatApplication, user: UUID, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import domain.application as application
+
+    mine = app.create_persona(user, {"slug": "reader", "name": "Reader", "system_prompt": "Read."})
+    monkeypatch.setattr(application, "PERSONA_FRESH_S", 60.0)
+    first = app.read_persona(mine)
+    assert app.read_persona(mine) is first  # no copy, no read of the store
+    elsewhere = app.repository.get(mine, version=1)
+    elsewhere.edit(user, {"name": "Reader 2"})
+    app.events.put(elsewhere.collect_events())  # another process edits the persona
+    assert app.read_persona(mine).name == "Reader"  # within its freshness: the kept copy
+    monkeypatch.setattr(application, "PERSONA_FRESH_S", 0.0)
+    assert app.read_persona(mine).name == "Reader 2" and app.read_persona(mine).version == 2
+    # an edit made by this process shows at once
+    monkeypatch.setattr(application, "PERSONA_FRESH_S", 60.0)
+    app.edit_persona(mine, user, {"name": "Reader 3"})
+    assert app.read_persona(mine).name == "Reader 3"
+    posted = app.post_message(app.start_conversation(user, mine), user, "c1", "hi")
+    assert posted.created
+    with pytest.raises(application.PersonaNotFound):
+        app.read_persona(UUID(int=7))
