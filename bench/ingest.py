@@ -3,13 +3,14 @@
 Starts the stack on embedded servers with no inference workers (requests wait in the
 stream, so generation does not compete for the CPU), opens websockets for many users, and
 sends one message to each of many fresh conversations: first all at once (throughput;
-the latency is then mostly queueing), then paced at half that rate for 4 s (latency under
-load).
+the latency is then mostly queueing), then paced at each `--paced` rate for 4 s (latency
+under load; by default 500/s and the goal's 1,000/s).
 For every message it records the time from the `send` frame to the `accepted` frame (the
 events are committed) and to the moment its `ReplyRequested` event is on the stream (seen
 by a core NATS subscriber on the event subjects). Prints throughput, percentiles and the
 CPU time each process of the stack spent per message.
-Run: `.venv/bin/python bench/ingest.py [--users 32] [--messages 2000] [--api 1] [--profile out.txt]`;
+Run: `.venv/bin/python bench/ingest.py [--users 32] [--messages 4000] [--paced 500,1000] [--api 1]
+[--profile out.txt]`;
 `--profile` attaches py-spy to the API process while the messages go in and writes the
 samples of the thread holding the GIL (where the process's Python time goes) as collapsed
 stacks; `--profile-idle` samples every thread, waiting ones too.
@@ -36,6 +37,7 @@ from chatbot.config import load_settings  # noqa: E402
 from chatbot.launcher import Ports, Stack  # noqa: E402
 from chatbot.messaging import H_ORIGINATOR, event_filter  # noqa: E402
 from bench.procstat import StackCpu, describe_cpu  # noqa: E402
+from projections.rebuild import status  # noqa: E402
 from tests.client import ChatClient, recv  # noqa: E402
 
 
@@ -150,14 +152,26 @@ async def phase(stack: Stack, clients: list[ChatClient], per_user: int, rate: fl
     return throughput
 
 
-async def run(stack: Stack, users: int, messages: int, paced: float | None,
+async def settled(stack: Stack, timeout: float = 120) -> None:
+    """Wait until the relay and the projector have caught up with the event store, so one
+    phase's backlog does not take the CPU from the next."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        report = await asyncio.to_thread(status, stack.settings)
+        if report["relay"]["lag"] == 0 and report["projections"]["chat"]["lag"] == 0:
+            break
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(1.0)
+
+
+async def run(stack: Stack, users: int, messages: int, paced: list[float] | None,
               profile: Path | None = None, idle: bool = False) -> None:
     clients = await sign_up(stack, users)
     per_user = messages // users
     try:
         burst = await phase(stack, clients, per_user, None, profile, idle)
-        if paced != 0:
-            rate = paced or burst / 2
+        for rate in paced or [burst / 2]:
+            await settled(stack)
             # 4 s of sending: an API session looks up a reply it has heard nothing of for 5 s
             # (with no workers, every reply), which would be measured as well after that
             await phase(stack, clients, max(1, min(per_user, int(rate * 4 / users))), rate)
@@ -169,15 +183,20 @@ async def run(stack: Stack, users: int, messages: int, paced: float | None,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=32)
-    parser.add_argument("--messages", type=int, default=2000)
-    parser.add_argument("--paced", type=float, default=None,
-                        help="then send again at this rate (messages/s; default: half the burst's, 0: skip)")
+    parser.add_argument("--messages", type=int, default=4000)
+    parser.add_argument("--paced", default="500,1000",
+                        help="then send again at each of these rates (messages/s, comma-separated;"
+                             " 'half': half the burst's; 0: skip)")
     parser.add_argument("--api", type=int, default=1, help="API processes (users spread over them)")
     parser.add_argument("--profile", type=Path, help="write py-spy samples of the (first) API process here")
     parser.add_argument("--profile-idle", action="store_true", help="sample waiting threads too")
     args = parser.parse_args()
     if args.users < 1 or args.messages < args.users or args.api < 1:
         parser.error("--users and --api are at least 1, --messages at least --users")
+    try:
+        paced = None if args.paced == "half" else [r for r in map(float, args.paced.split(",")) if r > 0]
+    except ValueError:
+        parser.error("--paced is 'half' or rates in messages/s, comma-separated")
     with tempfile.TemporaryDirectory(prefix="chatbench") as tmp:
         settings = load_settings(Path(tmp))
         settings = dataclasses.replace(settings, messages_per_minute=1_000_000, tokens_per_day=0)
@@ -185,7 +204,7 @@ def main() -> None:
         print(f"starting the stack (no workers, {args.api} API process{'es' if args.api > 1 else ''})…", flush=True)
         stack.start()
         try:
-            asyncio.run(run(stack, args.users, args.messages, args.paced, args.profile, args.profile_idle))
+            asyncio.run(run(stack, args.users, args.messages, paced, args.profile, args.profile_idle))
         finally:
             stack.stop()
 
