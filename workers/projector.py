@@ -49,6 +49,7 @@ from workers.runtime import setup_logging, stop_on_signals
 log = logging.getLogger("projector")
 DURABLE = "projector-chat"
 BATCH = 256
+LINGER_S = 0.02  # after a batch that was not full, before the next fetch
 PRIORITY_OFFSET = 10
 
 
@@ -144,6 +145,11 @@ async def main(settings: Settings) -> None:
         positions = await asyncio.to_thread(apply_batch, projection, app.mapper, messages, positions)
         for msg in messages:
             await msg.ack()
+        if len(messages) < BATCH:
+            # Under a steady trickle every event would be a batch of its own (a transaction,
+            # a commit, acks): wait a moment so the next batch gathers what arrives meanwhile.
+            # The read models are eventually consistent; this keeps them LINGER_S behind.
+            await asyncio.sleep(LINGER_S)
     await sweeper
     await nc.drain()
     recorder.datastore.close()
