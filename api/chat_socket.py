@@ -77,6 +77,7 @@ class ChatSession:
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self.subscriptions: dict[UUID, Subscription] = {}
         self.delivered: dict[str, int] = {}  # reply id -> characters the client has
+        self.gapped: set[str] = set()  # replies whose deltas wait for their end (some went by unheard)
         self.replies: dict[UUID, UUID] = {}  # reply id -> conversation, for replies sent here
         self.resuming: dict[str, list[TokenDelta]] = {}  # reply id -> deltas held until the text so far
         self.holding: set[UUID] = set()  # conversations being resumed: their deltas are held
@@ -356,6 +357,10 @@ class ChatSession:
                 self.forward_delta(cid, message)
         elif isinstance(message, ReplyDone):
             self.resuming.pop(message.reply_id, None)
+            # Tokens add up to the reply: whatever of its text this socket has not sent
+            # (deltas that went by unheard, see `forward_delta`) goes out as one last delta.
+            self.gapped.discard(message.reply_id)
+            self.forward_delta(cid, TokenDelta(message.reply_id, 0, message.text))
             self.delivered.pop(message.reply_id, None)
             self.outbox.put_nowait({
                 "type": "reply", "conversation_id": cid, "reply_id": message.reply_id,
@@ -363,6 +368,7 @@ class ChatSession:
             })
         elif isinstance(message, ReplyError):
             self.resuming.pop(message.reply_id, None)
+            self.gapped.discard(message.reply_id)
             self.delivered.pop(message.reply_id, None)
             self.error("reply_failed", message.message, conversation_id=cid, reply_id=message.reply_id)
             # a terminal frame too, so a client waiting for the reply always stops waiting
@@ -402,7 +408,14 @@ class ChatSession:
                 self.ended.add(reply_id)
 
     def forward_delta(self, cid: str, delta: TokenDelta) -> None:
-        text, self.delivered[delta.reply_id] = unseen_text(delta, self.delivered.get(delta.reply_id, 0))
+        seen = self.delivered.get(delta.reply_id, 0)
+        if delta.offset > seen or delta.reply_id in self.gapped:
+            # Text between what the client has and this delta went by unheard (lost with a
+            # NATS node, or published before a resumed socket followed): the client's text
+            # stays a prefix of the reply, and the rest goes out whole with its end.
+            self.gapped.add(delta.reply_id)
+            return
+        text, self.delivered[delta.reply_id] = unseen_text(delta, seen)
         if text:  # else a regenerated prefix the client already has
             self.outbox.put_nowait({"type": "token", "conversation_id": cid, "reply_id": delta.reply_id, "text": text})
 

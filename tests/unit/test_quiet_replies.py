@@ -57,8 +57,12 @@ async def test_a_reply_whose_end_was_lost_ends_from_the_read_model_once(quick: N
 
     services.readmodels.rows[reply_id] = {"status": "complete", "text": "Ahoy there!", "finish_reason": "stop"}
     await asyncio.sleep(0.2)
-    assert frames(session) == [{"type": "reply", "conversation_id": str(conversation_id), "reply_id": rid,
-                                "text": "Ahoy there!", "finish_reason": "stop"}]
+    # the text it never streamed comes as one last delta (tokens add up to the reply), then its end
+    assert frames(session) == [
+        {"type": "token", "conversation_id": str(conversation_id), "reply_id": rid, "text": "Ahoy there!"},
+        {"type": "reply", "conversation_id": str(conversation_id), "reply_id": rid,
+         "text": "Ahoy there!", "finish_reason": "stop"},
+    ]
     # the lost end turns up after all: the client does not get the reply twice
     session.on_token_message(conversation_id, token_encoder.encode(ReplyDone(rid, "Ahoy there!", "stop")))
     assert frames(session) == []
@@ -82,3 +86,35 @@ async def test_a_reply_that_streams_or_ends_as_usual_is_never_looked_up(monkeypa
     sent = frames(session)
     assert "".join(f["text"] for f in sent if f["type"] == "token") == "xxxxxx"
     assert [f["type"] for f in sent][-1] == "reply" and sum(f["type"] == "reply" for f in sent) == 1
+
+
+async def test_a_reply_whose_deltas_went_by_unheard_still_adds_up_from_its_end() -> None:
+    """Deltas this socket never heard (lost with a NATS node, or published before a resumed
+    socket followed the conversation): the client's text stays a prefix of the reply, and
+    what it lacks goes out as one delta before the `reply`, so the tokens add up to it."""
+    session = ChatSession(None, uuid.uuid4(), FakeServices())  # type: ignore[arg-type]
+    conversation_id, rid = uuid.uuid4(), str(uuid.uuid4())
+    text = "Ahoy! there, matey"
+
+    def delta(offset: int, part: str) -> None:
+        session.on_token_message(conversation_id, token_encoder.encode(TokenDelta(rid, offset, part)))
+
+    delta(0, "Ahoy")
+    delta(6, "there,")  # "! " went by unheard
+    delta(12, " matey")
+    session.on_token_message(conversation_id, token_encoder.encode(ReplyDone(rid, text, "stop")))
+    sent = frames(session)
+    assert [f["type"] for f in sent] == ["token", "token", "reply"]
+    assert "".join(f["text"] for f in sent if f["type"] == "token") == text  # no gap, nothing twice
+
+    # a resumed socket that heard only later deltas gets the whole text at the end
+    rid = str(uuid.uuid4())
+    delta(6, "there,")
+    session.on_token_message(conversation_id, token_encoder.encode(ReplyDone(rid, text, "stop")))
+    assert [(f["type"], f["text"]) for f in frames(session)] == [("token", text), ("reply", text)]
+
+    # a reply streamed whole gets no extra delta
+    rid = str(uuid.uuid4())
+    delta(0, text)
+    session.on_token_message(conversation_id, token_encoder.encode(ReplyDone(rid, text, "stop")))
+    assert [f["type"] for f in frames(session)] == ["token", "reply"]
