@@ -69,6 +69,7 @@ MAX_IN_FLIGHT = 64  # frames of one socket being handled at once
 MAX_HELD = 10_000  # token messages held for a conversation while its ownership is checked
 PROGRESS_TIMEOUT_S = 1.0  # how long a resume waits for the worker's text so far
 QUIET_S = 5.0  # a reply waited for and unheard of this long is looked up in the read model
+LOOKUP_CHUNK = 1_000  # quiet replies looked up in one query
 
 
 class ChatSession:
@@ -88,7 +89,6 @@ class ChatSession:
         self.resume_lock = asyncio.Lock()  # one resume at a time: held deltas are that resume's
         self.awaited: dict[str, tuple[UUID, float]] = {}  # reply id -> (conversation, last heard of) until its end
         self.ended: set[str] = set()  # replies whose end `watch` sent from the read model
-        self.watcher: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         writer = asyncio.create_task(self.write())
@@ -107,8 +107,7 @@ class ChatSession:
             # what is in hand finishes (a command in a thread cannot be called back anyway)
             while self.lanes:
                 await asyncio.wait(list(self.lanes.values()))
-            if self.watcher is not None:
-                self.watcher.cancel()
+            quiet_replies(self.services).forget(self)
             for sub in self.subscriptions.values():
                 await sub.unsubscribe()
             self.outbox.put_nowait(None)
@@ -215,36 +214,39 @@ class ChatSession:
         conversation first so no token can arrive unheard; answer `accepted` or an error.
 
         The command itself checks that the user owns the conversation (in the same trip
-        to a thread, instead of a read-model query first). Until it has, the tokens of a
-        conversation this call began to follow are held back (`unconfirmed`): another
-        user's tokens must never reach this socket."""
+        to a thread, instead of a read-model query first). Until it has, and until
+        `accepted` is out, the conversation's tokens are held (`unconfirmed`): another
+        user's tokens must never reach this socket, and a reply that streams whole while
+        the command's answer is on its way still comes after its `accepted`."""
         ids = {"conversation_id": str(conversation_id), **ids}
         subscribed = await self.follow(conversation_id, confirmed=False)
-        confirmed = False
+        self.unconfirmed.setdefault(conversation_id, [])  # followed before: held all the same
+        owned = False
         try:
             posted = await self.services.call(self.limited, command, *args)  # one trip to a thread
-            confirmed = not isinstance(posted, Limited)  # the rate limit comes before the command
         except ConversationNotFound:
             return self.error("not_found", "no such conversation", **ids)
         except MessageNotFound:
-            confirmed = True  # the conversation is theirs; the message is not in it
+            owned = True  # the conversation is theirs; the message is not in it
             return self.error("not_found", "no such message in this conversation", **ids)
         except ConversationError as e:
-            confirmed = True
+            owned = True
             return self.error("rejected", str(e), **ids)
+        else:
+            if isinstance(posted, Limited):  # the rate limit comes before the command
+                return self.error("rate_limited", posted.message, retry_after=posted.retry_after, **ids)
+            owned = True
+            self.replies[posted.reply_id] = conversation_id
+            self.await_end(str(posted.reply_id), conversation_id)
+            self.outbox.put_nowait({
+                "type": "accepted", **ids, "message_id": str(posted.message_id),
+                "reply_id": str(posted.reply_id), "duplicate": not posted.created,
+            })
         finally:
-            if confirmed:
+            if owned or not subscribed:  # theirs, or followed (and so checked) before
                 self.confirm(conversation_id)
-            elif subscribed:
+            else:
                 await self.unfollow(conversation_id)
-        if isinstance(posted, Limited):
-            return self.error("rate_limited", posted.message, retry_after=posted.retry_after, **ids)
-        self.replies[posted.reply_id] = conversation_id
-        self.await_end(str(posted.reply_id), conversation_id)
-        self.outbox.put_nowait({
-            "type": "accepted", **ids, "message_id": str(posted.message_id),
-            "reply_id": str(posted.reply_id), "duplicate": not posted.created,
-        })
 
     def limited(self, command: Callable[..., PostedMessage], *args: Any) -> PostedMessage | Limited:
         """The rate limit, then (if within it) the command; in a thread."""
@@ -379,33 +381,22 @@ class ChatSession:
 
 
     def await_end(self, reply_id: str, conversation_id: UUID) -> None:
-        """Wait for the reply's end; `watch` looks it up if it is quiet for too long."""
+        """Wait for the reply's end; the process's `QuietReplies` looks it up if it is
+        quiet for too long."""
         self.awaited[reply_id] = (conversation_id, asyncio.get_running_loop().time())
-        if self.watcher is None or self.watcher.done():
-            self.watcher = asyncio.create_task(self.watch())
+        quiet_replies(self.services).watch(self)
 
-    async def watch(self) -> None:
-        """Send the end of a reply that ended without this socket hearing of it (its end
-        was lost on a NATS node that died), from the read model; until none is awaited."""
-        while self.awaited:
-            await asyncio.sleep(QUIET_S / 2)
-            now = asyncio.get_running_loop().time()
-            for reply_id, (conversation_id, heard) in list(self.awaited.items()):
-                if now - heard < QUIET_S:
-                    continue
-                self.awaited[reply_id] = (conversation_id, now)  # quiet from now on, if still pending
-                try:
-                    row = await self.services.call(self.services.readmodels.message, UUID(reply_id))
-                except Exception:  # noqa: BLE001 - the database is away: ask again later
-                    log.warning("looking up quiet reply %s", reply_id, exc_info=True)
-                    continue
-                if reply_id not in self.awaited or row is None or row["status"] == "pending":
-                    continue  # its end came meanwhile, or it is being written (or queued)
-                log.info("reply %s ended unheard: its end is sent from the read model", reply_id)
-                end = (ReplyDone(reply_id, row["text"], row["finish_reason"] or "stop") if row["status"] == "complete"
-                       else ReplyError(reply_id, "the reply failed"))
-                self.on_token_message(conversation_id, token_encoder.encode(end))
-                self.ended.add(reply_id)
+    def end_unheard(self, reply_id: str, row: Any) -> None:
+        """The read model says the reply ended, and this socket never heard its end (it was
+        lost on a NATS node that died): send it from there, once."""
+        waiting = self.awaited.get(reply_id)
+        if waiting is None:
+            return  # its end came meanwhile
+        log.info("reply %s ended unheard: its end is sent from the read model", reply_id)
+        end = (ReplyDone(reply_id, row["text"], row["finish_reason"] or "stop") if row["status"] == "complete"
+               else ReplyError(reply_id, "the reply failed"))
+        self.on_token_message(waiting[0], token_encoder.encode(end))
+        self.ended.add(reply_id)
 
     def forward_delta(self, cid: str, delta: TokenDelta) -> None:
         seen = self.delivered.get(delta.reply_id, 0)
@@ -418,6 +409,63 @@ class ChatSession:
         text, self.delivered[delta.reply_id] = unseen_text(delta, seen)
         if text:  # else a regenerated prefix the client already has
             self.outbox.put_nowait({"type": "token", "conversation_id": cid, "reply_id": delta.reply_id, "text": text})
+
+
+class QuietReplies:
+    """Every reply the sockets of this API process wait for and have heard nothing of for
+    `QUIET_S` is looked up in the read model (its end may have been lost on a NATS node
+    that died), all of them in one query a round (up to `LOOKUP_CHUNK` ids each), instead
+    of one query per reply and socket: when workers stall, 100,000 waiting sockets must not
+    become 40,000 queries a second."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.sessions: set[ChatSession] = set()
+        self.task: asyncio.Task[None] | None = None
+
+    def watch(self, session: ChatSession) -> None:
+        self.sessions.add(session)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self.run())
+
+    def forget(self, session: ChatSession) -> None:
+        self.sessions.discard(session)
+
+    async def run(self) -> None:
+        while self.sessions:
+            await asyncio.sleep(QUIET_S / 2)
+            now = asyncio.get_running_loop().time()
+            due: dict[str, list[ChatSession]] = {}
+            for session in list(self.sessions):
+                if not session.awaited:
+                    self.sessions.discard(session)  # nothing left to wait for
+                    continue
+                for reply_id, (conversation_id, heard) in list(session.awaited.items()):
+                    if now - heard >= QUIET_S:
+                        session.awaited[reply_id] = (conversation_id, now)  # quiet from now on
+                        due.setdefault(reply_id, []).append(session)
+            ids = list(due)
+            for start in range(0, len(ids), LOOKUP_CHUNK):
+                chunk = [UUID(r) for r in ids[start:start + LOOKUP_CHUNK]]
+                try:
+                    rows = await self.services.call(self.services.readmodels.messages_by_id, chunk)
+                except Exception:  # noqa: BLE001 - the database is away: ask again next round
+                    log.warning("looking up %d quiet replies", len(chunk), exc_info=True)
+                    continue
+                for row in rows:
+                    if row["status"] == "pending":
+                        continue  # being written, or queued
+                    for session in due.get(str(row["id"]), ()):
+                        session.end_unheard(str(row["id"]), row)
+
+
+def quiet_replies(services: Services) -> QuietReplies:
+    """The process's one `QuietReplies` (made on first use)."""
+    watcher = getattr(services, "quiet_replies", None)
+    if watcher is None:
+        watcher = QuietReplies(services)
+        services.quiet_replies = watcher
+    return watcher
 
 
 def origin_allowed(socket: WebSocket[Any, Any, Any], allowed: tuple[str, ...]) -> bool:

@@ -91,6 +91,7 @@ class Services:
     triton: triton_aio.InferenceServerClient
     limits: RateLimiter
     executor: CallPool = field(default_factory=lambda: CallPool(THREADS, "db"), repr=False)
+    quiet_replies: Any = field(default=None, repr=False)  # api.chat_socket.QuietReplies, made on first use
 
     @classmethod
     async def create(cls, settings: Settings) -> Services:

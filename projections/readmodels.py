@@ -380,6 +380,12 @@ class ReadModelRecorder(PostgresTrackingRecorder):
         rows = self._query("SELECT * FROM rm_messages WHERE id = %(id)s", {"id": message_id})
         return rows[0] if rows else None
 
+    def messages_by_id(self, message_ids: list[UUID]) -> list[DictRow]:
+        """Where each of these messages stands (those not projected yet are left out)."""
+        return self._query(
+            "SELECT id, status, text, finish_reason FROM rm_messages WHERE id = ANY(%(ids)s)", {"ids": message_ids}
+        )
+
     def position(self) -> int:
         return self.max_tracking_id(APPLICATION) or 0
 

@@ -98,5 +98,26 @@ async def test_the_owner_gets_the_tokens_held_meanwhile_in_order() -> None:
     await deliver(services, str(reply_id), ["Ahoy there", "!"])  # later tokens go straight through
     sent = frames(session)
     text = "".join(f["text"] for f in sent if f["type"] == "token")
-    assert text == "Ahoy there!" and [f for f in sent if f["type"] == "accepted"]
+    assert text == "Ahoy there!" and sent[0]["type"] == "accepted"  # `accepted` first, then its tokens
     assert services.nc.subs[-1].active and session.unconfirmed == {}
+
+
+async def test_a_reply_that_streams_whole_before_the_command_returns_still_comes_after_accepted() -> None:
+    """On a conversation the socket follows already (checked before), a short reply can be
+    written while the command's answer is on its way back from its thread: its tokens and
+    its end wait for `accepted`, and the socket does not wait for that reply's end again."""
+    from chatbot.messaging import ReplyDone
+
+    services = GatedServices()
+    session = ChatSession(None, uuid.uuid4(), services)  # type: ignore[arg-type]
+    conversation_id, message_id, reply_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await session.follow(conversation_id)  # followed before (a resume, or an earlier send)
+    task = asyncio.create_task(session.request_reply(conversation_id, {}, object()))
+    await asyncio.sleep(0)
+    await deliver(services, str(reply_id), ["Ahoy", " there"])
+    await services.nc.subs[-1].cb(Msg(token_encoder.encode(ReplyDone(str(reply_id), "Ahoy there", "stop"))))
+    assert frames(session) == []
+    services.outcome.set_result(PostedMessage(conversation_id, message_id, reply_id, True))
+    await task
+    assert [f["type"] for f in frames(session)] == ["accepted", "token", "token", "reply"]
+    assert str(reply_id) not in session.awaited  # its end came: nothing to look up later

@@ -18,16 +18,19 @@ from chatbot.messaging import ReplyDone, TokenDelta, token_encoder
 class FakeReadModels:
     def __init__(self) -> None:
         self.rows: dict[uuid.UUID, dict[str, Any]] = {}
-        self.lookups = 0
+        self.lookups = 0  # queries
+        self.looked_up: list[list[uuid.UUID]] = []
 
-    def message(self, message_id: uuid.UUID) -> dict[str, Any] | None:
+    def messages_by_id(self, message_ids: list[uuid.UUID]) -> list[dict[str, Any]]:
         self.lookups += 1
-        return self.rows.get(message_id)
+        self.looked_up.append(list(message_ids))
+        return [{"id": i, **self.rows[i]} for i in message_ids if i in self.rows]
 
 
 class FakeServices:
     def __init__(self) -> None:
         self.readmodels = FakeReadModels()
+        self.quiet_replies = None
 
     async def call(self, func: Any, *args: Any) -> Any:
         return func(*args)
@@ -67,7 +70,8 @@ async def test_a_reply_whose_end_was_lost_ends_from_the_read_model_once(quick: N
     session.on_token_message(conversation_id, token_encoder.encode(ReplyDone(rid, "Ahoy there!", "stop")))
     assert frames(session) == []
     await asyncio.sleep(0.1)
-    assert session.watcher is not None and session.watcher.done()  # nothing left to wait for
+    watcher = chat_socket.quiet_replies(services)  # type: ignore[arg-type]
+    assert watcher.task is not None and watcher.task.done() and not watcher.sessions  # nothing left to wait for
 
 
 async def test_a_reply_that_streams_or_ends_as_usual_is_never_looked_up(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,7 +86,8 @@ async def test_a_reply_that_streams_or_ends_as_usual_is_never_looked_up(monkeypa
         await asyncio.sleep(0.02)
     session.on_token_message(conversation_id, token_encoder.encode(ReplyDone(rid, "xxxxxx", "length")))
     await asyncio.sleep(0.6)
-    assert services.readmodels.lookups == 0 and session.watcher is not None and session.watcher.done()
+    watcher = chat_socket.quiet_replies(services)  # type: ignore[arg-type]
+    assert services.readmodels.lookups == 0 and watcher.task is not None and watcher.task.done()
     sent = frames(session)
     assert "".join(f["text"] for f in sent if f["type"] == "token") == "xxxxxx"
     assert [f["type"] for f in sent][-1] == "reply" and sum(f["type"] == "reply" for f in sent) == 1
@@ -118,3 +123,24 @@ async def test_a_reply_whose_deltas_went_by_unheard_still_adds_up_from_its_end()
     delta(0, text)
     session.on_token_message(conversation_id, token_encoder.encode(ReplyDone(rid, text, "stop")))
     assert [f["type"] for f in frames(session)] == ["token", "reply"]
+
+
+async def test_the_quiet_replies_of_every_socket_are_looked_up_in_one_query(quick: None) -> None:
+    services = FakeServices()
+    sessions = [ChatSession(None, uuid.uuid4(), services) for _ in range(50)]  # type: ignore[arg-type]
+    replies = {}
+    for session in sessions:
+        conversation_id, reply_id = uuid.uuid4(), uuid.uuid4()
+        replies[reply_id] = (session, conversation_id)
+        session.await_end(str(reply_id), conversation_id)
+        services.readmodels.rows[reply_id] = {"status": "complete", "text": "done", "finish_reason": "stop"}
+    await asyncio.sleep(0.2)
+    assert services.readmodels.lookups == 1 and set(services.readmodels.looked_up[0]) == set(replies)
+    for session in sessions:  # each socket got its own reply's end, once
+        assert [f["type"] for f in frames(session)] == ["token", "reply"]
+    # a socket that closes stops being watched
+    late = ChatSession(None, uuid.uuid4(), services)  # type: ignore[arg-type]
+    late.await_end(str(uuid.uuid4()), uuid.uuid4())
+    chat_socket.quiet_replies(services).forget(late)  # type: ignore[arg-type]
+    await asyncio.sleep(0.2)
+    assert services.readmodels.lookups == 1
