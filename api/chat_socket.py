@@ -70,6 +70,7 @@ MAX_HELD = 10_000  # token messages held for a conversation while its ownership 
 PROGRESS_TIMEOUT_S = 1.0  # how long a resume waits for the worker's text so far
 QUIET_S = 5.0  # a reply waited for and unheard of this long is looked up in the read model
 LOOKUP_CHUNK = 1_000  # quiet replies looked up in one query
+ENDED_KEPT = 256  # ended replies a socket remembers, to drop what comes of them later
 
 
 class ChatSession:
@@ -88,7 +89,7 @@ class ChatSession:
         self.following = asyncio.Lock()  # subscribing and unsubscribing, one at a time
         self.resume_lock = asyncio.Lock()  # one resume at a time: held deltas are that resume's
         self.awaited: dict[str, tuple[UUID, float]] = {}  # reply id -> (conversation, last heard of) until its end
-        self.ended: set[str] = set()  # replies whose end `watch` sent from the read model
+        self.ended: dict[str, None] = {}  # replies whose end went out (the newest ENDED_KEPT): later messages dropped
 
     async def run(self) -> None:
         writer = asyncio.create_task(self.write())
@@ -344,7 +345,7 @@ class ChatSession:
             return
         cid = str(conversation_id)
         if message.reply_id in self.ended:
-            return  # its end went out already, from the read model
+            return  # its end went out already (a re-announced end, a late duplicate delta)
         if message.reply_id in self.awaited:
             self.awaited[message.reply_id] = (conversation_id, asyncio.get_running_loop().time())
         if not isinstance(message, TokenDelta):
@@ -364,6 +365,7 @@ class ChatSession:
             self.gapped.discard(message.reply_id)
             self.forward_delta(cid, TokenDelta(message.reply_id, 0, message.text))
             self.delivered.pop(message.reply_id, None)
+            self.end(message.reply_id)
             self.outbox.put_nowait({
                 "type": "reply", "conversation_id": cid, "reply_id": message.reply_id,
                 "text": message.text, "finish_reason": message.finish_reason,
@@ -372,6 +374,7 @@ class ChatSession:
             self.resuming.pop(message.reply_id, None)
             self.gapped.discard(message.reply_id)
             self.delivered.pop(message.reply_id, None)
+            self.end(message.reply_id)
             self.error("reply_failed", message.message, conversation_id=cid, reply_id=message.reply_id)
             # a terminal frame too, so a client waiting for the reply always stops waiting
             self.outbox.put_nowait({
@@ -396,7 +399,12 @@ class ChatSession:
         end = (ReplyDone(reply_id, row["text"], row["finish_reason"] or "stop") if row["status"] == "complete"
                else ReplyError(reply_id, "the reply failed"))
         self.on_token_message(waiting[0], token_encoder.encode(end))
-        self.ended.add(reply_id)
+
+    def end(self, reply_id: str) -> None:
+        """The reply's end went out: anything more of it is dropped."""
+        self.ended[reply_id] = None
+        if len(self.ended) > ENDED_KEPT:
+            del self.ended[next(iter(self.ended))]
 
     def forward_delta(self, cid: str, delta: TokenDelta) -> None:
         seen = self.delivered.get(delta.reply_id, 0)

@@ -144,3 +144,15 @@ async def test_the_quiet_replies_of_every_socket_are_looked_up_in_one_query(quic
     chat_socket.quiet_replies(services).forget(late)  # type: ignore[arg-type]
     await asyncio.sleep(0.2)
     assert services.readmodels.lookups == 1
+
+
+async def test_an_end_announced_again_or_a_late_delta_is_dropped() -> None:
+    """A redelivered request whose outcome exists is announced again, and a second worker
+    racing the first can still send deltas: after a reply's end, nothing more of it goes out."""
+    session = ChatSession(None, uuid.uuid4(), FakeServices())  # type: ignore[arg-type]
+    conversation_id, rid = uuid.uuid4(), str(uuid.uuid4())
+    session.on_token_message(conversation_id, token_encoder.encode(TokenDelta(rid, 0, "Hello")))
+    session.on_token_message(conversation_id, token_encoder.encode(ReplyDone(rid, "Hello", "stop")))
+    session.on_token_message(conversation_id, token_encoder.encode(TokenDelta(rid, 2, "llo")))
+    session.on_token_message(conversation_id, token_encoder.encode(ReplyDone(rid, "Hello", "stop")))
+    assert [(f["type"], f["text"]) for f in frames(session)] == [("token", "Hello"), ("reply", "Hello")]
