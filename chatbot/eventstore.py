@@ -238,7 +238,8 @@ class KeyStore:
                 wrapped = self._create(user_id, self.master.encrypt(os.urandom(32), self._aad(user_id)))
         except DataErased:
             self._erased.add(user_id)
-            self._keys.pop(user_id, None)
+            with self._lock:
+                self._keys.pop(user_id, None)
             raise
         if wrapped is None:
             raise DataErased(user_id)  # events under a key that is not there: unreadable
@@ -267,7 +268,8 @@ class KeyStore:
 
     def forget(self, user_id: UUID) -> None:
         """This process erased the user: stop using the cached key at once."""
-        self._keys.pop(user_id, None)
+        with self._lock:
+            self._keys.pop(user_id, None)
         self._erased.add(user_id)
 
     @staticmethod

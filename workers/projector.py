@@ -1,9 +1,10 @@
 """The projector: applies the event stream to the read models.
 
 A durable JetStream pull consumer delivers every event in stream order (which is the
-event store's notification order, as the relay publishes it). Each event is applied with
-its `Tracking(notification id)` in the same transaction as its rows, then acked; an event
-redelivered after a crash finds its position recorded and changes nothing.
+event store's notification order, as the relay publishes it). Each fetched batch is applied
+in one transaction with its rows and its newest `Tracking(notification id)` (per
+partition), then acked; an event redelivered after a crash is at or before the recorded
+position and changes nothing (`apply_batch`).
 
 With `CHATBOT_PARTITIONS` > 1 positions are kept per partition (projections/positions.py),
 and `CHATBOT_CONSUME_PARTITIONS` makes this projector read only those partitions, through
@@ -166,6 +167,7 @@ def project(projection: ChatProjection, mapper: Any, msg: Msg, headers: dict[str
     except DataErased:  # its user was erased: there is nothing of it to project
         event = Unreadable(originator)
     projection.process_event(event, positions.tracking(originator, notification_id))
+
 
 def apply_batch(projection: ChatProjection, mapper: Any, messages: list[Msg],
                 positions: PartitionPositions) -> PartitionPositions:
