@@ -25,17 +25,19 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
 import nats
 from nats.aio.msg import Msg
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, OperationalError
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
+from psycopg.errors import DeadlockDetected, SerializationFailure, TransactionRollback
 
 from chatbot.bootstrap import chat_application
 from chatbot.config import Settings, load_settings
@@ -51,6 +53,9 @@ log = logging.getLogger("projector")
 DURABLE = "projector-chat"
 BATCH = 256
 LINGER_S = 0.02  # after a batch that was not full, before the next fetch
+BATCH_ATTEMPTS = 3  # a batch chosen as a deadlock's victim is tried this often, then event by event
+PARTITION_LOCK = 0x70726F6A  # "proj": the advisory locks' first key, one lock per partition
+ROLLED_BACK = (DeadlockDetected, SerializationFailure, TransactionRollback)  # worth trying again
 PRIORITY_OFFSET = 10
 
 
@@ -171,15 +176,22 @@ def project(projection: ChatProjection, mapper: Any, msg: Msg, headers: dict[str
 
 def apply_batch(projection: ChatProjection, mapper: Any, messages: list[Msg],
                 positions: PartitionPositions) -> PartitionPositions:
-    """Apply a fetched batch in one transaction (one commit, statements pipelined),
-    holding a share lock on the key rows of the users whose events it applies: an
-    erasure (which nulls the key row) waits for this commit, then the `Erased` event
-    deletes these rows too; or it went first, and this batch sees the key gone and
-    writes nothing of theirs. Without the lock a projector of other partitions, still
-    holding the key in its cache, could write an erased user's rows back."""
-    # Where this batch will leave the positions: an event at or before them (a
-    # redelivery, even one within this very batch) is not applied again. The positions
-    # are recorded per batch, so the tracking table no longer refuses such an event.
+    """Apply a fetched batch in one transaction (one commit, statements pipelined) and
+    return the positions it leaves.
+
+    - The transaction takes an advisory lock per partition it writes and reads the
+      positions again under it: two projectors that read one partition by mistake take
+      turns, and the second skips what the first applied (positions are written once per
+      batch, so the tracking table alone would not refuse an event inside a batch).
+    - It holds a share lock on the key rows of the users whose events it applies: an
+      erasure (which nulls the key row) waits for this commit, then the `Erased` event
+      deletes these rows too; or it went first, and this batch sees the key gone and
+      writes nothing of theirs. Without the lock a projector of other partitions, still
+      holding the key in its cache, could write an erased user's rows back.
+    - Projectors of different partitions share rows (a user's usage of the day): a batch
+      chosen as a deadlock's victim is tried again, then event by event."""
+    # An event at or before the positions (a redelivery, even one within this very batch)
+    # is not applied again.
     after = dataclasses.replace(positions, applied=dict(positions.applied))
     todo = []
     for msg in messages:
@@ -191,31 +203,48 @@ def apply_batch(projection: ChatProjection, mapper: Any, messages: list[Msg],
     if not todo:
         return positions
     recorder = projection.view
-    owners = sorted({o for msg, _ in todo if (o := key_owner(msg.data)) is not None})
-    try:
-        with recorder.datastore.transaction(commit=True) as curs:
-            erased = lock_owners(curs, owners)
-            with recorder.batch(curs):
-                for msg, headers in todo:
+    names = sorted({positions.tracking(h[H_ORIGINATOR], 0).application_name for _, h in todo})
+    for attempt in range(1, BATCH_ATTEMPTS + 1):
+        try:
+            with recorder.datastore.transaction(commit=True) as curs:
+                curs.execute(
+                    "SELECT pg_advisory_xact_lock(%s, hashtext(name)) FROM unnest(%s::text[]) AS name ORDER BY name",
+                    (PARTITION_LOCK, names),
+                )
+                current = read_positions(recorder, positions.partitions, curs)
+                mine = [(m, h) for m, h in todo if not current.is_applied(h[H_ORIGINATOR], int(h[H_NOTIFICATION]))]
+                erased = lock_owners(curs, sorted({o for m, _ in mine if (o := key_owner(m.data)) is not None}))
+                with recorder.batch(curs):
+                    for msg, headers in mine:
+                        project(projection, mapper, msg, headers, erased, current)
+            return dataclasses.replace(after, applied={
+                p: max(after.applied[p], current.applied[p]) for p in after.applied
+            })
+        except IntegrityError:
+            break  # a row refused (applied before by other means): event by event below
+        except OperationalError as e:
+            if not isinstance(e.__cause__, ROLLED_BACK):
+                raise  # PostgreSQL is away: the process restarts and rewinds its consumer
+            if attempt == BATCH_ATTEMPTS:
+                break  # a deadlock's victim again and again: event by event below
+            log.info("batch of %d events: %s; trying again", len(todo), type(e.__cause__).__name__)
+            time.sleep(0.05 * attempt)
+    # Each event in its own transaction: a refused one is skipped (its tracking row says it
+    # was applied), and one event locks one usage row, so no deadlock.
+    positions = read_positions(recorder, positions.partitions)
+    for msg, headers in todo:
+        notification_id, originator = int(headers[H_NOTIFICATION]), headers[H_ORIGINATOR]
+        if positions.is_applied(originator, notification_id):
+            continue
+        try:
+            with recorder.datastore.transaction(commit=True) as curs:
+                erased = lock_owners(curs, [o] if (o := key_owner(msg.data)) else [])
+                with recorder.batch(curs):
                     project(projection, mapper, msg, headers, erased, positions)
-    except IntegrityError:
-        # Another projector applied some of these (two reading one partition): take the
-        # positions it recorded and apply the rest one by one, each in its own transaction.
-        positions = read_positions(recorder, positions.partitions)
-        for msg, headers in todo:
-            notification_id, originator = int(headers[H_NOTIFICATION]), headers[H_ORIGINATOR]
-            if positions.is_applied(originator, notification_id):
-                continue
-            try:
-                with recorder.datastore.transaction(commit=True) as curs:
-                    erased = lock_owners(curs, [o] if (o := key_owner(msg.data)) else [])
-                    with recorder.batch(curs):
-                        project(projection, mapper, msg, headers, erased, positions)
-            except IntegrityError:
-                pass  # applied before: the tracking row says so
-            positions.record(originator, notification_id)
-        return positions
-    return after
+        except IntegrityError:
+            pass  # applied before: the tracking row says so
+        positions.record(originator, notification_id)
+    return positions
 
 
 def lock_owners(curs: Any, owners: Sequence[UUID]) -> set[UUID]:

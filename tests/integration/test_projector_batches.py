@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from chatbot.launcher import Stack
-from chatbot.messaging import event_headers
+from chatbot.messaging import H_TOPIC, event_headers
 from projections.chat import ChatProjection
 from projections.positions import read_positions
 from projections.readmodels import ReadModelRecorder
@@ -42,16 +42,26 @@ def usage(recorder: ReadModelRecorder, user_id: uuid.UUID) -> tuple[int, int]:
     return int(row["tokens"] or 0), int(row["replies"] or 0)
 
 
-def test_a_redelivery_inside_one_batch_is_applied_once(stack: Stack, chat_app: Any) -> None:
+def make_recorder(stack: Stack, table: str) -> ReadModelRecorder:
+    """Read-model tables `tp_*` with the tracking table `table`, on a pool of its own."""
     from eventsourcing.postgres import PostgresFactory
     from eventsourcing.utils import Environment
 
     factory = PostgresFactory(Environment(name="tp", env=stack.settings.eventsourcing_env()))
-    table = f"tp_tracking_{uuid.uuid4().hex[:8]}"
     recorder = ReadModelRecorder(datastore=factory.datastore, tracking_table_name=table, prefix="tp_")
     recorder.create_table()
+    return recorder
+
+
+def fresh_recorder(stack: Stack) -> ReadModelRecorder:
+    recorder = make_recorder(stack, f"tp_tracking_{uuid.uuid4().hex[:8]}")
     with recorder.datastore.transaction(commit=True) as curs:  # a clean slate for the tp_ tables
         curs.execute("TRUNCATE tp_personas, tp_conversations, tp_messages, tp_usage, tp_shares")
+    return recorder
+
+
+def test_a_redelivery_inside_one_batch_is_applied_once(stack: Stack, chat_app: Any) -> None:
+    recorder = fresh_recorder(stack)
     projection = ChatProjection(recorder)
 
     user = chat_app.register_user(f"batch-{uuid.uuid4().hex[:10]}@example.com", "correct horse battery")
@@ -81,3 +91,34 @@ def test_a_redelivery_inside_one_batch_is_applied_once(stack: Stack, chat_app: A
                             (conversation,)).fetchall()
     assert [(r["role"], r["status"], r["text"]) for r in rows] == [("user", "complete", "hello there"),
                                                                   ("assistant", "complete", "hi")]
+
+
+def test_two_projectors_reading_one_partition_by_mistake_apply_each_event_once(stack: Stack, chat_app: Any) -> None:
+    """Two projectors that read one partition (two processes; here two recorders with pools
+    of their own): one applies a batch the other applied most of already, while its own
+    positions, read before, still say nothing was. Under the partition's advisory lock the
+    batch reads the positions again and skips what the other applied: its one new event
+    moves the position, and no reply is counted twice."""
+    first = fresh_recorder(stack)
+    second = make_recorder(stack, first.tracking_table_name)
+    user = chat_app.register_user(f"twice-{uuid.uuid4().hex[:10]}@example.com", "correct horse battery")
+    start = chat_app.recorder.max_notification_id() or 0
+    conversations = []
+    for i in range(4):
+        conversation = chat_app.start_conversation(user)
+        posted = chat_app.post_message(conversation, user, f"m{i}", "hello there")
+        chat_app.complete_reply(conversation, posted.reply_id, text="hi", **OUTCOME)
+        conversations.append(conversation)
+    mine = [n for n in chat_app.recorder.select_notifications(start, 1000, inclusive_of_start=False)
+            if n.originator_id in conversations]
+    deliveries = [Delivery(event_headers(n), n.state) for n in mine]
+    stale = read_positions(second, 1)  # the second projector's positions, read at its start
+
+    last_reply = max(i for i, d in enumerate(deliveries) if d.headers[H_TOPIC].endswith("ReplyCompleted"))
+    apply_batch(ChatProjection(first), chat_app.mapper, deliveries[:last_reply], read_positions(first, 1))
+    assert usage(first, user) == (5 * 3, 3)
+    # the second one's batch: the replies the first completed, then the newest events
+    completed = [d for d in deliveries[:last_reply] if d.headers[H_TOPIC].endswith("ReplyCompleted")]
+    after = apply_batch(ChatProjection(second), chat_app.mapper, completed + deliveries[last_reply:], stale)
+    assert usage(first, user) == (5 * 4, 4), "each reply counted once"
+    assert after.head == mine[-1].id == read_positions(first, 1).head
