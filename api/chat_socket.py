@@ -24,8 +24,10 @@ text so far once and then the rest, with nothing lost or doubled.
 Token messages travel on core NATS, which delivers at most once: when a NATS node dies,
 the messages on their way through it are lost, a reply's end among them. So a reply this
 socket waits for that has been quiet for `QUIET_S` is looked up in the read model, and
-if it has ended there, its `reply` frame is sent from there (`watch`): a client never
-waits for an end that was lost on the way.
+if it has ended there, its `reply` frame is sent from there (`QuietReplies`, one query
+per API process a round): a client never waits for an end that was lost on the way. A
+reply whose deltas went by unheard stops streaming, and what the client lacks goes out as
+one last delta before the `reply` frame: the `token` texts always add up to the reply.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from chatbot.messaging import (
     unseen_text,
 )
 from domain.application import PostedMessage
-from domain.conversation import ConversationError, ConversationNotFound, MessageNotFound
+from domain.conversation import ConversationError, ConversationNotFound, InvalidSampling, MessageNotFound
 
 log = logging.getLogger("api.ws")
 frame_decoder = msgspec.json.Decoder(ClientFrame)
@@ -231,7 +233,8 @@ class ChatSession:
             owned = True  # the conversation is theirs; the message is not in it
             return self.error("not_found", "no such message in this conversation", **ids)
         except ConversationError as e:
-            owned = True
+            # every command checks ownership first; only sampling is checked before that
+            owned = not isinstance(e, InvalidSampling)
             return self.error("rejected", str(e), **ids)
         else:
             if isinstance(posted, Limited):  # the rate limit comes before the command
@@ -266,6 +269,8 @@ class ChatSession:
             await self.follow(conversation_id)
             reply_id = await self.services.call(self.services.app.pending_reply, conversation_id, self.user_id)
             rid = str(reply_id) if reply_id else None
+            if rid in self.ended:
+                rid = None  # it ended while this was asked, and its `reply` frame went out
             if rid is not None:
                 self.replies[reply_id] = conversation_id
                 self.resuming.setdefault(rid, [])
@@ -312,9 +317,13 @@ class ChatSession:
             async def forward(msg: Msg) -> None:
                 self.on_token_message(conversation_id, msg.data)
 
-            self.subscriptions[conversation_id] = await self.services.nc.subscribe(
-                token_subject(conversation_id), cb=forward
-            )
+            try:
+                self.subscriptions[conversation_id] = await self.services.nc.subscribe(
+                    token_subject(conversation_id), cb=forward
+                )
+            except BaseException:
+                self.unconfirmed.pop(conversation_id, None)  # nothing will confirm it
+                raise
             return True
 
     async def unfollow(self, conversation_id: UUID) -> None:
@@ -330,13 +339,17 @@ class ChatSession:
     def confirm(self, conversation_id: UUID) -> None:
         """The user owns the conversation: pass on the tokens held meanwhile, in order."""
         for data in self.unconfirmed.pop(conversation_id, ()):
-            self.on_token_message(conversation_id, data)
+            if data:  # b"": the mark of an overflow
+                self.on_token_message(conversation_id, data)
 
     def on_token_message(self, conversation_id: UUID, data: bytes) -> None:
         held = self.unconfirmed.get(conversation_id)
         if held is not None:
             if len(held) < MAX_HELD:
                 held.append(data)
+            elif len(held) == MAX_HELD:
+                held.append(b"")  # counted once: later ones are dropped without a word
+                log.warning("conversation %s: over %d token messages held; dropping", conversation_id, MAX_HELD)
             return
         try:
             message = token_decoder.decode(data)
@@ -345,6 +358,7 @@ class ChatSession:
             return
         cid = str(conversation_id)
         if message.reply_id in self.ended:
+            self.awaited.pop(message.reply_id, None)
             return  # its end went out already (a re-announced end, a late duplicate delta)
         if message.reply_id in self.awaited:
             self.awaited[message.reply_id] = (conversation_id, asyncio.get_running_loop().time())
@@ -385,13 +399,16 @@ class ChatSession:
 
     def await_end(self, reply_id: str, conversation_id: UUID) -> None:
         """Wait for the reply's end; the process's `QuietReplies` looks it up if it is
-        quiet for too long."""
+        quiet for too long. A reply whose end this socket sent already is not waited for."""
+        if reply_id in self.ended:
+            return
         self.awaited[reply_id] = (conversation_id, asyncio.get_running_loop().time())
         quiet_replies(self.services).watch(self)
 
     def end_unheard(self, reply_id: str, row: Any) -> None:
         """The read model says the reply ended, and this socket never heard its end (it was
-        lost on a NATS node that died): send it from there, once."""
+        lost on a NATS node that died): send it from there (`on_token_message` sends an
+        end once)."""
         waiting = self.awaited.get(reply_id)
         if waiting is None:
             return  # its end came meanwhile

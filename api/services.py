@@ -40,11 +40,14 @@ class CallPool:
 
     def __init__(self, threads: int, name: str) -> None:
         self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.closed = False
         self.threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(threads)]
         for t in self.threads:
             t.start()
 
     def submit(self, func: Callable[[], T]) -> asyncio.Future[T]:
+        if self.closed:
+            raise RuntimeError("the call pool is shut down")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self.jobs.put((loop, future, func))
@@ -64,9 +67,11 @@ class CallPool:
                 loop.call_soon_threadsafe(_settle, future, outcome, failed)
             except RuntimeError:
                 pass  # the loop closed meanwhile: nobody waits for this outcome
+            del job, loop, future, func, outcome  # nothing of a finished call stays referenced
 
     def shutdown(self) -> None:
-        """Let the calls in hand finish, then stop the threads."""
+        """Let the calls in hand finish, then stop the threads; later calls are refused."""
+        self.closed = True
         for _ in self.threads:
             self.jobs.put(None)
         for t in self.threads:
@@ -102,6 +107,8 @@ class Services:
         return cls(settings, app, readmodels, nc, triton_aio.InferenceServerClient(settings.triton_url), limits)
 
     async def close(self) -> None:
+        if self.quiet_replies is not None and self.quiet_replies.task is not None:
+            self.quiet_replies.task.cancel()
         await self.nc.drain()
         await self.triton.close()
         # calls in hand finish before the pools they use close

@@ -99,10 +99,10 @@ class ReadModelRecorder(PostgresTrackingRecorder):
 
     @contextmanager
     def batch(self, curs: Any = None) -> Iterator[Any]:
-        """Apply many events in one transaction (a rebuild): statements stream to the
-        server in pipeline mode, and the tracking position is written once, at the end,
-        instead of one commit and several round trips per event. With `curs`, join that
-        transaction instead of opening one. Positions must only grow within a batch; with
+        """Apply many events in one transaction (a rebuild, or a projector's batch):
+        statements stream to the server in pipeline mode, and the tracking position is
+        written once, at the end, instead of one commit and several round trips per event.
+        With `curs`, join that transaction instead of opening one. Positions must only grow within a batch; with
         several tracking names (partitions) each name's newest is written."""
         context = nullcontext(curs) if curs is not None else self.datastore.transaction(commit=True)
         with context as curs:

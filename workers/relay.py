@@ -111,6 +111,21 @@ async def relayed_through(js: JetStreamContext, stream: str) -> int:
     return int(value) if value and value.isdigit() else 0
 
 
+async def stream_end(js: JetStreamContext, stream: str, app: Any) -> int:
+    """Where the stream ends, as a notification id to go on from; 0 (trust the recorded
+    position) when the stream is ahead of the event store: the database was restored from
+    a backup while the stream kept its store, and its notification ids start again below
+    the stream's. Events would be skipped; an operator must look at it."""
+    through = await relayed_through(js, stream)
+    head = await asyncio.to_thread(app.recorder.max_notification_id) or 0
+    if through > head:
+        log.error("the stream %s ends at notification %d, beyond the event store's newest (%d): was the "
+                  "database restored? Going on from the recorded position; duplicates are refused by event id",
+                  stream, through, head)
+        return 0
+    return through
+
+
 async def record(conn: psycopg.AsyncConnection[Any], position: int) -> int:
     await conn.execute(
         "INSERT INTO relay_position VALUES ('chat', %s)"
@@ -138,7 +153,7 @@ async def main(settings: Settings) -> None:
     recorded = row[0] if row else 0
     # A relay that died after publishing and before recording its position: go on from
     # where the stream ends instead of sending that batch again.
-    position = max(recorded, await relayed_through(js, settings.stream_name))
+    position = max(recorded, await stream_end(js, settings.stream_name, app))
     log.info("relaying from notification %d (recorded: %d)", position, recorded)
     recorded_at = time.monotonic()
     while not stop.is_set():
@@ -157,7 +172,7 @@ async def main(settings: Settings) -> None:
                 log.warning("publishing events after notification %d: %r; retrying", position, e)
                 await asyncio.sleep(RETRY_S)
                 try:
-                    position = max(position, await relayed_through(js, settings.stream_name))
+                    position = max(position, await stream_end(js, settings.stream_name, app))
                 except (TimeoutError, NatsError) as e:
                     log.warning("reading where the stream ends: %r", e)
                 continue

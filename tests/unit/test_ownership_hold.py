@@ -121,3 +121,21 @@ async def test_a_reply_that_streams_whole_before_the_command_returns_still_comes
     await task
     assert [f["type"] for f in frames(session)] == ["accepted", "token", "token", "reply"]
     assert str(reply_id) not in session.awaited  # its end came: nothing to look up later
+
+
+async def test_a_subscription_that_fails_leaves_nothing_held() -> None:
+    class BrokenNats(FakeNats):
+        async def subscribe(self, subject: str, cb: Any) -> FakeSubscription:
+            raise ConnectionError("NATS is draining")
+
+    services = GatedServices()
+    services.nc = BrokenNats()
+    session = ChatSession(None, uuid.uuid4(), services)  # type: ignore[arg-type]
+    conversation_id = uuid.uuid4()
+    try:
+        await session.request_reply(conversation_id, {}, object())
+    except ConnectionError:
+        pass
+    else:
+        raise AssertionError("the failed subscription is an error of the frame")
+    assert session.unconfirmed == {} and conversation_id not in session.subscriptions

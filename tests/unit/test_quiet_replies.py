@@ -156,3 +156,14 @@ async def test_an_end_announced_again_or_a_late_delta_is_dropped() -> None:
     session.on_token_message(conversation_id, token_encoder.encode(TokenDelta(rid, 2, "llo")))
     session.on_token_message(conversation_id, token_encoder.encode(ReplyDone(rid, "Hello", "stop")))
     assert [(f["type"], f["text"]) for f in frames(session)] == [("token", "Hello"), ("reply", "Hello")]
+
+
+async def test_a_reply_whose_end_went_out_is_not_waited_for_again() -> None:
+    """A duplicate send (same client_message_id) or a resume that names a reply whose end
+    this socket already sent: nothing to look up later, and no end is sent twice."""
+    session = ChatSession(None, uuid.uuid4(), FakeServices())  # type: ignore[arg-type]
+    conversation_id, rid = uuid.uuid4(), str(uuid.uuid4())
+    session.on_token_message(conversation_id, token_encoder.encode(ReplyDone(rid, "Hi", "stop")))
+    assert [f["type"] for f in frames(session)] == ["token", "reply"]
+    session.await_end(rid, conversation_id)
+    assert rid not in session.awaited
