@@ -130,3 +130,22 @@ def test_batches_stay_within_the_servers_limits() -> None:
     # an event larger than the byte cap still goes, alone
     huge = Notification(id=6, originator_id=uuid.uuid4(), originator_version=1, topic="t", state=b"x" * (5 << 20))
     assert [[n.id for n in b] for b in atomic_batches([big[0], huge, big[1]])] == [[1], [6], [2]]
+
+
+async def test_a_stream_that_ends_beyond_the_event_store_is_not_trusted(js) -> None:
+    """The database restored from a backup while the stream kept its store: the stream's
+    last notification id is beyond the event store's newest, and going on from it would
+    skip the events stored from now on. The relay goes on from its recorded position."""
+    from types import SimpleNamespace
+
+    from workers.relay import stream_end
+
+    nc, jsc = js
+    await publish_atomic(nc, notifications(1, 12), 4)
+
+    def app(head: int) -> SimpleNamespace:
+        return SimpleNamespace(recorder=SimpleNamespace(max_notification_id=lambda: head))
+
+    assert await stream_end(jsc, STREAM, app(40)) == 12
+    assert await stream_end(jsc, STREAM, app(12)) == 12
+    assert await stream_end(jsc, STREAM, app(5)) == 0
