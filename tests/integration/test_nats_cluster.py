@@ -23,7 +23,7 @@ from chatbot.launcher import Ports, Stack
 from chatbot.messaging import partition_of
 from projections.positions import read_positions
 from projections.readmodels import read_model_recorder
-from tests.client import ChatClient, collect_reply, send
+from tests.client import ChatClient, collect_reply, send, stream_leader
 from tests.conftest import ARTIFACTS
 
 pytestmark = pytest.mark.integration
@@ -105,7 +105,7 @@ async def test_chats_go_on_while_a_nats_node_dies_and_comes_back(cluster: Stack,
     cluster.children[leader].kill()
     cluster.children[leader].proc.wait(10)
     second = await asyncio.gather(*(chat(client, c, "Are you still there?") for c in conversations))
-    after = await new_leader(js, name, leader)
+    after = await stream_leader(js, name, not_this=leader)
     assert after != leader
 
     cluster.restart(leader)  # same store: it catches up from the others
@@ -134,15 +134,3 @@ async def test_chats_go_on_while_a_nats_node_dies_and_comes_back(cluster: Stack,
     await client.close()
 
 
-async def new_leader(js: JetStreamContext, stream: str, dead: str, timeout: float = 30) -> str:
-    """The stream's new leader while `dead` is down (two of three replicas serve)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            info = await js.stream_info(stream)
-            if info.cluster and info.cluster.leader and info.cluster.leader != dead:
-                return str(info.cluster.leader)
-        except (nats.errors.Error, TimeoutError):
-            pass
-        assert time.monotonic() < deadline, "no new stream leader"
-        await asyncio.sleep(0.5)

@@ -4,8 +4,6 @@ erased user's conversation is not served from it."""
 
 from __future__ import annotations
 
-import base64
-import os
 from uuid import UUID
 
 import pytest
@@ -17,17 +15,6 @@ from domain.ids import persona_id_for
 
 OUTCOME = dict(finish_reason="stop", prompt_tokens=3, completion_tokens=2, ttft_ms=1.0, duration_ms=2.0,
                model_name="chat", model_version="1")
-
-
-@pytest.fixture
-def keyed() -> ChatApplication:
-    app = ChatApplication(env={
-        "PERSISTENCE_MODULE": "chatbot.eventstore:MemoryStoreFactory",
-        "CIPHER_TOPIC": "eventsourcing.cipher:AESCipher",
-        "CIPHER_KEY": base64.b64encode(os.urandom(32)).decode(),
-    })
-    app.seed_personas()
-    return app
 
 
 def cached(app: ChatApplication, aggregate_id: UUID) -> object | None:

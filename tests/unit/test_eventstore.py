@@ -3,7 +3,6 @@ with the same mapper the PostgreSQL store uses (chatbot/eventstore.py)."""
 
 from __future__ import annotations
 
-import base64
 import os
 from typing import Any
 from uuid import UUID, uuid4
@@ -22,18 +21,6 @@ from domain.user import EmailAlreadyRegistered, InvalidCredentials
 
 OUTCOME = dict(finish_reason="stop", prompt_tokens=3, completion_tokens=2, ttft_ms=1.0, duration_ms=2.0,
                model_name="chat", model_version="1")
-
-
-@pytest.fixture
-def keyed() -> ChatApplication:
-    app = ChatApplication(env={
-        "PERSISTENCE_MODULE": "chatbot.eventstore:MemoryStoreFactory",
-        "CIPHER_TOPIC": "eventsourcing.cipher:AESCipher",
-        "CIPHER_KEY": base64.b64encode(os.urandom(32)).decode(),
-        "COMPRESSOR_TOPIC": "eventsourcing.compressor:ZlibCompressor",
-    })
-    app.seed_personas()
-    return app
 
 
 def chat(app: ChatApplication, user: UUID, texts: list[str]) -> UUID:
