@@ -25,6 +25,8 @@ from api.routes import (
 from api.services import Services
 from api.training import ConsentController
 from chatbot.config import load_settings
+from chatbot.eventstore import EventTooLarge
+from chatbot.postgres import WriteTimeout
 from domain.conversation import ConversationError, ConversationNotFound, MessageNotFound, ShareNotFound, ReplyNotFound, ReplyStillPending
 from domain.persona import InvalidPersona, NotPersonaOwner, PersonaError, PersonaNotFound, SlugTaken
 from domain.user import ApiKeyNotFound, EmailAlreadyRegistered, InvalidCredentials, UserError
@@ -46,13 +48,16 @@ ERROR_STATUS: list[tuple[type[Exception], int, str]] = [
     (InvalidPersona, 400, "invalid_persona"),
     (ReplyStillPending, 409, "reply_pending"),
     (ConversationError, 400, "rejected"),
+    (WriteTimeout, 503, "busy"),  # nothing was saved: the client may try again
+    (EventTooLarge, 413, "too_large"),
 ]
 
 
 def domain_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, str]]:
     for cls, status, code in ERROR_STATUS:
         if isinstance(exc, cls):
-            return Response({"code": code, "detail": str(exc)}, status_code=status)
+            headers = {"Retry-After": "5"} if status == 503 else None
+            return Response({"code": code, "detail": str(exc)}, status_code=status, headers=headers)
     return Response({"code": "error", "detail": "internal error"}, status_code=500)
 
 
@@ -80,6 +85,9 @@ def create_app() -> Litestar:
         ],
         template_config=template_config,
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
-        exception_handlers={UserError: domain_error, ConversationError: domain_error, PersonaError: domain_error},
+        exception_handlers={
+            UserError: domain_error, ConversationError: domain_error, PersonaError: domain_error,
+            WriteTimeout: domain_error, EventTooLarge: domain_error,
+        },
         lifespan=[lifespan],
     )

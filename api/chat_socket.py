@@ -49,6 +49,7 @@ from api.limits import Limited
 from api.routes import owner_of
 from api.schemas import CLIENT_FRAME_TYPES, ClientFrame, EditFrame, RegenerateFrame, ResumeFrame, SendFrame, StopFrame
 from api.services import Services
+from chatbot.postgres import WriteTimeout
 from chatbot.messaging import (
     ReplyDone,
     ReplyError,
@@ -232,6 +233,8 @@ class ChatSession:
         except MessageNotFound:
             owned = True  # the conversation is theirs; the message is not in it
             return self.error("not_found", "no such message in this conversation", **ids)
+        except WriteTimeout:
+            return self.error("busy", "the server is busy and saved nothing; try again in a few seconds", **ids)
         except ConversationError as e:
             # every command checks ownership first; only sampling is checked before that
             owned = not isinstance(e, InvalidSampling)

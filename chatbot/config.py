@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatbot.postgres import IDLE_IN_TRANSACTION_S, LOCK_TIMEOUT_S
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -92,6 +94,10 @@ class Settings:
             "POSTGRES_POOL_SIZE": str(self.pg_pool_size),
             "POSTGRES_MAX_OVERFLOW": str(self.pg_pool_overflow),
             "POSTGRES_PRE_PING": "y",
+            # No write holds a lock for good (chatbot/postgres.py): the event table's lock is
+            # waited for at most this long, and a session that stops mid-transaction ends.
+            "POSTGRES_LOCK_TIMEOUT": str(LOCK_TIMEOUT_S),
+            "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": str(int(IDLE_IN_TRANSACTION_S)),
             "CIPHER_TOPIC": "eventsourcing.cipher:AESCipher",
             "CIPHER_KEY": self.cipher_key,
             "COMPRESSOR_TOPIC": "eventsourcing.compressor:ZlibCompressor",

@@ -92,6 +92,7 @@ from eventsourcing.postgres import (
 from eventsourcing.utils import Environment, resolve_topic, retry
 from psycopg.sql import SQL, Composed, Identifier
 
+from chatbot.postgres import WriteTimeout, bound_sessions, flush_pipeline, is_timeout
 from domain.batching import Batcher, Item
 
 from domain.conversation import Conversation
@@ -468,6 +469,14 @@ class _Insert:
 
 
 GROUP_COMMIT_MAX_EVENTS = 1000  # the most events one group commit inserts
+GROUP_COMMIT_MAX_BYTES = 4 << 20  # ... and the most stored bytes (a big save goes alone)
+GROUP_COMMIT_WAIT_S = 30.0  # the longest a save waits for its turn before it is refused
+MAX_EVENT_BYTES = 6 << 20  # one stored event; JetStream takes messages of up to 8 MB
+INSERT_ATTEMPTS = 3  # an insert that lost its connection is tried again; a timeout is not
+
+
+class EventTooLarge(ValueError):
+    """A stored event over MAX_EVENT_BYTES: the broker could never carry it."""
 
 
 class GroupCommit(Batcher[Sequence[StoredEvent], Sequence[int]]):
@@ -475,29 +484,38 @@ class GroupCommit(Batcher[Sequence[StoredEvent], Sequence[int]]):
     (domain/batching.py); `commit` inserts events and returns their notification ids."""
 
     def __init__(self, commit: Callable[[Sequence[StoredEvent]], Sequence[int] | None],
-                 max_events: int = GROUP_COMMIT_MAX_EVENTS) -> None:
+                 max_events: int = GROUP_COMMIT_MAX_EVENTS, max_bytes: int = GROUP_COMMIT_MAX_BYTES,
+                 wait_s: float = GROUP_COMMIT_WAIT_S) -> None:
         super().__init__()
         self.commit = commit
         self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.wait_s = wait_s
 
     def insert(self, events: Sequence[StoredEvent]) -> Sequence[int] | None:
-        return self.submit(events)
+        return self.submit(events, wait_s=self.wait_s)
+
+    def timed_out(self, waited_s: float) -> BaseException:
+        return WriteTimeout(f"the event store did not take this save within {waited_s:.0f} s; nothing was saved")
 
     def take(self) -> list[Item[Sequence[StoredEvent], Sequence[int]]]:
-        """The oldest queued saves, no two of one aggregate, up to `max_events` (the
-        oldest always: a big save goes alone)."""
+        """The oldest queued saves, no two of one aggregate, up to `max_events` events and
+        `max_bytes` stored bytes (the oldest always: a big save goes alone)."""
         batch: list[Item[Sequence[StoredEvent], Sequence[int]]] = []
         rest: list[Item[Sequence[StoredEvent], Sequence[int]]] = []
         seen: set[Any] = set()
-        size = 0
+        size = nbytes = 0
         for item in self.queue:
             originators = {e.originator_id for e in item.value}
-            if batch and (size + len(item.value) > self.max_events or not seen.isdisjoint(originators)):
+            item_bytes = sum(len(e.state) for e in item.value)
+            if batch and (size + len(item.value) > self.max_events or nbytes + item_bytes > self.max_bytes
+                          or not seen.isdisjoint(originators)):
                 rest.append(item)
                 continue
             batch.append(item)
             seen |= originators
             size += len(item.value)
+            nbytes += item_bytes
         self.queue = rest
         return batch
 
@@ -573,12 +591,32 @@ class ChainedApplicationRecorder(PostgresApplicationRecorder):
                                 topic=r["topic"], state=bytes(r["state"])) for r in curs.fetchall()]
 
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+        for e in stored_events:
+            if len(e.state) > MAX_EVENT_BYTES:
+                raise EventTooLarge(f"an event of {len(e.state):,} bytes; the most is {MAX_EVENT_BYTES:,}")
         if stored_events and set(kwargs) <= {"tracking"} and kwargs.get("tracking") is None:
             return self.group_commit.insert(stored_events)  # a plain save: may share a commit
-        return super().insert_events(stored_events, chain=_Insert(), **kwargs)
+        return self._insert(stored_events, **kwargs)
 
     def _insert_alone(self, stored_events: Sequence[StoredEvent]) -> Sequence[int] | None:
-        return super().insert_events(stored_events, chain=_Insert())
+        return self._insert(stored_events)
+
+    def _insert(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+        """The library's insert (one transaction, pipelined), tried again only when the
+        connection failed: a statement or lock timeout means the server is overloaded or a
+        lock is held, and trying again would only hold the caller (and everyone queued
+        behind it) longer. The library's own retry (10 tries) would wait 10 lock timeouts."""
+        insert = PostgresApplicationRecorder.insert_events.__wrapped__  # type: ignore[attr-defined]
+        for attempt in range(INSERT_ATTEMPTS):
+            try:
+                return insert(self, stored_events, chain=_Insert(), **kwargs)
+            except (InterfaceError, OperationalError) as e:
+                if is_timeout(e):
+                    raise WriteTimeout(f"the event store did not finish this save in time ({e}); nothing was saved") from e
+                if attempt == INSERT_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2)
+        raise AssertionError("unreachable")
 
     def _insert_events(self, curs: Any, stored_events: Sequence[StoredEvent], *, chain: _Insert,
                        erase_user: UUID | None = None, **_: Any) -> None:
@@ -613,6 +651,7 @@ class ChainedApplicationRecorder(PostgresApplicationRecorder):
                 "INSERT INTO key_directory (originator_id, user_id) SELECT * FROM unnest(%s::uuid[], %s::uuid[])"
                 " ON CONFLICT (originator_id) DO NOTHING", ([o for o, _ in first], [u for _, u in first]),
             )
+            flush_pipeline(curs.connection)
 
     def _insert_stored_events(self, curs: Any, stored_events: Sequence[StoredEvent], *,
                               chain: _Insert | None = None, **_: Any) -> None:
@@ -631,6 +670,7 @@ class ChainedApplicationRecorder(PostgresApplicationRecorder):
             [e.originator_id for e in stored_events], [e.originator_version for e in stored_events],
             [e.topic for e in stored_events], [e.state for e in stored_events], prevs, hashes,
         ))
+        flush_pipeline(curs.connection)  # a big insert is otherwise left half-sent (chatbot/postgres.py)
 
 
 class SealedSnapshotRecorder(PostgresAggregateRecorder):
@@ -718,6 +758,7 @@ class ChatStoreFactory(PostgresFactory):
             raise OSError("per-user keys are wrapped by the master key: set CIPHER_TOPIC and CIPHER_KEY")
         self.master_cipher = master
         self.keys = PostgresKeyStore(self.datastore, base64.b64decode(self.env.get("CIPHER_KEY") or ""))
+        bound_sessions(self.datastore)  # every statement ends within STATEMENT_TIMEOUT_S
 
     def _prefix(self) -> str:
         return self.env.name.lower() or "stored"

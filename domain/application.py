@@ -9,6 +9,7 @@ send a no-op and a second outcome for one reply impossible.
 from __future__ import annotations
 
 import hmac
+import logging
 from datetime import datetime, timedelta
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
@@ -17,7 +18,7 @@ from uuid import UUID
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from eventsourcing.application import AggregateNotFoundError, Application
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, PersistenceError
 
 from domain.aggregate_cache import CachingRepository
 from domain.conversation import (
@@ -25,6 +26,7 @@ from domain.conversation import (
     ConversationError,
     ConversationNotFound,
     ReplyAlreadyFinished,
+    bounded_runs,
     check_sampling,
 )
 from domain.ids import persona_id_for, user_id_for
@@ -59,6 +61,7 @@ from domain.user import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("chat")
 DEFAULT_PERSONA = "assistant"
 PERSONA_DEFAULTS: dict[str, Any] = {
     "description": "", "greeting": "", "model": "chat", "temperature": 0.8, "top_p": 0.95,
@@ -68,6 +71,7 @@ RACE_RETRIES = 5
 # A conversation is snapshotted every this many events (only the newest snapshot is kept),
 # so loading a long one reads its snapshot and at most this many events after it.
 SNAPSHOT_INTERVAL = 100
+IMPORT_BATCH_CHARS = 1_000_000  # text of the conversations an import saves in one transaction
 PERSONA_FRESH_S = 0.5  # how stale a persona read for a send may be (an edit in another process)
 
 
@@ -494,14 +498,20 @@ class ChatApplication(Application[UUID]):
                 timestamps.setdefault(node["id"], event.timestamp)
         return export_conversation(conversation, persona, timestamps)
 
-    def import_conversations(self, user_id: UUID, data: Any) -> dict[str, Any]:
+    def import_conversations(self, user_id: UUID, data: Any,
+                             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         """ChatGPT's `conversations.json`: each conversation becomes one of the user's
-        (with every branch), all saved in one transaction; those that cannot be read are
-        skipped, with the reason."""
+        (with every branch); those that cannot be read are skipped, with the reason.
+
+        Saved in batches of at most IMPORT_BATCH_CHARS characters of text, each its own
+        transaction, so a big export never holds the event store for long and other users'
+        saves go in between. `progress(saved, total)` is called after each batch. A batch
+        that fails is not saved at all; the conversations of that batch and the later ones
+        are reported as skipped with the reason, the earlier ones stay imported."""
         self._get(User, user_id, InvalidCredentials)
         parsed, skipped = parse_chatgpt(data)
         persona_id = persona_id_for(DEFAULT_PERSONA)
-        conversations = []
+        conversations: list[tuple[int, Conversation, int]] = []
         for index, item in parsed:
             conversation = Conversation(owner_id=user_id, persona_id=persona_id, title="New chat")
             try:
@@ -509,11 +519,22 @@ class ChatApplication(Application[UUID]):
             except ConversationError as e:
                 skipped.append({"index": index, "reason": str(e)})
                 continue
-            conversations.append(conversation)
-        if conversations:
-            self.save(*conversations)
+            conversations.append((index, conversation, sum(len(n["text"]) for n in item.nodes)))
+        saved: list[UUID] = []
+        for batch in bounded_runs(conversations, lambda c: c[2], IMPORT_BATCH_CHARS):
+            try:
+                self.save(*(c for _, c, _ in batch))
+            except (TimeoutError, OSError, PersistenceError) as e:
+                log.warning("import for %s stopped after %d of %d conversations: %s",
+                            user_id, len(saved), len(conversations), e)
+                reason = f"not saved: the event store did not take it ({type(e).__name__}); nothing of it was kept"
+                skipped += [{"index": i, "reason": reason} for i, _, _ in conversations[len(saved):]]
+                break
+            saved += [c.id for _, c, _ in batch]
+            if progress is not None:
+                progress(len(saved), len(conversations))
         skipped.sort(key=lambda s: s["index"])
-        return {"imported": len(conversations), "conversation_ids": [c.id for c in conversations], "skipped": skipped}
+        return {"imported": len(saved), "conversation_ids": saved, "skipped": skipped}
 
     def share_conversation(self, conversation_id: UUID, user_id: UUID) -> UUID:
         def attempt() -> UUID:

@@ -6,11 +6,17 @@ included) and runs it as one batch; callers that arrive meanwhile queue and wait
 first of them leads the next batch. A caller alone runs at once, with no added wait.
 Subclasses say how a batch is chosen (`take`) and run (`run`), and hand each item its own
 result or error.
+
+A caller may bound its wait (`wait_s`): if no batch has taken its item by then (the leader
+is stuck, or the queue is long), the item leaves the queue unrun and the caller gets
+`timed_out()`'s error; nothing of it was done. An item already taken into a batch is
+waited for: its outcome is being decided, and the batch's own bounds end it.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -49,14 +55,19 @@ class Batcher(Generic[T, R]):
         self.running = False
         self.changed = threading.Condition()
 
-    def submit(self, value: T) -> R | None:
+    def submit(self, value: T, wait_s: float | None = None) -> R | None:
         item: Item[T, R] = Item(value)
+        start = time.monotonic()
         with self.changed:
             self.queue.append(item)
         while True:
             with self.changed:
                 while not item.done and self.running:
-                    self.changed.wait()
+                    left = None if wait_s is None else start + wait_s - time.monotonic()
+                    if left is not None and left <= 0 and item in self.queue:
+                        self.queue.remove(item)  # never taken: give up, nothing was run
+                        raise self.timed_out(time.monotonic() - start)
+                    self.changed.wait(None if left is None or left <= 0 else left)
                 if item.done:
                     break
                 self.running = True  # this caller leads the next batch
@@ -70,6 +81,10 @@ class Batcher(Generic[T, R]):
         if item.error is not None:
             raise item.error
         return item.result
+
+    def timed_out(self, waited_s: float) -> BaseException:
+        """The error of a caller whose item no batch took within its `wait_s`."""
+        return TimeoutError(f"not run within {waited_s:.1f} s")
 
     def take(self) -> list[Item[T, R]]:
         """The next batch, removed from the queue (never empty); by default all of it."""

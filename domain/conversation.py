@@ -27,8 +27,9 @@ system instructions, which the application appends to the persona's system promp
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
 from eventsourcing.domain import Aggregate, event
@@ -107,6 +108,26 @@ class InvalidRetention(ConversationError):
 MIN_RETENTION = timedelta(minutes=1)
 MAX_RETENTION = timedelta(days=365)
 MAX_IMPORTED_NODES = 5000  # messages of one conversation brought in from an export
+T = TypeVar("T")
+# An import is recorded as one `TreeImported` event per this many characters of text, so
+# that no stored event outgrows what the event store and the broker carry (a long exported
+# conversation would otherwise be one event of many megabytes).
+IMPORT_EVENT_MAX_CHARS = 500_000
+
+
+def bounded_runs(items: list[T], size_of: Callable[[T], int], max_size: int) -> Iterator[list[T]]:
+    """Consecutive runs of `items` whose sizes total at most `max_size` (a bigger item goes
+    alone), in order: for imported messages, parents stay before their children."""
+    run: list[T] = []
+    size = 0
+    for item in items:
+        if run and size + size_of(item) > max_size:
+            yield run
+            run, size = [], 0
+        run.append(item)
+        size += size_of(item)
+    if run:
+        yield run
 
 
 def make_title(text: str, max_words: int = 8) -> str:
@@ -319,7 +340,11 @@ class Conversation(Aggregate):
             seen.add(node["id"])
         if current is not None and current not in seen:
             raise InvalidTurns("the current message is not among the messages")
-        self._import_tree(nodes, current or nodes[-1]["id"], check_title(title or "Imported chat"))
+        title = check_title(title or "Imported chat")
+        chunks = list(bounded_runs(nodes, lambda n: len(n["text"]), IMPORT_EVENT_MAX_CHARS))
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1  # earlier parts point at their own last message
+            self._import_tree(chunk, (current or nodes[-1]["id"]) if last else chunk[-1]["id"], title)
 
     def _post_and_request(
         self, client_message_id: str, text: str, parent_id: UUID | None,

@@ -22,6 +22,8 @@ from psycopg.rows import DictRow
 from psycopg.sql import SQL
 from psycopg.types.json import Jsonb
 
+from chatbot.postgres import flush_pipeline
+
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS rm_personas (
         id uuid PRIMARY KEY, slug text NOT NULL UNIQUE, name text NOT NULL,
@@ -87,6 +89,7 @@ class ReadModelRecorder(PostgresTrackingRecorder):
 
     def _exec(self, curs: Any, text: str, params: Any = None) -> None:
         curs.execute(self.sql(text), params)
+        flush_pipeline(curs.connection)  # in a batch's pipeline a big row is otherwise left half-sent
 
     @contextmanager
     def _tx(self) -> Iterator[Any]:

@@ -12,6 +12,7 @@ import pytest
 from eventsourcing.persistence import IntegrityError, StoredEvent
 
 from chatbot.eventstore import DataErased, GroupCommit
+from chatbot.postgres import WriteTimeout
 
 
 def events(originator: UUID, *versions: int) -> list[StoredEvent]:
@@ -168,3 +169,42 @@ def test_group_commit_never_loses_a_save_under_contention(threads: int) -> None:
     for o in originators:
         stored = sorted(v for (oid, v) in store.rows if oid == o)
         assert stored == list(range(1, len(stored) + 1)), "versions without gaps or doubles"
+
+
+def test_a_batch_holds_at_most_max_bytes_so_big_saves_go_one_by_one() -> None:
+    store = FakeStore()
+    group = GroupCommit(store.commit, max_bytes=1000)
+    big = [[StoredEvent(originator_id=uuid4(), originator_version=1, topic="t", state=bytes(600))] for _ in range(6)]
+    results = run_concurrently(group, big)
+    assert all(not isinstance(r, BaseException) for r in results), results
+    assert all(sum(len(e.state) for e in tx) <= 1000 for tx in store.transactions)
+    assert len(store.transactions) == 6
+
+
+def test_a_save_queued_behind_a_stuck_commit_gives_up_in_time_and_saves_nothing() -> None:
+    release = threading.Event()
+    store = FakeStore(commit_s=0)
+    calls: list[int] = []
+
+    def commit(batch: Sequence[StoredEvent]) -> list[int]:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            release.wait(10)  # the first commit hangs (a lock held elsewhere)
+        return store.commit(batch)
+
+    group = GroupCommit(commit, wait_s=0.3)
+    first: list[object] = []
+    leader = threading.Thread(target=lambda: first.append(group.insert(events(uuid4(), 1))))
+    leader.start()
+    while not calls:
+        time.sleep(0.01)
+    queued = uuid4()
+    started = time.monotonic()
+    with pytest.raises(WriteTimeout, match="nothing was saved"):
+        group.insert(events(queued, 1))
+    assert 0.3 <= time.monotonic() - started < 2, "the wait is bounded"
+    release.set()
+    leader.join(10)
+    assert first == [[1]], "the stuck commit still gets its own answer"
+    assert all(oid != queued for oid, _ in store.rows), "the save that gave up was never run"
+    assert group.insert(events(uuid4(), 1)) == [2], "and the store takes saves again"

@@ -7,8 +7,10 @@ from uuid import UUID, uuid4
 
 import pytest
 
+import domain.application as application_module
+import domain.conversation as conversation_module
 from domain.application import ChatApplication
-from domain.conversation import ConversationNotFound, ShareNotFound
+from domain.conversation import Conversation, ConversationNotFound, ShareNotFound
 from domain.transfer import NotAnExport, active_branch, parse_chatgpt, to_markdown
 
 OUTCOME = dict(finish_reason="stop", prompt_tokens=5, completion_tokens=2,
@@ -143,3 +145,36 @@ def test_a_reply_that_answers_nothing_cannot_be_regenerated(app: ChatApplication
     assert first["role"] == "assistant" and first["parent_id"] is None
     with pytest.raises(ConversationError, match="answers no message"):
         app.regenerate(cid, user, first["id"])
+
+
+def test_a_long_imported_conversation_is_recorded_in_bounded_events(
+    app: ChatApplication, user: UUID, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    turns = 60
+    mapping = {"root": node("root", None, ["n0"], None)}
+    for i in range(turns):
+        mapping[f"n{i}"] = node(f"n{i}", "root" if i == 0 else f"n{i - 1}", [f"n{i + 1}"] if i + 1 < turns else [],
+                                "user" if i % 2 == 0 else "assistant", f"{i} " + "x" * 90)
+    export = [{"title": "Long", "mapping": mapping, "current_node": f"n{turns - 1}"}]
+    monkeypatch.setattr(conversation_module, "IMPORT_EVENT_MAX_CHARS", 1000)  # about ten messages an event
+    (cid,) = app.import_conversations(user, export)["conversation_ids"]
+    parts = [e for e in app.repository.event_store.get(cid) if isinstance(e, Conversation.TreeImported)]
+    assert len(parts) == 6 and all(sum(len(n["text"]) for n in p.nodes) <= 1000 for p in parts)
+    conversation = app.repository.get(cid)
+    assert len(conversation.nodes) == turns
+    assert conversation.title == "Long"
+    last = [i for i, n in conversation.nodes.items() if n["text"].startswith(f"{turns - 1} ")][0]
+    assert conversation.current == last, "the current message is the export's, not a part's last"
+
+
+def test_an_import_is_saved_in_batches_with_progress(
+    app: ChatApplication, user: UUID, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    export = [{"title": f"Chat {i}", "mapping": {"root": node("root", None, ["u"], None),
+                                                  "u": node("u", "root", [], "user", "y" * 50)},
+               "current_node": "u"} for i in range(7)]
+    progress: list[tuple[int, int]] = []
+    monkeypatch.setattr(application_module, "IMPORT_BATCH_CHARS", 100)  # two conversations a batch
+    result = app.import_conversations(user, export, progress=lambda done, total: progress.append((done, total)))
+    assert result["imported"] == 7 and result["skipped"] == []
+    assert progress == [(2, 7), (4, 7), (6, 7), (7, 7)]
