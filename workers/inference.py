@@ -13,6 +13,7 @@ or a recorded outcome (it re-announces that outcome and acks): one outcome per r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import json
 import time
@@ -164,7 +165,7 @@ class Worker:
     def __init__(self, settings: Settings, app: ChatApplication, nc: nats.NATS,
                  triton: triton_aio.InferenceServerClient) -> None:
         self.settings, self.app, self.nc, self.triton = settings, app, nc, triton
-        self.prompts = PromptBuilder()
+        self.prompts = PromptBuilder(settings.model_repository)
         self.generating: dict[str, asyncio.Event] = {}  # reply id -> set to stop it
         self.cancelled: dict[str, float] = {}  # stops heard for replies not (yet) here
         self.progress: dict[str, list[str]] = {}  # reply id -> the text parts written so far
@@ -227,6 +228,12 @@ class Worker:
         if job.status != "pending":
             return job, []
         max_tokens = int(job.params.get("max_tokens", 256))
+        if self.settings.max_reply_tokens and max_tokens > self.settings.max_reply_tokens:
+            max_tokens = self.settings.max_reply_tokens  # the operator's cap
+            params = {**job.params, "max_tokens": max_tokens}
+            if "min_tokens" in params:
+                params["min_tokens"] = min(int(params["min_tokens"]), max_tokens)
+            job = dataclasses.replace(job, params=params)
         return job, self.prompts.fit(job.model, trim_history(job.messages), max_tokens)
 
     async def generate(self, job: ReplyJob, messages: list[dict[str, str]], msg: Msg, received: float) -> Generation:

@@ -37,6 +37,14 @@ def model_dir(repository: Path, model: str) -> Path:
     return path if path.is_absolute() else root / version / path
 
 
+def context_parameter(repository: Path, model: str) -> int:
+    """The `max_seq_len` parameter of the model's config.pbtxt (the engine's context
+    window; 0 when it takes the checkpoint's own)."""
+    config = (repository / model.partition("/")[0] / "config.pbtxt").read_text()
+    match = re.search(r'key:\s*"max_seq_len".*?string_value:\s*"(\d+)"', config, re.S)
+    return int(match.group(1)) if match else 0
+
+
 class PromptBuilder:
     def __init__(self, repository: Path = MODEL_REPOSITORY) -> None:
         self.repository = repository
@@ -45,8 +53,9 @@ class PromptBuilder:
     def info(self, model: str) -> ModelInfo:
         if model not in self.models:
             path = model_dir(self.repository, model)
-            context = json.loads((path / "config.json").read_text())["max_position_embeddings"]
-            self.models[model] = ModelInfo(ChatTokenizer.from_pretrained(path), int(context))
+            context = int(json.loads((path / "config.json").read_text())["max_position_embeddings"])
+            window = context_parameter(self.repository, model)
+            self.models[model] = ModelInfo(ChatTokenizer.from_pretrained(path), min(context, window or context))
         return self.models[model]
 
     def count(self, model: str, messages: list[dict[str, str]]) -> int:

@@ -33,7 +33,7 @@ PARTITIONS = 4
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     settings = dataclasses.replace(
-        load_settings(tmp_path_factory.mktemp("cluster")), partitions=PARTITIONS, ack_wait_s=5.0,
+        load_settings(tmp_path_factory.mktemp("cluster")), partitions=PARTITIONS, ack_wait_s=5.0, max_reply_tokens=32,
     )
     logs = ARTIFACTS / "logs-cluster"
     shutil.rmtree(logs, ignore_errors=True)

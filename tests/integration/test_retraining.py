@@ -224,7 +224,7 @@ async def test_consented_chats_train_a_new_version_that_rolls_out_and_back_witho
     assert card["data"]["records"] == 4 and card["data"]["excluded"] == {"rated down": 1}
     assert card["data"]["train_records"] + card["data"]["heldout_records"] == 3
     assert all(isinstance(card["metrics"][k], float) for k in ("heldout_loss_before", "heldout_loss_after"))
-    assert (version_dir / "model.py").is_file() and (version_dir / "demo" / "model.safetensors").is_file()
+    assert (version_dir / "model.py").is_file() and (version_dir / "smollm2" / "model.safetensors").is_file()
     assert (version_dir / "MODEL_CARD.md").is_file()
     assert not (REPO_ROOT / "triton_models" / "chat" / "2").exists()  # the repository's own models untouched
 

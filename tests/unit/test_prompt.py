@@ -1,4 +1,5 @@
-"""The prompt builder fits conversations into the demo model's context window."""
+"""The prompt builder fits conversations into the served model's context window (the
+engine's `max_seq_len` of config.pbtxt, 2,048 tokens, not SmolLM2's own 8,192)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ def conversation(exchanges: int) -> list[dict[str, str]]:
 
 
 def test_the_builder_reads_the_newest_version_of_the_model() -> None:
-    assert model_dir(MODEL_REPOSITORY, "chat") == MODEL_REPOSITORY / "chat" / "1" / "demo"
-    assert PromptBuilder().info("chat").context == 512
+    assert model_dir(MODEL_REPOSITORY, "chat") == MODEL_REPOSITORY / "chat" / "1" / "smollm2"
+    assert PromptBuilder().info("chat").context == 2048
 
 
 def test_a_short_conversation_is_left_alone() -> None:
@@ -28,14 +29,14 @@ def test_a_short_conversation_is_left_alone() -> None:
 
 def test_a_long_conversation_loses_its_oldest_exchanges_until_it_fits() -> None:
     builder = PromptBuilder()
-    messages = conversation(60)
-    assert builder.count("chat", messages) > 512
+    messages = conversation(120)
+    assert builder.count("chat", messages) > 2048
     fitted = builder.fit("chat", messages, max_tokens=96)
-    assert builder.count("chat", fitted) <= 512 - 96
+    assert builder.count("chat", fitted) <= 2048 - 96
     assert fitted[0] == messages[0] and fitted[-1] == messages[-1]
     assert fitted[1]["role"] == "user"
     assert fitted[1:] == messages[-(len(fitted) - 1):]  # a suffix: the newest turns, in order
 
 
 def test_a_pinned_version_resolves_to_its_own_folder() -> None:
-    assert model_dir(MODEL_REPOSITORY, "chat/1") == MODEL_REPOSITORY / "chat" / "1" / "demo"
+    assert model_dir(MODEL_REPOSITORY, "chat/1") == MODEL_REPOSITORY / "chat" / "1" / "smollm2"

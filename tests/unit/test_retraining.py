@@ -258,7 +258,7 @@ def test_a_new_version_is_written_whole_beside_the_others_with_its_card(tmp_path
     import shutil
 
     shutil.copytree(REPO / "chat", tmp_path / "chat", ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
-    assert versions(tmp_path, "chat") == [1] and weights_folder(tmp_path, "chat") == "demo"
+    assert versions(tmp_path, "chat") == [1] and weights_folder(tmp_path, "chat") == "smollm2"
 
     def write(weights: Path, version: int) -> dict:
         assert (weights / "tokenizer.json").is_file()  # the base's tokenizer, copied
