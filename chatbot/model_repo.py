@@ -49,6 +49,17 @@ def versions(repository: Path, model: str) -> list[int]:
     return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit() and not p.name.startswith("0"))
 
 
+def served_models(repository: Path) -> set[str]:
+    """What a persona may name: each model of the repository, and each of its versions as
+    "name/N". Read from disk on every call (a persona edit is rare; a trained version
+    appears without a restart)."""
+    names: set[str] = set()
+    for model in models(repository):
+        names.add(model)
+        names.update(f"{model}/{v}" for v in versions(repository, model))
+    return names
+
+
 def weights_folder(repository: Path, model: str) -> str:
     """The `model_dir` parameter of the model's config (where each version keeps its weights)."""
     config = (model_root(repository, model) / "config.pbtxt").read_text()

@@ -12,7 +12,8 @@ import hmac
 import logging
 from datetime import datetime, timedelta
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from collections.abc import Collection
+from typing import Any, Callable, Protocol, TypeVar
 from uuid import UUID
 
 from argon2 import PasswordHasher
@@ -25,6 +26,7 @@ from domain.conversation import (
     Conversation,
     ConversationError,
     ConversationNotFound,
+    MessageTooLong,
     ReplyAlreadyFinished,
     bounded_runs,
     check_sampling,
@@ -75,6 +77,19 @@ IMPORT_BATCH_CHARS = 1_000_000  # text of the conversations an import saves in o
 PERSONA_FRESH_S = 0.5  # how stale a persona read for a send may be (an edit in another process)
 
 
+TEMPLATE_ALLOWANCE = 64  # tokens a chat template adds around two messages, at most
+
+
+class PromptWindow(Protocol):
+    """What the write side needs to know of a served model's context window."""
+
+    def window(self, model: str) -> int:
+        """The model's context window, in tokens."""
+
+    def count(self, model: str, messages: list[dict[str, str]]) -> int:
+        """The tokens of `messages` rendered with the model's chat template."""
+
+
 @dataclass(frozen=True)
 class PostedMessage:
     conversation_id: UUID
@@ -101,9 +116,17 @@ class ChatApplication(Application[UUID]):
     name = "chat"
     snapshotting_intervals = {Conversation: SNAPSHOT_INTERVAL}  # type: ignore[dict-item]
 
-    def __init__(self, env: dict[str, str] | None = None, *, max_message_chars: int = 8000) -> None:
+    def __init__(self, env: dict[str, str] | None = None, *, max_message_chars: int = 8000,
+                 served_models: Callable[[], Collection[str]] | None = None,
+                 prompt_window: PromptWindow | None = None) -> None:
         super().__init__(env)
         self.max_message_chars = max_message_chars
+        # Token counts of the served models (workers/prompt.py's PromptBuilder), so a message
+        # that could never fit the context window is refused when sent; None: not checked.
+        self.prompt_window = prompt_window
+        # The models a persona may name ("chat", or "chat/2" for a version): the model
+        # repository's, given by the composition root; None accepts any (in-memory tests).
+        self.served_models = served_models
         self.hasher = PasswordHasher()
         self._prompt_cache: dict[tuple[UUID, int], str] = {}
         self._name_cache: dict[UUID, str] = {}
@@ -257,9 +280,14 @@ class ChatApplication(Application[UUID]):
             try:
                 self.save(persona)
                 created.append(persona.id)
-            except IntegrityError:
-                pass  # already seeded, by this or another process
+            except IntegrityError:  # already seeded, by this or another process
+                self._retry_races(lambda: self._upgrade_builtin(persona.id, spec))
         return created
+
+    def _upgrade_builtin(self, persona_id: UUID, spec: dict[str, Any]) -> None:
+        persona = self.get_persona(persona_id)
+        persona.upgrade_builtin(spec)
+        self.save(persona)
 
     def get_persona(self, persona_id: UUID) -> Persona:
         return self._get(Persona, persona_id, PersonaNotFound)
@@ -291,6 +319,7 @@ class ChatApplication(Application[UUID]):
         unknown = set(fields) - set(EDITABLE) - {"slug"}
         if unknown:
             raise InvalidPersona(f"unknown fields: {', '.join(sorted(unknown))}")
+        self._check_model(fields)
         persona = Persona(owner_id=owner_id, **fields)
         try:
             self.save(persona)
@@ -300,6 +329,8 @@ class ChatApplication(Application[UUID]):
 
     def edit_persona(self, persona_id: UUID, user_id: UUID, changes: dict[str, Any]) -> int:
         """Apply an edit; returns the new version."""
+        self._check_model(changes)
+
         def attempt() -> int:
             persona = self.get_persona(persona_id)
             persona.edit(user_id, changes)
@@ -315,6 +346,15 @@ class ChatApplication(Application[UUID]):
             self.save(persona)
 
         self._retry_races(attempt)
+
+    def _check_model(self, fields: dict[str, Any]) -> None:
+        """A persona names a model the repository serves, never a path or a guess."""
+        if "model" not in fields or self.served_models is None:
+            return
+        served = self.served_models()
+        if fields["model"] not in served:
+            names = ", ".join(sorted(m for m in served if "/" not in m)) or "none"
+            raise InvalidPersona(f"model is one of the served models ({names}), optionally with a version: name/N")
 
     def persona_versions(self, persona_id: UUID, user_id: UUID | None) -> list[dict[str, Any]]:
         """Every version of the persona, oldest first, each as it stood then."""
@@ -380,9 +420,10 @@ class ChatApplication(Application[UUID]):
         def attempt() -> PostedMessage:
             conversation = self._owned(conversation_id, user_id)
             persona = self.read_persona(conversation.persona_id)
+            params = self._reply_params(conversation, persona, overrides)
+            self._check_fits(conversation, persona, text, params)
             message_id, reply_id, created = conversation.post_message(
-                client_message_id, text, persona.version, persona.model,
-                self._reply_params(conversation, persona, overrides), self.max_message_chars,
+                client_message_id, text, persona.version, persona.model, params, self.max_message_chars,
             )
             if created:
                 self.save(conversation)
@@ -398,9 +439,10 @@ class ChatApplication(Application[UUID]):
         def attempt() -> PostedMessage:
             conversation = self._owned(conversation_id, user_id)
             persona = self.read_persona(conversation.persona_id)
+            params = self._reply_params(conversation, persona, {})
+            self._check_fits(conversation, persona, text, params)
             new_id, reply_id, created = conversation.edit_message(
-                message_id, client_message_id, text, persona.version, persona.model,
-                self._reply_params(conversation, persona, {}), self.max_message_chars,
+                message_id, client_message_id, text, persona.version, persona.model, params, self.max_message_chars,
             )
             if created:
                 self.save(conversation)
@@ -552,6 +594,30 @@ class ChatApplication(Application[UUID]):
             self.save(conversation)
 
         self._retry_races(attempt)
+
+    def _check_fits(self, conversation: Conversation, persona: Persona, text: str, params: dict[str, Any]) -> None:
+        """Refuse a message that, with the system prompt and the reply's token budget, can
+        never fit the model's context window: the worker drops older turns to fit, but not
+        the newest message. Byte-level tokenizers make at most one token per UTF-8 byte, so
+        a message whose bytes clearly fit is not tokenized at all."""
+        if self.prompt_window is None:
+            return
+        system = render_system_prompt(persona.system_prompt, {"user_name": self._user_name(conversation.owner_id)})
+        if conversation.instructions:
+            system = f"{system}\n\n{conversation.instructions}"
+        text = text.strip()
+        window = self.prompt_window.window(persona.model)
+        budget = window - int(params["max_tokens"])
+        if len(system.encode()) + len(text.encode()) + TEMPLATE_ALLOWANCE <= budget:
+            return
+        used = self.prompt_window.count(persona.model, [{"role": "system", "content": system},
+                                                        {"role": "user", "content": text}])
+        if used > budget:
+            raise MessageTooLong(
+                f"this message is too long for the model: with the persona's instructions it takes {used:,} "
+                f"tokens, and at most {max(budget, 0):,} leave room for the reply ({params['max_tokens']} "
+                f"tokens in a context of {window:,}); shorten it or split it over several messages"
+            )
 
     @staticmethod
     def _reply_params(conversation: Conversation, persona: Persona, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -133,6 +133,16 @@ class Persona(Aggregate):
         if changes:
             self._edit(changes)
 
+    def upgrade_builtin(self, spec: dict[str, Any]) -> None:
+        """A built-in persona (no owner) still holding an earlier default of a field takes
+        today's default, as a new version; a value anyone chose is left alone."""
+        if self.owner_id is not None:
+            raise NotPersonaOwner("only built-in personas are upgraded")
+        previous = PREVIOUS_BUILTIN.get(self.slug, {})
+        changes = {k: spec[k] for k, old in previous.items() if getattr(self, k) in old and getattr(self, k) != spec[k]}
+        if changes:
+            self._edit(changes)
+
     def retire(self, user_id: UUID) -> None:
         self.check_owner(user_id)
         if not self.retired:
@@ -166,12 +176,21 @@ class Persona(Aggregate):
         }
 
 
+# Earlier defaults of the built-in personas: a built-in persona still holding one of these
+# (never edited since) is moved to today's default when personas are seeded.
+PREVIOUS_BUILTIN: dict[str, dict[str, list[object]]] = {
+    "assistant": {"system_prompt": ["You are a helpful, friendly assistant."]},
+}
+
 BUILTIN_PERSONAS: list[dict[str, object]] = [
     {
         "slug": "assistant",
         "name": "Assistant",
         "description": "A helpful, friendly assistant.",
-        "system_prompt": "You are a helpful, friendly assistant.",
+        # Chosen on SmolLM2-135M-Instruct: with "You are a helpful, friendly assistant." it
+        # answered "What is the capital of France?" in broken French (greedy); with this it
+        # answers that, "What is 2 + 2?" and one-word instructions correctly.
+        "system_prompt": "You are a friendly AI assistant. Give short, correct answers.",
         "greeting": "Hi! How can I help you today?",
         "avatar": "🙂",
         "starters": ["How are you today?", "What do you like to do on weekends?"],

@@ -47,7 +47,7 @@ from chatbot.messaging import (
 )
 from domain.application import ChatApplication, ReplyJob
 from chatbot.llm.errors import INVALID_REQUEST
-from workers.prompt import PromptBuilder
+from workers.prompt import PromptBuilder, UnknownModel
 from workers.rollout import serving_model
 from workers.runtime import setup_logging, stop_on_signals
 
@@ -214,6 +214,8 @@ class Worker:
             await msg.ack()
         except GenerationError as e:
             await self.give_up_or_retry(msg, conversation_id, reply_id, str(e), retry=not e.permanent)
+        except UnknownModel as e:  # the persona names no served model: trying again cannot help
+            await self.give_up_or_retry(msg, conversation_id, reply_id, str(e), retry=False)
         except Exception as e:  # noqa: BLE001 - a worker must survive any one request
             log.exception("reply %s failed", reply_id)
             await self.give_up_or_retry(msg, conversation_id, reply_id, f"internal error: {type(e).__name__}")

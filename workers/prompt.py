@@ -15,6 +15,7 @@ from pathlib import Path
 
 from chatbot.launcher import MODEL_REPOSITORY
 from chatbot.llm.tokenizer import ChatTokenizer
+from chatbot.model_repo import models
 
 
 @dataclass
@@ -23,10 +24,17 @@ class ModelInfo:
     context: int
 
 
+class UnknownModel(ValueError):
+    """A model name that is not one of the repository's (a persona written before names
+    were checked): never turned into a path."""
+
+
 def model_dir(repository: Path, model: str) -> Path:
     """The HF-layout weights of `model` ("name", the newest version, or "name/version"),
     found through the `model_dir` parameter of its config.pbtxt."""
     name, _, pinned = model.partition("/")
+    if name not in models(repository) or (pinned and not (pinned.isdigit() and (repository / name / pinned).is_dir())):
+        raise UnknownModel(f"no model {model!r} in the model repository")
     root = repository / name
     config = (root / "config.pbtxt").read_text()
     match = re.search(r'key:\s*"model_dir".*?string_value:\s*"([^"]+)"', config, re.S)
@@ -57,6 +65,9 @@ class PromptBuilder:
             window = context_parameter(self.repository, model)
             self.models[model] = ModelInfo(ChatTokenizer.from_pretrained(path), min(context, window or context))
         return self.models[model]
+
+    def window(self, model: str) -> int:
+        return self.info(model).context
 
     def count(self, model: str, messages: list[dict[str, str]]) -> int:
         info = self.info(model)

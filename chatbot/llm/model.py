@@ -6,8 +6,37 @@ Design notes
   grouped-query attention, SwiGLU MLP, optional tied lm_head. Parameter names match the
   HF state dict exactly, so `model.safetensors` files of real Llama checkpoints load
   with a plain `load_state_dict` (rotary tables are non-persistent buffers).
-- Optional config keys that real checkpoints use are honoured: `head_dim`,
-  `attention_bias`, `mlp_bias` and `rope_scaling` of type "llama3" (Llama 3.1/3.2).
+- One module serves three transformers families, because they are this math with
+  different flags and the same tensor names: `llama`, `mistral` (Llama without
+  biases, plus a sliding window) and `qwen2` (biases on q/k/v_proj but not on o_proj:
+  the `qkv_bias` flag, derived from model_type, never read from the config). Optional
+  keys real checkpoints use are honoured: `head_dim`, `attention_bias`, `mlp_bias`,
+  `tie_word_embeddings` either way, `rope_theta`, and `rope_scaling` of type "llama3"
+  (Llama 3.1/3.2) or "linear" (positions divided by `factor`), in the old top-level
+  spelling or transformers 5's `rope_parameters`.
+- Refuse, never approximate: `LlamaConfig.from_dict` and `from_pretrained` raise
+  `UnsupportedCheckpoint` (a ValueError, not an assert, so `python -O` keeps it) for any
+  checkpoint transformers would compute differently: another model_type or a head other
+  than the causal LM, an activation other than SiLU, rope scaling we do not implement
+  ("dynamic", "yarn", "longrope", ...: they depend on the sequence length or rescale the
+  attention), keys of other families that change the math (`_NEUTRAL_VALUES`: logit
+  soft-capping, query_pre_attn_scalar, partial rotary, q/k norms, ...), and weights that
+  do not match the config tensor for tensor (missing, unexpected, wrong shape).
+- Sliding-window attention is not implemented. A window only changes anything when a
+  query can be farther than `sliding_window` tokens from a key; transformers masks keys
+  at distance >= window, and positions never exceed max_position_embeddings - 1, so a
+  checkpoint whose window is null (or, for Qwen2, switched off by use_sliding_window /
+  layer_types) or >= max_position_embeddings is served exactly. Anything else is
+  refused rather than clamped: the served context is max_position_embeddings in
+  config.json, which other components read on their own (the worker's prompt budget),
+  so silently shrinking it here would make them disagree; the error says how to serve
+  such a checkpoint with the window as its context (edit config.json). Llama has no
+  window in transformers, so a `sliding_window` key there is ignored like transformers
+  ignores it.
+- Weights: the shards named by `model.safetensors.index.json`, else `model.safetensors`,
+  else every `*.safetensors` (never Mistral's `consolidated.safetensors` next to HF
+  shards). Keys a config.json omits take transformers' defaults (`_HF_DEFAULTS`: untied
+  head, eps 1e-6, theta 10000), not the training defaults of the dataclass.
 - The KV cache is a pool of slots owned by the caller (the engine): one preallocated
   tensor [layers, 2, slots, max_len, n_kv_heads, head_dim]. A forward call names, per
   batch row, the slot it reads and writes and the absolute position of every token.
@@ -35,6 +64,104 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chatbot.llm.checkpoint import UnsupportedCheckpoint
+
+__all__ = ["KVCache", "LlamaConfig", "LlamaForCausalLM", "SUPPORTED_ARCHITECTURES", "UnsupportedCheckpoint"]
+
+
+# Families served, by `model_type`, with the `architectures` entries each may name. All three
+# are the Llama math with the same tensor names; they differ only in the config flags below.
+SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
+    "llama": ("LlamaForCausalLM",),
+    "mistral": ("MistralForCausalLM",),
+    "qwen2": ("Qwen2ForCausalLM",),
+}
+# Keys that other families put in a config to change the math, and the values at which
+# they change nothing. Any other value is refused: we would compute something else.
+_NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
+    "attn_logit_softcapping": (None,),  # gemma 2: tanh-capped attention scores
+    "final_logit_softcapping": (None,),  # gemma 2: tanh-capped logits
+    "query_pre_attn_scalar": (None,),  # gemma 2/3: scores scaled by another 1/sqrt(d)
+    "attention_multiplier": (None,),  # granite: replaces 1/sqrt(head_dim)
+    "partial_rotary_factor": (None, 1.0),  # phi / stablelm: rotary on part of head_dim only
+    "rotary_pct": (None, 1.0),  # gpt-neox spelling of the same
+    "qk_norm": (None, False),  # olmo2 / qwen3: RMSNorm on queries and keys
+    "use_qk_norm": (None, False),
+    "qk_layernorm": (None, False),
+    "embedding_multiplier": (None, 1.0),  # granite: scaled embeddings, residuals, logits
+    "residual_multiplier": (None, 1.0),
+    "logits_scaling": (None, 1.0),
+    "logit_scale": (None, 1.0),  # cohere
+    "scale_embedding": (None, False),
+    "clip_qkv": (None,),  # olmo / dbrx: clamped projections
+    "use_parallel_residual": (None, False),  # attention and MLP side by side
+    "parallel_attn": (None, False),
+    "attention_chunk_size": (None,),  # llama 4: chunked local attention
+    "num_local_experts": (None, 0, 1),  # mixture-of-experts MLPs
+    "num_experts": (None, 0, 1),
+}
+# Hugging Face's own defaults (the same for the three families) where a config.json omits
+# the key: our dataclass defaults are for training from scratch, not for reading configs.
+_HF_DEFAULTS: dict[str, Any] = {"tie_word_embeddings": False, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
+_REQUIRED_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "max_position_embeddings",
+)
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _family(d: dict[str, Any]) -> str:
+    """The config's `model_type`, once it and `architectures` are both ones we serve."""
+    model_type = d.get("model_type")
+    archs = d.get("architectures") or []
+    if not isinstance(archs, list):
+        raise UnsupportedCheckpoint(f"config.json: architectures must be a list, got {archs!r}")
+    supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+    if model_type is None:
+        # no model_type: name the family by its (single) architecture
+        found = [f for f, names in SUPPORTED_ARCHITECTURES.items() if archs and all(a in names for a in archs)]
+        if not found:
+            raise UnsupportedCheckpoint(
+                f"config.json has no model_type and architectures {archs!r} name no supported family "
+                f"(supported model_type: {supported})"
+            )
+        return found[0]
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedCheckpoint(
+            f"model_type {model_type!r} is not implemented (supported: {supported}); "
+            f"its architecture {', '.join(archs) or '(not named)'} differs from the Llama decoder"
+        )
+    wrong = [a for a in archs if a not in SUPPORTED_ARCHITECTURES[model_type]]
+    if wrong:
+        raise UnsupportedCheckpoint(
+            f"architectures {wrong!r} are not implemented for model_type {model_type!r} "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES[model_type])}: a causal LM head)"
+        )
+    return model_type
+
+
+def _sliding_window_in_use(family: str, d: dict[str, Any]) -> int | None:
+    """The attention window some layer of this checkpoint uses, as transformers reads the
+    config; None where every layer attends to the whole sequence."""
+    window = d.get("sliding_window")
+    if window is None or family == "llama":  # LlamaAttention has no window, whatever the key says
+        return None
+    if family == "qwen2":
+        # Qwen2Config: the window exists only with use_sliding_window, and then only on the
+        # layers `layer_types` marks (default: layer index >= max_window_layers)
+        if not d.get("use_sliding_window", False):
+            return None
+        layer_types = d.get("layer_types")
+        if layer_types is not None:
+            unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+            if unknown:
+                raise UnsupportedCheckpoint(f"layer_types {unknown} are not implemented")
+            used = "sliding_attention" in layer_types
+        else:
+            used = d.get("max_window_layers", 28) < d["num_hidden_layers"]
+        return int(window) if used else None
+    return int(window)  # mistral: every layer
+
 
 @dataclass
 class LlamaConfig:
@@ -51,19 +178,28 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
-    attention_bias: bool = False
+    attention_bias: bool = False  # Llama: a bias on q/k/v/o_proj
     mlp_bias: bool = False
+    qkv_bias: bool = False  # Qwen2: a bias on q/k/v_proj only (not o_proj); set by model_type
     rope_scaling: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept for saving
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
-            assert self.hidden_size % self.num_attention_heads == 0, "hidden_size must divide into heads"
+            if self.hidden_size % self.num_attention_heads != 0:
+                raise UnsupportedCheckpoint(
+                    f"hidden_size ({self.hidden_size}) does not divide into {self.num_attention_heads} heads "
+                    "and the config has no head_dim"
+                )
             self.head_dim = self.hidden_size // self.num_attention_heads
-        assert self.num_attention_heads % self.num_key_value_heads == 0, (
-            f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-            f"num_key_value_heads ({self.num_key_value_heads})"
-        )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise UnsupportedCheckpoint(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2 != 0:
+            raise UnsupportedCheckpoint(f"rotary embeddings need an even head_dim, got {self.head_dim}")
+        _rope_type(self.rope_scaling)  # refuse scaling we do not implement now, not at first use
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -73,20 +209,50 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
-        act = d.get("hidden_act", "silu")
-        assert act == "silu", f"only SwiGLU (hidden_act silu) is implemented, the config says {act!r}"
-        known = {f.name for f in fields(cls)} - {"extra"}
+        """Read a Hugging Face `config.json` dict; `UnsupportedCheckpoint` for anything the
+        model here would compute differently from transformers."""
         d = dict(d)
+        family = _family(d)
+        act = d.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):  # the same function in transformers' ACT2FN
+            raise UnsupportedCheckpoint(f"only SwiGLU (hidden_act silu) is implemented, the config says {act!r}")
+        absent = [k for k in _REQUIRED_KEYS if k not in d]
+        if absent:
+            raise UnsupportedCheckpoint(f"config.json lacks {', '.join(absent)}")
         rope = d.pop("rope_parameters", None)
         if isinstance(rope, dict):
+            if "rope_type" not in rope and "rope_theta" not in rope:
+                # gemma 3 style: one rope_parameters dict per layer type
+                raise UnsupportedCheckpoint(f"per-layer-type rope_parameters ({', '.join(rope)}) are not implemented")
             # transformers 5 writes RoPE settings as rope_parameters {rope_theta, rope_type, ...}
             # instead of the top-level rope_theta / rope_scaling keys of earlier checkpoints.
             d.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+            if "partial_rotary_factor" in rope:
+                d.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
             if rope.get("rope_type", "default") != "default":
                 d.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+        changed = [f"{k}={d[k]!r}" for k, neutral in _NEUTRAL_VALUES.items() if k in d and d[k] not in neutral]
+        if changed:
+            raise UnsupportedCheckpoint(f"config keys that change the math are not implemented: {', '.join(changed)}")
+        window = _sliding_window_in_use(family, d)
+        context = int(d["max_position_embeddings"])
+        if window is not None and window < context:
+            raise UnsupportedCheckpoint(
+                f"sliding-window attention (sliding_window {window} < max_position_embeddings {context}) is not "
+                f"implemented; to serve this checkpoint with a {window}-token context, where full attention "
+                f"computes the same thing, set max_position_embeddings to {window} in its config.json"
+            )
+        d.pop("qkv_bias", None)  # ours to derive from the family, never read
+        if family == "qwen2":  # Qwen2Attention: bias=True on q/k/v, False on o; no MLP bias
+            d.update(qkv_bias=True, attention_bias=False, mlp_bias=False)
+        elif family == "mistral":  # MistralAttention / MistralMLP: no biases at all
+            d.update(attention_bias=False, mlp_bias=False)
+        for k, v in _HF_DEFAULTS.items():
+            d.setdefault(k, v)
+        known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in known}
         extra = {k: v for k, v in d.items() if k not in known}
-        if "num_key_value_heads" not in d:  # old configs: plain multi-head attention
+        if kwargs.get("num_key_value_heads") is None:  # old configs: plain multi-head attention
             kwargs["num_key_value_heads"] = d["num_attention_heads"]
         return cls(**kwargs, extra=extra)
 
@@ -97,11 +263,76 @@ class LlamaConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         extra = d.pop("extra")
+        qkv_bias = d.pop("qkv_bias")  # implied by model_type, not a transformers key
         d = {**extra, **d}
-        d.setdefault("architectures", ["LlamaForCausalLM"])
-        d.setdefault("model_type", "llama")
+        qwen2 = qkv_bias and not self.attention_bias
+        model_type = d.setdefault("model_type", "qwen2" if qwen2 else "llama")
+        if (model_type == "qwen2") != qwen2 or (qwen2 and self.mlp_bias):
+            raise ValueError(
+                "biases on q/k/v_proj only (qkv_bias), and no MLP bias, is what model_type qwen2 means: "
+                f"model_type {model_type!r} with qkv_bias={qkv_bias}, attention_bias={self.attention_bias}, "
+                f"mlp_bias={self.mlp_bias} has no transformers equivalent"
+            )
+        d.setdefault("architectures", list(SUPPORTED_ARCHITECTURES.get(model_type, ("LlamaForCausalLM",))[:1]))
         d.setdefault("hidden_act", "silu")
         return d
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files that hold the model: those of the shard index when there is
+    one (Mistral repositories also ship `consolidated.safetensors`, the same weights under
+    other names, which must not be read), else `model.safetensors`, else every file."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise UnsupportedCheckpoint(f"{index.name} names shards that are not in {model_dir}: {', '.join(absent)}")
+        return files
+    if (model_dir / "model.safetensors").is_file():
+        return [model_dir / "model.safetensors"]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        other = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt*")]
+        raise UnsupportedCheckpoint(
+            f"no *.safetensors weights in {model_dir}"
+            + (f" (found {', '.join(sorted(other))}: only safetensors are read)" if other else "")
+        )
+    return files
+
+
+def _check_tensors(
+    model_dir: Path,
+    config: LlamaConfig,
+    expected: dict[str, tuple[int, ...]],
+    found: dict[str, tuple[int, ...]],
+) -> None:
+    """Refuse weights that do not match the config tensor for tensor: a missing one would
+    stay uninitialised, an unexpected one means the checkpoint computes something else."""
+
+    def listing(names: list[str]) -> str:
+        return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k} {found[k]} (expected {expected[k]})" for k in sorted(set(expected) & set(found))
+             if found[k] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {listing(unexpected)}")
+    if wrong:
+        problems.append(f"tensors of the wrong shape: {listing(wrong)}")
+    if problems:
+        family = config.extra.get("model_type", "llama")
+        raise UnsupportedCheckpoint(
+            f"the weights in {model_dir} do not fit its config.json (model_type {family!r}, "
+            f"{config.num_hidden_layers} layers, attention_bias={config.attention_bias}, "
+            f"qkv_bias={config.qkv_bias}, mlp_bias={config.mlp_bias}, "
+            f"tie_word_embeddings={config.tie_word_embeddings}): " + "; ".join(problems)
+        )
 
 
 class KVCache:
@@ -146,13 +377,31 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
 
+def _rope_type(scaling: dict[str, Any] | None) -> str:
+    """The rope_scaling type, once it is one we implement with the parameters it needs."""
+    scaling = scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type")) or "default"
+    if kind not in ROPE_TYPES:
+        raise UnsupportedCheckpoint(
+            f"rope_scaling type {kind!r} is not implemented (implemented: {', '.join(ROPE_TYPES)})"
+        )
+    needs = {"linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings")}.get(kind, ())
+    absent = [k for k in needs if scaling.get(k) is None]
+    if absent:
+        raise UnsupportedCheckpoint(f"rope_scaling type {kind!r} lacks {', '.join(absent)}")
+    return kind
+
+
 def _rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
     assert config.head_dim is not None
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     scaling = config.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "llama3":
+    kind = _rope_type(scaling)
+    if kind == "linear":
+        # position interpolation: every frequency divided by `factor` (positions / factor)
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
         # Llama 3.1 frequency-dependent scaling: low frequencies are divided by `factor`,
         # high frequencies kept, and the band between interpolated smoothly.
         factor = scaling["factor"]
@@ -163,8 +412,6 @@ def _rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
         scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
         mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
         inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
-    elif kind not in (None, "default"):
-        raise NotImplementedError(f"rope_scaling type {kind!r} is not supported")
     return inv_freq.float()
 
 
@@ -180,11 +427,12 @@ class Attention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = config.head_dim
-        h, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=bias)
+        h = config.hidden_size
+        qkv_bias = config.attention_bias or config.qkv_bias  # Qwen2: q/k/v only
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.attention_bias)
 
     def forward(
         self,
@@ -299,27 +547,34 @@ class LlamaForCausalLM(nn.Module):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> LlamaForCausalLM:
-        """Load `config.json` and every `*.safetensors` shard of a HF-layout directory."""
+        """Load `config.json` and the safetensors weights of a HF-layout directory.
+
+        Raises `UnsupportedCheckpoint` for a config we would compute differently from
+        transformers and for weights that do not fit it exactly: a tensor missing, one
+        we have no place for, or one of the wrong shape.
+        """
         from safetensors.torch import load_file
 
         model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise UnsupportedCheckpoint(f"no config.json in {model_dir}")
         config = LlamaConfig.from_json(model_dir / "config.json")
-        shards = sorted(model_dir.glob("*.safetensors"))
-        assert shards, f"no *.safetensors files in {model_dir}"
         with torch.device("meta"):
             model = cls(config)
         state: dict[str, torch.Tensor] = {}
-        for shard in shards:
+        for shard in _weight_files(model_dir):
             state.update(load_file(str(shard), device="cpu"))
+        # rotary tables some old checkpoints saved; ours are recomputed from the config
+        state = {k: v for k, v in state.items() if "rotary_emb" not in k}
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         if config.tie_word_embeddings:
-            # tied checkpoints usually omit lm_head; if present it equals the embedding
+            # tied checkpoints usually omit lm_head; if present, transformers ignores it too
             state.pop("lm_head.weight", None)
+            expected.pop("lm_head.weight")
+        _check_tensors(model_dir, config, expected, {k: tuple(v.shape) for k, v in state.items()})
         state = {k: v.to(dtype) for k, v in state.items()}
         # assign=True adopts the loaded tensors instead of copying into meta tensors
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-        unexpected = [k for k in unexpected if "rotary_emb" not in k]
-        assert not missing and not unexpected, f"checkpoint mismatch: missing={missing} unexpected={unexpected}"
+        model.load_state_dict(state, strict=False, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.inv_freq = _rope_inv_freq(config)  # the meta buffer has no data

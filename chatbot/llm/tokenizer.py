@@ -3,8 +3,16 @@ incremental detokenizer that only ever emits whole characters.
 
 Design notes
 - Files are the Hugging Face layout: `tokenizer.json` (the `tokenizers` model) and
-  `tokenizer_config.json` (`chat_template`, `bos_token`, `eos_token`). Special tokens may
-  be plain strings or HF `AddedToken` dicts ({"content": ...}).
+  `tokenizer_config.json` (`bos_token`, `eos_token`). Special tokens may be plain
+  strings or HF `AddedToken` dicts ({"content": ...}).
+- The chat template comes from `chat_template.jinja` when the folder has one
+  (transformers 5 writes it there and no longer into tokenizer_config.json), else from
+  tokenizer_config.json's `chat_template`: a string, or a list of {name, template}
+  dicts of which we take "default", as transformers does when no name is asked for. A
+  folder with no template is refused (`UnsupportedCheckpoint`) instead of given
+  ChatML: a base model or another model's template would be served a prompt format it
+  was never trained on. `ChatTokenizer(...)` built in code still defaults to ChatML,
+  the template of the demo model it trains.
 - The chat template is rendered like `transformers` does it: an immutable *sandboxed*
   Jinja environment (templates come with downloaded models and are untrusted code),
   `trim_blocks`/`lstrip_blocks`, a `raise_exception` helper and a `tojson` filter. The
@@ -30,7 +38,10 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-# ChatML, the template of the demo model (written into its tokenizer_config.json).
+from chatbot.llm.checkpoint import UnsupportedCheckpoint
+
+# ChatML, the template of the demo model (written into its tokenizer_config.json) and the
+# default of a tokenizer built in code; never a fallback for a folder that has none.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -58,6 +69,31 @@ def make_template_env() -> ImmutableSandboxedEnvironment:
     return env
 
 
+def read_chat_template(model_dir: Path, tokenizer_config: dict[str, Any]) -> str:
+    """The folder's default chat template: `chat_template.jinja`, else tokenizer_config's
+    `chat_template`; `UnsupportedCheckpoint` when there is none."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        text = jinja.read_text(encoding="utf-8")
+        if text.strip():
+            return text
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            raise UnsupportedCheckpoint(
+                f"{model_dir}: tokenizer_config.json has chat templates {sorted(map(str, named))} "
+                "but none named 'default'"
+            )
+        template = named["default"]
+    if not isinstance(template, str) or not template.strip():
+        raise UnsupportedCheckpoint(
+            f"{model_dir} has no chat template (neither chat_template.jinja nor a chat_template in "
+            "tokenizer_config.json): it is probably a base model, not a chat model"
+        )
+    return template
+
+
 class ChatTokenizer:
     def __init__(
         self,
@@ -81,13 +117,9 @@ class ChatTokenizer:
         tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         cfg_path = model_dir / "tokenizer_config.json"
         cfg: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-        template = cfg.get("chat_template") or CHATML_TEMPLATE
-        if isinstance(template, list):  # newer HF configs: [{"name": "default", "template": ...}, ...]
-            named = {t["name"]: t["template"] for t in template}
-            template = named.get("default", next(iter(named.values())))
         return cls(
             tokenizer,
-            chat_template=template,
+            chat_template=read_chat_template(model_dir, cfg),
             bos_token=_token_content(cfg.get("bos_token")),
             eos_token=_token_content(cfg.get("eos_token")),
         )

@@ -92,7 +92,7 @@ from workers.projector import DURABLE as PROJECTOR_DURABLE  # noqa: E402
 
 LOGS = Path(__file__).resolve().parents[1] / "artifacts" / "logs-chaos"
 QUICK_TOKENS = 8  # most replies: quick, so many messages go through
-LONG_TOKENS = 120  # the long talkers' replies: faults land while they are written
+LONG_TOKENS = 48  # the long talkers' replies (SmolLM2 writes ~10 tokens/s each here): faults land while they are written
 STUCK_S = 90.0  # a reply not finished this long after its message was sent is stuck
 SILENCE_S = 20.0  # nothing heard this long while waiting for a reply: ask with `resume`
 PROBE_S = 0.8  # how long a frozen worker stays frozen while its replies are probed

@@ -188,18 +188,24 @@ async def test_health_and_readiness_report_every_dependency(api_url: str) -> Non
         assert 'action="/login"' in page.text
 
 
-async def test_a_message_too_long_for_the_model_fails_at_once_with_a_clear_error(client: ChatClient) -> None:
+async def test_a_message_too_long_for_the_model_is_refused_when_sent_and_nothing_is_recorded(
+    client: ChatClient,
+) -> None:
     conversation_id = await client.start_conversation()
-    words = " ".join(f"word{i}" for i in range(850))  # under the 8000-character limit, over 512 tokens
-    assert len(words) < 8000
+    digits = " ".join(f"{i:07d}" for i in range(900))  # under the 8000-character limit; a token per digit
+    assert len(digits) < 8000
     async with client.ws() as ws:
-        await send(ws, conversation_id, words)
-        assert (await recv(ws))["type"] == "accepted"
-        # permanent errors are not retried (retries would take over 30 s)
+        await send(ws, conversation_id, digits)
         error = await recv(ws, timeout=15)
-        final = await recv(ws, timeout=15)
-    assert error["type"] == "error" and error["code"] == "reply_failed"
-    assert "context window" in error["message"]
-    assert final["type"] == "reply" and final["finish_reason"] == "error"
-    messages = await client.messages_when(conversation_id, lambda ms: len(ms) == 2 and ms[1]["status"] == "failed")
-    assert messages[1]["status"] == "failed"
+        assert error["type"] == "error" and error["code"] == "rejected"
+        assert "too long for the model" in error["message"] and "context of 2,048" in error["message"]
+        await send(ws, conversation_id, "A short one instead.")  # the conversation goes on
+        assert (await recv(ws))["type"] == "accepted"
+    messages = await client.messages_when(conversation_id, lambda ms: len(ms) == 2)
+    assert messages[0]["text"] == "A short one instead.", "the refused message was not recorded"
+
+    key = (await client.http.post("/api/keys", json={"name": "long"}, headers=client.headers)).json()["key"]
+    r = await client.http.post("/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, json={
+        "model": "assistant", "messages": [{"role": "user", "content": digits}],
+    })
+    assert r.status_code == 400 and "too long for the model" in r.json()["error"]["message"], r.text

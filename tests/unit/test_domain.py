@@ -143,3 +143,70 @@ def test_a_persona_edit_is_a_new_version_and_old_versions_stay_readable(app: Cha
         app.edit_persona(persona_id, user, {"slug": "renamed"})
     with pytest.raises(NotPersonaOwner):
         app.edit_persona(persona_id_for("pirate"), user, {"name": "Landlubber"})
+
+
+def test_a_persona_can_only_name_a_model_the_repository_serves() -> None:
+    from domain.persona import InvalidPersona
+
+    app = ChatApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"},
+                          served_models=lambda: {"chat", "chat/1", "chat/2"})
+    owner = app.register_user("model@example.com", "correct horse")
+    fields = {"slug": "mine", "name": "Mine", "system_prompt": "Be kind."}
+    for bad in ("../../etc/passwd", "chat/3", "Chat", "/chat", ""):
+        with pytest.raises(InvalidPersona, match="served models \\(chat\\)"):
+            app.create_persona(owner, {**fields, "model": bad})
+    persona_id = app.create_persona(owner, {**fields, "model": "chat/2"})
+    with pytest.raises(InvalidPersona, match="served models"):
+        app.edit_persona(persona_id, owner, {"model": "demo"})
+    assert app.edit_persona(persona_id, owner, {"model": "chat"}) == 2
+
+
+class ByteWindow:
+    """A fake model whose tokens are UTF-8 bytes, in a 200-token window."""
+
+    def __init__(self) -> None:
+        self.counted = 0
+
+    def window(self, model: str) -> int:
+        return 200
+
+    def count(self, model: str, messages: list[dict[str, str]]) -> int:
+        self.counted += 1
+        return sum(len(m["content"].encode()) + 4 for m in messages)
+
+
+def test_a_message_that_cannot_fit_the_context_window_is_refused_when_sent_and_nothing_is_recorded() -> None:
+    from domain.conversation import MessageTooLong
+
+    window = ByteWindow()
+    app = ChatApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"}, prompt_window=window)
+    app.seed_personas()
+    owner = app.register_user("window@example.com", "correct horse")
+    cid = app.start_conversation(owner)
+    app.post_message(cid, owner, "m1", "Hi!", sampling={"max_tokens": 20})
+    assert window.counted == 0, "a message that clearly fits is not tokenized"
+    before = len(list(app.repository.event_store.get(cid)))
+    with pytest.raises(MessageTooLong, match="too long for the model.*context of 200"):
+        app.post_message(cid, owner, "m2", "é" * 80, sampling={"max_tokens": 20})
+    assert len(list(app.repository.event_store.get(cid))) == before, "nothing recorded"
+    assert window.counted == 1
+
+
+def test_seeding_moves_a_built_in_persona_off_an_earlier_default_but_keeps_what_was_chosen(
+    app: ChatApplication,
+) -> None:
+    from domain.ids import persona_id_for
+    from domain.persona import BUILTIN_PERSONAS
+
+    assistant = app.get_persona(persona_id_for("assistant"))
+    assistant._edit({"system_prompt": "You are a helpful, friendly assistant."})  # as seeded before
+    app.save(assistant)
+    app.seed_personas()
+    upgraded = app.get_persona(persona_id_for("assistant"))
+    assert upgraded.system_prompt == BUILTIN_PERSONAS[0]["system_prompt"]
+    assert upgraded.version == assistant.version + 1, "the change is a new version"
+
+    upgraded._edit({"system_prompt": "An operator's own prompt."})
+    app.save(upgraded)
+    app.seed_personas()
+    assert app.get_persona(persona_id_for("assistant")).system_prompt == "An operator's own prompt."

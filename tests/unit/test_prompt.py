@@ -3,6 +3,8 @@ engine's `max_seq_len` of config.pbtxt, 2,048 tokens, not SmolLM2's own 8,192)."
 
 from __future__ import annotations
 
+import pytest
+
 from workers.prompt import PromptBuilder, model_dir
 from chatbot.launcher import MODEL_REPOSITORY
 
@@ -40,3 +42,11 @@ def test_a_long_conversation_loses_its_oldest_exchanges_until_it_fits() -> None:
 
 def test_a_pinned_version_resolves_to_its_own_folder() -> None:
     assert model_dir(MODEL_REPOSITORY, "chat/1") == MODEL_REPOSITORY / "chat" / "1" / "smollm2"
+
+
+def test_a_model_name_that_is_not_in_the_repository_never_becomes_a_path() -> None:
+    from workers.prompt import UnknownModel
+
+    for bad in ("../../etc/passwd", "chat/../../etc", "chat/99", "nosuch", "chat/x"):
+        with pytest.raises(UnknownModel, match="no model"):
+            model_dir(MODEL_REPOSITORY, bad)
