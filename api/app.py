@@ -50,14 +50,27 @@ ERROR_STATUS: list[tuple[type[Exception], int, str]] = [
     (ConversationError, 400, "rejected"),
     (WriteTimeout, 503, "busy"),  # nothing was saved: the client may try again
     (EventTooLarge, 413, "too_large"),
+    # malformed bodies that reach a decoder: msgspec answers very deep nesting with a
+    # RecursionError, and a body may not be UTF-8 at all
+    (RecursionError, 400, "invalid_json"),
+    (UnicodeDecodeError, 400, "invalid_json"),
 ]
+# what the client is told for errors whose own text means nothing to it
+FIXED_DETAIL: dict[type[Exception], str] = {
+    RecursionError: "the JSON nests too deeply",
+    UnicodeDecodeError: "the body is not valid UTF-8 text",
+}
+
+
+def detail_of(exc: Exception) -> str:
+    return next((text for cls, text in FIXED_DETAIL.items() if isinstance(exc, cls)), str(exc))
 
 
 def domain_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, str]]:
     for cls, status, code in ERROR_STATUS:
         if isinstance(exc, cls):
             headers = {"Retry-After": "5"} if status == 503 else None
-            return Response({"code": code, "detail": str(exc)}, status_code=status, headers=headers)
+            return Response({"code": code, "detail": detail_of(exc)}, status_code=status, headers=headers)
     return Response({"code": "error", "detail": "internal error"}, status_code=500)
 
 
@@ -88,6 +101,7 @@ def create_app() -> Litestar:
         exception_handlers={
             UserError: domain_error, ConversationError: domain_error, PersonaError: domain_error,
             WriteTimeout: domain_error, EventTooLarge: domain_error,
+            RecursionError: domain_error, UnicodeDecodeError: domain_error,
         },
         lifespan=[lifespan],
     )

@@ -132,6 +132,11 @@ class ChatSession:
         size = len(raw.encode() if isinstance(raw, str) else raw)
         if size > limit:
             return self.error("frame_too_large", f"frames are at most {limit} bytes, this one has {size}")
+        if isinstance(raw, bytes):  # a binary frame: it still has to be JSON text
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return self.error("malformed", f"a frame is UTF-8 JSON text; this one is not valid UTF-8 (byte {e.start})")
         try:
             frame = frame_decoder.decode(raw)
         except RecursionError:  # deep nesting where the "type" tag is looked for

@@ -265,7 +265,7 @@ def openai_error_body(status: int, code: str, message: str) -> dict[str, Any]:
 def openai_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     """Domain errors get their status from `api.app.ERROR_STATUS` (the one mapping), then
     OpenAI's error shape; HTTP errors keep theirs."""
-    from api.app import ERROR_STATUS  # late: api.app imports this module
+    from api.app import ERROR_STATUS, detail_of  # late: api.app imports this module
 
     status, code, message, headers = 500, "internal_error", "internal error", None
     if isinstance(exc, HTTPException):
@@ -276,7 +276,7 @@ def openai_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str
     else:
         for cls, mapped_status, mapped_code in ERROR_STATUS:
             if isinstance(exc, cls):
-                status, code, message = mapped_status, OPENAI_CODES.get(mapped_code, mapped_code), str(exc)
+                status, code, message = mapped_status, OPENAI_CODES.get(mapped_code, mapped_code), detail_of(exc)
                 break
         else:
             log.error("unexpected error", exc_info=exc)

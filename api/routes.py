@@ -137,6 +137,8 @@ class ConversationController(Controller):
         """The user's conversations, newest first, `limit` at a time: pass the last one's
         `updated_at` as `before` for the next page. `q` searches titles and message text."""
         user_id = require_user(request, services.settings.secret_key)
+        if "\x00" in q:  # PostgreSQL text cannot hold NUL, and no stored text has one
+            raise ValidationException("the search text cannot contain NUL (U+0000) characters")
         rows = await services.call(services.readmodels.conversations, user_id, limit, before, q.strip(), archived)
         return [schemas.Conversation(**r) for r in rows]
 

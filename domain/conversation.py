@@ -151,7 +151,19 @@ def check_title(title: str) -> str:
         raise InvalidTitle(f"a title has at most {MAX_TITLE} characters")
     if "\x00" in title:
         raise InvalidTitle("a title cannot contain NUL (U+0000) characters")
+    if not is_unicode(title):
+        raise InvalidTitle("a title is Unicode text: it cannot hold a lone surrogate (such as \\ud800)")
     return title
+
+
+def is_unicode(text: str) -> bool:
+    """Whether `text` can be stored: JSON can spell a lone UTF-16 surrogate (\\ud800), which
+    no UTF-8 text (the event store's, PostgreSQL's) can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_sampling(
@@ -487,6 +499,8 @@ class Conversation(Aggregate):
             raise MessageTooLong(f"a message has at most {max_chars} characters, this one has {len(text)}")
         if "\x00" in text:
             raise InvalidCharacters("a message cannot contain NUL (U+0000) characters")
+        if not is_unicode(text):
+            raise InvalidCharacters("a message is Unicode text: it cannot hold a lone surrogate (such as \\ud800)")
 
     def check_no_pending_reply(self) -> None:
         if any(r["status"] == "pending" for r in self.replies.values()):

@@ -62,6 +62,14 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS rm_usage (
         user_id uuid NOT NULL, day date NOT NULL, tokens bigint NOT NULL DEFAULT 0,
         replies int NOT NULL DEFAULT 0, PRIMARY KEY (user_id, day))""",
+    # whose each conversation is, kept when the conversation is deleted or expires, so a
+    # reply that finishes after that still counts against its owner's quota (only ids;
+    # erasing the user removes the rows)
+    """CREATE TABLE IF NOT EXISTS rm_owners (
+        conversation_id uuid PRIMARY KEY, user_id uuid NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS rm_owners_user ON rm_owners (user_id)",
+    # conversations projected before rm_owners existed
+    "INSERT INTO rm_owners SELECT id, owner_id FROM rm_conversations ON CONFLICT DO NOTHING",
 ]
 PERSONA_COLUMNS = ("name", "description", "greeting", "model", "avatar", "visibility", "retired")
 
@@ -69,7 +77,7 @@ APPLICATION = "chat"  # the notification log the projections follow
 
 
 LIVE_PREFIX = "rm_"
-TABLES = ("personas", "conversations", "messages", "usage", "shares")
+TABLES = ("personas", "conversations", "messages", "usage", "shares", "owners")
 
 
 class ReadModelRecorder(PostgresTrackingRecorder):
@@ -161,6 +169,7 @@ class ReadModelRecorder(PostgresTrackingRecorder):
                 " VALUES (%(id)s, %(owner_id)s, %(persona_id)s, %(title)s, %(at)s, %(at)s)",
                 row,
             )
+            self._exec(curs, "INSERT INTO rm_owners (conversation_id, user_id) VALUES (%(id)s, %(owner_id)s)", row)
 
     def add_message(self, tracking: Tracking, row: dict[str, Any]) -> None:
         """A new message of the tree; it becomes the conversation's current leaf."""
@@ -244,8 +253,8 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             self._insert_tracking(curs, tracking)
             self._exec(
                 curs, "INSERT INTO rm_usage (user_id, day, tokens, replies)"
-                " SELECT owner_id, (%(at)s::timestamptz AT TIME ZONE 'UTC')::date, %(tokens)s, 1"
-                " FROM rm_conversations WHERE id = %(conversation_id)s"
+                " SELECT user_id, (%(at)s::timestamptz AT TIME ZONE 'UTC')::date, %(tokens)s, 1"
+                " FROM rm_owners WHERE conversation_id = %(conversation_id)s"
                 " ON CONFLICT (user_id, day) DO UPDATE SET tokens = rm_usage.tokens + EXCLUDED.tokens,"
                 " replies = rm_usage.replies + 1",
                 {"at": row["at"], "tokens": row.get("tokens", 0), "conversation_id": row["conversation_id"]},

@@ -409,6 +409,8 @@ class ConversationPages(Controller):
             data = json.loads(await upload.read())
         except (ValueError, UnicodeDecodeError) as e:
             raise FormError(f"that file is not JSON: {e}") from None
+        except RecursionError:
+            raise FormError("that file is not a ChatGPT export: its JSON nests too deeply") from None
         result = await services.call(services.app.import_conversations, user_id, data)
         for conversation_id in result["conversation_ids"]:
             await queries.settle(services, conversation_id)

@@ -59,7 +59,9 @@ def _plain(row: Any) -> dict[str, Any]:
 async def conversations(
     services: Services, user_id: UUID, q: str = "", archived: bool = False, limit: int = 100
 ) -> list[dict[str, Any]]:
-    """The user's conversations, newest first; `q` searches titles and message text."""
+    """The user's conversations, newest first; `q` searches titles and message text (a
+    NUL in it is dropped: no stored text holds one, and PostgreSQL text cannot)."""
+    q = q.replace("\x00", "")
     rows = await services.call(services.readmodels.conversations, user_id, limit, None, q, archived)
     return [_plain(r) for r in rows]
 

@@ -66,3 +66,33 @@ async def test_a_user_over_the_message_rate_is_told_when_to_retry(client: ChatCl
     assert 0 < frame["retry_after"] <= 61 and "a minute" in frame["message"]
     conversation: Conversation = chat_app.repository.get(UUID(conversation_id))
     assert [m["text"] for m in conversation.messages if m["role"] == "user"] == [f"message {i}" for i in range(6)]
+
+
+async def test_a_reply_still_counts_against_the_quota_when_its_conversation_is_deleted_meanwhile(
+    client: ChatClient, chat_app, stack
+) -> None:
+    from projections.readmodels import read_model_recorder
+
+    readmodels = read_model_recorder(stack.settings.eventsourcing_env())
+    try:
+        user = UUID(client.user_id)
+        before = readmodels.tokens_today(user)
+        conversation_id = await client.start_conversation()
+        async with client.ws() as ws:
+            await send(ws, conversation_id, "Tell me about the sea.")
+            accepted = await recv(ws)
+            assert accepted["type"] == "accepted"
+            r = await client.http.delete(f"/api/conversations/{conversation_id}", headers=client.headers)
+            assert r.status_code == 204, r.text
+        reply_id = UUID(accepted["reply_id"])
+        for _ in range(600):  # the reply goes on and is recorded, then projected
+            used = readmodels.tokens_today(user)
+            if used > before:
+                break
+            await asyncio.sleep(0.1)
+        conversation: Conversation = chat_app.repository.get(UUID(conversation_id))
+        reply = conversation.reply(reply_id)
+        assert reply["status"] == "complete"
+        assert used - before == reply["prompt_tokens"] + reply["completion_tokens"] > 0
+    finally:
+        readmodels.datastore.close()

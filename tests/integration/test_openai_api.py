@@ -199,10 +199,10 @@ async def test_malformed_requests_are_refused_with_400_in_openais_shape(ai: open
 
 
 async def test_a_prompt_too_long_for_the_model_is_a_400_not_a_hang(ai: openai.AsyncOpenAI) -> None:
-    words = " ".join(f"word{i}" for i in range(850))  # under the character limit, over 512 tokens
+    words = " ".join(f"word{i}" for i in range(850))  # under the character limit, over 2,048 tokens
     with pytest.raises(openai.BadRequestError) as refused:
         await ai.chat.completions.create(model="pirate", messages=[{"role": "user", "content": words}])
-    assert "context window" in refused.value.message
+    assert "too long for the model" in refused.value.message and "context of 2,048" in refused.value.message
 
 
 async def test_completions_share_the_users_message_rate_limit_and_get_429(ai: openai.AsyncOpenAI) -> None:

@@ -13,6 +13,7 @@ import pytest
 from chatbot.dataset import ExportError, ExportFilter, ExportReport, export_records, parse_when, read_records, scrub
 from chatbot.model_repo import CARD_JSON, config_with_versions, create_version, read_card, versions, weights_folder
 from domain.application import ChatApplication
+from domain.persona import BUILTIN_PERSONAS
 from domain.model_rollout import InvalidRollout, NothingToRollBack, RolloutInProgress, RolloutNotFound
 from domain.user import User
 from workers.rollout import BUCKETS, RolloutFollower, bucket_of, pick_version
@@ -56,7 +57,7 @@ def test_the_export_keeps_the_consent_in_force_when_each_message_was_written(app
     # the old conversation's second reply would carry the unconsented first turn: left out whole
     assert [r["id"] for r in records] == [str(in_fresh)]
     assert records[0]["messages"] == [
-        {"role": "system", "content": "You are a helpful, friendly assistant."},
+        {"role": "system", "content": BUILTIN_PERSONAS[0]["system_prompt"]},
         {"role": "user", "content": "a new conversation"},
         {"role": "assistant", "content": "a fresh reply"},
     ]

@@ -1,0 +1,75 @@
+"""Malformed input found by an outside probe (issue 14, D9): each class gets a 4xx or an
+error frame with a clear message, never a 500 or a dropped socket."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import httpx
+import pytest
+from websockets.sync.client import connect
+
+from tests.integration.test_fuzz import Account, new_account
+
+pytestmark = pytest.mark.integration
+
+DEEP = "[" * 1000 + "]" * 1000
+
+
+@pytest.fixture(scope="module")
+def account(api_url: str) -> Account:
+    return new_account(api_url)
+
+
+def answers(r: httpx.Response) -> str:
+    assert 400 <= r.status_code < 500, f"{r.request.method} {r.request.url.path}: {r.status_code} {r.text[:300]}"
+    return r.text
+
+
+@pytest.mark.parametrize("path", ["/api/conversations", "/api/keys", "/api/import", "/api/auth/login",
+                                  "/api/auth/register", "/v1/chat/completions"])
+def test_json_nested_a_thousand_levels_deep_is_refused(api_url: str, account: Account, path: str) -> None:
+    headers = {**account.headers, "content-type": "application/json"}
+    if path.startswith("/v1"):
+        headers["Authorization"] = f"Bearer {account.api_key}"
+        body = json.dumps({"model": "assistant", "messages": [{"role": "user", "content": "hi"}], "user": "x"})
+        body = body[:-1] + ', "metadata": ' + DEEP + "}"  # deep inside a field the API ignores
+    else:
+        body = DEEP
+    with httpx.Client(base_url=api_url, timeout=30) as http:
+        text = answers(http.post(path, content=body.encode(), headers=headers))
+    assert "nest" in text.lower() or "deep" in text.lower() or "json" in text.lower(), text
+
+
+@pytest.mark.parametrize("path", ["/api/conversations", "/api/auth/login", "/api/import"])
+def test_invalid_utf8_in_a_json_body_is_refused(api_url: str, account: Account, path: str) -> None:
+    with httpx.Client(base_url=api_url, timeout=30) as http:
+        r = http.post(path, content=b'{"title": "\xff\xfe"}', headers={**account.headers, "content-type": "application/json"})
+    assert "utf-8" in answers(r).lower() or "json" in r.text.lower()
+
+
+def test_a_nul_in_a_search_is_refused_clearly(api_url: str, account: Account) -> None:
+    with httpx.Client(base_url=api_url, timeout=30) as http:
+        text = answers(http.get("/api/conversations", params={"q": "a\x00b"}, headers=account.headers))
+        assert "nul" in text.lower() or "character" in text.lower()
+        r = http.get("/c", params={"q": "\x00"}, headers=account.headers)
+        assert r.status_code < 500, r.text[:300]
+
+
+def test_a_page_import_of_deep_or_broken_json_is_refused_with_a_message(api_url: str, account: Account) -> None:
+    for content in (DEEP.encode(), b'[{"title": "\\ud800", "mapping": {}}]'):
+        with httpx.Client(base_url=api_url, timeout=30) as http:
+            r = http.post("/api/import", content=content, headers={**account.headers, "content-type": "application/json"})
+        assert r.status_code < 500, r.text[:300]
+
+
+def test_a_binary_frame_of_invalid_utf8_gets_an_error_frame_and_the_socket_stays(api_url: str, account: Account) -> None:
+    url = api_url.replace("http://", "ws://") + "/api/ws"
+    with connect(url, additional_headers=account.headers, open_timeout=10) as ws:
+        ws.send(b"\xff\xfe{")
+        frame = json.loads(ws.recv(timeout=10))
+        assert frame["type"] == "error" and "utf-8" in frame["message"].lower(), frame
+        ws.send(json.dumps({"type": "send", "conversation_id": account.conversation_id,
+                            "client_message_id": str(uuid.uuid4()), "text": "still here"}))
+        assert json.loads(ws.recv(timeout=30))["type"] == "accepted"
