@@ -13,6 +13,7 @@ from litestar.exceptions import HTTPException
 
 from api.account import AccountController
 from api.chat_socket import chat_socket
+from api.csrf import cross_site_guard
 from api.openai_compat import ApiKeyController, OpenAIController
 from api.routes import (
     AuthController,
@@ -98,6 +99,7 @@ def create_app() -> Litestar:
         ],
         template_config=template_config,
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
+        middleware=[cross_site_guard(settings.allowed_origins)],  # api/csrf.py
         exception_handlers={
             UserError: domain_error, ConversationError: domain_error, PersonaError: domain_error,
             WriteTimeout: domain_error, EventTooLarge: domain_error,

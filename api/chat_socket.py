@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any, Callable
-from urllib.parse import urlsplit
 from uuid import UUID, uuid4
 
 import msgspec
@@ -45,11 +44,11 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from api.auth import user_of
+from api.csrf import same_origin
 from api.limits import Limited
 from api.routes import owner_of
 from api.schemas import CLIENT_FRAME_TYPES, ClientFrame, EditFrame, RegenerateFrame, ResumeFrame, SendFrame, StopFrame
 from api.services import Services
-from chatbot.postgres import WriteTimeout
 from chatbot.messaging import (
     ReplyDone,
     ReplyError,
@@ -61,6 +60,7 @@ from chatbot.messaging import (
     token_subject,
     unseen_text,
 )
+from chatbot.postgres import WriteTimeout
 from domain.application import PostedMessage
 from domain.conversation import ConversationError, ConversationNotFound, InvalidSampling, MessageNotFound
 
@@ -505,10 +505,7 @@ def origin_allowed(socket: WebSocket[Any, Any, Any], allowed: tuple[str, ...]) -
     """A browser sends its page's Origin: refuse pages of other sites, which would ride on
     the user's session cookie. Clients that send no Origin (API clients) use tokens."""
     origin = socket.headers.get("origin")
-    if origin is None:
-        return True
-    host = socket.headers.get("host", "")
-    return urlsplit(origin).netloc == host or origin in allowed
+    return origin is None or same_origin(origin, socket.headers.get("host", ""), allowed)
 
 
 @websocket("/api/ws")

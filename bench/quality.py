@@ -124,10 +124,13 @@ async def run_cases(url: str) -> list[tuple[str, list[tuple[str, str]], bool]]:
             cid = await client.start_conversation(str(persona_id_for(slug)))
             exchange = []
             async with client.ws() as ws:
-                for text in turns:
+                for i, text in enumerate(turns):
                     await send(ws, cid, text)
                     _, _, reply = await collect_reply(ws, timeout=300)
                     exchange.append((text, reply["text"]))
+                    if i + 1 < len(turns):  # the next turn waits for this reply to be recorded
+                        await client.messages_when(cid, lambda ms: len(ms) == 2 * (i + 1) and all(
+                            m["status"] != "pending" for m in ms), timeout=60)
             results.append((category, exchange, passes(exchange[-1][1], expected)))
     finally:
         await client.close()

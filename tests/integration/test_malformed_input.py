@@ -73,3 +73,38 @@ def test_a_binary_frame_of_invalid_utf8_gets_an_error_frame_and_the_socket_stays
         ws.send(json.dumps({"type": "send", "conversation_id": account.conversation_id,
                             "client_message_id": str(uuid.uuid4()), "text": "still here"}))
         assert json.loads(ws.recv(timeout=30))["type"] == "accepted"
+
+
+# -- D2: cross-site requests ---------------------------------------------------------------------
+
+
+def test_a_cookie_session_acts_only_from_this_site_and_only_with_json(api_url: str) -> None:
+    email, password = f"csrf-{uuid.uuid4().hex[:12]}@example.com", "correct horse battery"
+    evil = {"origin": "https://evil.example"}
+    with httpx.Client(base_url=api_url, timeout=30) as http:
+        assert http.post("/api/auth/register", json={"email": email, "password": password}).status_code == 201
+        # log-in CSRF: another site cannot log the visitor in, even with right credentials
+        r = http.post("/api/auth/login", json={"email": email, "password": password}, headers=evil)
+        assert r.status_code == 403 and r.json()["code"] == "foreign_origin"
+        r = http.post("/api/auth/login", content=json.dumps({"email": email, "password": password}),
+                      headers={"content-type": "text/plain"})
+        assert r.status_code == 415
+        r = http.post("/api/auth/login", json={"email": email, "password": password})
+        assert r.status_code == 200 and "session" in http.cookies  # from here on the cookie speaks
+
+        own = {"origin": api_url}
+        simple = json.dumps({"name": "x"}).encode()
+        for path in ("/api/keys", "/api/conversations", "/api/import"):
+            r = http.post(path, content=simple, headers={**evil, "content-type": "text/plain"})
+            assert r.status_code == 403, (path, r.status_code, r.text)
+            r = http.post(path, content=simple, headers={**own, "content-type": "text/plain"})
+            assert r.status_code == 415, (path, r.status_code, r.text)
+        r = http.put("/api/me/consent", content=b'{"training": true}', headers={**evil, "content-type": "text/plain"})
+        assert r.status_code == 403
+        assert http.post("/api/auth/logout", headers=evil).status_code == 403
+        r = http.post("/api/conversations", json={}, headers=own)
+        assert r.status_code == 201, r.text  # the site's own page, JSON: fine
+        token = http.post("/api/auth/login", json={"email": email, "password": password}).json()["token"]
+    with httpx.Client(base_url=api_url, timeout=30) as bare:  # a bearer token: no page can attach one
+        r = bare.post("/api/conversations", json={}, headers={**evil, "authorization": f"Bearer {token}"})
+        assert r.status_code == 201, r.text
