@@ -14,6 +14,7 @@ from litestar.exceptions import HTTPException
 from api.account import AccountController
 from api.chat_socket import chat_socket
 from api.csrf import cross_site_guard
+from api.throttle import TooManyAttempts
 from api.openai_compat import ApiKeyController, OpenAIController
 from api.routes import (
     AuthController,
@@ -28,6 +29,7 @@ from api.training import ConsentController
 from chatbot.config import load_settings
 from chatbot.eventstore import EventTooLarge
 from chatbot.postgres import WriteTimeout
+from domain.application import PasswordCheckBusy
 from domain.conversation import ConversationError, ConversationNotFound, MessageNotFound, ShareNotFound, ReplyNotFound, ReplyStillPending
 from domain.persona import InvalidPersona, NotPersonaOwner, PersonaError, PersonaNotFound, SlugTaken
 from domain.user import ApiKeyNotFound, EmailAlreadyRegistered, InvalidCredentials, UserError
@@ -50,6 +52,8 @@ ERROR_STATUS: list[tuple[type[Exception], int, str]] = [
     (ReplyStillPending, 409, "reply_pending"),
     (ConversationError, 400, "rejected"),
     (WriteTimeout, 503, "busy"),  # nothing was saved: the client may try again
+    (PasswordCheckBusy, 503, "busy"),
+    (TooManyAttempts, 429, "rate_limited"),
     (EventTooLarge, 413, "too_large"),
     # malformed bodies that reach a decoder: msgspec answers very deep nesting with a
     # RecursionError, and a body may not be UTF-8 at all
@@ -70,7 +74,7 @@ def detail_of(exc: Exception) -> str:
 def domain_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, str]]:
     for cls, status, code in ERROR_STATUS:
         if isinstance(exc, cls):
-            headers = {"Retry-After": "5"} if status == 503 else None
+            headers = {"Retry-After": str(getattr(exc, "retry_after", 5))} if status in (429, 503) else None
             return Response({"code": code, "detail": detail_of(exc)}, status_code=status, headers=headers)
     return Response({"code": "error", "detail": "internal error"}, status_code=500)
 
@@ -102,7 +106,8 @@ def create_app() -> Litestar:
         middleware=[cross_site_guard(settings.allowed_origins)],  # api/csrf.py
         exception_handlers={
             UserError: domain_error, ConversationError: domain_error, PersonaError: domain_error,
-            WriteTimeout: domain_error, EventTooLarge: domain_error,
+            WriteTimeout: domain_error, EventTooLarge: domain_error, PasswordCheckBusy: domain_error,
+            TooManyAttempts: domain_error,
             RecursionError: domain_error, UnicodeDecodeError: domain_error,
         },
         lifespan=[lifespan],

@@ -15,26 +15,59 @@ from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CON
 
 from api import schemas
 from api.auth import COOKIE, issue_token, require_user, user_of
+from api.limits import Limited
 from api.services import Services
+from api.throttle import TooManyAttempts
 from domain.application import DEFAULT_PERSONA
 from domain.conversation import ConversationNotFound
 from domain.ids import persona_id_for
+from domain.user import InvalidCredentials
 from domain.transfer import to_markdown
 
 MAX_IMPORT_BYTES = 64 * 1024 * 1024  # a ChatGPT export of a heavy user
+
+
+def client_address(request: Request[Any, Any, Any], settings: Any) -> str:
+    """The client's address: the peer's, or, from a trusted reverse proxy, the last hop it
+    added to X-Forwarded-For (earlier hops are the client's to write, so not believed)."""
+    peer = request.client.host if request.client else ""
+    if peer in settings.trusted_proxies:
+        hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]
+        return hops[-1] if hops else peer
+    return peer
+
+
+def refuse_if(limited: Limited | None) -> None:
+    if limited is not None:
+        raise TooManyAttempts(limited.message, retry_after=limited.retry_after)
+
+
+def checked_log_in(services: Services, address: str, email: str, password: str) -> UUID:
+    """A log-in, throttled per client address and per account (api/throttle.py)."""
+    refuse_if(services.throttle.attempt(address))
+    refuse_if(services.throttle.account_locked(email))
+    try:
+        return services.app.authenticate(email, password)
+    except InvalidCredentials:
+        services.throttle.failed(email)
+        raise
 
 
 class AuthController(Controller):
     path = "/api/auth"
 
     @post("/register", status_code=HTTP_201_CREATED)
-    async def register_user(self, data: schemas.Credentials, services: Services) -> schemas.Registered:
+    async def register_user(self, request: Request[Any, Any, Any], data: schemas.Credentials,
+                            services: Services) -> schemas.Registered:
+        refuse_if(await services.call(services.throttle.attempt, client_address(request, services.settings)))
         user_id = await services.call(services.app.register_user, data.email, data.password)
         return schemas.Registered(user_id=user_id)
 
     @post("/login", status_code=HTTP_200_OK)
-    async def log_in(self, data: schemas.Credentials, services: Services) -> Response[schemas.LoggedIn]:
-        user_id = await services.call(services.app.authenticate, data.email, data.password)
+    async def log_in(self, request: Request[Any, Any, Any], data: schemas.Credentials,
+                     services: Services) -> Response[schemas.LoggedIn]:
+        user_id = await services.call(checked_log_in, services, client_address(request, services.settings),
+                                      data.email, data.password)
         s = services.settings
         token = issue_token(s.secret_key, user_id, s.token_ttl_s)
         cookie = Cookie(key=COOKIE, value=token, httponly=True, samesite="lax", secure=s.cookie_secure,

@@ -25,6 +25,7 @@ import nats
 from tritonclient.grpc import aio as triton_aio
 
 from api.limits import RateLimiter
+from api.throttle import AuthThrottle
 from chatbot.bootstrap import chat_application
 from chatbot.config import Settings
 from domain.application import ChatApplication
@@ -95,6 +96,7 @@ class Services:
     nc: nats.NATS
     triton: triton_aio.InferenceServerClient
     limits: RateLimiter
+    throttle: AuthThrottle
     executor: CallPool = field(default_factory=lambda: CallPool(THREADS, "db"), repr=False)
     quiet_replies: Any = field(default=None, repr=False)  # api.chat_socket.QuietReplies, made on first use
 
@@ -104,7 +106,9 @@ class Services:
         readmodels = await anyio.to_thread.run_sync(read_model_recorder, settings.eventsourcing_env())
         nc = await nats.connect(settings.nats_servers, max_reconnect_attempts=-1)
         limits = RateLimiter(readmodels, settings.messages_per_minute, settings.tokens_per_day)
-        return cls(settings, app, readmodels, nc, triton_aio.InferenceServerClient(settings.triton_url), limits)
+        throttle = AuthThrottle(readmodels, settings.auth_attempts_per_address, settings.login_failures_per_account)
+        return cls(settings, app, readmodels, nc, triton_aio.InferenceServerClient(settings.triton_url), limits,
+                   throttle)
 
     async def close(self) -> None:
         if self.quiet_replies is not None and self.quiet_replies.task is not None:

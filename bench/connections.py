@@ -93,7 +93,8 @@ def main() -> None:
     assert hard >= need, f"this needs {need} open files (ulimit -Hn is {hard})"
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))  # the API inherits it
     with tempfile.TemporaryDirectory() as tmp:
-        settings = dataclasses.replace(load_settings(Path(tmp)), messages_per_minute=10**6)
+        settings = dataclasses.replace(load_settings(Path(tmp)), messages_per_minute=10**6,
+                                       auth_attempts_per_address=0)  # every simulated user logs in from here
         stack = Stack(settings, Ports.random(), workers=1, apis=1, log_dir=Path(tmp) / "logs")
         stack.start()
         try:

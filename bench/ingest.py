@@ -199,7 +199,8 @@ def main() -> None:
         parser.error("--paced is 'half' or rates in messages/s, comma-separated")
     with tempfile.TemporaryDirectory(prefix="chatbench") as tmp:
         settings = load_settings(Path(tmp))
-        settings = dataclasses.replace(settings, messages_per_minute=1_000_000, tokens_per_day=0)
+        settings = dataclasses.replace(settings, messages_per_minute=1_000_000, tokens_per_day=0,
+                                       auth_attempts_per_address=0)  # every simulated user logs in from here
         stack = Stack(settings, Ports.random(), workers=0, worker_groups=0, apis=args.api, log_dir=Path(tmp) / "logs")
         print(f"starting the stack (no workers, {args.api} API process{'es' if args.api > 1 else ''})…", flush=True)
         stack.start()

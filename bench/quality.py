@@ -183,7 +183,7 @@ def evaluate(model: str) -> None:
         weights = repository / "chat" / "1" / ("smollm2" if model == "smollm2" else "demo")
         per_token, per_char, n = heldout(weights)
         settings = dataclasses.replace(
-            load_settings(Path(tmp)), messages_per_minute=1_000_000, tokens_per_day=0,
+            load_settings(Path(tmp)), messages_per_minute=1_000_000, tokens_per_day=0, auth_attempts_per_address=0,
             model_repository=repository, max_reply_tokens=MAX_TOKENS,
         )
         stack = Stack(settings, Ports.random(), log_dir=Path(tmp) / "logs")

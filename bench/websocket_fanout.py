@@ -187,7 +187,8 @@ def main() -> None:
     if args.sockets + 1000 > limit:
         print(f"note: the file-descriptor limit is {limit}; {args.sockets} sockets may not all open")
     with tempfile.TemporaryDirectory(prefix="chatbench") as tmp:
-        settings = dataclasses.replace(load_settings(Path(tmp)), tokens_per_day=0)
+        settings = dataclasses.replace(load_settings(Path(tmp)), tokens_per_day=0,
+                                       auth_attempts_per_address=0)  # every simulated user logs in from here
         stack = Stack(settings, Ports.random(), workers=0, worker_groups=0, log_dir=Path(tmp) / "logs")
         print("starting the stack (no workers)…", flush=True)
         stack.start()

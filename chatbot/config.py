@@ -56,6 +56,11 @@ class Settings:
     max_frame_bytes: int = 64 * 1024
     cookie_secure: bool = False
     allowed_origins: tuple[str, ...] = ()  # other page origins that may open the websocket
+    # Log-in and registration throttling (api/throttle.py), per 15 minutes; 0: no limit.
+    auth_attempts_per_address: int = 60
+    login_failures_per_account: int = 10
+    # Addresses of reverse proxies whose X-Forwarded-For names the client (deploy/nginx.conf)
+    trusted_proxies: tuple[str, ...] = ()
     messages_per_minute: int = 30
     tokens_per_day: int = 200_000
     # The most tokens any reply may have, whatever its persona or request asks (0: no cap
@@ -133,6 +138,9 @@ class Settings:
             "CHATBOT_COOKIE_SECURE": "1" if self.cookie_secure else "0",
             "CHATBOT_MESSAGES_PER_MINUTE": str(self.messages_per_minute),
             "CHATBOT_ALLOWED_ORIGINS": ",".join(self.allowed_origins),
+            "CHATBOT_AUTH_ATTEMPTS_PER_ADDRESS": str(self.auth_attempts_per_address),
+            "CHATBOT_LOGIN_FAILURES_PER_ACCOUNT": str(self.login_failures_per_account),
+            "CHATBOT_TRUSTED_PROXIES": ",".join(self.trusted_proxies),
             "CHATBOT_TOKENS_PER_DAY": str(self.tokens_per_day),
             "CHATBOT_MAX_REPLY_TOKENS": str(self.max_reply_tokens),
             "CHATBOT_CHAIN_KEY": self.chain_key,
@@ -233,6 +241,9 @@ def load_settings(data_dir: Path | None = None) -> Settings:
         cookie_secure=_env("COOKIE_SECURE", "0") == "1",
         messages_per_minute=int(_env("MESSAGES_PER_MINUTE", "30")),
         allowed_origins=tuple(o for o in _env("ALLOWED_ORIGINS", "").split(",") if o),
+        auth_attempts_per_address=int(_env("AUTH_ATTEMPTS_PER_ADDRESS", "60")),
+        login_failures_per_account=int(_env("LOGIN_FAILURES_PER_ACCOUNT", "10")),
+        trusted_proxies=tuple(p.strip() for p in _env("TRUSTED_PROXIES", "").split(",") if p.strip()),
         tokens_per_day=int(_env("TOKENS_PER_DAY", "200000")),
         max_reply_tokens=int(_env("MAX_REPLY_TOKENS", "0")),
         chain_key=chain_key,

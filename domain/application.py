@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
+import secrets
+import threading
 from datetime import datetime, timedelta
 from dataclasses import dataclass, field
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from typing import Any, Callable, Protocol, TypeVar
 from uuid import UUID
 
@@ -77,6 +81,13 @@ IMPORT_BATCH_CHARS = 1_000_000  # text of the conversations an import saves in o
 PERSONA_FRESH_S = 0.5  # how stale a persona read for a send may be (an edit in another process)
 
 
+HASH_WAIT_S = 10.0  # the longest a log-in waits for an argon2 slot
+
+
+class PasswordCheckBusy(TimeoutError):
+    """Every argon2 slot stayed taken for HASH_WAIT_S: the log-in was not checked."""
+
+
 TEMPLATE_ALLOWANCE = 64  # tokens a chat template adds around two messages, at most
 
 
@@ -128,6 +139,8 @@ class ChatApplication(Application[UUID]):
         # repository's, given by the composition root; None accepts any (in-memory tests).
         self.served_models = served_models
         self.hasher = PasswordHasher()
+        self._decoy_hash = self.hasher.hash(secrets.token_hex(16))  # checked for unknown addresses
+        self._hash_slots = threading.BoundedSemaphore(max(1, (os.cpu_count() or 2) // 2))
         self._prompt_cache: dict[tuple[UUID, int], str] = {}
         self._name_cache: dict[UUID, str] = {}
 
@@ -167,10 +180,23 @@ class ChatApplication(Application[UUID]):
 
     # -- users ----------------------------------------------------------------------------
 
+    @contextmanager
+    def _hashing(self) -> Iterator[None]:
+        """One of the few slots for argon2 (each hash or check takes ~50-100 ms of a core and
+        64 MiB): a flood of log-ins queues here instead of starving every other request."""
+        if not self._hash_slots.acquire(timeout=HASH_WAIT_S):
+            raise PasswordCheckBusy("too many log-ins at once; try again in a few seconds")
+        try:
+            yield
+        finally:
+            self._hash_slots.release()
+
     def register_user(self, email: str, password: str) -> UUID:
         email = check_email(email)
-        check_password(password)
-        user = User(email=email, password_hash=self.hasher.hash(password))
+        check_password(password, email)
+        with self._hashing():
+            password_hash = self.hasher.hash(password)
+        user = User(email=email, password_hash=password_hash)
         try:
             self.save(user)
         except (IntegrityError, AccountErased):  # an erased account keeps its address
@@ -178,15 +204,23 @@ class ChatApplication(Application[UUID]):
         return user.id
 
     def authenticate(self, email: str, password: str) -> UUID:
-        try:
-            user: User = self.repository.get(user_id_for(email))
-            if getattr(user, "erased", False):  # read through a key still cached here
-                raise AccountErased(str(user.id))
-            self.hasher.verify(user.password_hash, password)
-        except (AggregateNotFoundError, VerificationError, InvalidHashError, AccountErased):
-            raise InvalidCredentials("wrong e-mail address or password") from None
+        """The user these credentials name. An unknown address costs the same argon2 check
+        as a known one, and gets the same answer, so neither timing nor words tell them apart."""
+        with self._hashing():
+            try:
+                try:
+                    user: User = self.repository.get(user_id_for(email))
+                except AggregateNotFoundError:
+                    self.hasher.verify(self._decoy_hash, password)  # as long as a real check
+                    raise
+                if getattr(user, "erased", False):  # read through a key still cached here
+                    raise AccountErased(str(user.id))
+                self.hasher.verify(user.password_hash, password)
+            except (AggregateNotFoundError, VerificationError, InvalidHashError, AccountErased):
+                raise InvalidCredentials("wrong e-mail address or password") from None
         if self.hasher.check_needs_rehash(user.password_hash):
-            user.rehash_password(self.hasher.hash(password))
+            with self._hashing():
+                user.rehash_password(self.hasher.hash(password))
             self.save(user)
         return user.id
 
@@ -225,7 +259,8 @@ class ChatApplication(Application[UUID]):
         """A user erases their own account, confirming it with their password."""
         user = self._get(User, user_id, InvalidCredentials)
         try:
-            self.hasher.verify(user.password_hash, password)
+            with self._hashing():
+                self.hasher.verify(user.password_hash, password)
         except (VerificationError, InvalidHashError):
             raise InvalidCredentials("wrong password") from None
         self.erase_user(user_id, by="user")

@@ -179,8 +179,12 @@ class Persona(Aggregate):
 # Earlier defaults of the built-in personas: a built-in persona still holding one of these
 # (never edited since) is moved to today's default when personas are seeded.
 PREVIOUS_BUILTIN: dict[str, dict[str, list[object]]] = {
-    "assistant": {"system_prompt": ["You are a helpful, friendly assistant."]},
+    "assistant": {"system_prompt": ["You are a helpful, friendly assistant."], "temperature": [0.8], "top_p": [0.95]},
+    "pirate": {"temperature": [0.9], "top_p": [0.95]},
+    "tutor": {"temperature": [0.7]},
 }
+# Sampling: SmolLM2's model card recommends temperature 0.2 and top_p 0.9. At 0.8 the
+# assistant answered 22 of bench/quality.py's 41 prompts; the pirate keeps more freedom.
 
 BUILTIN_PERSONAS: list[dict[str, object]] = [
     {
@@ -195,8 +199,8 @@ BUILTIN_PERSONAS: list[dict[str, object]] = [
         "avatar": "🙂",
         "starters": ["How are you today?", "What do you like to do on weekends?"],
         "model": "chat",
-        "temperature": 0.8,
-        "top_p": 0.95,
+        "temperature": 0.2,
+        "top_p": 0.9,
         "max_tokens": 96,
     },
     {
@@ -208,8 +212,8 @@ BUILTIN_PERSONAS: list[dict[str, object]] = [
         "avatar": "🏴‍☠️",
         "starters": ["Ahoy! Where are we sailing?", "Do you like the sea?"],
         "model": "chat",
-        "temperature": 0.9,
-        "top_p": 0.95,
+        "temperature": 0.6,
+        "top_p": 0.9,
         "max_tokens": 96,
     },
     {
@@ -221,7 +225,7 @@ BUILTIN_PERSONAS: list[dict[str, object]] = [
         "avatar": "🎓",
         "starters": ["Can you help me with my homework?", "What is your favorite subject?"],
         "model": "chat",
-        "temperature": 0.7,
+        "temperature": 0.2,
         "top_p": 0.9,
         "max_tokens": 96,
     },

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from functools import lru_cache
 from typing import Any
 from uuid import UUID, uuid5
 
@@ -78,9 +79,24 @@ def check_email(email: str) -> str:
     return email
 
 
-def check_password(password: str) -> None:
+COMMON_PASSWORDS = 10_000  # the most used passwords (zxcvbn's list, from real leaks) are refused
+
+
+@lru_cache(maxsize=1)
+def common_passwords() -> frozenset[str]:
+    from zxcvbn.frequency_lists import FREQUENCY_LISTS  # loaded on the first check
+
+    return frozenset(FREQUENCY_LISTS["passwords"][:COMMON_PASSWORDS])
+
+
+def check_password(password: str, email: str = "") -> None:
     if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
         raise WeakPassword(f"a password has {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+    lowered = password.lower()
+    if lowered in common_passwords() or len(set(lowered)) < 3:
+        raise WeakPassword("that password is one of the most common ones, which are guessed first: choose another")
+    if email and lowered in {email.lower(), email.split("@", 1)[0].lower()}:
+        raise WeakPassword("a password cannot be your e-mail address")
 
 
 def check_api_key_name(name: str) -> str:

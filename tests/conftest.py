@@ -30,6 +30,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         load_settings(data_dir), ack_wait_s=2.0, messages_per_minute=6, model_repository=models,
         retention_sweep_s=1.0,  # temporary conversations expire within a second of their time
         max_reply_tokens=32,  # the real model writes ~15 tokens/s here: replies stay short
+        auth_attempts_per_address=0,  # hundreds of test users register from this one address
     )
     logs = ARTIFACTS / "logs"
     shutil.rmtree(logs, ignore_errors=True)  # each session's logs alone

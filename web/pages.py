@@ -33,8 +33,9 @@ from litestar.template.config import TemplateConfig
 
 from api.auth import COOKIE as SESSION_COOKIE
 from api.auth import issue_token, user_of
-from api.routes import MAX_IMPORT_BYTES
+from api.routes import MAX_IMPORT_BYTES, checked_log_in, client_address, refuse_if
 from api.services import Services
+from api.throttle import TooManyAttempts
 from chatbot.config import Settings
 from domain.conversation import ConversationError, ConversationNotFound
 from domain.persona import EDITABLE, PersonaError, PersonaNotFound
@@ -200,10 +201,14 @@ class AuthPages(Controller):
         email, password = text_field(form, "email", 254), str(form.get("password", ""))
         next_path = safe_next(form.get("next"))
         try:
-            user_id = await services.call(services.app.authenticate, email, password)
+            user_id = await services.call(checked_log_in, services, client_address(request, services.settings),
+                                          email, password)
         except InvalidCredentials:
             return await render(request, services, "login.html", status=401, mode="login", next=next_path,
                                 email=email, error="Wrong e-mail address or password.")
+        except TooManyAttempts as e:
+            return await render(request, services, "login.html", status=429, mode="login", next=next_path,
+                                email=email, error=f"{str(e).capitalize()}.")
         token = issue_token(services.settings.secret_key, user_id, services.settings.token_ttl_s)
         return redirect(services, next_path, cookies=[session_cookie(services.settings, token)])
 
@@ -218,7 +223,11 @@ class AuthPages(Controller):
         try:
             if password != form.get("password_again", password):
                 raise FormError("the two passwords differ")
+            refuse_if(await services.call(services.throttle.attempt, client_address(request, services.settings)))
             user_id = await services.call(services.app.register_user, email, password)
+        except TooManyAttempts as e:
+            return await render(request, services, "login.html", status=429, mode="register", next="/c",
+                                email=email, error=f"{str(e).capitalize()}.")
         except (UserError, FormError) as e:
             status = 409 if "already registered" in str(e) else 400
             return await render(request, services, "login.html", status=status, mode="register", next="/c",

@@ -872,6 +872,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="chatchaos") as tmp:
         settings = dataclasses.replace(
             load_settings(Path(tmp)), ack_wait_s=2.0, messages_per_minute=1_000_000, tokens_per_day=0,
+            auth_attempts_per_address=0,
         )
         shutil.rmtree(LOGS, ignore_errors=True)
         stack = Stack(settings, Ports.random(), workers=2, apis=2, nats_nodes=3, log_dir=LOGS)

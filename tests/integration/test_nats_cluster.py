@@ -34,6 +34,7 @@ PARTITIONS = 4
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     settings = dataclasses.replace(
         load_settings(tmp_path_factory.mktemp("cluster")), partitions=PARTITIONS, ack_wait_s=5.0, max_reply_tokens=32,
+        auth_attempts_per_address=0,
     )
     logs = ARTIFACTS / "logs-cluster"
     shutil.rmtree(logs, ignore_errors=True)

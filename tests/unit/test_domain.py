@@ -48,7 +48,7 @@ def test_a_message_records_the_post_and_a_pinned_reply_request(app: ChatApplicat
     assert events[1].text == "Ahoy there"
     request = events[2]
     assert request.persona_id == persona_id_for("pirate") and request.persona_version == 1
-    assert request.params["temperature"] == 0.9 and request.params["max_tokens"] == 96
+    assert request.params["temperature"] == 0.6 and request.params["max_tokens"] == 96
     job = app.reply_job(conversation_id, posted.reply_id)
     assert job.messages[0] == {"role": "system", "content": "You are a cheerful pirate. Answer like a pirate would, matey."}
     assert job.messages[1:] == [{"role": "user", "content": "Ahoy there"}]
@@ -210,3 +210,20 @@ def test_seeding_moves_a_built_in_persona_off_an_earlier_default_but_keeps_what_
     app.save(upgraded)
     app.seed_personas()
     assert app.get_persona(persona_id_for("assistant")).system_prompt == "An operator's own prompt."
+
+
+def test_an_unknown_address_costs_the_same_password_check_as_a_known_one(app: ChatApplication, user: UUID) -> None:
+    from domain.user import InvalidCredentials
+
+    checks: list[str] = []
+
+    class CountingHasher(type(app.hasher)):  # type: ignore[misc]
+        def verify(self, hash_: str | bytes, password: str | bytes) -> bool:
+            checks.append(str(hash_))
+            return super().verify(hash_, password)
+
+    app.hasher = CountingHasher()
+    for email in ("ada@example.com", "nobody@example.com"):
+        with pytest.raises(InvalidCredentials, match="wrong e-mail address or password"):
+            app.authenticate(email, "not the password")
+    assert len(checks) == 2, "one argon2 check each, known or not"

@@ -136,7 +136,7 @@ def test_sampling_overrides_are_pinned_in_the_reply_request(app: ChatApplication
     conversation_id = app.start_imported_conversation(user, persona_id_for("pirate"), [])
     posted = app.post_message(conversation_id, user, "c-1", "Ahoy", {"temperature": 0.0, "max_tokens": 7, "seed": 3})
     params = app.reply_job(conversation_id, posted.reply_id).params
-    assert params == {"temperature": 0.0, "top_p": 0.95, "max_tokens": 7, "seed": 3}
+    assert params == {"temperature": 0.0, "top_p": 0.9, "max_tokens": 7, "seed": 3}
     with pytest.raises(InvalidSampling):
         app.post_message(conversation_id, user, "c-2", "Ahoy", {"top_p": 0.0})
 

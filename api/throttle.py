@@ -1,0 +1,87 @@
+"""Throttling of log-ins and registrations, shared by every API process.
+
+Password guessing is slowed twice over: each client address may make at most
+`auth_attempts_per_address` log-in and registration attempts in a window of WINDOW_S, and
+each account may see at most `login_failures_per_account` failed log-ins in one (a correct
+password then waits too, or a guesser would learn it was right). Counts live in
+PostgreSQL, one upsert per attempt, like the message rate limit (api/limits.py), under
+keys that are hashes (no address or e-mail in the table). Windows are fixed; a refusal says
+when the window ends. Behind a reverse proxy every client would share the proxy's address:
+name the proxy in `CHATBOT_TRUSTED_PROXIES` and the hop it adds to `X-Forwarded-For` is
+used instead (deploy/nginx.conf adds it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+from api.limits import Limited
+from projections.readmodels import ReadModelRecorder
+
+WINDOW_S = 15 * 60
+SCHEMA = """CREATE TABLE IF NOT EXISTS auth_attempts (
+    key text NOT NULL, window_start bigint NOT NULL, count int NOT NULL,
+    PRIMARY KEY (key, window_start))"""
+COUNT = """INSERT INTO auth_attempts VALUES (%s, %s, 1)
+    ON CONFLICT (key, window_start) DO UPDATE SET count = auth_attempts.count + 1 RETURNING count"""
+PEEK = "SELECT count FROM auth_attempts WHERE key = %s AND window_start = %s"
+
+
+class TooManyAttempts(Exception):
+    """Refused by the throttle: HTTP 429 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _key(kind: str, value: str) -> str:
+    return hashlib.sha256(f"{kind}\x00{value.strip().lower()}".encode()).hexdigest()
+
+
+class AuthThrottle:
+    def __init__(self, readmodels: ReadModelRecorder, per_address: int, failures_per_account: int) -> None:
+        self.readmodels = readmodels
+        self.per_address = per_address  # 0: no limit
+        self.failures_per_account = failures_per_account  # 0: no limit
+
+    def create_table(self) -> None:
+        with self.readmodels.datastore.transaction(commit=True) as curs:
+            curs.execute(SCHEMA)
+
+    def _window(self) -> tuple[int, int]:
+        now = time.time()
+        return int(now // WINDOW_S), int(WINDOW_S - now % WINDOW_S) + 1
+
+    def _run(self, sql: str, key: str, window: int) -> int:
+        with self.readmodels.datastore.transaction(commit=True) as curs:
+            curs.execute(sql, (key, window))
+            row: Any = curs.fetchone()
+        return int(row["count"]) if row else 0
+
+    def attempt(self, address: str) -> Limited | None:
+        """Count one log-in or registration attempt from `address`."""
+        if not self.per_address:
+            return None
+        window, retry_after = self._window()
+        if self._run(COUNT, _key("address", address), window) > self.per_address:
+            return Limited(f"too many log-in attempts from your address; try again in {retry_after // 60 + 1} "
+                           "minutes", retry_after)
+        return None
+
+    def account_locked(self, email: str) -> Limited | None:
+        """Whether the account has seen too many failed log-ins in this window."""
+        if not self.failures_per_account:
+            return None
+        window, retry_after = self._window()
+        if self._run(PEEK, _key("account", email), window) >= self.failures_per_account:
+            return Limited(f"too many failed log-ins for this account; try again in {retry_after // 60 + 1} "
+                           "minutes", retry_after)
+        return None
+
+    def failed(self, email: str) -> None:
+        if self.failures_per_account:
+            window, _ = self._window()
+            self._run(COUNT, _key("account", email), window)
