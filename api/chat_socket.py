@@ -43,7 +43,7 @@ from litestar.exceptions import WebSocketDisconnect
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from api.auth import user_of
+from api.auth import REVOKED, session_of
 from api.csrf import same_origin
 from api.limits import Limited
 from api.routes import owner_of
@@ -77,8 +77,10 @@ ENDED_KEPT = 256  # ended replies a socket remembers, to drop what comes of them
 
 
 class ChatSession:
-    def __init__(self, socket: WebSocket[Any, Any, Any], user_id: UUID, services: Services) -> None:
+    def __init__(self, socket: WebSocket[Any, Any, Any], user_id: UUID, services: Services,
+                 session_id: UUID | None = None) -> None:
         self.socket, self.user_id, self.services = socket, user_id, services
+        self.session_id = session_id  # the log-in it was opened with: ending that closes it
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self.subscriptions: dict[UUID, Subscription] = {}
         self.delivered: dict[str, int] = {}  # reply id -> characters the client has
@@ -100,6 +102,9 @@ class ChatSession:
             while True:
                 message = await self.socket.receive()
                 if message["type"] == "websocket.disconnect":
+                    break
+                if self.session_id in REVOKED:  # logged out (here or in another process) meanwhile
+                    self.error("session_ended", "this session has ended: log in again")
                     break
                 raw = message.get("text")
                 if raw is None:
@@ -513,9 +518,9 @@ async def chat_socket(socket: WebSocket[Any, Any, Any], services: Services) -> N
     if not origin_allowed(socket, services.settings.allowed_origins):
         await socket.close(code=4403, reason="foreign origin")
         return
-    user_id = user_of(socket, services.settings.secret_key)
-    if user_id is None:
+    session = session_of(socket, services.settings.secret_key)
+    if session is None:
         await socket.close(code=4401, reason="log in first")
         return
     await socket.accept()
-    await ChatSession(socket, user_id, services).run()
+    await ChatSession(socket, session.user_id, services, session.session_id).run()

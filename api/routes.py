@@ -14,7 +14,7 @@ from litestar.params import Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT, HTTP_503_SERVICE_UNAVAILABLE
 
 from api import schemas
-from api.auth import COOKIE, issue_token, require_user, user_of
+from api.auth import COOKIE, issue_token, require_user, session_of, user_of
 from api.limits import Limited
 from api.services import Services
 from api.throttle import TooManyAttempts
@@ -69,13 +69,18 @@ class AuthController(Controller):
         user_id = await services.call(checked_log_in, services, client_address(request, services.settings),
                                       data.email, data.password)
         s = services.settings
-        token = issue_token(s.secret_key, user_id, s.token_ttl_s)
+        session_id = await services.call(services.sessions.start, user_id, request.headers.get("user-agent", ""))
+        token = issue_token(s.secret_key, user_id, s.token_ttl_s, session_id)
         cookie = Cookie(key=COOKIE, value=token, httponly=True, samesite="lax", secure=s.cookie_secure,
                         max_age=s.token_ttl_s, path="/")
         return Response(schemas.LoggedIn(token=token, user_id=user_id), cookies=[cookie])
 
     @post("/logout", status_code=HTTP_204_NO_CONTENT)
-    async def log_out(self) -> Response[None]:
+    async def log_out(self, request: Request[Any, Any, Any], services: Services) -> Response[None]:
+        """Ends the session the request was made with: its token stops working everywhere."""
+        session = session_of(request, services.settings.secret_key)
+        if session is not None:
+            await services.call(services.sessions.end, session.user_id, session.session_id)
         return Response(None, status_code=HTTP_204_NO_CONTENT, cookies=[Cookie(key=COOKIE, value="", max_age=0, path="/")])
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ import nats
 from tritonclient.grpc import aio as triton_aio
 
 from api.limits import RateLimiter
+from api.sessions import REFRESH_S as SESSIONS_REFRESH_S
+from api.sessions import SessionStore
 from api.throttle import AuthThrottle
 from chatbot.bootstrap import chat_application
 from chatbot.config import Settings
@@ -32,6 +35,7 @@ from domain.application import ChatApplication
 from projections.readmodels import ReadModelRecorder, read_model_recorder
 
 T = TypeVar("T")
+log = logging.getLogger("api")
 THREADS = 40  # as many as anyio's default thread limiter allows
 
 
@@ -97,8 +101,10 @@ class Services:
     triton: triton_aio.InferenceServerClient
     limits: RateLimiter
     throttle: AuthThrottle
+    sessions: SessionStore
     executor: CallPool = field(default_factory=lambda: CallPool(THREADS, "db"), repr=False)
     quiet_replies: Any = field(default=None, repr=False)  # api.chat_socket.QuietReplies, made on first use
+    session_watch: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
     async def create(cls, settings: Settings) -> Services:
@@ -107,10 +113,25 @@ class Services:
         nc = await nats.connect(settings.nats_servers, max_reconnect_attempts=-1)
         limits = RateLimiter(readmodels, settings.messages_per_minute, settings.tokens_per_day)
         throttle = AuthThrottle(readmodels, settings.auth_attempts_per_address, settings.login_failures_per_account)
-        return cls(settings, app, readmodels, nc, triton_aio.InferenceServerClient(settings.triton_url), limits,
-                   throttle)
+        sessions = SessionStore(readmodels, settings.token_ttl_s)
+        await anyio.to_thread.run_sync(sessions.refresh)  # every end young enough to matter, before serving
+        services = cls(settings, app, readmodels, nc, triton_aio.InferenceServerClient(settings.triton_url), limits,
+                       throttle, sessions)
+        services.session_watch = asyncio.create_task(services.watch_sessions())
+        return services
+
+    async def watch_sessions(self) -> None:
+        """Learn, every REFRESH_S, the sessions other processes ended (api/sessions.py)."""
+        while True:
+            await asyncio.sleep(SESSIONS_REFRESH_S)
+            try:
+                await self.call(self.sessions.refresh)
+            except Exception:  # noqa: BLE001 - the database is away: try again next round
+                log.warning("could not read the ended sessions; trying again", exc_info=True)
 
     async def close(self) -> None:
+        if self.session_watch is not None:
+            self.session_watch.cancel()
         if self.quiet_replies is not None and self.quiet_replies.task is not None:
             self.quiet_replies.task.cancel()
         await self.nc.drain()

@@ -130,7 +130,7 @@ def make_conversations(stack, users: int, sockets: int) -> list[tuple[str, str]]
             ids = list(pool.map(lambda i: app.start_conversation(owners[i % users]), range(sockets)))
     finally:
         app.close()
-    tokens = {u: issue_token(stack.settings.secret_key, u, 3600) for u in owners}
+    tokens = {u: issue_token(stack.settings.secret_key, u, 3600, uuid.uuid4()) for u in owners}
     return [(tokens[owners[i % users]], str(c)) for i, c in enumerate(ids)]
 
 

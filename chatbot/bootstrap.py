@@ -41,9 +41,11 @@ def bootstrap(settings: Settings) -> None:
     app.close()
     recorder = read_model_recorder(settings.eventsourcing_env(create_tables=True))  # and read models
     from api.limits import RateLimiter
+    from api.sessions import SessionStore
     from api.throttle import AuthThrottle
 
     RateLimiter(recorder, settings.messages_per_minute, settings.tokens_per_day).create_table()
     AuthThrottle(recorder, settings.auth_attempts_per_address, settings.login_failures_per_account).create_table()
+    SessionStore(recorder, settings.token_ttl_s).create_table()
     recorder.datastore.close()
     asyncio.run(_ensure_stream(settings))

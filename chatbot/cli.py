@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+from uuid import UUID
 
 from chatbot.config import Settings, load_settings
 
@@ -196,6 +197,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if report.problems else 0
 
 
+def end_sessions(settings: Settings, user_id: UUID) -> None:
+    """End every session of an erased user: their tokens stop working in every API process
+    within a second (api/sessions.py)."""
+    from api.sessions import SessionStore
+    from projections.readmodels import read_model_recorder
+
+    recorder = read_model_recorder(settings.eventsourcing_env())
+    try:
+        SessionStore(recorder, settings.token_ttl_s).forget(user_id)
+    finally:
+        recorder.datastore.close()
+
+
 def cmd_erase_user(args: argparse.Namespace) -> int:
     from chatbot.bootstrap import chat_application
     from domain.ids import user_id_for
@@ -221,6 +235,7 @@ def cmd_erase_user(args: argparse.Namespace) -> int:
         return 1
     finally:
         app.close()
+    end_sessions(settings, user_id)
     if erased:
         print(f"erased user {user_id}: key destroyed, the events of {aggregates} aggregates are unreadable;"
               " the read models drop their rows as the projector applies User.Erased")

@@ -47,6 +47,13 @@ them; the first of a quiet process's saves goes at once. A batch never holds two
 one aggregate. A batch that fails on a conflict (another process saved first) or on an
 erased key is undone whole, and each of its saves is then tried alone, so each gets the
 outcome it would have had alone.
+
+Bounds (chatbot/postgres.py). A batch holds at most GROUP_COMMIT_MAX_EVENTS events and
+GROUP_COMMIT_MAX_BYTES stored bytes; an event over MAX_EVENT_BYTES is refused (the broker
+could never carry it); a save still queued after GROUP_COMMIT_WAIT_S leaves the queue
+unsaved with `WriteTimeout`; every statement is flushed whole (psycopg's pipeline mode
+would leave a big one half-sent and wait for good) and runs under the session's statement
+and lock timeouts, and a timed-out insert is not tried again.
 """
 
 from __future__ import annotations

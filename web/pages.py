@@ -32,7 +32,7 @@ from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 
 from api.auth import COOKIE as SESSION_COOKIE
-from api.auth import issue_token, user_of
+from api.auth import issue_token, session_of, user_of
 from api.routes import MAX_IMPORT_BYTES, checked_log_in, client_address, refuse_if
 from api.services import Services
 from api.throttle import TooManyAttempts
@@ -118,6 +118,12 @@ def redirect(services: Services, path: str, flash: str | None = None, kind: str 
     if flash:
         cookies.append(flash_cookie(kind, flash, services.settings.cookie_secure))
     return Redirect(path, status_code=303, cookies=cookies)
+
+
+async def new_session_token(request: Request[Any, Any, Any], services: Services, user_id: UUID) -> str:
+    """A log-in's token, for a session recorded so that it can be ended (api/sessions.py)."""
+    session_id = await services.call(services.sessions.start, user_id, request.headers.get("user-agent", ""))
+    return issue_token(services.settings.secret_key, user_id, services.settings.token_ttl_s, session_id)
 
 
 def session_cookie(settings: Settings, token: str) -> Cookie:
@@ -209,7 +215,7 @@ class AuthPages(Controller):
         except TooManyAttempts as e:
             return await render(request, services, "login.html", status=429, mode="login", next=next_path,
                                 email=email, error=f"{str(e).capitalize()}.")
-        token = issue_token(services.settings.secret_key, user_id, services.settings.token_ttl_s)
+        token = await new_session_token(request, services, user_id)
         return redirect(services, next_path, cookies=[session_cookie(services.settings, token)])
 
     @get("/register")
@@ -232,12 +238,15 @@ class AuthPages(Controller):
             status = 409 if "already registered" in str(e) else 400
             return await render(request, services, "login.html", status=status, mode="register", next="/c",
                                 email=email, error=str(e).capitalize())
-        token = issue_token(services.settings.secret_key, user_id, services.settings.token_ttl_s)
+        token = await new_session_token(request, services, user_id)
         return redirect(services, "/c", "Welcome! Pick a persona and start a chat.",
                         cookies=[session_cookie(services.settings, token)])
 
     @post("/logout")
-    async def log_out(self, services: Services) -> Redirect:
+    async def log_out(self, request: Request[Any, Any, Any], services: Services) -> Redirect:
+        session = session_of(request, services.settings.secret_key)
+        if session is not None:  # the cookie stops working everywhere, not just here
+            await services.call(services.sessions.end, session.user_id, session.session_id)
         gone = Cookie(key=SESSION_COOKIE, value="", max_age=0, path="/")
         return redirect(services, "/login", "You are logged out.", cookies=[gone])
 
@@ -552,8 +561,19 @@ class AccountPages(Controller):
     async def show_account(self, request: Request[Any, Any, Any], services: Services) -> Template:
         user_id = require_viewer(request, services)
         consent = await services.call(services.app.training_consent, user_id)
-        return await render(request, services, "account.html", training_consent=consent,
+        current = session_of(request, services.settings.secret_key)
+        sessions = await services.call(services.sessions.live, user_id)
+        for s in sessions:
+            s["current"] = current is not None and s["id"] == current.session_id
+        return await render(request, services, "account.html", training_consent=consent, sessions=sessions,
                             **await sidebar(services, user_id))
+
+    @post("/sessions/{session_id:uuid}/end")
+    async def end_session(self, request: Request[Any, Any, Any], services: Services, session_id: UUID) -> Redirect:
+        """End one of the viewer's sessions (say, a lost phone's): its cookie or token stops working."""
+        user_id = require_viewer(request, services)
+        ended = await services.call(services.sessions.end, user_id, session_id)
+        return redirect(services, "/account", "That session is ended." if ended else "That session had ended already.")
 
     @post("/consent")
     async def set_consent(self, request: Request[Any, Any, Any], services: Services) -> Redirect:
@@ -577,6 +597,7 @@ class AccountPages(Controller):
             await services.call(services.app.delete_account, user_id, str(form.get("password", "")))
         except InvalidCredentials:
             return redirect(services, "/account", "Wrong password: nothing was erased.", "error")
+        await services.call(services.sessions.forget, user_id)
         gone = Cookie(key=SESSION_COOKIE, value="", max_age=0, path="/")
         return redirect(services, "/login", "Your account and all its conversations are erased.", cookies=[gone])
 

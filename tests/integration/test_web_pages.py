@@ -175,3 +175,18 @@ async def test_the_account_page_sets_consent_starts_temporary_chats_and_erases_t
     assert (await visitor.http.get("/c")).status_code == 303  # logged out
     again = await visitor.http.post("/api/auth/login", json={"email": visitor.email, "password": PASSWORD})
     assert again.status_code == 401
+
+
+async def test_the_account_page_lists_the_sessions_and_logs_out_another_browser(visitor: Visitor, api_url: str) -> None:
+    async with httpx.AsyncClient(base_url=api_url, timeout=30, headers={"user-agent": "the other browser"}) as other:
+        token = token_in((await other.get("/login")).text)
+        r = await other.post("/login", data={"_csrf": token, "email": visitor.email, "password": PASSWORD})
+        assert r.status_code == 303 and (await other.get("/c")).status_code == 200
+        page = (await visitor.http.get("/account")).text
+        assert "the other browser" in page and "this browser" in page
+        end = re.search(r'action="(/account/sessions/[0-9a-f-]{36}/end)"', page)
+        assert end, "another session has a log-out button"
+        r = await visitor.http.post(end.group(1), data={"_csrf": token_in(page)})
+        assert r.status_code == 303
+        assert (await other.get("/c")).status_code == 303, "the other browser's cookie no longer works"
+        assert (await visitor.http.get("/c")).status_code == 200, "this one's still does"

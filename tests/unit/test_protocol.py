@@ -7,7 +7,7 @@ import uuid
 
 import msgspec
 
-from api.auth import issue_token, verify_token
+from api.auth import REVOKED, Session, issue_token, verify_token
 from api.chat_socket import ChatSession, frame_decoder
 from api.schemas import SendFrame
 from chatbot.messaging import partition_of
@@ -16,14 +16,17 @@ from workers.inference import trim_history
 SECRET = b"k" * 32
 
 
-def test_a_token_verifies_with_its_secret_only_and_until_it_expires() -> None:
-    user = uuid.uuid4()
-    token = issue_token(SECRET, user, ttl_s=60)
-    assert verify_token(SECRET, token) == user
+def test_a_token_verifies_with_its_secret_only_until_it_expires_or_its_session_ends() -> None:
+    user, session = uuid.uuid4(), uuid.uuid4()
+    token = issue_token(SECRET, user, 60, session)
+    assert verify_token(SECRET, token) == Session(user, session)
     assert verify_token(b"x" * 32, token) is None
     assert verify_token(SECRET, token[:-2] + "AA") is None
     assert verify_token(SECRET, "garbage") is None
-    assert verify_token(SECRET, issue_token(SECRET, user, ttl_s=-1)) is None
+    assert verify_token(SECRET, issue_token(SECRET, user, -1, session)) is None
+    REVOKED.add([session])
+    assert verify_token(SECRET, token) is None, "an ended session's token no longer works"
+    assert verify_token(SECRET, issue_token(SECRET, user, 60, uuid.uuid4())) is not None, "another session does"
 
 
 def explain(raw: str) -> tuple[str, str]:
