@@ -602,3 +602,24 @@ def test_triton_adapter_streams_errors_and_cancels(
         assert _metric_value("chat_queue_length", **labels) == 0
     finally:
         triton_model.finalize()
+
+
+def test_loading_runs_in_a_thread_that_has_ended_and_its_error_reaches_the_caller() -> None:
+    import threading
+
+    from chatbot.llm.engine import in_passing_thread
+
+    seen: list[threading.Thread] = []
+
+    def load() -> str:
+        seen.append(threading.current_thread())
+        return "engine"
+
+    assert in_passing_thread(load) == "engine"
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive(), "its OpenMP pool is gone with it"
+
+    def fail() -> None:
+        raise ValueError("no such checkpoint")
+
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        in_passing_thread(fail)
