@@ -139,7 +139,7 @@ class ChatApplication(Application[UUID]):
         # repository's, given by the composition root; None accepts any (in-memory tests).
         self.served_models = served_models
         self.hasher = PasswordHasher()
-        self._decoy_hash = self.hasher.hash(secrets.token_hex(16))  # checked for unknown addresses
+        self._decoy_hash = ""  # checked for unknown addresses; made on the first one
         self._hash_slots = threading.BoundedSemaphore(max(1, (os.cpu_count() or 2) // 2))
         self._prompt_cache: dict[tuple[UUID, int], str] = {}
         self._name_cache: dict[UUID, str] = {}
@@ -211,6 +211,8 @@ class ChatApplication(Application[UUID]):
                 try:
                     user: User = self.repository.get(user_id_for(email))
                 except AggregateNotFoundError:
+                    if not self._decoy_hash:
+                        self._decoy_hash = self.hasher.hash(secrets.token_hex(16))
                     self.hasher.verify(self._decoy_hash, password)  # as long as a real check
                     raise
                 if getattr(user, "erased", False):  # read through a key still cached here
