@@ -60,11 +60,16 @@ def served_models(repository: Path) -> set[str]:
     return names
 
 
+def parameter(repository: Path, model: str, key: str, default: str) -> str:
+    """A `parameters` entry of the model's config.pbtxt (`model_dir`, `max_seq_len`, ...)."""
+    config = (model_root(repository, model) / "config.pbtxt").read_text()
+    match = re.search(rf'key:\s*"{re.escape(key)}".*?string_value:\s*"([^"]*)"', config, re.S)
+    return match.group(1) if match else default
+
+
 def weights_folder(repository: Path, model: str) -> str:
     """The `model_dir` parameter of the model's config (where each version keeps its weights)."""
-    config = (model_root(repository, model) / "config.pbtxt").read_text()
-    match = re.search(r'key:\s*"model_dir".*?string_value:\s*"([^"]+)"', config, re.S)
-    folder = match.group(1) if match else "demo"
+    folder = parameter(repository, model, "model_dir", "demo")
     if Path(folder).is_absolute():
         raise ModelRepositoryError(f"{model}: model_dir {folder!r} is absolute: versions would share their weights")
     return folder

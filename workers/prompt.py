@@ -9,13 +9,12 @@ alone do not fit, the model rejects the request with a clear error.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from chatbot.launcher import MODEL_REPOSITORY
 from chatbot.llm.tokenizer import ChatTokenizer
-from chatbot.model_repo import models
+from chatbot.model_repo import models, parameter
 
 
 @dataclass
@@ -36,21 +35,18 @@ def model_dir(repository: Path, model: str) -> Path:
     if name not in models(repository) or (pinned and not (pinned.isdigit() and (repository / name / pinned).is_dir())):
         raise UnknownModel(f"no model {model!r} in the model repository")
     root = repository / name
-    config = (root / "config.pbtxt").read_text()
-    match = re.search(r'key:\s*"model_dir".*?string_value:\s*"([^"]+)"', config, re.S)
     versions = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
     assert versions, f"model {name!r} has no version folders in {root}"
     version = pinned or str(versions[0])
-    path = Path(match.group(1) if match else "demo")
+    path = Path(parameter(repository, name, "model_dir", "demo"))
     return path if path.is_absolute() else root / version / path
 
 
 def context_parameter(repository: Path, model: str) -> int:
     """The `max_seq_len` parameter of the model's config.pbtxt (the engine's context
     window; 0 when it takes the checkpoint's own)."""
-    config = (repository / model.partition("/")[0] / "config.pbtxt").read_text()
-    match = re.search(r'key:\s*"max_seq_len".*?string_value:\s*"(\d+)"', config, re.S)
-    return int(match.group(1)) if match else 0
+    value = parameter(repository, model.partition("/")[0], "max_seq_len", "0")
+    return int(value) if value.isdigit() else 0
 
 
 class PromptBuilder:
