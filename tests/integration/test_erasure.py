@@ -24,7 +24,7 @@ from chatbot.launcher import Stack
 from chatbot.messaging import decode_event
 from domain.application import SNAPSHOT_INTERVAL
 from projections.rebuild import rebuild
-from tests.client import ChatClient, collect_reply, recv, send
+from tests.client import ChatClient, collect_reply, send
 
 pytestmark = pytest.mark.integration
 OUTCOME = dict(finish_reason="stop", prompt_tokens=3, completion_tokens=2, ttft_ms=1.0, duration_ms=2.0,
