@@ -6,10 +6,12 @@ Design notes
   clear `ValueError` ("prompt has N tokens, the context window is M") and never reach
   the engine thread. Accepted requests go through a thread-safe admission queue.
 - The engine thread loops: (1) drop cancelled sequences (active or still waiting),
-  (2) admit waiting requests (FIFO) while KV slots are free and prefill them *together*
-  in one forward, then (3) one batched decode step: a single forward of [B, 1] over
-  *all* active sequences, each reading/writing its own KV-cache slot, ragged lengths
-  handled by the model's position-based mask.
+  (2) admit waiting requests (FIFO) while the decode batch has room: each gets a KV-cache
+  slot holding as much of its prompt as the prefix cache has (prefix_cache.py: the
+  conversation's previous turn, or its persona's system prompt), (3) one prefill forward
+  over the next chunk of the prompts still being read, and (4) one batched decode step:
+  a single forward of [B, 1] over every sequence past its prompt, each reading/writing its
+  own KV-cache slot, ragged lengths handled by the model's position-based mask.
 - Batched prefill right-pads the prompts to the longest one, [B, T_max], rather than
   packing them into one row: the KV cache is addressed per row (slot) and per absolute
   position, so padding needs no model change beyond `last_index` (the logits of each
@@ -25,11 +27,17 @@ Design notes
   prompts into one row with a block-diagonal mask was measured too: its dense N^2
   attention is worse still at large N (589 ms). Packed linears with per-sequence
   attention (varlen) would remove the waste; not done yet.
-- `max_prefill_tokens` (default 2048) caps that padded size per iteration, so a burst
-  of long prompts does not stall the running sequences' decode for long: the others
-  wait (in order) for the next iteration, one decode step later. A single prompt above
-  the cap is still admitted, alone (there is no chunked prefill yet), so one long
-  prompt stalls decoding for its whole prefill.
+- Chunked prefill: `max_prefill_tokens` caps the padded size (B * T) of a step's prefill
+  forward. A prompt longer than that is read in chunks, one per step, each at its absolute
+  positions after what the cache already holds, with a decode step for every other
+  sequence in between: one long prompt delays the others' next token by one chunk's
+  forward, never by its whole prefill. Several short prompts share a chunk forward, oldest
+  first; a row's pads must stay inside the cache (positions < max_seq_len).
+- Prefix cache: a finished sequence's slot keeps its entries (the pool has
+  `kv_cache_bytes` worth of slots, at least `max_batch_size`), and the slot pool hands
+  them to the next request whose prompt starts with the same tokens. Reused entries are
+  exactly what a prefill would compute (the same tokens at the same positions); only
+  float rounding of a different batch shape differs, as with batching itself.
 - Output flows through a per-request callback, called from the engine thread: zero or
   more events with text deltas, then exactly one final event with `finish_reason` in
   {"stop", "length", "cancelled", "error"} and the token counts. Callbacks must be quick
@@ -76,6 +84,9 @@ import torch
 
 from chatbot.llm.generate import SamplingParams, StopMatcher, make_generator, sample_batch
 from chatbot.llm.model import KVCache, LlamaForCausalLM
+from chatbot.llm.precision import apply as apply_precision
+from chatbot.llm.precision import resolve as resolve_precision
+from chatbot.llm.prefix_cache import SlotPool
 from chatbot.llm.tokenizer import ChatTokenizer, StreamDecoder
 
 log = logging.getLogger(__name__)
@@ -148,10 +159,12 @@ class EngineStats:
     first_tokens_total: int  # requests that got their first token (the TTFT denominator)
     tpot_ms_total: float  # sum of gaps between consecutive output tokens of a sequence
     output_tokens_total: int  # output tokens after the first of each request (the TPOT denominator)
-    prefill_batches_total: int  # prefill forwards run
+    prefill_batches_total: int  # prefill forwards run (one chunk of one or more prompts each)
     prefill_tokens_total: int  # real (unpadded) prompt tokens prefilled
+    prefix_reused_tokens_total: int  # prompt tokens whose KV entries came from the prefix cache
     requests_total: dict[str, int]  # finished requests by finish_reason (all of FINISH_REASONS present)
     active_sequences: int  # sequences holding a KV slot now
+    cached_tokens: int  # tokens held by idle KV slots (the prefix cache)
     queue_length: int  # accepted requests waiting for a slot (or for the prefill budget)
 
 
@@ -170,6 +183,10 @@ class _Sequence:
     slot: int = -1
     out_ids: list[int] = field(default_factory=list)
     pos: int = 0  # position of the next token fed to the model == tokens in the cache
+
+    @property
+    def prefilling(self) -> bool:
+        return self.pos < len(self.prompt_ids)
 
 
 def validate_messages(messages: object) -> list[dict[str, str]]:
@@ -190,7 +207,8 @@ class Engine:
         *,
         max_batch_size: int = 8,
         max_seq_len: int | None = None,
-        max_prefill_tokens: int = 2048,
+        max_prefill_tokens: int = 512,
+        kv_cache_bytes: int = 0,
     ) -> None:
         assert max_batch_size >= 1, f"max_batch_size must be >= 1, got {max_batch_size}"
         assert max_prefill_tokens >= 1, f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}"
@@ -198,10 +216,15 @@ class Engine:
         self.tokenizer = tokenizer
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(self.dtype, str(self.dtype))
         self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens  # padded tokens (B * T_max) per prefill forward
-        self.cache = KVCache(model.config, max_batch_size, self.max_seq_len, self.device, self.dtype)
+        # every decoded sequence needs a slot; the memory budget buys idle ones: the prefix cache
+        one_slot = KVCache.slot_bytes(model.config, self.max_seq_len, self.dtype)
+        num_slots = max(max_batch_size, kv_cache_bytes // one_slot)
+        self.cache = KVCache(model.config, num_slots, self.max_seq_len, self.device, self.dtype)
+        self.pool = SlotPool(num_slots)
         eos = set(model.config.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -210,8 +233,7 @@ class Engine:
         self._queue: queue.Queue[_Sequence | None] = queue.Queue()
         # taken off the queue by the engine thread, not yet admitted (FIFO); engine thread only
         self._waiting: deque[_Sequence] = deque()
-        self._active: list[_Sequence] = []
-        self._free_slots = list(range(max_batch_size))
+        self._active: list[_Sequence] = []  # holding a slot: prefilling, then decoding
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         # metrics: written by the engine thread, read by stats() from any thread
@@ -222,22 +244,28 @@ class Engine:
         self._output_tokens_total = 0
         self._prefill_batches_total = 0
         self._prefill_tokens_total = 0
+        self._prefix_reused_tokens_total = 0
         self._requests_total = dict.fromkeys(FINISH_REASONS, 0)
+        self._cached_tokens = 0
 
     @classmethod
     def from_pretrained(
         cls,
         model_dir: str | Path,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        precision: str = "fp32",
         **kwargs: int,
     ) -> Engine:
-        """Load the model and make the engine in a thread that exits before the engine
-        thread starts, so the caller's thread keeps no OpenMP pool (see the module notes)."""
+        """Load the model at `precision` (fp32, bf16, int8 or auto: chatbot/llm/precision.py)
+        and make the engine, in a thread that exits before the engine thread starts, so the
+        caller's thread keeps no OpenMP pool (see the module notes)."""
+        chosen = resolve_precision(precision, device)
 
         def load() -> Engine:
-            model = LlamaForCausalLM.from_pretrained(model_dir, device=device, dtype=dtype)
-            return cls(model, ChatTokenizer.from_pretrained(model_dir), **kwargs)
+            model = LlamaForCausalLM.from_pretrained(model_dir, device=device)  # fp32, then cast
+            engine = cls(apply_precision(model, chosen), ChatTokenizer.from_pretrained(model_dir), **kwargs)
+            engine.precision = chosen
+            return engine
 
         return in_passing_thread(load)
 
@@ -268,10 +296,12 @@ class Engine:
                 output_tokens_total=self._output_tokens_total,
                 prefill_batches_total=self._prefill_batches_total,
                 prefill_tokens_total=self._prefill_tokens_total,
+                prefix_reused_tokens_total=self._prefix_reused_tokens_total,
                 requests_total=dict(self._requests_total),
                 # len() of a list/deque the engine thread mutates is atomic under the GIL;
                 # qsize() may count the stop() sentinel: a gauge can live with that
                 active_sequences=len(self._active),
+                cached_tokens=self._cached_tokens,
                 queue_length=len(self._waiting) + self._queue.qsize(),
             )
 
@@ -344,7 +374,9 @@ class Engine:
                     keep.append(seq)
             self._waiting = keep
         self._admit()
-        if self._active:
+        if any(s.prefilling for s in self._active):
+            self._prefill_chunk()
+        if any(not s.prefilling for s in self._active):
             self._decode()
 
     def _pull(self) -> None:
@@ -361,42 +393,72 @@ class Engine:
             idle = False  # got work: take the rest without waiting
 
     def _admit(self) -> None:
-        """Admit the head of `_waiting` into free slots, within the prefill budget; prefill them."""
-        batch: list[_Sequence] = []
-        longest = 0
-        while self._waiting and len(batch) < len(self._free_slots):
-            n = len(self._waiting[0].prompt_ids)
-            padded = max(longest, n) * (len(batch) + 1)  # the forward is [B, T_max]
-            if batch and padded > self.max_prefill_tokens:
-                break  # strict FIFO: the rest waits for the next iteration
-            batch.append(self._waiting.popleft())
-            longest = max(longest, n)
-        if not batch:
-            return
-        for seq in batch:
-            seq.slot = self._free_slots.pop()
+        """Give the head of `_waiting` slots (FIFO) while the decode batch has room, with
+        as much of each prompt as the prefix cache holds (prefix_cache.py)."""
+        reused = 0
+        while self._waiting and len(self._active) < self.max_batch_size:
+            seq = self._waiting.popleft()
+            placement = self.pool.acquire(seq.prompt_ids)
+            if placement.copy_from is not None:
+                n = placement.reused
+                self.cache.data[:, :, placement.slot, :n] = self.cache.data[:, :, placement.copy_from, :n]
+            seq.slot, seq.pos = placement.slot, placement.reused
+            reused += placement.reused
             self._active.append(seq)
+        with self._stats_lock:
+            self._prefix_reused_tokens_total += reused
+            self._cached_tokens = self.pool.cached_tokens
+
+    def _chunk_plan(self) -> tuple[list[_Sequence], list[int], int]:
+        """Which prefilling sequences share this step's prefill forward, how many prompt
+        tokens each, and the padded width T: the oldest first, B * T within the budget, and
+        every row's pads (positions pos + len .. pos + T - 1) inside the KV cache."""
+        batch: list[_Sequence] = []
+        lens: list[int] = []
+        width = 0
+        for seq in (s for s in self._active if s.prefilling):
+            remaining = len(seq.prompt_ids) - seq.pos
+            want = max(width, min(remaining, self.max_prefill_tokens))
+            if batch and (len(batch) + 1) * want > self.max_prefill_tokens:
+                want = width  # do not widen the batch for this one; it takes a shorter chunk
+                if (len(batch) + 1) * want > self.max_prefill_tokens:
+                    break
+            if any(s.pos + want > self.cache.max_len for s in [*batch, seq]):
+                continue  # its (or another row's) pads would fall off the cache: next step
+            batch.append(seq)
+            lens.append(min(remaining, want))
+            width = want
+        return batch, lens, width
+
+    def _prefill_chunk(self) -> None:
+        """One forward over the next chunk of every prompt in the plan (right-padded, see the
+        module notes); rows whose prompt is complete sample their first token."""
+        batch, lens, width = self._chunk_plan()
         try:
-            logits = self._prefill(batch)  # [B, V] on the host
+            logits = self._prefill(batch, lens, width)  # [B, V] on the host
         except Exception as exc:
             log.exception("prefill failed")
             for seq in batch:
                 self._finish(seq, "error", error=f"inference failed: {exc}")
             return
+        done = [i for i, seq in enumerate(batch) if not seq.prefilling]
+        if not done:
+            return
         now = time.monotonic()
-        for seq, token in zip(batch, self._sample(batch, logits)):
+        ready = [batch[i] for i in done]
+        for seq, token in zip(ready, self._sample(ready, logits[torch.tensor(done)])):
             self._accept(seq, token, now)
 
-    def _prefill(self, batch: list[_Sequence]) -> torch.Tensor:
-        """One forward over all prompts, right-padded (see the module notes); [B, V] logits."""
-        lens = [len(s.prompt_ids) for s in batch]
-        B, T = len(batch), max(lens)
-        assert T < self.cache.max_len, f"prompt of {T} tokens does not fit the KV cache ({self.cache.max_len})"
+    def _prefill(self, batch: list[_Sequence], lens: list[int], width: int) -> torch.Tensor:
+        """Prompt tokens pos .. pos + len of each row at their absolute positions, pads after
+        them (see the module notes); [B, V] logits of each row's last real token."""
+        B, T = len(batch), width
         ids = torch.zeros(B, T, dtype=torch.long)  # [B, T]; pad id 0: any valid id, never attended to
-        for i, seq in enumerate(batch):
-            ids[i, : lens[i]] = torch.tensor(seq.prompt_ids)
-        # pads continue their row's positions: causal masking hides them from real queries
-        positions = torch.arange(T).expand(B, T)  # [B, T]
+        positions = torch.empty(B, T, dtype=torch.long)  # [B, T]
+        for i, (seq, n) in enumerate(zip(batch, lens)):
+            ids[i, :n] = torch.tensor(seq.prompt_ids[seq.pos : seq.pos + n])
+            # pads continue their row's positions: causal masking hides them from real queries
+            positions[i] = torch.arange(seq.pos, seq.pos + T)
         slots = torch.tensor([s.slot for s in batch])  # [B]
         last_index = torch.tensor(lens) - 1  # [B] each row's last real token
         logits = self.model(
@@ -404,7 +466,8 @@ class Engine:
             last_index=last_index.to(self.device),
         )  # [B, 1, V]
         for seq, n in zip(batch, lens):
-            seq.pos = n
+            self.pool.extend(seq.slot, seq.prompt_ids[seq.pos : seq.pos + n])
+            seq.pos += n
         with self._stats_lock:
             self._prefill_batches_total += 1
             self._prefill_tokens_total += sum(lens)
@@ -420,7 +483,7 @@ class Engine:
         return sample_batch(logits, [s.params for s in batch], [s.generator for s in batch], banned)
 
     def _decode(self) -> None:
-        batch = list(self._active)
+        batch = [s for s in self._active if not s.prefilling]
         ids = torch.tensor([[s.out_ids[-1]] for s in batch], device=self.device)  # [B, 1]
         positions = torch.tensor([[s.pos] for s in batch], device=self.device)  # [B, 1]
         slots = torch.tensor([s.slot for s in batch], device=self.device)  # [B]
@@ -428,6 +491,7 @@ class Engine:
         logits = logits.cpu()  # one device->host copy for the whole batch (and a sync)
         now = time.monotonic()
         for seq, token in zip(batch, self._sample(batch, logits)):
+            self.pool.extend(seq.slot, seq.out_ids[-1:])  # the token just fed is in the cache now
             seq.pos += 1
             self._accept(seq, token, now)
 
@@ -461,7 +525,12 @@ class Engine:
             # the stream is complete: emit held-back bytes, then text held for stop strings
             text += seq.stop.feed(seq.decoder.flush())[0] + seq.stop.flush()
         self._active.remove(seq)
-        self._free_slots.append(seq.slot)
+        if reason == "error":  # a failed forward may have left its entries half written
+            self.pool.forget(seq.slot)
+        else:
+            self.pool.release(seq.slot)
+        with self._stats_lock:
+            self._cached_tokens = self.pool.cached_tokens
         self._emit_final(seq, reason, text=text, error=error)
 
     def _emit_final(self, seq: _Sequence, reason: str, *, text: str = "", error: str | None = None) -> None:

@@ -362,6 +362,13 @@ class KVCache:
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
+    @staticmethod
+    def slot_bytes(config: LlamaConfig, max_len: int, dtype: torch.dtype) -> int:
+        """What one slot of `max_len` positions takes."""
+        assert config.head_dim is not None
+        per_position = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim
+        return per_position * max_len * torch.empty((), dtype=dtype).element_size()
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:

@@ -246,7 +246,8 @@ def test_batched_prefill_matches_prefill_alone(tokenizer: ChatTokenizer) -> None
 
     batch = [seq(ids, slot) for slot, ids in zip((3, 0, 2, 1), prompts)]
     with torch.inference_mode():
-        batched = engine._prefill(batch)  # [4, V]: one right-padded forward
+        lens = [len(p) for p in prompts]
+        batched = engine._prefill(batch, lens, max(lens))  # [4, V]: one right-padded forward
         assert batched.shape == (4, tokenizer.vocab_size)
         assert [s.pos for s in batch] == [len(p) for p in prompts]
         for i, ids in enumerate(prompts):
@@ -333,9 +334,14 @@ def test_engine_prefill_budget_splits_a_burst(tokenizer: ChatTokenizer) -> None:
             assert h.done.wait(30), "request did not finish"
         stats = engine.stats()
         assert stats.prefill_batches_total >= 3 and stats.requests_total["length"] == 6, stats
-        # a prompt above the budget is still served, alone
-        text, final = generate_text(engine, chat_of(6), SamplingParams(max_tokens=3, seed=0))
+        # a prompt above the budget is prefilled in chunks, one forward each
+        # (what it shares with the burst's prompts comes from the prefix cache)
+        before = engine.stats()
+        text, final = generate_text(engine, chat_of(12), SamplingParams(max_tokens=3, seed=0))
         assert final.finish_reason == "length" and final.completion_tokens == 3
+        after = engine.stats()
+        computed = after.prefill_tokens_total - before.prefill_tokens_total
+        assert computed > 2 * n and after.prefill_batches_total - before.prefill_batches_total >= computed / (2 * n)
     finally:
         engine.stop()
 

@@ -165,11 +165,14 @@ class _Metrics:
          "Sum of gaps between consecutive output tokens of a request, in ms (mean = / chat_output_tokens_total)"),
         ("chat_output_tokens_total", "output_tokens_total", "Output tokens after the first of each request"),
         ("chat_prefill_tokens_total", "prefill_tokens_total", "Prompt tokens prefilled"),
-        ("chat_prefill_batches_total", "prefill_batches_total", "Prefill forward passes (one per admitted batch)"),
+        ("chat_prefill_batches_total", "prefill_batches_total", "Prefill forward passes (one chunk of one or more prompts each)"),
+        ("chat_prefix_cache_reused_tokens_total", "prefix_reused_tokens_total",
+         "Prompt tokens whose keys and values came from the prefix cache instead of a prefill"),
     )
     GAUGES = (
         ("chat_active_sequences", "active_sequences", "Sequences being generated (holding a KV-cache slot)"),
         ("chat_queue_length", "queue_length", "Accepted requests waiting for a KV-cache slot"),
+        ("chat_prefix_cache_tokens", "cached_tokens", "Tokens kept in idle KV-cache slots for later turns"),
     )
 
     def __init__(self, labels: dict[str, str]) -> None:
@@ -222,19 +225,14 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         torch.set_num_threads(int(params.get("num_threads", "2")))
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype_name = params.get("dtype", "auto")
-        if dtype_name == "auto":
-            dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        else:
-            dtype = getattr(torch, dtype_name)
-            assert isinstance(dtype, torch.dtype), f"dtype parameter {dtype_name!r} is not a torch dtype"
         model_dir = Path(params.get("model_dir", "demo"))
         if not model_dir.is_absolute():
             model_dir = Path(__file__).resolve().parent / model_dir  # relative to the version folder
         max_seq_len = int(params.get("max_seq_len", "0")) or None
         self.engine = Engine.from_pretrained(
-            model_dir, device=device, dtype=dtype, max_batch_size=int(params.get("max_num_seqs", "8")),
-            max_seq_len=max_seq_len, max_prefill_tokens=int(params.get("max_prefill_tokens", "2048")),
+            model_dir, device=device, precision=params.get("precision", "auto"), max_batch_size=int(params.get("max_num_seqs", "8")),
+            max_seq_len=max_seq_len, max_prefill_tokens=int(params.get("max_prefill_tokens", "512")),
+            kv_cache_bytes=int(params.get("kv_cache_mb", "0")) * 2**20,
         )
         self.engine.start()
         labels = {"model": args.get("model_name", "chat"), "version": str(args.get("model_version", "1"))}
@@ -246,8 +244,8 @@ class TritonPythonModel:
         self._sender_thread = threading.Thread(target=self._send_loop, name="chat-sender", daemon=True)
         self._sender_thread.start()
         pb_utils.Logger.log_info(
-            f"chat model ready: {model_dir} on {device}/{dtype}, context {self.engine.max_seq_len}, "
-            f"{self.engine.max_batch_size} sequences"
+            f"chat model ready: {model_dir} on {device} in {self.engine.precision}, context {self.engine.max_seq_len}, "
+            f"{self.engine.max_batch_size} sequences, {self.engine.cache.num_slots} KV-cache slots"
         )
 
     def execute(self, requests: list[Any]) -> None:

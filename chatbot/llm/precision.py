@@ -1,0 +1,109 @@
+"""Serving precision of a loaded model: fp32, bf16, or int8 weights with bf16 compute.
+
+Design notes
+- Decoding one token reads every weight once, so on a CPU a decode step is bound by memory
+  traffic: SmolLM2-135M in fp32 streams 540 MB per step (~21 of its ~31 ms on 2 cores).
+  Halving or quartering the bytes is the lever, not the arithmetic.
+- `bf16`: every floating tensor (weights, activations, KV cache) in bfloat16; RMSNorm still
+  reduces in fp32 and the logits come out as fp32 (model.py). PyTorch runs bf16 matmuls on
+  any CPU, but only fast where oneDNN has native kernels (AVX512-BF16 or AMX), so `auto`
+  picks it only there (`native_bf16`): elsewhere bf16 would be slower than fp32.
+- `int8`: weight-only int8 as gpt-fast does it: every linear of the decoder and the
+  lm_head stores int8 weights with one fp32-derived scale per output channel (symmetric,
+  absmax / 127); activations, norms, embeddings and the KV cache stay bf16. On the CPU a
+  call with few rows (a decode step of up to `INT8_KERNEL_MAX_ROWS` sequences) runs
+  PyTorch's int8 kernel `_weight_int8pack_mm`, which reads the int8 weights directly;
+  larger calls (prefill, big decode batches) dequantise the weight to bf16 and use the
+  bf16 matmul, because that kernel is slow for many rows (measured on 2 cores, a
+  576x1536 weight: 32 rows 349 us against 73 us dequantised). On CUDA it always
+  dequantises. The tied embedding stays bf16 for lookups; the lm_head gets its own int8
+  copy (a 49152x576 head is a fifth of SmolLM2's weights).
+- Quality against fp32 is measured, not assumed: tests/integration/test_precision.py
+  checks greedy-token agreement and held-out loss of each precision on the real model, and
+  bench/engine.py --precisions prints the figures.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "int8")
+INT8_KERNEL_MAX_ROWS = 32
+
+
+@cache
+def native_bf16() -> bool:
+    """True when this CPU has native bf16 matmul kernels (AVX512-BF16 or AMX) that
+    oneDNN will use; asked of PyTorch itself, so a CPU that lists a feature the VM cannot
+    execute (AMX here) does not count unless oneDNN agrees."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve(precision: str, device: str | torch.device) -> str:
+    """`auto` -> bf16 on CUDA, bf16 on a CPU with native bf16, else fp32; others checked."""
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" or native_bf16() else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    return torch.float32 if precision == "fp32" else torch.bfloat16
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale).T + b with q int8 [out, in] and one scale per output row."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [out]
+        self.register_buffer("qweight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous())
+        self.register_buffer("scales", scales.to(dtype))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if x.device.type == "cpu" and rows <= INT8_KERNEL_MAX_ROWS and x.dtype == self.scales.dtype:
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, x.shape[-1]), self.qweight, self.scales)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.qweight.to(x.dtype) * self.scales[:, None])
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Replace every nn.Linear under `model` by an Int8Linear (a tied lm_head gets its own
+    copy; the embedding it shared stays as it is); returns how many were replaced."""
+    targets = [(parent, name, child) for parent in model.modules()
+               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    for parent, name, child in targets:
+        setattr(parent, name, Int8Linear(child, dtype))
+    return len(targets)
+
+
+def apply(model: nn.Module, precision: str) -> nn.Module:
+    """Cast or quantise a loaded fp32 model in place for serving at `precision`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return model.float()
+    if precision == "int8":
+        quantize_int8(model, torch.bfloat16)  # from the fp32 weights, before they are rounded
+    for p in model.parameters():  # parameters only: the rotary frequencies stay fp32
+        p.data = p.data.to(torch.bfloat16)
+    if next(model.parameters()).device.type == "cpu" and not native_bf16():
+        log.warning("this CPU has no native bf16 kernels: %s will be slower than fp32 here", precision)
+    return model

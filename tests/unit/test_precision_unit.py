@@ -1,0 +1,39 @@
+"""Int8 weight-only linears (chatbot/llm/precision.py) on random weights: both kernel
+paths (few rows: PyTorch's int8 kernel; many rows: dequantised bf16) compute the layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from chatbot.llm.engine import in_passing_thread
+from chatbot.llm.precision import INT8_KERNEL_MAX_ROWS, Int8Linear, apply
+from tests.unit.test_llm import tiny_model
+
+
+@pytest.mark.parametrize("rows", [1, INT8_KERNEL_MAX_ROWS, INT8_KERNEL_MAX_ROWS + 5])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_matches_the_float_layer(rows: int, bias: bool) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48, bias=bias)
+    q = Int8Linear(linear)
+    x = torch.randn(rows, 64)
+    with torch.inference_mode():
+        want = linear(x)
+        got = in_passing_thread(lambda: q(x.bfloat16()).float())
+    assert got.shape == want.shape
+    # int8 rounding (absmax/127 per row) and bf16 activations: ~1% of the output scale
+    assert (got - want).abs().max() <= 0.03 * want.abs().max()
+
+
+def test_apply_quantises_every_linear_and_keeps_rotary_in_fp32() -> None:
+    model = apply(tiny_model(), "int8")
+    assert not [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert model.inv_freq.dtype == torch.float32
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        logits = in_passing_thread(lambda: model(ids))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="precision must be"):
+        apply(tiny_model(), "int4")
