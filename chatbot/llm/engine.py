@@ -209,6 +209,7 @@ class Engine:
         max_seq_len: int | None = None,
         max_prefill_tokens: int = 512,
         kv_cache_bytes: int = 0,
+        prefix_cache: bool = True,
     ) -> None:
         assert max_batch_size >= 1, f"max_batch_size must be >= 1, got {max_batch_size}"
         assert max_prefill_tokens >= 1, f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}"
@@ -224,7 +225,7 @@ class Engine:
         one_slot = KVCache.slot_bytes(model.config, self.max_seq_len, self.dtype)
         num_slots = max(max_batch_size, kv_cache_bytes // one_slot)
         self.cache = KVCache(model.config, num_slots, self.max_seq_len, self.device, self.dtype)
-        self.pool = SlotPool(num_slots)
+        self.pool = SlotPool(num_slots, reuse=prefix_cache)
         eos = set(model.config.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -254,7 +255,7 @@ class Engine:
         model_dir: str | Path,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
-        **kwargs: int,
+        **kwargs: Any,
     ) -> Engine:
         """Load the model at `precision` (fp32, bf16, int8 or auto: chatbot/llm/precision.py)
         and make the engine, in a thread that exits before the engine thread starts, so the

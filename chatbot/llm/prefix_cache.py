@@ -55,9 +55,10 @@ def _block_hashes(tokens: list[int], limit: int) -> list[int]:
 
 
 class SlotPool:
-    def __init__(self, num_slots: int) -> None:
+    def __init__(self, num_slots: int, reuse: bool = True) -> None:
         assert num_slots >= 1, "a slot pool needs at least one slot"
         self.num_slots = num_slots
+        self.reuse = reuse  # False: every prompt is prefilled in full (benchmarks, diagnosis)
         self.tokens: list[list[int]] = [[] for _ in range(num_slots)]
         self._hashes: list[list[int]] = [[] for _ in range(num_slots)]  # chained block hashes of tokens
         self._index: dict[int, set[int]] = {}  # block-prefix hash -> slots holding that prefix
@@ -126,6 +127,8 @@ class SlotPool:
     # ---- internals ----------------------------------------------------------------------
 
     def _longest_prefix(self, prompt: list[int]) -> tuple[int | None, int]:
+        if not self.reuse:
+            return None, 0
         limit = len(prompt) - 1  # the last prompt token is always computed
         best: int | None = None
         blocks = 0

@@ -233,6 +233,7 @@ class TritonPythonModel:
             model_dir, device=device, precision=params.get("precision", "auto"), max_batch_size=int(params.get("max_num_seqs", "8")),
             max_seq_len=max_seq_len, max_prefill_tokens=int(params.get("max_prefill_tokens", "512")),
             kv_cache_bytes=int(params.get("kv_cache_mb", "0")) * 2**20,
+            prefix_cache=params.get("prefix_cache", "true").lower() != "false",
         )
         self.engine.start()
         labels = {"model": args.get("model_name", "chat"), "version": str(args.get("model_version", "1"))}
