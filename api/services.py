@@ -115,7 +115,7 @@ class Services:
         throttle = AuthThrottle(readmodels, settings.auth_attempts_per_address, settings.login_failures_per_account)
         sessions = SessionStore(readmodels, settings.token_ttl_s)
         await anyio.to_thread.run_sync(sessions.refresh)  # every end young enough to matter, before serving
-        services = cls(settings, app, readmodels, nc, triton_aio.InferenceServerClient(settings.triton_url), limits,
+        services = cls(settings, app, readmodels, nc, triton_aio.InferenceServerClient(settings.triton_urls[0]), limits,
                        throttle, sessions)
         services.session_watch = asyncio.create_task(services.watch_sessions())
         return services

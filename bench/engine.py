@@ -283,7 +283,8 @@ def repository_with(tmp: Path, **params: str) -> Path:
 
 @contextlib.contextmanager
 def triton_serving(log_dir: Path, **params: str) -> Iterator[str]:
-    """A tritonserver serving the chat model with these parameters; yields its gRPC address."""
+    """A tritonserver serving the chat model with these parameters; yields its gRPC address
+    and its metrics URL."""
     log_dir.mkdir(parents=True, exist_ok=True)
     ports = Ports.random()
     log = log_dir / "triton.log"
@@ -298,7 +299,7 @@ def triton_serving(log_dir: Path, **params: str) -> Iterator[str]:
         except (RuntimeError, TimeoutError):
             print(log.read_text()[-4000:], file=sys.stderr)
             raise
-        yield f"127.0.0.1:{ports.triton_grpc}"
+        yield f"127.0.0.1:{ports.triton_grpc}", f"http://127.0.0.1:{ports.triton_metrics}/metrics"
     finally:
         child.stop()
 
@@ -306,7 +307,7 @@ def triton_serving(log_dir: Path, **params: str) -> Iterator[str]:
 def run_engine(
     levels: dict[int, list[list[Request]]], new_tokens: int, log_dir: Path, precision: str,
 ) -> dict[int, LevelResult]:
-    with triton_serving(log_dir, precision=precision) as grpc_url:
+    with triton_serving(log_dir, precision=precision) as (grpc_url, _):
         # warm-up: first forwards allocate and pick kernels; a short batch of 8 covers prefill and decode
         every = [r for waves in levels.values() for wave in waves for r in wave]
         warm = [dataclasses.replace(r, arrival=0.0) for r in every[:8]]
@@ -331,18 +332,33 @@ TURNS = [
 ]
 
 
-async def multi_turn(grpc_url: str, new_tokens: int) -> list[tuple[int, float]]:
-    """(prompt tokens, time to first token in ms) of each turn of one conversation, sent one
-    after the other with the replies as history, as the chat sends them."""
+def reused_tokens(metrics_url: str) -> int:
+    """The Triton model's count of prompt tokens taken from its prefix cache."""
+    import urllib.request
+
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    return int(sum(float(m.group(1)) for m in re.finditer(
+        r"^chat_prefix_cache_reused_tokens_total(?:\{[^}]*\})? (\S+)$", text, re.M)))
+
+
+async def multi_turn(
+    grpc_url: str, metrics_url: str, new_tokens: int, system: str = SYSTEM,
+) -> list[tuple[int, float, int]]:
+    """(prompt tokens, time to first token in ms, prompt tokens reused from the prefix cache)
+    of each turn of one conversation, sent one after the other with the replies as history,
+    as the chat sends them."""
     from tritonclient.grpc import aio as triton_aio
 
     from workers.inference import stream_reply
 
     client = triton_aio.InferenceServerClient(grpc_url)
-    messages: list[dict[str, str]] = [{"role": "system", "content": SYSTEM}]
+    messages: list[dict[str, str]] = [{"role": "system", "content": system}]
     out = []
     try:
         for i, text in enumerate(TURNS):
+            await asyncio.sleep(0.3)  # the model pushes its metrics every 0.25 s
+            before = reused_tokens(metrics_url)
             messages.append({"role": "user", "content": text})
             start, first, reply = time.perf_counter(), 0.0, []
             final: dict[str, Any] | None = None
@@ -353,30 +369,34 @@ async def multi_turn(grpc_url: str, new_tokens: int) -> list[tuple[int, float]]:
                 reply.append(delta)
                 final = end or final
             assert final is not None
-            out.append((int(final["prompt_tokens"]), ((first or time.perf_counter()) - start) * 1000))
+            ttft = ((first or time.perf_counter()) - start) * 1000
+            await asyncio.sleep(0.3)
+            out.append((int(final["prompt_tokens"]), ttft, reused_tokens(metrics_url) - before))
             messages.append({"role": "assistant", "content": "".join(reply)})
     finally:
         await client.close()
     return out
 
 
-def run_multi_turn(log_dir: Path, new_tokens: int, precision: str) -> dict[str, list[tuple[int, float]]]:
+def run_multi_turn(log_dir: Path, new_tokens: int, precision: str) -> dict[str, list[tuple[int, float, int]]]:
     """The same conversation with the prefix cache and without it (prefix_cache false)."""
     out = {}
     for name, reuse in (("prefix cache", "true"), ("no cache", "false")):
         params = {"precision": precision, "prefix_cache": reuse}
-        with triton_serving(log_dir / name.replace(" ", "-"), **params) as grpc_url:
-            asyncio.run(multi_turn(grpc_url, 4))  # warm-up, then a different conversation
-            out[name] = asyncio.run(multi_turn(grpc_url, new_tokens))
+        with triton_serving(log_dir / name.replace(" ", "-"), **params) as (grpc_url, metrics_url):
+            # warm-up with another system prompt: the measured conversation shares nothing with it
+            asyncio.run(multi_turn(grpc_url, metrics_url, 4, system="Warm up the kernels, please."))
+            out[name] = asyncio.run(multi_turn(grpc_url, metrics_url, new_tokens))
     return out
 
 
-def report_multi_turn(runs: dict[str, list[tuple[int, float]]], new_tokens: int) -> None:
+def report_multi_turn(runs: dict[str, list[tuple[int, float, int]]], new_tokens: int) -> None:
     print(f"\nOne conversation of {len(TURNS)} turns ({new_tokens} new tokens per reply): time to first token, ms")
     names = list(runs)
-    print(f"{'turn':>4} | {'prompt tokens':>13} | " + " | ".join(f"{n:>12}" for n in names))
+    print(f"{'turn':>4} | {'prompt tokens':>13} | {'reused':>6} | " + " | ".join(f"{n:>12}" for n in names))
     for i in range(len(TURNS)):
-        print(f"{i + 1:>4} | {runs[names[0]][i][0]:>13} | " + " | ".join(f"{runs[n][i][1]:>12.0f}" for n in names))
+        prompt, _, reused = runs[names[0]][i]
+        print(f"{i + 1:>4} | {prompt:>13} | {reused:>6} | " + " | ".join(f"{runs[n][i][1]:>12.0f}" for n in names))
     cached = runs[names[0]]
     ratio = cached[-1][1] / cached[0][1]
     print(f"  with the prefix cache, turn {len(TURNS)} / turn 1: {ratio:.2f}x  (goal <= 1.3x: {goal(ratio <= 1.3)})")

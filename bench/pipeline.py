@@ -93,7 +93,7 @@ async def run(stack: Stack, levels: list[int], rounds: int) -> None:
                       system_prompt=SYSTEM, greeting="", model="chat", temperature=0.8, top_p=0.95,
                       max_tokens=MAX_TOKENS)
     app.save(persona)
-    triton = triton_aio.InferenceServerClient(stack.settings.triton_url)
+    triton = triton_aio.InferenceServerClient(stack.settings.triton_urls[0])
     await direct_ttft(triton, 4, 2)  # warm-up
     print(f"\nTime to first token, ms ({MAX_TOKENS} new tokens per reply, {rounds} rounds per level)")
     print(f"{'streams':>8} | {'direct p50':>10} {'p99':>7} | {'pipeline p50':>12} {'p99':>7} | {'added p50':>9} {'p99':>7}")

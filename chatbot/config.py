@@ -36,7 +36,7 @@ class Settings:
     pg_password: str
     pg_dbname: str
     nats_url: str
-    triton_url: str  # gRPC host:port
+    triton_url: str  # gRPC host:port; several comma-separated: workers route each conversation to one (workers/routing.py)
     api_host: str
     api_port: int
     cipher_key: str  # base64 AES key for events at rest and on the broker
@@ -68,6 +68,11 @@ class Settings:
     max_reply_tokens: int = 0
     chain_key: str = ""  # base64 HMAC key of the events' hash chain (kept out of the database)
     model_repository: Path = REPO_ROOT / "triton_models"  # what Triton serves; `chatbot train` adds versions
+
+    @property
+    def triton_urls(self) -> tuple[str, ...]:
+        """`CHATBOT_TRITON_URL` may list several Triton instances, comma-separated."""
+        return tuple(u.strip() for u in self.triton_url.split(",") if u.strip())
 
     @property
     def nats_servers(self) -> list[str]:

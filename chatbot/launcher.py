@@ -285,12 +285,16 @@ class Stack:
         nats_nodes: int = 1,
         projectors: int = 1,
         worker_groups: int = 1,
+        tritons: int = 1,
     ) -> None:
         if nats_nodes not in (1, 3):
             raise ValueError(f"NATS runs as 1 server or a cluster of 3, not {nats_nodes}")
         if worker_groups > workers:
             raise ValueError(f"{worker_groups} worker groups need at least as many workers, not {workers}")
+        if tritons < 1:
+            raise ValueError(f"the stack needs at least one Triton instance, not {tritons}")
         self.ports = ports or Ports()
+        self.tritons = tritons
         self.model_repository = model_repository or settings.model_repository
         self.nats_nodes = nats_cluster_nodes(self.ports, nats_nodes) if nats_nodes > 1 else []
         nats_url = (",".join(n.url for n in self.nats_nodes) if self.nats_nodes
@@ -299,7 +303,8 @@ class Stack:
             settings,
             nats_url=nats_url,
             stream_replicas=3 if self.nats_nodes else settings.stream_replicas,
-            triton_url=f"127.0.0.1:{self.ports.triton_grpc}",
+            # several: workers route each conversation to one (workers/routing.py)
+            triton_url=",".join(f"127.0.0.1:{self.triton_ports(i).triton_grpc}" for i in range(tritons)),
             api_port=self.ports.api,
         )
         # the tools (`chatbot train`, `chatbot models`) find the repository Triton serves
@@ -317,6 +322,16 @@ class Stack:
     @property
     def api_urls(self) -> list[str]:
         return [f"http://127.0.0.1:{self.api_port(i)}" for i in range(self.apis)]
+
+    def triton_ports(self, index: int) -> Ports:
+        """Instance 0 on the stack's Triton ports, instance i on those + 10 * i."""
+        return dataclasses.replace(
+            self.ports, triton_http=self.ports.triton_http + 10 * index,
+            triton_grpc=self.ports.triton_grpc + 10 * index, triton_metrics=self.ports.triton_metrics + 10 * index,
+        )
+
+    def triton_name(self, index: int) -> str:
+        return "triton" if index == 0 else f"triton-{index}"
 
     def api_port(self, index: int) -> int:
         return self.ports.api if index == 0 else self.ports.api + 100 + index
@@ -359,15 +374,19 @@ class Stack:
                 ready=lambda: http_ok(f"http://127.0.0.1:{self.ports.nats_monitor}/healthz?js-enabled-only=true"),
                 ready_timeout=30, log=self._log("nats"),
             )]
-        triton = Child(
-            "triton", triton_argv(self.ports, self.model_repository), triton_env(),
-            ready=lambda: http_ok(f"http://127.0.0.1:{self.ports.triton_http}/v2/health/ready"),
-            ready_timeout=180, stop_timeout=35, log=self._log("triton"),  # it unloads models for up to 30 s
-        )
-        for child in (*servers, triton):
+        tritons = [
+            Child(
+                self.triton_name(i), triton_argv(self.triton_ports(i), self.model_repository), triton_env(),
+                ready=lambda i=i: http_ok(f"http://127.0.0.1:{self.triton_ports(i).triton_http}/v2/health/ready"),
+                # it unloads models for up to 30 s
+                ready_timeout=180, stop_timeout=35, log=self._log(self.triton_name(i)),
+            )
+            for i in range(self.tritons)
+        ]
+        for child in (*servers, *tritons):
             self.children[child.name] = child
             child.start()
-        for child in (*servers, triton):
+        for child in (*servers, *tritons):
             child.wait_ready()
 
     def bootstrap(self) -> None:

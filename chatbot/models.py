@@ -136,10 +136,10 @@ def list_models(settings: Settings, app: ChatApplication) -> list[dict[str, Any]
     listed = []
     for model in models(repository):
         try:
-            loaded = triton_versions(settings.triton_url, model)
+            loaded = triton_versions(settings.triton_urls[0], model)
         except Exception as e:  # noqa: BLE001 - Triton may be down: still show what is on disk
             loaded = {}
-            triton_error = f"Triton unreachable at {settings.triton_url}: {type(e).__name__}"
+            triton_error = f"Triton unreachable at {settings.triton_urls[0]}: {type(e).__name__}"
         else:
             triton_error = None
         rollout = app.model_rollout(model)
@@ -245,7 +245,7 @@ def rollout(
             raise InvalidRollout(f"the stable version of {model!r} is {state['stable']}, not {stable}")
         stable = state["stable"]
     elif stable is None:
-        ready = sorted((int(v) for v, s in triton_versions(settings.triton_url, model).items()
+        ready = sorted((int(v) for v, s in triton_versions(settings.triton_urls[0], model).items()
                         if s == "READY" and v != version), reverse=True)
         if not ready:
             raise InvalidRollout(f"Triton serves no other version of {model!r}: name the stable one with --stable")
@@ -253,8 +253,9 @@ def rollout(
     stable = check_version(stable)
     if stable == version:
         raise InvalidRollout(f"version {version} is the stable version of {model!r} already")
-    load_versions(settings.triton_url, settings.model_repository, model, [stable, version])
-    probe(settings.triton_url, model, version)
+    for url in settings.triton_urls:  # every instance serves the versions a rollout names
+        load_versions(url, settings.model_repository, model, [stable, version])
+        probe(url, model, version)
     return app.roll_out_model(model, version, percent, stable)
 
 
@@ -271,5 +272,6 @@ def _stable_only(settings: Settings, model: str, state: dict[str, Any], unload: 
     keeps only the stable version loaded."""
     if unload:
         time.sleep(GRACE_S)
-        load_versions(settings.triton_url, settings.model_repository, model, [state["stable"]])
+        for url in settings.triton_urls:
+            load_versions(url, settings.model_repository, model, [state["stable"]])
     return state

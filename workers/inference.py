@@ -49,6 +49,7 @@ from domain.application import ChatApplication, ReplyJob
 from chatbot.llm.errors import INVALID_REQUEST
 from workers.prompt import PromptBuilder, UnknownModel
 from workers.rollout import serving_model
+from workers.routing import TritonRouter, unreachable
 from workers.runtime import setup_logging, stop_on_signals
 
 log = logging.getLogger("worker")
@@ -162,9 +163,8 @@ async def stream_reply(
 
 
 class Worker:
-    def __init__(self, settings: Settings, app: ChatApplication, nc: nats.NATS,
-                 triton: triton_aio.InferenceServerClient) -> None:
-        self.settings, self.app, self.nc, self.triton = settings, app, nc, triton
+    def __init__(self, settings: Settings, app: ChatApplication, nc: nats.NATS, tritons: TritonRouter) -> None:
+        self.settings, self.app, self.nc, self.tritons = settings, app, nc, tritons
         self.prompts = PromptBuilder(settings.model_repository)
         self.generating: dict[str, asyncio.Event] = {}  # reply id -> set to stop it
         self.cancelled: dict[str, float] = {}  # stops heard for replies not (yet) here
@@ -262,19 +262,31 @@ class Worker:
         try:
             if stop.is_set():
                 return outcome("cancelled", job.model.partition("/")[2])
-            model = await serving_model(self.app, self.triton, job.model, reply_id)  # the rollout picks
-            stream = stream_reply(self.triton, model, reply_id, messages, job.params, counts)
-            async with aclosing(stream):
-                async for delta, final in stream:
-                    if final is not None:
-                        return outcome(final["finish_reason"], final["model_version"])
-                    if not parts:
-                        ttft = (time.perf_counter() - started) * 1000
-                    parts.append(delta)
-                    await self.nc.publish(subject, token_encoder.encode(TokenDelta(reply_id, offset, delta)))
-                    offset += len(delta)
-                    if stop.is_set():
-                        break  # closing the stream cancels the Triton request
+            model = await serving_model(self.app, self.tritons.first, job.model, reply_id)  # the rollout picks
+            instances = self.tritons.order(job.conversation_id)  # its KV cache's home first (routing.py)
+            for attempt, instance in enumerate(instances):
+                stream = stream_reply(self.tritons.clients[instance], model, reply_id, messages, job.params, counts)
+                try:
+                    async with aclosing(stream):
+                        async for delta, final in stream:
+                            if final is not None:
+                                self.tritons.mark_up(instance)
+                                return outcome(final["finish_reason"], final["model_version"])
+                            if not parts:
+                                ttft = (time.perf_counter() - started) * 1000
+                            parts.append(delta)
+                            await self.nc.publish(subject, token_encoder.encode(TokenDelta(reply_id, offset, delta)))
+                            offset += len(delta)
+                            if stop.is_set():
+                                break  # closing the stream cancels the Triton request
+                except Exception as e:  # noqa: BLE001 - only an unreachable instance is tried elsewhere
+                    if parts or not unreachable(e) or attempt == len(instances) - 1:
+                        raise
+                    log.warning("reply %s: Triton at %s unreachable (%s); trying the next instance",
+                                reply_id, self.tritons.urls[instance], e)
+                    self.tritons.mark_down(instance)
+                    continue
+                break
             if stop.is_set():
                 return outcome("cancelled", counts["model_version"])
         finally:
@@ -319,8 +331,8 @@ async def main(settings: Settings) -> None:
     app = chat_application(settings)
     nc = await nats.connect(settings.nats_servers, max_reconnect_attempts=-1)
     js = nc.jetstream()
-    triton = triton_aio.InferenceServerClient(settings.triton_url)
-    worker = Worker(settings, app, nc, triton)
+    tritons = TritonRouter(settings.triton_urls, triton_aio.InferenceServerClient)
+    worker = Worker(settings, app, nc, tritons)
     sub = await js.pull_subscribe(
         # CHATBOT_CONSUME_PARTITIONS: a consumer of its own over those partitions only
         event_filter("Conversation.ReplyRequested"), durable=consumer_name(DURABLE, settings.consume_partitions),
@@ -358,7 +370,7 @@ async def main(settings: Settings) -> None:
         await asyncio.wait(tasks, timeout=30)
     await sub.unsubscribe()
     await nc.drain()
-    await triton.close()
+    await tritons.close()
     app.close()
 
 

@@ -143,7 +143,7 @@ def worker_retries(stack: Stack, reply_ids: set[str]) -> list[str]:
 
 
 def triton_states(stack: Stack) -> dict[str, str]:
-    client = grpcclient.InferenceServerClient(stack.settings.triton_url)
+    client = grpcclient.InferenceServerClient(stack.settings.triton_urls[0])
     try:
         index = client.get_model_repository_index(as_json=True)["models"]
     finally:
