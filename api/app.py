@@ -30,7 +30,7 @@ from chatbot.config import load_settings
 from chatbot.eventstore import EventTooLarge
 from chatbot.postgres import WriteTimeout
 from domain.application import PasswordCheckBusy
-from domain.conversation import ConversationError, ConversationNotFound, MessageNotFound, ShareNotFound, ReplyNotFound, ReplyStillPending
+from domain.conversation import ConversationError, ConversationNotFound, MessageNotFound, ShareNotFound, ReplyNotFound, ReplyStillPending, PersonaUnavailable
 from domain.persona import InvalidPersona, NotPersonaOwner, PersonaError, PersonaNotFound, SlugTaken
 from domain.user import ApiKeyNotFound, EmailAlreadyRegistered, InvalidCredentials, UserError
 from web.pages import page_handlers, template_config
@@ -50,6 +50,7 @@ ERROR_STATUS: list[tuple[type[Exception], int, str]] = [
     (SlugTaken, 409, "slug_taken"),
     (InvalidPersona, 400, "invalid_persona"),
     (ReplyStillPending, 409, "reply_pending"),
+    (PersonaUnavailable, 409, "persona_unavailable"),
     (ConversationError, 400, "rejected"),
     (WriteTimeout, 503, "busy"),  # nothing was saved: the client may try again
     (PasswordCheckBusy, 503, "busy"),

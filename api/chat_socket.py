@@ -62,7 +62,7 @@ from chatbot.messaging import (
 )
 from chatbot.postgres import WriteTimeout
 from domain.application import PostedMessage
-from domain.conversation import ConversationError, ConversationNotFound, InvalidSampling, MessageNotFound
+from domain.conversation import ConversationError, ConversationNotFound, InvalidSampling, MessageNotFound, PersonaUnavailable
 
 log = logging.getLogger("api.ws")
 frame_decoder = msgspec.json.Decoder(ClientFrame)
@@ -245,6 +245,9 @@ class ChatSession:
             return self.error("not_found", "no such message in this conversation", **ids)
         except WriteTimeout:
             return self.error("busy", "the server is busy and saved nothing; try again in a few seconds", **ids)
+        except PersonaUnavailable as e:
+            owned = True  # checked after ownership
+            return self.error("persona_unavailable", str(e), **ids)
         except ConversationError as e:
             # every command checks ownership first; only sampling is checked before that
             owned = not isinstance(e, InvalidSampling)

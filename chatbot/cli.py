@@ -21,7 +21,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = load_settings()
     ports = Ports(api=args.port)
     stack = Stack(settings, ports, workers=args.workers, apis=args.api, nats_nodes=3 if args.nats_cluster else 1,
-                  projectors=args.projectors, worker_groups=args.worker_groups)
+                  projectors=args.projectors, worker_groups=args.worker_groups, tritons=args.tritons)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -164,7 +164,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from chatbot.bootstrap import chat_application
     from chatbot.integrity import render_verification, verify
-    from domain.ids import user_id_for
     from domain.user import UserError, check_email
 
     if sum(bool(x) for x in (args.conversation_id, args.user, args.all)) != 1:
@@ -184,7 +183,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if conversation_id is not None:
             ids, scope = [conversation_id], f"conversation {conversation_id}"
         elif email is not None:
-            user_id = user_id_for(email)
+            user_id = app.user_id_by_email(email)
+            if user_id is None:
+                print(f"chatbot audit --verify: no user {email}", file=sys.stderr)
+                return 1
             ids = list(dict.fromkeys([user_id, *app.mapper.keys.aggregates_of(user_id)]))  # type: ignore[attr-defined]
             scope = f"user {email}"
         report = verify(app, ids, every=ids is not None)
@@ -212,7 +214,6 @@ def end_sessions(settings: Settings, user_id: UUID) -> None:
 
 def cmd_erase_user(args: argparse.Namespace) -> int:
     from chatbot.bootstrap import chat_application
-    from domain.ids import user_id_for
     from domain.user import UserError, UserNotFound, check_email
 
     try:
@@ -226,8 +227,10 @@ def cmd_erase_user(args: argparse.Namespace) -> int:
         return 2
     settings, _postgres = tool_settings()
     app = chat_application(settings)
-    user_id = user_id_for(email)
+    user_id = app.user_id_by_email(email)
     try:
+        if user_id is None:
+            raise UserNotFound(email)
         erased = app.erase_user(user_id, by="operator")
         aggregates = len(app.mapper.keys.aggregates_of(user_id))  # type: ignore[attr-defined]
     except UserNotFound:
@@ -290,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start the whole stack on embedded servers")
     up.add_argument("--api", type=int, default=1, help="API processes")
     up.add_argument("--workers", type=int, default=1, help="inference worker processes")
+    up.add_argument("--tritons", type=int, default=1,
+                    help="Triton instances; workers send each conversation to the same one (its KV cache is there)")
     up.add_argument("--port", type=int, default=8000, help="port of the first API process")
     up.add_argument("--nats-cluster", action="store_true", help="NATS as a 3-node cluster, the stream in 3 replicas")
     up.add_argument("--projectors", type=int, default=1,

@@ -31,11 +31,12 @@ from domain.conversation import (
     ConversationError,
     ConversationNotFound,
     MessageTooLong,
+    PersonaUnavailable,
     ReplyAlreadyFinished,
     bounded_runs,
     check_sampling,
 )
-from domain.ids import persona_id_for, user_id_for
+from domain.ids import email_key_for, persona_id_for, user_id_for
 from domain.transfer import export_conversation, parse_chatgpt
 from domain.model_rollout import ModelRollout, RolloutNotFound, check_model_name, check_version, rollout_id_for
 from domain.persona import (
@@ -54,6 +55,7 @@ from domain.user import (
     AccountErased,
     ApiKey,
     ApiKeyNotFound,
+    EmailAddress,
     EmailAlreadyRegistered,
     InvalidCredentials,
     User,
@@ -196,12 +198,35 @@ class ChatApplication(Application[UUID]):
         check_password(password, email)
         with self._hashing():
             password_hash = self.hasher.hash(password)
+        taken = EmailAlreadyRegistered("this e-mail address is already registered")
+        if self._legacy_user(email) is not None:  # registered before users had random ids
+            raise taken
         user = User(email=email, password_hash=password_hash)
         try:
-            self.save(user)
+            # one transaction: the address is claimed by exactly one account, or by none
+            self.save(user, EmailAddress(email_key=email_key_for(email), user_id=user.id))
         except (IntegrityError, AccountErased):  # an erased account keeps its address
-            raise EmailAlreadyRegistered("this e-mail address is already registered") from None
+            raise taken from None
         return user.id
+
+    def user_id_by_email(self, email: str) -> UUID | None:
+        """The account registered with this address, or None."""
+        try:
+            claim = self.repository.get(email_key_for(email))
+        except AggregateNotFoundError:
+            return self._legacy_user(email)
+        return claim.user_id if isinstance(claim, EmailAddress) else None
+
+    def _legacy_user(self, email: str) -> UUID | None:
+        """The id of the account with this address from before random user ids, if any."""
+        user_id = user_id_for(email)
+        try:
+            self.repository.get(user_id)
+        except AggregateNotFoundError:
+            return None
+        except AccountErased:
+            pass  # erased: it still holds its address
+        return user_id
 
     def authenticate(self, email: str, password: str) -> UUID:
         """The user these credentials name. An unknown address costs the same argon2 check
@@ -209,7 +234,10 @@ class ChatApplication(Application[UUID]):
         with self._hashing():
             try:
                 try:
-                    user: User = self.repository.get(user_id_for(email))
+                    user_id = self.user_id_by_email(email)
+                    if user_id is None:
+                        raise AggregateNotFoundError(email_key_for(email))
+                    user: User = self.repository.get(user_id)
                 except AggregateNotFoundError:
                     if not self._decoy_hash:
                         self._decoy_hash = self.hasher.hash(secrets.token_hex(16))
@@ -394,12 +422,13 @@ class ChatApplication(Application[UUID]):
             raise InvalidPersona(f"model is one of the served models ({names}), optionally with a version: name/N")
 
     def persona_versions(self, persona_id: UUID, user_id: UUID | None) -> list[dict[str, Any]]:
-        """Every version of the persona, oldest first, each as it stood then."""
+        """Every version of the persona, oldest first, each as it stood then; to anyone but
+        its creator only the versions that were public (a prompt written while the persona
+        was private stays private)."""
         latest = self.visible_persona(persona_id, user_id)
-        return [
-            self.repository.get(persona_id, version=v).snapshot()
-            for v in range(1, int(latest["version"]) + 1)
-        ]
+        versions = (self.repository.get(persona_id, version=v).snapshot() for v in range(1, int(latest["version"]) + 1))
+        owner = latest["owner_id"] is not None and latest["owner_id"] == user_id
+        return [v for v in versions if owner or v["visibility"] == "public"]
 
     # -- conversations --------------------------------------------------------------------
 
@@ -445,6 +474,16 @@ class ChatApplication(Application[UUID]):
             raise ConversationNotFound(str(conversation_id))
         return conversation.owner_id
 
+    def _persona_of(self, conversation: Conversation) -> Persona:
+        """The persona that answers in this conversation, while its owner may still use it."""
+        persona = self.read_persona(conversation.persona_id)
+        if not persona.visible_to(conversation.owner_id):
+            raise PersonaUnavailable(
+                f"the persona {persona.name!r} was {'retired' if persona.retired else 'made private'} by its "
+                "creator and answers no more messages; start a new chat with another persona"
+            )
+        return persona
+
     def post_message(
         self, conversation_id: UUID, user_id: UUID, client_message_id: str, text: str,
         sampling: dict[str, Any] | None = None,
@@ -456,7 +495,7 @@ class ChatApplication(Application[UUID]):
 
         def attempt() -> PostedMessage:
             conversation = self._owned(conversation_id, user_id)
-            persona = self.read_persona(conversation.persona_id)
+            persona = self._persona_of(conversation)
             params = self._reply_params(conversation, persona, overrides)
             self._check_fits(conversation, persona, text, params)
             message_id, reply_id, created = conversation.post_message(
@@ -475,7 +514,7 @@ class ChatApplication(Application[UUID]):
 
         def attempt() -> PostedMessage:
             conversation = self._owned(conversation_id, user_id)
-            persona = self.read_persona(conversation.persona_id)
+            persona = self._persona_of(conversation)
             params = self._reply_params(conversation, persona, {})
             self._check_fits(conversation, persona, text, params)
             new_id, reply_id, created = conversation.edit_message(
@@ -493,7 +532,7 @@ class ChatApplication(Application[UUID]):
 
         def attempt() -> PostedMessage:
             conversation = self._owned(conversation_id, user_id)
-            persona = self.read_persona(conversation.persona_id)
+            persona = self._persona_of(conversation)
             parent, reply_id = conversation.regenerate(
                 message_id, persona.version, persona.model, self._reply_params(conversation, persona, {})
             )
@@ -726,6 +765,8 @@ class ChatApplication(Application[UUID]):
     def _user_name(self, user_id: UUID) -> str:
         """What `{{user_name}}` in a system prompt becomes: the e-mail's local part."""
         if user_id not in self._name_cache:
+            if len(self._name_cache) > 10_000:  # bounded: one entry per user otherwise
+                self._name_cache.clear()
             self._name_cache[user_id] = self.user_email(user_id).split("@", 1)[0]
         return self._name_cache[user_id]
 

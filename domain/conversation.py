@@ -49,6 +49,11 @@ class ConversationNotFound(ConversationError):
     pass
 
 
+class PersonaUnavailable(ConversationError):
+    """The conversation's persona was retired, or made private by its creator, since the
+    conversation started: it answers no more messages there."""
+
+
 class EmptyMessage(ConversationError):
     pass
 

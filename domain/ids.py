@@ -1,4 +1,10 @@
-"""Deterministic ids for lookup aggregates: a user by e-mail, a persona by slug."""
+"""Deterministic ids for lookup aggregates: an e-mail address, a persona by slug.
+
+Users themselves have random ids (they are shown to other users, as the owner of a public
+persona, and an id derived from the address would let anyone confirm a guessed address
+offline); the `EmailAddress` lookup aggregate, whose id is derived from the address and
+never leaves the server, maps an address to its user. Accounts registered before that
+have the id `user_id_for(email)`, which is still looked up as a fallback."""
 
 from __future__ import annotations
 
@@ -8,7 +14,13 @@ NAMESPACE = UUID("6f1c3f0e-5a53-4d4e-9f0b-8f5b8c2f6a10")
 
 
 def user_id_for(email: str) -> UUID:
+    """The id of an account registered before users had random ids."""
     return uuid5(NAMESPACE, "user:" + normalize_email(email))
+
+
+def email_key_for(email: str) -> UUID:
+    """The id of the `EmailAddress` lookup aggregate of an address (server-side only)."""
+    return uuid5(NAMESPACE, "email:" + normalize_email(email))
 
 
 def persona_id_for(slug: str) -> UUID:

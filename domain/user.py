@@ -1,4 +1,5 @@
-"""The `User` aggregate: an account identified by its e-mail address, and its API keys.
+"""The `User` aggregate: an account with a random id and an e-mail address, its API keys,
+and the `EmailAddress` lookup aggregate that finds it by address (domain/ids.py).
 
 An API key reads `sk-chat-<key id>-<secret>`: the key id (16 hex digits) is printed in the
 key, so the `ApiKey` lookup aggregate, whose id is `uuid5(NAMESPACE, "apikey:" + key id)`,
@@ -17,7 +18,7 @@ from uuid import UUID, uuid5
 
 from eventsourcing.domain import Aggregate, event
 
-from domain.ids import NAMESPACE, normalize_email, user_id_for
+from domain.ids import NAMESPACE, normalize_email
 
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 MIN_PASSWORD = 8
@@ -129,9 +130,7 @@ def api_key_aggregate_id(key_id: str) -> UUID:
 
 
 class User(Aggregate):
-    @staticmethod
-    def create_id(email: str) -> UUID:
-        return user_id_for(email)
+    """A random id (eventsourcing's default): see domain/ids.py for why."""
 
     @event("Registered")
     def __init__(self, email: str, password_hash: str) -> None:
@@ -210,6 +209,21 @@ class User(Aggregate):
         self.email = ""
         self.password_hash = ""
         self.api_keys = {}
+
+
+class EmailAddress(Aggregate):
+    """The lookup aggregate of an e-mail address: its id is derived from the address
+    (`email_key_for`), so registering the same address twice conflicts on it, and logging in
+    finds the user with one read. It holds no address, only the user's id, and is stored under
+    the master key: after an erasure it keeps the address taken, as the erased account did."""
+
+    @staticmethod
+    def create_id(email_key: UUID, **_: object) -> UUID:
+        return email_key
+
+    @event("Claimed")
+    def __init__(self, email_key: UUID, user_id: UUID) -> None:
+        self.user_id = user_id
 
 
 class ApiKey(Aggregate):

@@ -9,6 +9,7 @@ alone do not fit, the model rejects the request with a clear error.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,17 +51,23 @@ def context_parameter(repository: Path, model: str) -> int:
 
 
 class PromptBuilder:
+    MAX_MODELS = 8  # tokenizers kept: names are checked against the repository, versions accumulate
+
     def __init__(self, repository: Path = MODEL_REPOSITORY) -> None:
         self.repository = repository
-        self.models: dict[str, ModelInfo] = {}
+        self.models: OrderedDict[str, ModelInfo] = OrderedDict()
 
     def info(self, model: str) -> ModelInfo:
-        if model not in self.models:
-            path = model_dir(self.repository, model)
-            context = int(json.loads((path / "config.json").read_text())["max_position_embeddings"])
-            window = context_parameter(self.repository, model)
-            self.models[model] = ModelInfo(ChatTokenizer.from_pretrained(path), min(context, window or context))
-        return self.models[model]
+        if model in self.models:
+            self.models.move_to_end(model)
+            return self.models[model]
+        path = model_dir(self.repository, model)
+        context = int(json.loads((path / "config.json").read_text())["max_position_embeddings"])
+        window = context_parameter(self.repository, model)
+        info = self.models[model] = ModelInfo(ChatTokenizer.from_pretrained(path), min(context, window or context))
+        while len(self.models) > self.MAX_MODELS:
+            self.models.popitem(last=False)
+        return info
 
     def window(self, model: str) -> int:
         return self.info(model).context

@@ -113,3 +113,62 @@ async def test_a_reply_records_the_persona_version_it_used_and_fills_in_the_user
     assert completed.model_name == "chat" and completed.model_version == "1"
     job = chat_app.reply_job(UUID(conversation_id), UUID(accepted["reply_id"]))
     assert job.messages[0]["content"] == f"You are {client.email.split('@')[0]}'s friend."
+
+
+async def test_versions_written_while_private_stay_private(client: ChatClient, other_client: ChatClient) -> None:
+    r = await client.http.post("/api/personas", json=persona_body(system_prompt="SECRET-PLAN: be a spy."),
+                               headers=client.headers)
+    persona = r.json()
+    r = await client.http.patch(f"/api/personas/{persona['id']}",
+                                json={"visibility": "public", "system_prompt": "You are a cheerful guide."},
+                                headers=client.headers)
+    assert r.status_code == 200, r.text
+    mine = (await client.get(f"/api/personas/{persona['id']}/versions")).json()
+    assert [v["visibility"] for v in mine] == ["private", "public"], "its creator sees every version"
+    for viewer in (other_client.http.get(f"/api/personas/{persona['id']}/versions", headers=other_client.headers),
+                   other_client.http.get(f"/api/personas/{persona['id']}/versions")):  # and anonymously
+        r = await viewer
+        assert r.status_code == 200, r.text
+        assert [v["version"] for v in r.json()] == [2] and "SECRET-PLAN" not in r.text
+
+
+async def test_a_persona_made_private_or_retired_stops_answering_in_others_chats(
+    client: ChatClient, other_client: ChatClient
+) -> None:
+    r = await client.http.post("/api/personas", json=persona_body(visibility="public"), headers=client.headers)
+    persona = r.json()
+    theirs = await other_client.start_conversation(persona["id"])
+    mine = await client.start_conversation(persona["id"])
+    async with other_client.ws() as ws:
+        await send(ws, theirs, "Hello!")
+        await collect_reply(ws)
+
+    r = await client.http.patch(f"/api/personas/{persona['id']}", json={"visibility": "private"}, headers=client.headers)
+    assert r.status_code == 200, r.text
+    async with other_client.ws() as ws:
+        await send(ws, theirs, "Still there?")
+        error = await recv_error(ws)
+    assert error["code"] == "persona_unavailable" and "made private" in error["message"]
+    async with client.ws() as ws:  # its creator still chats with it
+        await send(ws, mine, "Hi, it's me.")
+        _, _, reply = await collect_reply(ws)
+        assert reply["text"]
+
+    r = await client.http.delete(f"/api/personas/{persona['id']}", headers=client.headers)
+    assert r.status_code == 204
+    async with client.ws() as ws:
+        await send(ws, mine, "And now?")
+        error = await recv_error(ws)
+    assert error["code"] == "persona_unavailable" and "retired" in error["message"]
+    # the history stays readable
+    messages = await other_client.messages_when(theirs, lambda ms: len(ms) == 2)
+    assert [m["text"] for m in messages if m["role"] == "user"] == ["Hello!"]
+
+
+async def recv_error(ws) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    from tests.client import recv
+
+    while True:
+        frame = await recv(ws, timeout=30)
+        if frame["type"] == "error":
+            return frame

@@ -35,6 +35,28 @@ def test_a_user_registers_once_and_logs_in_with_any_case_of_email(app: ChatAppli
         app.register_user("bob@example.com", "short")
 
 
+def test_user_ids_are_random_so_an_address_cannot_be_confirmed_from_one(app: ChatApplication, user: UUID) -> None:
+    from domain.ids import user_id_for
+
+    assert user != user_id_for("ada@example.com") and user.version == 4
+    assert app.user_id_by_email("ADA@example.com") == user and app.user_id_by_email("eve@example.com") is None
+    other = app.register_user("eve@example.com", "correct horse")
+    assert other != user and app.authenticate("eve@example.com", "correct horse") == other
+
+
+def test_an_account_from_before_random_ids_still_logs_in_and_keeps_its_address(app: ChatApplication) -> None:
+    from domain.ids import user_id_for
+    from domain.user import User
+
+    legacy = User._create(User.Registered, id=user_id_for("old@example.com"), email="old@example.com",
+                          password_hash=app.hasher.hash("correct horse"))
+    app.save(legacy)
+    assert app.user_id_by_email("Old@Example.com") == legacy.id
+    assert app.authenticate("old@example.com", "correct horse") == legacy.id
+    with pytest.raises(EmailAlreadyRegistered):
+        app.register_user("old@example.com", "another one")
+
+
 def test_seeding_personas_twice_creates_them_once(app: ChatApplication) -> None:
     assert app.seed_personas() == []
     assert app.get_persona(persona_id_for("pirate")).name == "Captain Flint"
