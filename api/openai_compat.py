@@ -5,7 +5,8 @@
 official `openai` clients work with `base_url=<server>/v1`.
 
 A completion is a chat like any other, recorded as events: the request starts a new
-`Conversation` for the key's user with the persona whose slug is the `model`; its earlier
+`Conversation` for the key's user with the persona the `model` names (ChatApplication.persona_for_model: the
+user's own or a built-in persona by slug, any other by id); its earlier
 user/assistant turns are imported (`TurnsImported`, part of the prompt from then on) and its
 system (or developer) messages become extra instructions appended to the persona's system
 prompt; its last user message goes through `ChatApplication.post_message`, with the
@@ -59,7 +60,6 @@ from chatbot.messaging import (
     unseen_text,
 )
 from domain.conversation import ConversationError, InvalidSampling, InvalidTurns, check_sampling
-from domain.ids import persona_id_for
 from domain.persona import PersonaError, PersonaNotFound
 from domain.user import InvalidCredentials, UserError, parse_api_key
 
@@ -386,14 +386,14 @@ class OpenAIController(Controller):
     @get("/models")
     async def list_models(self, services: Services, user_id: UUID) -> ModelList:
         rows = await services.call(services.readmodels.personas, user_id)
-        return ModelList(data=[model_of(r) for r in rows])
+        return ModelList(data=[model_of(r, user_id) for r in rows])
 
     @get("/models/{model:str}")
     async def get_model(self, services: Services, user_id: UUID, model: str) -> Model:
         rows = await services.call(services.readmodels.personas, user_id)
         for row in rows:
-            if row["slug"] == model:
-                return model_of(row)
+            if model_of(row, user_id).id == model:
+                return model_of(row, user_id)
         raise unknown_model(model)
 
     @post("/chat/completions", status_code=200)
@@ -408,8 +408,9 @@ class OpenAIController(Controller):
         streaming = done = False
         try:
             try:
+                persona_id = await services.call(services.app.persona_for_model, user_id, data.model)
                 conversation_id = await services.call(
-                    services.app.start_imported_conversation, user_id, persona_id_for(data.model), turns, instructions
+                    services.app.start_imported_conversation, user_id, persona_id, turns, instructions
                 )
             except PersonaNotFound:
                 raise unknown_model(data.model) from None
@@ -435,8 +436,12 @@ class OpenAIController(Controller):
                     await follower.close()
 
 
-def model_of(row: dict[str, Any]) -> Model:
-    return Model(id=row["slug"], created=int(row["updated_at"].timestamp()), owned_by="chatbot")
+def model_of(row: dict[str, Any], user_id: UUID) -> Model:
+    """Built-in and the user's own personas by slug; other users' public ones by id (slugs
+    are unique per creator only)."""
+    mine = row["owner_id"] is None or row["owner_id"] == user_id
+    return Model(id=row["slug"] if mine else str(row["id"]), created=int(row["updated_at"].timestamp()),
+                 owned_by="chatbot")
 
 
 def unknown_model(model: str) -> PersonaNotFound:

@@ -385,12 +385,29 @@ class ChatApplication(Application[UUID]):
         if unknown:
             raise InvalidPersona(f"unknown fields: {', '.join(sorted(unknown))}")
         self._check_model(fields)
+        if any(spec["slug"] == fields["slug"] for spec in BUILTIN_PERSONAS):
+            raise SlugTaken(f"the slug {fields['slug']!r} is a built-in persona's")
         persona = Persona(owner_id=owner_id, **fields)
         try:
             self.save(persona)
         except IntegrityError:
-            raise SlugTaken(f"the slug {fields['slug']!r} is taken") from None
+            raise SlugTaken(f"you have a persona with the slug {fields['slug']!r} already") from None
         return persona.id
+
+    def persona_for_model(self, user_id: UUID, model: str) -> UUID:
+        """The persona an OpenAI-style `model` names for this user: one of their own by its
+        slug, a built-in one by its slug, or any persona they may use by its id."""
+        try:
+            return UUID(model)
+        except ValueError:
+            pass
+        for candidate in (persona_id_for(model, user_id), persona_id_for(model)):
+            try:
+                if self.read_persona(candidate).visible_to(user_id):
+                    return candidate
+            except PersonaNotFound:
+                continue
+        raise PersonaNotFound(model)
 
     def edit_persona(self, persona_id: UUID, user_id: UUID, changes: dict[str, Any]) -> int:
         """Apply an edit; returns the new version."""

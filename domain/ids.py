@@ -23,8 +23,11 @@ def email_key_for(email: str) -> UUID:
     return uuid5(NAMESPACE, "email:" + normalize_email(email))
 
 
-def persona_id_for(slug: str) -> UUID:
-    return uuid5(NAMESPACE, "persona:" + slug)
+def persona_id_for(slug: str, owner_id: UUID | None = None) -> UUID:
+    """A built-in persona's id by its slug; a user's persona's by its creator and slug, so
+    slugs are unique per creator and taking one says nothing about other users' personas.
+    (Personas created before that have the built-in form of id: still found by it.)"""
+    return uuid5(NAMESPACE, "persona:" + slug if owner_id is None else f"persona:{owner_id}:{slug}")
 
 
 def normalize_email(email: str) -> str:

@@ -85,8 +85,8 @@ def render_system_prompt(template: str, variables: dict[str, str]) -> str:
 
 class Persona(Aggregate):
     @staticmethod
-    def create_id(slug: str, **_: object) -> UUID:
-        return persona_id_for(slug)
+    def create_id(slug: str, owner_id: UUID | None = None, **_: object) -> UUID:
+        return persona_id_for(slug, owner_id)
 
     @event("Created")
     def __init__(

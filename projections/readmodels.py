@@ -26,7 +26,7 @@ from chatbot.postgres import flush_pipeline
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS rm_personas (
-        id uuid PRIMARY KEY, slug text NOT NULL UNIQUE, name text NOT NULL,
+        id uuid PRIMARY KEY, slug text NOT NULL, name text NOT NULL,
         description text NOT NULL, greeting text NOT NULL, model text NOT NULL,
         version int NOT NULL, updated_at timestamptz NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS rm_conversations (
@@ -43,6 +43,8 @@ SCHEMA = [
     # added with persona management: columns a table created earlier lacks
     "ALTER TABLE rm_personas ADD COLUMN IF NOT EXISTS owner_id uuid",
     "ALTER TABLE rm_personas ADD COLUMN IF NOT EXISTS visibility text NOT NULL DEFAULT 'public'",
+    # slugs are unique per creator (domain/ids.py), not across users
+    "ALTER TABLE rm_personas DROP CONSTRAINT IF EXISTS rm_personas_slug_key",
     "ALTER TABLE rm_personas ADD COLUMN IF NOT EXISTS retired boolean NOT NULL DEFAULT false",
     "ALTER TABLE rm_personas ADD COLUMN IF NOT EXISTS avatar text NOT NULL DEFAULT ''",
     "ALTER TABLE rm_messages ADD COLUMN IF NOT EXISTS feedback text",

@@ -172,3 +172,33 @@ async def recv_error(ws) -> dict[str, object]:  # type: ignore[no-untyped-def]
         frame = await recv(ws, timeout=30)
         if frame["type"] == "error":
             return frame
+
+
+async def test_slugs_are_per_creator_and_taking_one_reveals_nothing(client: ChatClient, other_client: ChatClient) -> None:
+    from tests.integration.test_openai_api import create_key
+
+    body = persona_body()  # private
+    r = await client.http.post("/api/personas", json=body, headers=client.headers)
+    assert r.status_code == 201, r.text
+    r = await other_client.http.post("/api/personas", json={**body, "visibility": "public", "name": "Other Pal"},
+                                     headers=other_client.headers)
+    assert r.status_code == 201, r.text  # the same slug: nothing says someone else has it
+    theirs = r.json()
+    r = await client.http.post("/api/personas", json=body, headers=client.headers)
+    assert r.status_code == 409 and r.json()["code"] == "slug_taken" and "you have" in r.json()["detail"]
+    r = await client.http.post("/api/personas", json=persona_body(slug="pirate"), headers=client.headers)
+    assert r.status_code == 409 and "built-in" in r.json()["detail"]
+
+    # over /v1 the client's own persona answers to the slug, the other user's public one to its id
+    key = (await create_key(client, "slugs"))["key"]
+    auth = {"authorization": f"Bearer {key}"}
+
+    async def models() -> list[str]:
+        r = await client.http.get("/v1/models", headers=auth)
+        return [m["id"] for m in r.json()["data"]]
+
+    assert await wait_for(lambda: _contains(models(), theirs["id"]))
+    assert body["slug"] in await models()
+    r = await client.http.post("/v1/chat/completions", headers=auth, json={
+        "model": theirs["id"], "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    assert r.status_code == 200, r.text
