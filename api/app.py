@@ -3,6 +3,7 @@ where domain errors become HTTP status codes."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,6 +15,8 @@ from litestar.exceptions import HTTPException
 from api.account import AccountController
 from api.chat_socket import chat_socket
 from api.csrf import cross_site_guard
+from api.headers import docs_headers
+from api.openapi_errors import document_errors
 from api.throttle import TooManyAttempts
 from api.openai_compat import ApiKeyController, OpenAIController
 from api.routes import (
@@ -34,6 +37,8 @@ from domain.conversation import ConversationError, ConversationNotFound, Message
 from domain.persona import InvalidPersona, NotPersonaOwner, PersonaError, PersonaNotFound, SlugTaken
 from domain.user import ApiKeyNotFound, EmailAlreadyRegistered, InvalidCredentials, UserError
 from web.pages import page_handlers, template_config
+
+log = logging.getLogger("api")
 
 # domain error -> (HTTP status, error code); the most specific class wins.
 ERROR_STATUS: list[tuple[type[Exception], int, str]] = [
@@ -67,18 +72,38 @@ FIXED_DETAIL: dict[type[Exception], str] = {
     UnicodeDecodeError: "the body is not valid UTF-8 text",
 }
 
-
 def detail_of(exc: Exception) -> str:
     return next((text for cls, text in FIXED_DETAIL.items() if isinstance(exc, cls)), str(exc))
 
+def error_body(status: int, code: str, detail: str, **extra: Any) -> dict[str, Any]:
+    """Every error of the JSON API has this shape (the `/v1` routes answer OpenAI's instead):
+    `status_code` and `detail` as Litestar documents its errors in the OpenAPI schema, and
+    `code`, a stable word a client can branch on."""
+    return {"status_code": status, "code": code, "detail": detail, **extra}
 
-def domain_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, str]]:
+
+# Litestar's own errors (no session, unknown route, a body that fails validation...) -> code
+HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
+              429: "rate_limited", 503: "busy"}
+
+
+def domain_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     for cls, status, code in ERROR_STATUS:
         if isinstance(exc, cls):
             headers = {"Retry-After": str(getattr(exc, "retry_after", 5))} if status in (429, 503) else None
-            return Response({"code": code, "detail": detail_of(exc)}, status_code=status, headers=headers)
-    return Response({"code": "error", "detail": "internal error"}, status_code=500)
+            return Response(error_body(status, code, detail_of(exc)), status_code=status, headers=headers)
+    return Response(error_body(500, "error", "internal error"), status_code=500)
 
+
+def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+    status = exc.status_code
+    if status >= 500:
+        log.error("request failed: %s", exc.detail)
+        return Response(error_body(status, "error", "internal error"), status_code=status)
+    extra = {"extra": exc.extra} if exc.extra else {}
+    return Response(error_body(status, HTTP_CODES.get(status, "error"), exc.detail, **extra),
+                    status_code=status, headers=exc.headers)
 
 def create_app() -> Litestar:
     settings = load_settings()
@@ -95,7 +120,11 @@ def create_app() -> Litestar:
     def provide_services() -> Services:
         return services["services"]
 
+    def document(app: Litestar) -> None:
+        document_errors(app.openapi_schema)  # api/openapi_errors.py
+
     return Litestar(
+        on_startup=[document],
         route_handlers=[
             chat_socket, AuthController, PersonaController, ConversationController,
             HealthController, ApiKeyController, OpenAIController, ShareController, TransferController, ConsentController,
@@ -104,12 +133,13 @@ def create_app() -> Litestar:
         ],
         template_config=template_config,
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
-        middleware=[cross_site_guard(settings.allowed_origins)],  # api/csrf.py
+        middleware=[cross_site_guard(settings.allowed_origins), docs_headers()],  # api/csrf.py, api/headers.py
         exception_handlers={
             UserError: domain_error, ConversationError: domain_error, PersonaError: domain_error,
             WriteTimeout: domain_error, EventTooLarge: domain_error, PasswordCheckBusy: domain_error,
             TooManyAttempts: domain_error,
             RecursionError: domain_error, UnicodeDecodeError: domain_error,
+            HTTPException: http_error,
         },
         lifespan=[lifespan],
     )

@@ -55,7 +55,7 @@ def _is_json(content_type: str) -> bool:
 
 
 async def _refuse(send: Send, status: int, code: str, detail: str) -> None:
-    body = json.dumps({"code": code, "detail": detail}).encode()
+    body = json.dumps({"status_code": status, "code": code, "detail": detail}).encode()  # api/app.py's shape
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

@@ -254,7 +254,7 @@ class ConversationController(Controller):
         export = await services.call(services.app.export_conversation, conversation_id, user_id)
         if format == "markdown":
             return Response(
-                to_markdown(export), media_type="text/markdown; charset=utf-8",
+                to_markdown(export), media_type="text/markdown",  # Litestar adds "; charset=utf-8"
                 headers={"Content-Disposition": f'attachment; filename="conversation-{conversation_id}.md"'},
             )
         return Response(export, headers={"Content-Disposition": f'attachment; filename="conversation-{conversation_id}.json"'})

@@ -108,3 +108,19 @@ def test_a_cookie_session_acts_only_from_this_site_and_only_with_json(api_url: s
     with httpx.Client(base_url=api_url, timeout=30) as bare:  # a bearer token: no page can attach one
         r = bare.post("/api/conversations", json={}, headers={**evil, "authorization": f"Bearer {token}"})
         assert r.status_code == 201, r.text
+
+
+def test_every_api_error_has_one_shape_and_the_docs_have_a_policy(api_url: str, account: Account) -> None:
+    with httpx.Client(base_url=api_url, timeout=30) as http:
+        unauthorized = http.get("/api/conversations")  # Litestar's own error
+        assert unauthorized.status_code == 401
+        missing = http.get(f"/api/conversations/{uuid.uuid4()}", headers=account.headers)  # a domain error
+        invalid = http.post("/api/keys", json={"name": 5}, headers=account.headers)  # validation
+        for r in (unauthorized, missing, invalid):
+            body = r.json()
+            assert body["status_code"] == r.status_code and body["code"] and body["detail"], body
+        assert (unauthorized.json()["code"], missing.json()["code"], invalid.status_code) == ("unauthorized", "not_found", 400)
+        docs = http.get("/schema")
+        policy = docs.headers.get("content-security-policy", "")
+        assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+        assert http.get("/schema/openapi.json").headers["x-content-type-options"] == "nosniff"

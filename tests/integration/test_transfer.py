@@ -30,7 +30,7 @@ async def test_export_json_and_markdown_and_all(client: ChatClient) -> None:
     assert all(m["created_at"] and m.get("model", "").startswith("chat/") for m in export["messages"][1:])
 
     r = await client.get(f"/api/conversations/{cid}/export?format=markdown")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/markdown")
+    assert r.status_code == 200 and r.headers["content-type"] == "text/markdown; charset=utf-8"
     assert "**You:**" in r.text and second["text"].strip()[:20] in r.text and "1 other version" in r.text
     assert (await client.get(f"/api/conversations/{cid}/export?format=pdf")).status_code == 400
 
