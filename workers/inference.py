@@ -54,10 +54,15 @@ from workers.runtime import setup_logging, stop_on_signals
 
 log = logging.getLogger("worker")
 DURABLE = "workers"
-MAX_DELIVER = 5
+MAX_DELIVER = 5  # attempts at generating a reply (a failed one is retried until then)
+# JetStream delivers a request a few more times than that: a worker that dies during the
+# last attempt leaves it to another, which records the failure instead of generating again,
+# so no request runs out of deliveries without an outcome.
+JETSTREAM_MAX_DELIVER = MAX_DELIVER + 3
 CONCURRENCY = 64  # generations in flight per worker process; Triton batches them
 MAX_PROMPT_CHARS = 24_000  # a cheap cut before tokenizing; PromptBuilder fits the rest
 CANCEL_MEMORY_S = 600.0
+TRITON_WAIT_S = 60.0  # how long a request waits for an unreachable Triton to come back
 
 
 class GenerationError(Exception):
@@ -197,6 +202,11 @@ class Worker:
                 await self.announce(job)
                 await msg.ack()
                 return
+            delivered = msg.metadata.num_delivered if msg.metadata else 1
+            if delivered > MAX_DELIVER + 1:  # the workers that tried it died: stop here, with an outcome
+                await self.give_up_or_retry(msg, conversation_id, reply_id,
+                                            f"no worker finished it in {delivered - 1} attempts", retry=False)
+                return
             generation = await self.generate(job, messages, msg, received)
             recorded = await asyncio.to_thread(
                 self.app.complete_reply, conversation_id, reply_id,
@@ -263,30 +273,41 @@ class Worker:
             if stop.is_set():
                 return outcome("cancelled", job.model.partition("/")[2])
             model = await serving_model(self.app, self.tritons.first, job.model, reply_id)  # the rollout picks
-            instances = self.tritons.order(job.conversation_id)  # its KV cache's home first (routing.py)
-            for attempt, instance in enumerate(instances):
-                stream = stream_reply(self.tritons.clients[instance], model, reply_id, messages, job.params, counts)
-                try:
-                    async with aclosing(stream):
-                        async for delta, final in stream:
-                            if final is not None:
-                                self.tritons.mark_up(instance)
-                                return outcome(final["finish_reason"], final["model_version"])
-                            if not parts:
-                                ttft = (time.perf_counter() - started) * 1000
-                            parts.append(delta)
-                            await self.nc.publish(subject, token_encoder.encode(TokenDelta(reply_id, offset, delta)))
-                            offset += len(delta)
-                            if stop.is_set():
-                                break  # closing the stream cancels the Triton request
-                except Exception as e:  # noqa: BLE001 - only an unreachable instance is tried elsewhere
-                    if parts or not unreachable(e) or attempt == len(instances) - 1:
-                        raise
-                    log.warning("reply %s: Triton at %s unreachable (%s); trying the next instance",
-                                reply_id, self.tritons.urls[instance], e)
-                    self.tritons.mark_down(instance)
-                    continue
-                break
+            # Its KV cache's home first (routing.py). While no instance can be reached (one is
+            # restarting), wait here for up to TRITON_WAIT_S, the message kept in progress,
+            # rather than spend the request's deliveries on a server that is coming back.
+            deadline, pause = time.monotonic() + TRITON_WAIT_S, 0.25
+            while True:
+                unreachable_error: Exception | None = None
+                for instance in self.tritons.order(job.conversation_id):
+                    stream = stream_reply(self.tritons.clients[instance], model, reply_id, messages, job.params, counts)
+                    try:
+                        async with aclosing(stream):
+                            async for delta, final in stream:
+                                if final is not None:
+                                    self.tritons.mark_up(instance)
+                                    return outcome(final["finish_reason"], final["model_version"])
+                                if not parts:
+                                    ttft = (time.perf_counter() - started) * 1000
+                                parts.append(delta)
+                                await self.nc.publish(subject, token_encoder.encode(TokenDelta(reply_id, offset, delta)))
+                                offset += len(delta)
+                                if stop.is_set():
+                                    break  # closing the stream cancels the Triton request
+                    except Exception as e:  # noqa: BLE001 - only an unreachable instance is tried elsewhere
+                        if parts or not unreachable(e):
+                            raise
+                        log.warning("reply %s: Triton at %s unreachable (%s)", reply_id, self.tritons.urls[instance], e)
+                        await self.tritons.mark_down(instance)
+                        unreachable_error = e
+                        continue
+                    break
+                if unreachable_error is None or stop.is_set():
+                    break
+                if time.monotonic() + pause > deadline:
+                    raise unreachable_error
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, 2.0)
             if stop.is_set():
                 return outcome("cancelled", counts["model_version"])
         finally:
@@ -339,7 +360,7 @@ async def main(settings: Settings) -> None:
         stream=settings.stream_name,
         config=ConsumerConfig(
             ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-            ack_wait=settings.ack_wait_s, max_deliver=MAX_DELIVER, max_ack_pending=10_000,
+            ack_wait=settings.ack_wait_s, max_deliver=JETSTREAM_MAX_DELIVER, max_ack_pending=10_000,
             filter_subjects=consumer_filters("Conversation.ReplyRequested", settings.consume_partitions),
         ),
     )

@@ -9,7 +9,8 @@ Design notes
   instance without asking anyone.
 - A miss is only slower, never wrong: an instance that cannot be reached is marked down for
   `DOWN_S` and its conversations go to the next instance in order (their prompts are simply
-  prefilled in full there) until it answers again. Only connection failures fail over;
+  prefilled in full there) until it answers again. When none can be reached, the worker
+  waits for one (workers/inference.py, TRITON_WAIT_S) instead of failing the attempt. Only connection failures fail over;
   an error from a running instance (a bad request, a failed generation) is the request's own.
 - One client per instance, for the worker's life (gRPC channels are reused).
 """
@@ -38,6 +39,7 @@ class TritonRouter:
         if not urls:
             raise ValueError("no Triton instance to route to (CHATBOT_TRITON_URL is empty)")
         self.urls = urls
+        self._connect = connect
         self.clients = [connect(url) for url in urls]
         self._down_until = [0.0] * len(urls)
         self._clock = clock
@@ -58,8 +60,13 @@ class TritonRouter:
         now = self._clock()
         return [i for i in ring if self._down_until[i] <= now] + [i for i in ring if self._down_until[i] > now]
 
-    def mark_down(self, index: int) -> None:
+    async def mark_down(self, index: int) -> None:
+        """The instance could not be reached: try it last for a while, and on a fresh
+        connection (a gRPC channel that failed to connect waits longer and longer before it
+        tries again, so a restarted server would otherwise go unused for seconds)."""
         self._down_until[index] = self._clock() + DOWN_S
+        old, self.clients[index] = self.clients[index], self._connect(self.urls[index])
+        await old.close()
 
     def mark_up(self, index: int) -> None:
         self._down_until[index] = 0.0

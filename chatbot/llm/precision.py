@@ -6,8 +6,15 @@ Design notes
   Halving or quartering the bytes is the lever, not the arithmetic.
 - `bf16`: every floating tensor (weights, activations, KV cache) in bfloat16; RMSNorm still
   reduces in fp32 and the logits come out as fp32 (model.py). PyTorch runs bf16 matmuls on
-  any CPU, but only fast where oneDNN has native kernels (AVX512-BF16 or AMX), so `auto`
-  picks it only there (`native_bf16`): elsewhere bf16 would be slower than fp32.
+  any CPU, but only fast where oneDNN has native kernels (AVX512-BF16 or AMX; see
+  `native_bf16`): elsewhere bf16 is slower than fp32, and the model logs a warning.
+- `auto` is bf16 on CUDA and fp32 on a CPU. On a CPU bf16 would pay (2-3x faster prefill,
+  1.3-1.8x the throughput of large batches), but a reply whose worker died is generated
+  again from its pinned seed, and the text streamed before must come out again: with bf16,
+  rounding that depends on what else shares the batch (or on a prefix taken from the cache)
+  changes sampled tokens often enough that a retry diverged from its streamed prefix in
+  the chaos run; with fp32 the differences are ~1e-7 and practically never flip a token.
+  Choose bf16 or int8 in config.pbtxt where throughput matters more than that.
 - `int8`: weight-only int8 as gpt-fast does it: every linear of the decoder and the
   lm_head stores int8 weights with one fp32-derived scale per output channel (symmetric,
   absmax / 127); activations, norms, embeddings and the KV cache stay bf16. On the CPU a
@@ -50,9 +57,9 @@ def native_bf16() -> bool:
 
 
 def resolve(precision: str, device: str | torch.device) -> str:
-    """`auto` -> bf16 on CUDA, bf16 on a CPU with native bf16, else fp32; others checked."""
+    """`auto` -> bf16 on CUDA, fp32 on a CPU (see the module notes); others checked."""
     if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" or native_bf16() else "fp32"
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {precision!r}")
     return precision

@@ -11,6 +11,9 @@ faults land mid-generation, while these faults land one after another:
     seeing that nobody else answers the reply's progress requests), twice; at the end
     both workers at once;
   - kill -9 the NATS node that leads the event stream, keep it down for a while, start it;
+  - kill -9 Triton while replies are being generated: the supervisor starts it again, and
+    each reply it was writing is retried by its worker (from its pinned seed) once Triton
+    answers, or fails clearly after the worker's last attempt;
   - stop PostgreSQL at once (`pg_ctl stop -m immediate`, as a crash); the supervisor
     starts it again;
   - kill -9 the projector, frozen first so that events were delivered to it and never acked;
@@ -568,6 +571,15 @@ class Chaos:
         self.record(f"kill -9 projector (pid {pid}), frozen for 2 s first: {info.num_ack_pending} events "
                     "delivered to it and never acked")
 
+    async def kill_triton(self) -> None:
+        """Kill Triton while replies are being written (the launcher's supervisor restarts it)."""
+        streaming = await self.wait_streaming()
+        pid = self.stack.children["triton"].proc.pid
+        self.stack.children["triton"].kill()
+        self.kills["triton"] += 1
+        self.record(f"kill -9 triton (pid {pid}) while {len(streaming)} replies were being written",
+                    [ex for _, ex in streaming])
+
     async def kill_relay(self) -> None:
         self.stack.children["relay"].kill()
         self.kills["relay"] += 1
@@ -805,6 +817,7 @@ async def chat_under_faults(stack: Stack, clock: Clock, restarts: list[tuple[flo
     schedule: list[tuple[float, str, Callable[[], Awaitable[None]]]] = [
         (8, "kill a worker mid-generation", lambda: chaos.kill_generating_worker(workers)),
         (16, "kill the stream's leader NATS node", chaos.kill_nats_leader),
+        (25, "kill Triton mid-generation", chaos.kill_triton),
         (34, "kill a worker mid-generation", lambda: chaos.kill_generating_worker(workers)),
         (42, "kill the projector mid-batch", chaos.kill_projector_mid_batch),
         (50, "restart PostgreSQL", lambda: chaos.restart_postgres(restarts)),

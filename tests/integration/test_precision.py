@@ -78,4 +78,4 @@ def test_unknown_precision_is_refused() -> None:
     with pytest.raises(ValueError, match="precision must be"):
         precision.resolve("fp8", "cpu")
     assert precision.resolve("int8", "cpu") == "int8"
-    assert precision.resolve("auto", "cpu") == ("bf16" if precision.native_bf16() else "fp32")
+    assert precision.resolve("auto", "cpu") == "fp32" and precision.resolve("auto", "cuda") == "bf16"

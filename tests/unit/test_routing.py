@@ -20,8 +20,22 @@ class Clock:
         return self.now
 
 
+class Client:
+    made = 0
+
+    def __init__(self, url: str) -> None:
+        Client.made += 1
+        self.url, self.closed = url, False
+
+    def __eq__(self, other: object) -> bool:
+        return other == f"client {self.url}"
+
+    async def close(self) -> None:
+        self.closed = True
+
+
 def router(clock: Clock | None = None) -> TritonRouter:
-    return TritonRouter(URLS, connect=lambda url: f"client {url}", clock=clock or Clock())
+    return TritonRouter(URLS, connect=Client, clock=clock or Clock())
 
 
 def test_a_conversation_always_goes_home_first_and_homes_spread() -> None:
@@ -38,15 +52,17 @@ def test_a_conversation_always_goes_home_first_and_homes_spread() -> None:
     assert homes == {0, 1, 2}
 
 
-def test_an_unreachable_instance_goes_last_until_it_may_be_back() -> None:
+async def test_an_unreachable_instance_goes_last_until_it_may_be_back_on_a_new_connection() -> None:
     clock = Clock()
     r = router(clock)
     conversation = next(c for c in (uuid.uuid4() for _ in range(100)) if r.home(c) == 1)
-    r.mark_down(1)
+    old = r.clients[1]
+    await r.mark_down(1)
+    assert old.closed and r.clients[1] is not old and r.clients[1] == "client b:2"
     assert r.order(conversation) == [2, 0, 1]
     clock.now += DOWN_S + 0.1
     assert r.order(conversation) == [1, 2, 0]
-    r.mark_down(1)
+    await r.mark_down(1)
     r.mark_up(1)  # it answered after all
     assert r.order(conversation)[0] == 1
 
