@@ -602,7 +602,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="largest static batch for generate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--in-process", action="store_true", help="also run the Engine in this process (diagnostic)")
-    parser.add_argument("--precisions", default="bf16,int8", help="engine precisions to run, comma-separated")
+    parser.add_argument("--precisions", default="fp32,bf16,int8", help="engine precisions to run, comma-separated")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers servers")
     parser.add_argument("--turns-only", action="store_true", help="only the multi-turn conversation")
     args = parser.parse_args()

@@ -14,8 +14,12 @@ stored bytes) (chatbot/eventstore.py). Per aggregate, in version order, a row is
   nothing left to read, which is not a fault), else `ok`.
 Snapshots are checked against their MAC (`snapshot altered`). The checks read stored
 bytes only: nothing is decrypted, so verifying reveals no content and is not recorded.
-What a per-aggregate chain cannot see: the removal of an aggregate's newest events, or of
-a whole aggregate, leaves no gap.
+A per-aggregate chain cannot see the removal of an aggregate's newest events, or of a
+whole aggregate: that leaves no gap. The JetStream stream can: the relay publishes every
+stored event there, with its aggregate and version in the headers, and the stream lives
+outside PostgreSQL (on the NATS nodes' disks). `stream_heads` reads those headers (no
+payloads) and `verify` names every version the stream has and the table lacks as `removed`.
+Events not yet relayed are newer in the table than on the stream, which is no fault.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from uuid import UUID
 from eventsourcing.persistence import StoredEvent
 from psycopg.sql import SQL, Identifier
 
+from chatbot.config import Settings
 from chatbot.eventstore import GENESIS, ChainedApplicationRecorder, event_hash, key_owner, snapshot_mac
-from chatbot.messaging import event_name
+from chatbot.messaging import EVENT_SUBJECT_PREFIX, H_ORIGINATOR, H_VERSION, event_name, partition_of
 from domain.application import ChatApplication
 
 PROBLEMS = ("altered", "removed", "unlinked", "unsealed", "snapshot altered")
@@ -57,6 +62,7 @@ class Verification:
     snapshots: int = 0
     erased: int = 0  # intact events of erased users
     findings: list[Finding] = field(default_factory=list)  # every event, or the notable ones
+    stream: str = "not compared"  # how the newest versions compared with the JetStream stream
 
     @property
     def problems(self) -> list[Finding]:
@@ -64,7 +70,7 @@ class Verification:
 
     def as_dict(self) -> dict[str, Any]:
         return {"events": self.events, "aggregates": self.aggregates, "snapshots": self.snapshots,
-                "erased": self.erased, "problems": len(self.problems),
+                "erased": self.erased, "problems": len(self.problems), "stream": self.stream,
                 "findings": [f.as_dict() for f in self.findings]}
 
 
@@ -130,22 +136,85 @@ def _snapshots(app: ChatApplication, originator_ids: list[UUID] | None) -> Itera
             yield Finding(e.originator_id, e.originator_version, "snapshot" if ok else "snapshot altered", "Snapshot")
 
 
-def verify(app: ChatApplication, originator_ids: list[UUID] | None = None, *, every: bool = False) -> Verification:
+async def stream_heads(settings: Settings, originator_ids: list[UUID] | None = None,
+                       timeout: float = 5.0) -> dict[UUID, int]:
+    """The newest version of each aggregate (of `originator_ids`; None: all) that the
+    JetStream stream holds, read from message headers only, through an ephemeral consumer
+    of the partitions concerned."""
+    import nats
+    from nats.errors import TimeoutError as NatsTimeout
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    wanted = None if originator_ids is None else set(originator_ids)
+    if wanted is None:
+        subjects = [f"{EVENT_SUBJECT_PREFIX}.>"]
+    else:
+        subjects = sorted({f"{EVENT_SUBJECT_PREFIX}.{partition_of(i, settings.partitions)}.>" for i in wanted})
+    nc = await nats.connect(settings.nats_servers, connect_timeout=timeout, allow_reconnect=False)
+    heads: dict[UUID, int] = {}
+    try:
+        js = nc.jetstream(timeout=timeout)
+        for subject in subjects:
+            sub = await js.pull_subscribe(subject, stream=settings.stream_name, config=ConsumerConfig(
+                headers_only=True, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE,
+                inactive_threshold=60.0,
+            ))
+            try:
+                while True:
+                    try:
+                        messages = await sub.fetch(FETCH, timeout=timeout)
+                    except (NatsTimeout, TimeoutError):
+                        break  # nothing (more) on these subjects
+                    for m in messages:
+                        headers = m.headers or {}
+                        originator = UUID(headers[H_ORIGINATOR])
+                        if wanted is None or originator in wanted:
+                            heads[originator] = max(heads.get(originator, 0), int(headers[H_VERSION]))
+                    if not messages or messages[-1].metadata.num_pending == 0:
+                        break
+            finally:
+                await sub.unsubscribe()
+    finally:
+        await nc.close()
+    return heads
+
+
+def verify(
+    app: ChatApplication, originator_ids: list[UUID] | None = None, *, every: bool = False,
+    stream: dict[UUID, int] | str | None = None,
+) -> Verification:
     """Check the events of `originator_ids` (None: every aggregate). With `every`, the
-    report lists each event; otherwise only the problems and erased aggregates' events."""
+    report lists each event; otherwise only the problems and erased aggregates' events.
+    `stream`: `stream_heads`' answer to compare the newest versions with, or why there is
+    none (a string, shown in the report)."""
     recorder = app.recorder
     if not isinstance(recorder, ChainedApplicationRecorder):
         raise TypeError("the hash chain lives in the PostgreSQL event store (chatbot.eventstore)")
     with recorder.datastore.get_connection() as conn:
         erased_users = {r["user_id"] for r in conn.execute("SELECT user_id FROM user_keys WHERE wrapped_key IS NULL")}
     report = Verification()
-    for _, rows in groupby(_rows(recorder, originator_ids), key=lambda r: r["originator_id"]):
+    table_heads: dict[UUID, int] = {}
+    for originator_id, rows in groupby(_rows(recorder, originator_ids), key=lambda r: r["originator_id"]):
         report.aggregates += 1
         for finding in check_aggregate(recorder.chain_key, rows, erased_users):
             report.events += finding.status != "removed"
             report.erased += finding.status == "erased"
+            table_heads[originator_id] = finding.version
             if every or finding.status in PROBLEMS:
                 report.findings.append(finding)
+    if isinstance(stream, dict):
+        lost = 0
+        for originator_id, head in sorted(stream.items()):
+            have = table_heads.get(originator_id, 0)
+            if have == 0:
+                report.aggregates += 1  # gone from the table altogether
+            for version in range(have + 1, head + 1):
+                report.findings.append(Finding(originator_id, version, "removed"))
+                lost += 1
+        report.stream = (f"compared with the stream's {len(stream)} aggregates: "
+                         + (f"{lost} newest events missing from the table" if lost else "nothing missing"))
+    elif isinstance(stream, str):
+        report.stream = stream
     for finding in _snapshots(app, originator_ids):
         report.snapshots += 1
         if every or finding.status in PROBLEMS:
@@ -164,5 +233,6 @@ def render_verification(report: Verification, scope: str) -> str:
         f"{scope}: verified {report.events} events of {report.aggregates} aggregates"
         f" and {report.snapshots} snapshots: {summary}"
         + (f"; {report.erased} events of erased users (intact, unreadable)" if report.erased else "")
+        + f"; newest events {report.stream}"
     )
     return "\n".join(lines)

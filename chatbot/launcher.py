@@ -248,10 +248,15 @@ class Child:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
+    def kill(self, sig: int = signal.SIGKILL, group: bool = False) -> None:
+        """Signal the process; with `group`, every process it started too (its own session:
+        Triton's python-backend stubs, which outlive a killed server otherwise)."""
         if self.alive():
             assert self.proc is not None
-            self.proc.send_signal(sig)
+            if group:
+                os.killpg(self.proc.pid, sig)
+            else:
+                self.proc.send_signal(sig)
 
     def stop(self) -> None:
         if self.proc is None:

@@ -484,7 +484,8 @@ class Engine:
         return sample_batch(logits, [s.params for s in batch], [s.generator for s in batch], banned)
 
     def _decode(self) -> None:
-        batch = [s for s in self._active if not s.prefilling]
+        # in slot order: consecutive slots are read as one view of the cache, not copied (model.py)
+        batch = sorted((s for s in self._active if not s.prefilling), key=lambda s: s.slot)
         ids = torch.tensor([[s.out_ids[-1]] for s in batch], device=self.device)  # [B, 1]
         positions = torch.tensor([[s.pos] for s in batch], device=self.device)  # [B, 1]
         slots = torch.tensor([s.slot for s in batch], device=self.device)  # [B]

@@ -370,6 +370,36 @@ class KVCache:
         return per_position * max_len * torch.empty((), dtype=dtype).element_size()
 
 
+@dataclass(frozen=True)
+class CacheAccess:
+    """Where one forward writes and reads the KV cache, worked out once for every layer."""
+
+    slots: torch.Tensor  # [B] the slot each row writes (and reads)
+    read: slice | torch.Tensor  # the slots to read: a slice when they are consecutive
+    kv_len: int  # keys 0 .. kv_len - 1 are read
+    mask: torch.Tensor | None  # [B, 1, T, L] bool, True = may attend; None: every key read may be
+
+    @classmethod
+    def of(cls, slots: torch.Tensor, positions: torch.Tensor, max_len: int) -> CacheAccess:
+        B, T = positions.shape
+        kv_len = int(positions.max()) + 1  # one host sync per forward, not per layer
+        assert kv_len <= max_len, f"position {kv_len - 1} is beyond the KV cache length"
+        # Reading rows by an index tensor copies them ([B, L, n_kv, D] per layer and per K
+        # and V); consecutive slots (one sequence, or a batch that got neighbouring slots)
+        # are read as a view instead.
+        read: slice | torch.Tensor = slots
+        if slots.device.type == "cpu":
+            first = int(slots[0])
+            if torch.equal(slots, torch.arange(first, first + B)):
+                read = slice(first, first + B)
+        if B == 1 and T == 1:
+            return cls(slots, read, kv_len, None)  # one query at the last position read: it sees them all
+        # key j is the token at position j: causal by position, which also hides the stale
+        # tail of shorter sequences sharing the batch. Same mask for every layer.
+        key_pos = torch.arange(kv_len, device=positions.device)
+        return cls(slots, read, kv_len, key_pos[None, None, None, :] <= positions[:, None, :, None])
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -448,8 +478,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,  # [B, T, head_dim]
         positions: torch.Tensor,  # [B, T]
         layer_cache: torch.Tensor | None,  # [2, slots, max_len, n_kv, head_dim]
-        slots: torch.Tensor | None,  # [B]
-        mask: torch.Tensor | None,  # [B, 1, T, L] bool, True = may attend (cache only)
+        access: CacheAccess | None,  # where this forward writes and reads the cache
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
@@ -465,14 +494,13 @@ class Attention(nn.Module):
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
             )  # [B, H, T, D]
         else:
-            assert slots is not None and mask is not None, "a KV cache needs slots and a mask"
+            assert access is not None, "a KV cache needs to know where to write and read"
             # write this step's keys/values at their absolute positions
-            layer_cache[0][slots[:, None], positions] = k.to(layer_cache.dtype)
-            layer_cache[1][slots[:, None], positions] = v.to(layer_cache.dtype)
-            kv_len = mask.shape[-1]
-            keys = layer_cache[0][slots, :kv_len].to(q.dtype).transpose(1, 2)  # [B, n_kv, L, D]
-            values = layer_cache[1][slots, :kv_len].to(q.dtype).transpose(1, 2)  # [B, n_kv, L, D]
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
+            layer_cache[0][access.slots[:, None], positions] = k.to(layer_cache.dtype)
+            layer_cache[1][access.slots[:, None], positions] = v.to(layer_cache.dtype)
+            keys = layer_cache[0][access.read, :access.kv_len].to(q.dtype).transpose(1, 2)  # [B, n_kv, L, D]
+            values = layer_cache[1][access.read, :access.kv_len].to(q.dtype).transpose(1, 2)  # [B, n_kv, L, D]
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=access.mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(y)
 
@@ -504,10 +532,9 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         positions: torch.Tensor,
         layer_cache: torch.Tensor | None,
-        slots: torch.Tensor | None,
-        mask: torch.Tensor | None,
+        access: CacheAccess | None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, layer_cache, slots, mask)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, layer_cache, access)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -614,22 +641,17 @@ class LlamaForCausalLM(nn.Module):
         assert not (last_only and last_index is not None), "pass last_only or last_index, not both"
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        mask = None
+        access = None
         if kv_cache is not None:
             assert slots is not None and slots.shape == (B,), "pass one cache slot per batch row"
-            kv_len = int(positions.max()) + 1  # one host sync per forward, not per layer
-            assert kv_len <= kv_cache.max_len, f"position {kv_len - 1} is beyond the KV cache length"
-            # key j is the token at position j: causal by position, which also hides the
-            # stale tail of shorter sequences sharing the batch. Same mask for every layer.
-            key_pos = torch.arange(kv_len, device=input_ids.device)
-            mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, L]
+            access = CacheAccess.of(slots, positions, kv_cache.max_len)
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, head_dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, head_dim]
         x = self.model.embed_tokens(input_ids)  # [B, T, hidden]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.model.layers):
             layer_cache = kv_cache.data[i] if kv_cache is not None else None
-            x = layer(x, cos, sin, positions, layer_cache, slots, mask)
+            x = layer(x, cos, sin, positions, layer_cache, access)
         if last_only:
             x = x[:, -1:]
         elif last_index is not None:

@@ -575,7 +575,7 @@ class Chaos:
         """Kill Triton while replies are being written (the launcher's supervisor restarts it)."""
         streaming = await self.wait_streaming()
         pid = self.stack.children["triton"].proc.pid
-        self.stack.children["triton"].kill()
+        self.stack.children["triton"].kill(group=True)  # the server and its model's process, as a crash
         self.kills["triton"] += 1
         self.record(f"kill -9 triton (pid {pid}) while {len(streaming)} replies were being written",
                     [ex for _, ex in streaming])

@@ -91,6 +91,37 @@ async def test_the_verifier_names_an_event_altered_and_one_deleted_in_postgres(
     assert verify(stack, conversation_id)[0] == 0
 
 
+async def test_the_newest_events_deleted_are_named_against_the_stream(stack: Stack, client: ChatClient) -> None:
+    conversation_id = await client.start_conversation()
+    async with client.ws() as ws:
+        await send(ws, conversation_id, "Only question")
+        await collect_reply(ws)
+    status, intact = verify(stack, conversation_id)
+    assert status == 0 and intact["stream"].startswith("compared with the stream's 1 aggregates: nothing missing")
+    head = max(f["version"] for f in intact["findings"])
+
+    with psycopg.connect(stack.settings.pg_conninfo, autocommit=True, row_factory=dict_row) as conn:
+        deleted = list(conn.execute(
+            "DELETE FROM chat_events WHERE originator_id = %s AND originator_version >= %s RETURNING *",
+            (UUID(conversation_id), head - 1)))
+        try:
+            assert len(deleted) == 2
+            # the chain alone sees nothing: the versions left still run 1, 2, ... without a gap
+            status, report = verify(stack, conversation_id)
+            assert status == 1 and report["problems"] == 2, report
+            assert [(f["version"], f["status"]) for f in report["findings"] if f["status"] != "ok"] == [
+                (head - 1, "removed"), (head, "removed")]
+            assert "2 newest events missing" in report["stream"]
+            text = cli(stack, "audit", "--verify", "--all")
+            assert text.returncode == 1 and "2 removed" in text.stdout, text.stdout
+        finally:
+            columns = list(deleted[0]) if deleted else []
+            for row in deleted:
+                conn.execute(f"INSERT INTO chat_events ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))})",
+                             [row[c] for c in columns])
+    assert verify(stack, conversation_id)[0] == 0
+
+
 async def test_a_tampered_snapshot_is_named_and_the_conversation_is_replayed_instead(stack: Stack, chat_app) -> None:
     user = chat_app.register_user(f"snap-{uuid.uuid4().hex[:10]}@example.com", "correct horse battery")
     conversation_id = chat_app.start_conversation(user)

@@ -86,7 +86,7 @@ async def test_a_conversation_stays_on_its_instance_and_fails_over(two_tritons: 
     # A's second turn found its first turn in instance 0's prefix cache
     assert await settled(stack, 0, "chat_prefix_cache_reused_tokens_total", 20) >= 20
 
-    stack.children["triton"].kill()  # A's home
+    stack.children["triton"].kill(group=True)  # A's home, with its model's process
     stack.children["triton"].proc.wait(10)
     started = time.monotonic()
     assert await chat(client, a, "Are you still there?")
