@@ -29,9 +29,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
 from chatbot.config import load_settings  # noqa: E402
 from chatbot.launcher import MODEL_REPOSITORY, Ports, Stack  # noqa: E402
 from chatbot.llm.model import LlamaForCausalLM  # noqa: E402
@@ -40,7 +37,6 @@ from domain.ids import persona_id_for  # noqa: E402
 from tests.client import ChatClient, collect_reply, send  # noqa: E402
 
 MAX_TOKENS = 48
-SYSTEM = "You are a helpful, friendly assistant."
 
 # (category, turns, any-of keywords that make the last reply a pass); persona checks name
 # the persona slug first.
@@ -139,29 +135,9 @@ async def run_cases(url: str) -> list[tuple[str, list[tuple[str, str]], bool]]:
 
 def heldout(model_dir: Path, conversations: int = 100) -> tuple[float, float, int]:
     """Mean loss of the last assistant turn per token and per character, and the tokens."""
-    from chatbot.llm.finetune import IGNORE, encode
-    from chatbot.llm.train import load_conversations
+    from chatbot.llm.evaluate import heldout_loss
 
-    model = LlamaForCausalLM.from_pretrained(model_dir)
-    tokenizer = ChatTokenizer.from_pretrained(model_dir)
-    context = min(model.config.max_position_embeddings, 512)
-    total, tokens, chars = 0.0, 0, 0
-    for msgs in load_conversations()[:conversations]:
-        turns = msgs[:4] if len(msgs) >= 4 else msgs[:2]
-        messages = [{"role": "system", "content": SYSTEM}] + [
-            {"role": "user" if i % 2 == 0 else "assistant", "content": m} for i, m in enumerate(turns)
-        ]
-        encoded = encode(tokenizer, messages, context)
-        if encoded is None:
-            continue
-        ids, labels = encoded
-        with torch.no_grad():
-            logits = model(torch.tensor([ids[:-1]]))
-        y = torch.tensor([labels[1:]])
-        total += F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE, reduction="sum").item()
-        tokens += int((y != IGNORE).sum())
-        chars += len(turns[-1]) + 1  # the reply and its end of turn
-    return total / tokens, total / chars, tokens
+    return heldout_loss(LlamaForCausalLM.from_pretrained(model_dir), ChatTokenizer.from_pretrained(model_dir), conversations)
 
 
 def repository_for(model: str, tmp: Path) -> Path:
