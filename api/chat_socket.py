@@ -74,6 +74,7 @@ PROGRESS_TIMEOUT_S = 1.0  # how long a resume waits for the worker's text so far
 QUIET_S = 5.0  # a reply waited for and unheard of this long is looked up in the read model
 LOOKUP_CHUNK = 1_000  # quiet replies looked up in one query
 ENDED_KEPT = 256  # ended replies a socket remembers, to drop what comes of them later
+SESSION_CHECK_S = 1.0  # how often open sockets are checked against ended sessions
 
 
 class ChatSession:
@@ -98,6 +99,7 @@ class ChatSession:
 
     async def run(self) -> None:
         writer = asyncio.create_task(self.write())
+        ended_sessions(self.services).watch(self)
         try:
             while True:
                 message = await self.socket.receive()
@@ -113,6 +115,7 @@ class ChatSession:
         except WebSocketDisconnect:
             pass
         finally:
+            ended_sessions(self.services).forget(self)
             # what is in hand finishes (a command in a thread cannot be called back anyway)
             while self.lanes:
                 await asyncio.wait(list(self.lanes.values()))
@@ -121,6 +124,15 @@ class ChatSession:
                 await sub.unsubscribe()
             self.outbox.put_nowait(None)
             await writer
+
+    async def close_for_ended_session(self) -> None:
+        """Tell the client its session ended, then close (`EndedSessions`)."""
+        self.error("session_ended", "this session has ended: log in again")
+        for _ in range(20):  # let the writer send it (bounded: the client may be gone)
+            if self.outbox.empty():
+                break
+            await asyncio.sleep(0.05)
+        await self.socket.close(code=4401, reason="session ended")
 
     async def write(self) -> None:
         while (frame := await self.outbox.get()) is not None:
@@ -498,6 +510,43 @@ class QuietReplies:
                         continue  # being written, or queued
                     for session in due.get(str(row["id"]), ()):
                         session.end_unheard(str(row["id"]), row)
+
+
+class EndedSessions:
+    """An ended session (logged out, ended from another device, the account erased) closes
+    its open sockets within `SESSION_CHECK_S`, not only at their next frame: a socket that
+    only listens would otherwise go on receiving the account's replies. One sweep a round
+    over every open socket of the process (a set lookup each), not a timer per socket."""
+
+    def __init__(self) -> None:
+        self.sessions: set[ChatSession] = set()
+        self.task: asyncio.Task[None] | None = None
+
+    def watch(self, session: ChatSession) -> None:
+        if session.session_id is None:
+            return
+        self.sessions.add(session)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self.run())
+
+    def forget(self, session: ChatSession) -> None:
+        self.sessions.discard(session)
+
+    async def run(self) -> None:
+        while self.sessions:
+            await asyncio.sleep(SESSION_CHECK_S)
+            for session in [s for s in self.sessions if s.session_id in REVOKED]:
+                self.sessions.discard(session)
+                asyncio.create_task(session.close_for_ended_session())
+
+
+def ended_sessions(services: Services) -> EndedSessions:
+    """The process's one `EndedSessions` (made on first use)."""
+    watcher = getattr(services, "ended_sessions", None)
+    if watcher is None:
+        watcher = EndedSessions()
+        services.ended_sessions = watcher
+    return watcher
 
 
 def quiet_replies(services: Services) -> QuietReplies:

@@ -104,6 +104,7 @@ class Services:
     sessions: SessionStore
     executor: CallPool = field(default_factory=lambda: CallPool(THREADS, "db"), repr=False)
     quiet_replies: Any = field(default=None, repr=False)  # api.chat_socket.QuietReplies, made on first use
+    ended_sessions: Any = field(default=None, repr=False)  # api.chat_socket.EndedSessions, made on first use
     session_watch: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod

@@ -4,6 +4,7 @@ another API process learns of an end within a second."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import httpx
@@ -98,3 +99,19 @@ def test_another_process_learns_of_an_ended_session_on_its_next_look(stack: Stac
     finally:
         here.readmodels.datastore.close()
         there.readmodels.datastore.close()
+
+
+def test_an_open_socket_of_an_ended_session_is_closed_without_waiting_for_a_frame(api_url: str) -> None:
+    email, password = f"sockets-{uuid.uuid4().hex[:12]}@example.com", "correct horse battery"
+    with httpx.Client(base_url=api_url, timeout=30) as http:
+        assert http.post("/api/auth/register", json={"email": email, "password": password}).status_code == 201
+        token = log_in(http, email, password, "listening tab")
+        with connect(api_url.replace("http://", "ws://") + "/api/ws", additional_headers=bearer(token),
+                     open_timeout=10) as ws:
+            assert http.post("/api/auth/logout", headers=bearer(token)).status_code == 204
+            # the client sends nothing: the server tells it and closes
+            frame = json.loads(ws.recv(timeout=10))
+            assert frame["type"] == "error" and frame["code"] == "session_ended"
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
