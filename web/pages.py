@@ -451,6 +451,7 @@ async def chat_context(services: Services, conversation_id: UUID, user_id: UUID)
         "shares": await queries.shares(services, conversation_id),
         "pending": next((m for m in messages if m["status"] == "pending"), None),
         "client_message_id": str(uuid4()),
+        "max_chars": services.app.max_message_chars,
         **await sidebar(services, user_id),
     }
 

@@ -168,3 +168,23 @@ async def test_conversations_are_searched_renamed_archived_and_deleted(page: Pag
     await page.goto("/c")
     await expect(page).to_have_url(re.compile(r"/login\?next=/c$"))
     assert page_errors == []
+
+
+async def test_a_message_near_or_over_the_limit_is_counted_and_never_cut(page: Page, page_errors: list[str]) -> None:
+    await register(page)
+    await start_chat(page)
+    box, counter = page.get_by_label("Message", exact=True), page.locator("#count")
+    await box.fill("a" * 7000)
+    await expect(counter).to_be_hidden()
+    await box.fill("a" * 7500)
+    await expect(counter).to_have_text("7,500 / 8,000")
+    await box.fill("a" * 8120)  # as a paste over the limit lands
+    assert len(await box.input_value()) == 8120, "nothing is cut"
+    await expect(counter).to_have_text("8,120 / 8,000: 120 too many to send")
+    await expect(page.locator("#send")).to_be_disabled()
+    await box.press("Enter")
+    await expect(page.locator(".turn.user")).to_have_count(0)  # not sent
+    await box.fill("Short again")
+    await expect(counter).to_be_hidden()
+    await expect(page.locator("#send")).to_be_enabled()
+    assert page_errors == []

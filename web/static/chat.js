@@ -60,7 +60,7 @@
     stopBtn.hidden = !streaming;
     stopBtn.disabled = state.stopping;
     stopBtn.textContent = state.stopping ? "Stopping…" : "Stop";
-    sendBtn.disabled = !!state.inflight || Date.now() < state.limitUntil;
+    sendBtn.disabled = !!state.inflight || Date.now() < state.limitUntil || tooLong();
   }
 
   function turn(role) {
@@ -274,7 +274,7 @@
       if (!state.open) return;  // no socket: the form posts, the page reloads
       e.preventDefault();
       const text = input.value.trim();
-      if (!text || !canSend()) return;
+      if (!text || !canSend() || tooLong()) return;
       input.value = "";
       fit();
       sendText(text);
@@ -318,8 +318,25 @@
   function fit() {  // the composer grows with its text, up to the CSS max-height
     input.style.height = "auto";
     input.style.height = `${input.scrollHeight}px`;
+    count();
   }
   input.addEventListener("input", fit);
+
+  // Near the limit the composer shows how many characters there are; over it, by how many,
+  // and the message cannot be sent (nothing is cut: a paste over the limit stays whole).
+  const maxChars = Number(input.dataset.max) || 0, counter = $("count");
+  function tooLong() { return maxChars > 0 && [...input.value.trim()].length > maxChars; }
+  function count() {
+    if (!maxChars) return;
+    const n = [...input.value].length;  // characters as the server counts them (code points)
+    counter.hidden = n < maxChars * 0.9;
+    const over = tooLong();
+    counter.classList.toggle("over", over);
+    counter.textContent = over
+      ? `${n.toLocaleString()} / ${maxChars.toLocaleString()}: ${(n - maxChars).toLocaleString()} too many to send`
+      : `${n.toLocaleString()} / ${maxChars.toLocaleString()}`;
+    setBusy();
+  }
   input.addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
       e.preventDefault();
