@@ -63,7 +63,7 @@ async def test_a_user_registers_starts_a_chat_and_watches_the_reply_stream_in(
 
     # rate it: thumbs up, then a thumbs down with a comment
     await reply.get_by_role("button", name="Good reply").click()
-    await expect(page.locator("#flash")).to_have_text("Thanks for the feedback.")
+    await expect(page.locator("#flash .flash-text")).to_have_text("Thanks for the feedback.")
     await expect(page.locator('.turn.assistant').get_by_role("button", name="Good reply")).to_have_attribute(
         "aria-pressed", "true"
     )
@@ -95,7 +95,7 @@ async def test_a_chat_is_exported_and_shared_read_only_until_the_link_is_withdra
     markdown = await page.request.get(await page.get_by_role("link", name="Markdown").get_attribute("href"))
     assert markdown.ok and "Tell me about lighthouses" in await markdown.text()
     await page.get_by_role("button", name="Share a link").click()
-    await expect(page.locator("#flash")).to_contain_text("Anyone with this link can read the chat: http")
+    await expect(page.locator("#flash .flash-text")).to_contain_text("Anyone with this link can read the chat: http")
     await page.get_by_label("Chat actions").click()
     link = await page.locator(".share-link").get_attribute("href")
 
@@ -109,7 +109,9 @@ async def test_a_chat_is_exported_and_shared_read_only_until_the_link_is_withdra
     await shot(shared, "share-01-shared-chat")
 
     await page.get_by_role("button", name="Stop sharing").click()
-    await expect(page.locator("#flash")).to_have_text("That link no longer works.")
+    await expect(page.locator("#flash .flash-text")).to_have_text("That link no longer works.")
+    await page.get_by_label("Dismiss").click()  # any notice can be dismissed, without script
+    await expect(page.locator("#flash")).to_be_hidden()
     response = await shared.goto(link)
     assert response is not None and response.status == 404
     await stranger.close()
@@ -157,7 +159,7 @@ async def test_conversations_are_searched_renamed_archived_and_deleted(page: Pag
     await page.locator(".confirm summary").click()
     await page.get_by_role("button", name="Delete", exact=True).click()
     await expect(page).to_have_url(re.compile(r"/c$"))
-    await expect(page.locator("#flash")).to_have_text("Conversation deleted.")
+    await expect(page.locator("#flash .flash-text")).to_have_text("Conversation deleted.")
     await expect(page.locator("#conversations")).not_to_contain_text("Pirate talk")
     response = await page.goto(f"/c/{conversation_id}")
     assert response is not None and response.status == 404

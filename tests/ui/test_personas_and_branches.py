@@ -30,7 +30,7 @@ async def test_a_user_creates_a_persona_edits_it_and_chats_with_it(page: Page, p
     await form.get_by_label("Greeting").fill("Ready for a quiz?")
     await form.get_by_label("Conversation starters").fill("Ask me a question\nAnother one")
     await form.get_by_role("button", name="Create").click()
-    await expect(page.locator("#flash")).to_have_text(f"Created {name}.")
+    await expect(page.locator("#flash .flash-text")).to_have_text(f"Created {name}.")
     await expect(page.locator("#persona-version")).to_have_text("v1")
 
     # an edit the server refuses comes back with the reason, and the form keeps what was typed
@@ -41,7 +41,7 @@ async def test_a_user_creates_a_persona_edits_it_and_chats_with_it(page: Page, p
     await expect(form.get_by_label("Greeting")).to_have_value("Ready for a **hard** quiz?")
     await form.get_by_label("Conversation starters").fill("Ask me a question\nAnother one")
     await form.get_by_role("button", name="Save").click()
-    await expect(page.locator("#flash")).to_have_text("Saved a new version.")
+    await expect(page.locator("#flash .flash-text")).to_have_text("Saved a new version.")
     await expect(page.locator("#persona-version")).to_have_text("v2")
     await expect(page.locator("#versions li")).to_have_count(2)
     await shot(page, "persona-01-edited")

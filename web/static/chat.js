@@ -40,16 +40,24 @@
   function nearBottom() { const t = thread(); return t.scrollHeight - t.scrollTop - t.clientHeight < 80; }
   function scrollDown() { const t = thread(); t.scrollTop = t.scrollHeight; }
 
-  function notify(message) {
-    let box = $("flash");
+  function notify(message) {  // the page's flash (base.html), made if the page had none
+    let box = $("flash"), dismissed = $("flash-dismissed");
     if (!box) {
+      dismissed = el("input", "flash-dismissed");
+      Object.assign(dismissed, { type: "checkbox", id: "flash-dismissed", hidden: true });
       box = el("div", "flash error");
       box.id = "flash";
       box.setAttribute("role", "alert");
-      document.body.prepend(box);
+      const close = el("label", "dismiss", "×");
+      close.htmlFor = "flash-dismissed";
+      close.title = "Dismiss";
+      close.setAttribute("aria-label", "Dismiss");
+      box.append(el("span", "flash-text"), close);
+      document.body.prepend(dismissed, box);
     }
     box.className = "flash error";
-    box.textContent = message;
+    box.querySelector(".flash-text").textContent = message;
+    dismissed.checked = false;  // shown again, even if an earlier one was dismissed
     box.hidden = false;
   }
 
