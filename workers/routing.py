@@ -25,6 +25,7 @@ from uuid import UUID
 from chatbot.messaging import partition_of
 
 DOWN_S = 5.0
+RETIRE_S = 120.0  # a replaced connection stays open this long for the streams still on it
 # what tritonclient's errors say when the server cannot be reached at all
 _UNREACHABLE = ("StatusCode.UNAVAILABLE", "failed to connect", "Connection refused", "Socket closed")
 
@@ -41,6 +42,7 @@ class TritonRouter:
         self.urls = urls
         self._connect = connect
         self.clients = [connect(url) for url in urls]
+        self._retired: list[tuple[float, Any]] = []  # (when to close, client) replaced by a reconnect
         self._down_until = [0.0] * len(urls)
         self._clock = clock
 
@@ -63,14 +65,27 @@ class TritonRouter:
     async def mark_down(self, index: int) -> None:
         """The instance could not be reached: try it last for a while, and on a fresh
         connection (a gRPC channel that failed to connect waits longer and longer before it
-        tries again, so a restarted server would otherwise go unused for seconds)."""
-        self._down_until[index] = self._clock() + DOWN_S
+        tries again, so a restarted server would otherwise go unused for seconds). The many
+        requests that fail together reconnect once; the old channel is closed only after
+        RETIRE_S, so no stream still running on it is cut."""
+        now = self._clock()
+        if self._down_until[index] > now:
+            return  # marked down (and reconnected) already
+        self._down_until[index] = now + DOWN_S
         old, self.clients[index] = self.clients[index], self._connect(self.urls[index])
-        await old.close()
+        self._retired.append((now + RETIRE_S, old))
+        await self._close_retired(now)
+
+    async def _close_retired(self, now: float) -> None:
+        due = [client for at, client in self._retired if at <= now]
+        self._retired = [(at, client) for at, client in self._retired if at > now]
+        for client in due:
+            await client.close()
 
     def mark_up(self, index: int) -> None:
         self._down_until[index] = 0.0
 
     async def close(self) -> None:
-        for client in self.clients:
+        for client in [*self.clients, *(c for _, c in self._retired)]:
             await client.close()
+        self._retired = []

@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from chatbot.messaging import partition_of
-from workers.routing import DOWN_S, TritonRouter, unreachable
+from workers.routing import DOWN_S, RETIRE_S, TritonRouter, unreachable
 
 URLS = ("a:1", "b:2", "c:3")
 
@@ -58,11 +58,17 @@ async def test_an_unreachable_instance_goes_last_until_it_may_be_back_on_a_new_c
     conversation = next(c for c in (uuid.uuid4() for _ in range(100)) if r.home(c) == 1)
     old = r.clients[1]
     await r.mark_down(1)
-    assert old.closed and r.clients[1] is not old and r.clients[1] == "client b:2"
+    fresh = r.clients[1]
+    assert fresh is not old and fresh == "client b:2"
+    assert not old.closed, "streams still on the old connection run on"
+    await r.mark_down(1)  # another request failing at the same time: one reconnect is enough
+    assert r.clients[1] is fresh
     assert r.order(conversation) == [2, 0, 1]
     clock.now += DOWN_S + 0.1
     assert r.order(conversation) == [1, 2, 0]
+    clock.now += RETIRE_S
     await r.mark_down(1)
+    assert old.closed, "closed once its streams had time to end"
     r.mark_up(1)  # it answered after all
     assert r.order(conversation)[0] == 1
 
