@@ -337,7 +337,9 @@ class Worker:
         delivered = msg.metadata.num_delivered if msg.metadata else MAX_DELIVER
         if retry and delivered < MAX_DELIVER:
             log.warning("reply %s: %s (attempt %d, retrying)", reply_id, error, delivered)
-            await msg.nak(delay=min(30, 2 ** delivered))
+            # 1, 2, 4, 8 s: what fails a whole attempt is a crash or a restart nearby (PostgreSQL,
+            # NATS; an unreachable Triton is waited for in `generate`), and its user is waiting
+            await msg.nak(delay=min(8, 2 ** (delivered - 1)))
             return
         log.error("reply %s: %s (attempt %d, giving up)", reply_id, error, delivered)
         await asyncio.to_thread(self.app.fail_reply, conversation_id, reply_id, error)

@@ -38,7 +38,8 @@ Then, with the load stopped and the relay and the projector caught up, it checks
      `reply` frame came unasked; the user whose API process was killed mid-reply got the
      whole reply from the other one. Replies in flight while a NATS node was down are
      reported apart: core NATS, which carries the tokens, delivers at most once, and
-     their `reply` frames carry the whole text;
+     their `reply` frames carry the whole text; so are the pauses of replies in flight when
+     Triton was killed, which wait for it to load the model again;
   4. the JetStream stream holds every stored event exactly once (by `Nats-Msg-Id`), with
      its stored bytes and notification id, in notification order;
   5. the read models equal a fresh rebuild from the events (`projections rebuild --dry-run`);
@@ -575,10 +576,10 @@ class Chaos:
         """Kill Triton while replies are being written (the launcher's supervisor restarts it)."""
         streaming = await self.wait_streaming()
         pid = self.stack.children["triton"].proc.pid
+        in_flight = [u.current for u in self.users if u.current is not None and not u.current.done]
         self.stack.children["triton"].kill(group=True)  # the server and its model's process, as a crash
         self.kills["triton"] += 1
-        self.record(f"kill -9 triton (pid {pid}) while {len(streaming)} replies were being written",
-                    [ex for _, ex in streaming])
+        self.record(f"kill -9 triton (pid {pid}) while {len(streaming)} replies were being written", in_flight)
 
     async def kill_relay(self) -> None:
         self.stack.children["relay"].kill()
@@ -664,15 +665,18 @@ def store_checks(app: ChatApplication, users: list[User]) -> tuple[list[Check], 
 def reply_checks(users: list[User], recorded: dict[str, dict[str, Any]],
                  witness: tuple[Exchange, str] | None) -> list[Check]:
     """Check 3: what the users received against what the event store recorded."""
-    differ, stream_bad, lossy, silent, counts = [], [], [], [], Counter()
+    differ, stream_bad, lossy, silent, waited, counts = [], [], [], [], [], Counter()
     for u in users:
         for ex in u.exchanges:
             if not ex.done or ex.reply_id is None:
                 continue
             counts[ex.via] += 1
             if ex.silences:  # its end never came by itself: the client had to ask
-                silent.append(f"{u.name}: reply {ex.reply_id[:8]}: no frame for {SILENCE_S:.0f} s, {ex.silences}x; "
-                              f"`resume` brought it back (faults {ex.faults or 'none'})")
+                # a reply in flight when Triton was killed waits for its restart (the model loads
+                # again, then every stalled reply at once): a pause, reported, not a fault
+                (waited if any(f.startswith("kill -9 triton") for f in ex.faults) else silent).append(
+                    f"{u.name}: reply {ex.reply_id[:8]}: no frame for {SILENCE_S:.0f} s, {ex.silences}x; "
+                    f"`resume` brought it back (faults {ex.faults or 'none'})")
             store = recorded.get(ex.reply_id)
             if store is None:
                 continue  # reported by the outcome check
@@ -696,7 +700,10 @@ def reply_checks(users: list[User], recorded: dict[str, dict[str, Any]],
               + differ + stream_bad + silent
               + ([f"not counted: {len(lossy)} replies in flight while a NATS node was down lost token frames "
                   "(core NATS delivers at most once); their `reply` frames carried the whole text:"] if lossy else [])
-              + lossy),
+              + lossy
+              + ([f"not counted: {len(waited)} replies in flight when Triton was killed paused while it restarted:"]
+                 if waited else [])
+              + waited),
     ]
     if witness is None:
         checks.append(Check("a user streaming from a killed API process gets the whole reply from the other one",
@@ -817,10 +824,12 @@ async def chat_under_faults(stack: Stack, clock: Clock, restarts: list[tuple[flo
     schedule: list[tuple[float, str, Callable[[], Awaitable[None]]]] = [
         (8, "kill a worker mid-generation", lambda: chaos.kill_generating_worker(workers)),
         (16, "kill the stream's leader NATS node", chaos.kill_nats_leader),
-        (25, "kill Triton mid-generation", chaos.kill_triton),
-        (34, "kill a worker mid-generation", lambda: chaos.kill_generating_worker(workers)),
-        (42, "kill the projector mid-batch", chaos.kill_projector_mid_batch),
-        (50, "restart PostgreSQL", lambda: chaos.restart_postgres(restarts)),
+        (28, "kill a worker mid-generation", lambda: chaos.kill_generating_worker(workers)),
+        (36, "kill the projector mid-batch", chaos.kill_projector_mid_batch),
+        (42, "restart PostgreSQL", lambda: chaos.restart_postgres(restarts)),
+        # Triton away for its restart (~6 s to load the model, then the backlog) stalls every
+        # reply at once: it comes where no other fault lands on the same replies soon after
+        (48, "kill Triton mid-generation", chaos.kill_triton),
         (60, "kill the relay", chaos.kill_relay),
         (66, "kill an API process mid-stream", chaos.kill_streaming_api),
         (78, "kill every worker", chaos.kill_all_workers),
