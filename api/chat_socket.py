@@ -464,15 +464,11 @@ class ChatSession:
             self.outbox.put_nowait({"type": "token", "conversation_id": cid, "reply_id": delta.reply_id, "text": text})
 
 
-class QuietReplies:
-    """Every reply the sockets of this API process wait for and have heard nothing of for
-    `QUIET_S` is looked up in the read model (its end may have been lost on a NATS node
-    that died), all of them in one query a round (up to `LOOKUP_CHUNK` ids each), instead
-    of one query per reply and socket: when workers stall, 100,000 waiting sockets must not
-    become 40,000 queries a second."""
+class SocketSweep:
+    """A process-wide task that looks over a set of open sockets now and then, running only
+    while some are watched (made on first use: `process_sweep`)."""
 
-    def __init__(self, services: Services) -> None:
-        self.services = services
+    def __init__(self) -> None:
         self.sessions: set[ChatSession] = set()
         self.task: asyncio.Task[None] | None = None
 
@@ -483,6 +479,30 @@ class QuietReplies:
 
     def forget(self, session: ChatSession) -> None:
         self.sessions.discard(session)
+
+    async def run(self) -> None:
+        raise NotImplementedError
+
+
+def process_sweep(services: Services, name: str, make: Any) -> Any:
+    """The process's one sweep called `name`, kept on `services` (made on first use)."""
+    sweep = getattr(services, name, None)
+    if sweep is None:
+        sweep = make()
+        setattr(services, name, sweep)
+    return sweep
+
+
+class QuietReplies(SocketSweep):
+    """Every reply the sockets of this API process wait for and have heard nothing of for
+    `QUIET_S` is looked up in the read model (its end may have been lost on a NATS node
+    that died), all of them in one query a round (up to `LOOKUP_CHUNK` ids each), instead
+    of one query per reply and socket: when workers stall, 100,000 waiting sockets must not
+    become 40,000 queries a second."""
+
+    def __init__(self, services: Services) -> None:
+        super().__init__()
+        self.services = services
 
     async def run(self) -> None:
         while self.sessions:
@@ -512,25 +532,15 @@ class QuietReplies:
                         session.end_unheard(str(row["id"]), row)
 
 
-class EndedSessions:
+class EndedSessions(SocketSweep):
     """An ended session (logged out, ended from another device, the account erased) closes
     its open sockets within `SESSION_CHECK_S`, not only at their next frame: a socket that
     only listens would otherwise go on receiving the account's replies. One sweep a round
     over every open socket of the process (a set lookup each), not a timer per socket."""
 
-    def __init__(self) -> None:
-        self.sessions: set[ChatSession] = set()
-        self.task: asyncio.Task[None] | None = None
-
     def watch(self, session: ChatSession) -> None:
-        if session.session_id is None:
-            return
-        self.sessions.add(session)
-        if self.task is None or self.task.done():
-            self.task = asyncio.create_task(self.run())
-
-    def forget(self, session: ChatSession) -> None:
-        self.sessions.discard(session)
+        if session.session_id is not None:  # a socket without a log-in session has none to end
+            super().watch(session)
 
     async def run(self) -> None:
         while self.sessions:
@@ -541,21 +551,11 @@ class EndedSessions:
 
 
 def ended_sessions(services: Services) -> EndedSessions:
-    """The process's one `EndedSessions` (made on first use)."""
-    watcher = getattr(services, "ended_sessions", None)
-    if watcher is None:
-        watcher = EndedSessions()
-        services.ended_sessions = watcher
-    return watcher
+    return process_sweep(services, "ended_sessions", EndedSessions)  # type: ignore[no-any-return]
 
 
 def quiet_replies(services: Services) -> QuietReplies:
-    """The process's one `QuietReplies` (made on first use)."""
-    watcher = getattr(services, "quiet_replies", None)
-    if watcher is None:
-        watcher = QuietReplies(services)
-        services.quiet_replies = watcher
-    return watcher
+    return process_sweep(services, "quiet_replies", lambda: QuietReplies(services))  # type: ignore[no-any-return]
 
 
 def origin_allowed(socket: WebSocket[Any, Any, Any], allowed: tuple[str, ...]) -> bool:

@@ -396,7 +396,7 @@ class Engine:
     def _admit(self) -> None:
         """Give the head of `_waiting` slots (FIFO) while the decode batch has room, with
         as much of each prompt as the prefix cache holds (prefix_cache.py)."""
-        reused = 0
+        reused, admitted = 0, False
         while self._waiting and len(self._active) < self.max_batch_size:
             seq = self._waiting.popleft()
             placement = self.pool.acquire(seq.prompt_ids)
@@ -406,9 +406,11 @@ class Engine:
             seq.slot, seq.pos = placement.slot, placement.reused
             reused += placement.reused
             self._active.append(seq)
-        with self._stats_lock:
-            self._prefix_reused_tokens_total += reused
-            self._cached_tokens = self.pool.cached_tokens
+            admitted = True
+        if admitted:  # (every engine step passes here: count only when something changed)
+            with self._stats_lock:
+                self._prefix_reused_tokens_total += reused
+                self._cached_tokens = self.pool.cached_tokens
 
     def _chunk_plan(self) -> tuple[list[_Sequence], list[int], int]:
         """Which prefilling sequences share this step's prefill forward, how many prompt
