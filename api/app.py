@@ -96,6 +96,13 @@ def domain_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str
     return Response(error_body(500, "error", "internal error"), status_code=500)
 
 
+def unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    """A bug: the client gets the usual 500 body, the log the traceback (Litestar logs
+    nothing of it outside debug mode)."""
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return Response(error_body(500, "error", "internal error"), status_code=500)
+
+
 def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
     status = exc.status_code
     if status >= 500:
@@ -139,7 +146,7 @@ def create_app() -> Litestar:
             WriteTimeout: domain_error, EventTooLarge: domain_error, PasswordCheckBusy: domain_error,
             TooManyAttempts: domain_error,
             RecursionError: domain_error, UnicodeDecodeError: domain_error,
-            HTTPException: http_error,
+            HTTPException: http_error, Exception: unexpected_error,
         },
         lifespan=[lifespan],
     )

@@ -110,10 +110,12 @@ class Services:
     @classmethod
     async def create(cls, settings: Settings) -> Services:
         app = await anyio.to_thread.run_sync(chat_application, settings)
-        readmodels = await anyio.to_thread.run_sync(read_model_recorder, settings.eventsourcing_env())
+        readmodels = await anyio.to_thread.run_sync(
+            partial(read_model_recorder, settings.eventsourcing_env(), keys=app.mapper.keys))  # type: ignore[attr-defined]
         nc = await nats.connect(settings.nats_servers, max_reconnect_attempts=-1)
         limits = RateLimiter(readmodels, settings.messages_per_minute, settings.tokens_per_day)
-        throttle = AuthThrottle(readmodels, settings.auth_attempts_per_address, settings.login_failures_per_account)
+        throttle = AuthThrottle(readmodels, settings.auth_attempts_per_address, settings.login_failures_per_account,
+                                settings.secret_key)
         sessions = SessionStore(readmodels, settings.token_ttl_s)
         await anyio.to_thread.run_sync(sessions.refresh)  # every end young enough to matter, before serving
         services = cls(settings, app, readmodels, nc, triton_aio.InferenceServerClient(settings.triton_urls[0]), limits,

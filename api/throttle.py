@@ -14,6 +14,7 @@ used instead (deploy/nginx.conf adds it).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import time
 from typing import Any
 
@@ -37,13 +38,16 @@ class TooManyAttempts(Exception):
         self.retry_after = retry_after
 
 
-def _key(kind: str, value: str) -> str:
-    return hashlib.sha256(f"{kind}\x00{value.strip().lower()}".encode()).hexdigest()
+def _key(secret: bytes, kind: str, value: str) -> str:
+    """The row's key: keyed, so a copy of the table cannot confirm a guessed address offline."""
+    return hmac.new(secret, f"{kind}\x00{value.strip().lower()}".encode(), hashlib.sha256).hexdigest()
 
 
 class AuthThrottle:
-    def __init__(self, readmodels: ReadModelRecorder, per_address: int, failures_per_account: int) -> None:
+    def __init__(self, readmodels: ReadModelRecorder, per_address: int, failures_per_account: int,
+                 secret: bytes = b"") -> None:
         self.readmodels = readmodels
+        self.secret = secret  # the settings' secret key
         self.per_address = per_address  # 0: no limit
         self.failures_per_account = failures_per_account  # 0: no limit
 
@@ -66,7 +70,7 @@ class AuthThrottle:
         if not self.per_address:
             return None
         window, retry_after = self._window()
-        if self._run(COUNT, _key("address", address), window) > self.per_address:
+        if self._run(COUNT, _key(self.secret, "address", address), window) > self.per_address:
             return Limited(f"too many log-in attempts from your address; try again in {retry_after // 60 + 1} "
                            "minutes", retry_after)
         return None
@@ -76,7 +80,7 @@ class AuthThrottle:
         if not self.failures_per_account:
             return None
         window, retry_after = self._window()
-        if self._run(PEEK, _key("account", email), window) >= self.failures_per_account:
+        if self._run(PEEK, _key(self.secret, "account", email), window) >= self.failures_per_account:
             return Limited(f"too many failed log-ins for this account; try again in {retry_after // 60 + 1} "
                            "minutes", retry_after)
         return None
@@ -84,4 +88,4 @@ class AuthThrottle:
     def failed(self, email: str) -> None:
         if self.failures_per_account:
             window, _ = self._window()
-            self._run(COUNT, _key("account", email), window)
+            self._run(COUNT, _key(self.secret, "account", email), window)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import nats
 
@@ -11,6 +12,8 @@ from chatbot.messaging import ensure_stream
 from chatbot.model_repo import served_models
 from domain.application import ChatApplication, PromptWindow
 from projections.readmodels import read_model_recorder
+
+log = logging.getLogger(__name__)
 
 
 def chat_application(settings: Settings, create_tables: bool = False) -> ChatApplication:
@@ -47,5 +50,11 @@ def bootstrap(settings: Settings) -> None:
     RateLimiter(recorder, settings.messages_per_minute, settings.tokens_per_day).create_table()
     AuthThrottle(recorder, settings.auth_attempts_per_address, settings.login_failures_per_account).create_table()
     SessionStore(recorder, settings.token_ttl_s).create_table()
+    plaintext = recorder.holds_plaintext()
     recorder.datastore.close()
+    if plaintext:  # read models of a version before sealed text: replay them, sealed
+        from projections.rebuild import rebuild
+
+        report = rebuild(settings, progress=False)
+        log.info("read models rebuilt with sealed text: %d events in %.1f s", report.events, report.seconds)
     asyncio.run(_ensure_stream(settings))

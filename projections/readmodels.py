@@ -8,6 +8,7 @@ the rows. Replaying an event that was already applied fails to record its tracki
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -20,23 +21,24 @@ from eventsourcing.postgres import PostgresFactory, PostgresTrackingRecorder
 from eventsourcing.utils import Environment
 from psycopg.rows import DictRow
 from psycopg.sql import SQL
-from psycopg.types.json import Jsonb
 
+from chatbot.eventstore import KeyStore
 from chatbot.postgres import flush_pipeline
+from projections.sealing import Sealer
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS rm_personas (
-        id uuid PRIMARY KEY, slug text NOT NULL, name text NOT NULL,
-        description text NOT NULL, greeting text NOT NULL, model text NOT NULL,
+        id uuid PRIMARY KEY, slug text NOT NULL, name bytea NOT NULL,
+        description bytea NOT NULL, greeting bytea NOT NULL, model text NOT NULL,
         version int NOT NULL, updated_at timestamptz NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS rm_conversations (
         id uuid PRIMARY KEY, owner_id uuid NOT NULL, persona_id uuid NOT NULL,
-        title text NOT NULL, message_count int NOT NULL DEFAULT 0,
+        title bytea NOT NULL, message_count int NOT NULL DEFAULT 0,
         created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS rm_conversations_owner ON rm_conversations (owner_id, updated_at DESC)",
     """CREATE TABLE IF NOT EXISTS rm_messages (
         id uuid PRIMARY KEY, conversation_id uuid NOT NULL, seq int NOT NULL,
-        role text NOT NULL, text text NOT NULL, status text NOT NULL,
+        role text NOT NULL, text bytea NOT NULL, status text NOT NULL,
         reply_to uuid, finish_reason text, model text,
         created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)""",
     "CREATE UNIQUE INDEX IF NOT EXISTS rm_messages_order ON rm_messages (conversation_id, seq)",
@@ -57,7 +59,7 @@ SCHEMA = [
     # read-only snapshots shared by link
     """CREATE TABLE IF NOT EXISTS rm_shares (
         id uuid PRIMARY KEY, conversation_id uuid NOT NULL, owner_id uuid NOT NULL,
-        title text NOT NULL, persona_name text NOT NULL, messages jsonb NOT NULL,
+        title bytea NOT NULL, persona_name bytea NOT NULL, messages bytea NOT NULL,
         created_at timestamptz NOT NULL, revoked boolean NOT NULL DEFAULT false)""",
     "CREATE INDEX IF NOT EXISTS rm_shares_conversation ON rm_shares (conversation_id)",
     # tokens each user's replies used per day: the daily quota reads it
@@ -72,8 +74,15 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS rm_owners_user ON rm_owners (user_id)",
     # conversations projected before rm_owners existed
     "INSERT INTO rm_owners SELECT id, owner_id FROM rm_conversations ON CONFLICT DO NOTHING",
+    # sealed text (projections/sealing.py): the blind indexes that search reads (a search
+    # reads one user's conversations by rm_conversations_owner and their messages by
+    # rm_messages_order, so no index of its own)
+    "ALTER TABLE rm_conversations ADD COLUMN IF NOT EXISTS title_words bigint[] NOT NULL DEFAULT '{}'",
+    "ALTER TABLE rm_messages ADD COLUMN IF NOT EXISTS words bigint[] NOT NULL DEFAULT '{}'",
 ]
 PERSONA_COLUMNS = ("name", "description", "greeting", "model", "avatar", "visibility", "retired")
+PERSONA_SEALED = ("name", "description", "greeting")  # under the master key, as persona events are
+OWNERS_MAX = 65536  # conversation owners a recorder remembers
 
 APPLICATION = "chat"  # the notification log the projections follow
 
@@ -85,9 +94,11 @@ TABLES = ("personas", "conversations", "messages", "usage", "shares", "owners")
 class ReadModelRecorder(PostgresTrackingRecorder):
     """`prefix` names the tables: `rm_` are the live ones; a rebuild fills `rb_` ones."""
 
-    def __init__(self, *args: Any, prefix: str = LIVE_PREFIX, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, prefix: str = LIVE_PREFIX, keys: KeyStore | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.prefix = prefix
+        self.sealer = Sealer(keys)
+        self._owners: dict[UUID, UUID] = {}  # conversation -> owner (never changes)
         self.sql_create_statements.extend(SQL(self.sql(s)) for s in SCHEMA)  # type: ignore[arg-type]
         self._batch: Any = None  # the cursor of an open batch transaction, if any
         self._batch_tracking: dict[str, Tracking] = {}  # the newest position per tracking name
@@ -134,6 +145,48 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             return
         super()._insert_tracking(curs, tracking)
 
+    # -- sealing (projections/sealing.py) ----------------------------------------------------
+
+    def _remember_owner(self, conversation_id: UUID, owner_id: UUID) -> None:
+        if len(self._owners) >= OWNERS_MAX:
+            self._owners.clear()
+        self._owners[conversation_id] = owner_id
+
+    def _owner(self, curs: Any, conversation_id: UUID) -> UUID | None:
+        """Whose key seals the conversation's text: its row's `owner_id` (None: it is gone)."""
+        owner = self._owners.get(conversation_id)
+        if owner is None:
+            curs.execute(self.sql("SELECT owner_id FROM rm_conversations WHERE id = %s"), (conversation_id,))
+            found = curs.fetchone()
+            if found is None:
+                return None
+            owner = found["owner_id"]
+            self._remember_owner(conversation_id, owner)
+        return owner
+
+    def _seal_title(self, owner: UUID | None, conversation_id: UUID, title: str) -> dict[str, Any]:
+        return {"title": self.sealer.seal(owner, title, "rm_conversations.title", conversation_id),
+                "title_words": self.sealer.index(owner, title)}
+
+    def _seal_text(self, curs: Any, conversation_id: UUID, message_id: UUID, text: str) -> dict[str, Any]:
+        owner = self._owner(curs, conversation_id)
+        return {"text": self.sealer.seal(owner, text, "rm_messages.text", message_id),
+                "words": self.sealer.index(owner, text) if owner is not None else "{}"}
+
+    def _seal_persona(self, persona_id: UUID, columns: dict[str, Any]) -> dict[str, Any]:
+        return {k: self.sealer.seal(None, columns[k], f"rm_personas.{k}", persona_id)
+                for k in PERSONA_SEALED if k in columns}
+
+    def _open_persona(self, row: DictRow) -> dict[str, Any]:
+        opened = {k: self.sealer.open(None, row[k], f"rm_personas.{k}", row["id"]) or "" for k in PERSONA_SEALED}
+        return {**row, **opened}
+
+    def _open_title(self, row: DictRow, owner: UUID) -> dict[str, Any]:
+        return {**row, "title": self.sealer.open(owner, row["title"], "rm_conversations.title", row["id"]) or ""}
+
+    def _open_text(self, row: DictRow, owner: UUID) -> dict[str, Any]:
+        return {**row, "text": self.sealer.open(owner, row["text"], "rm_messages.text", row["id"]) or ""}
+
     # -- writes (each with its tracking, in one transaction) -------------------------------
 
     def skip(self, tracking: Tracking) -> None:
@@ -142,6 +195,7 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             self._insert_tracking(curs, tracking)
 
     def upsert_persona(self, tracking: Tracking, row: dict[str, Any]) -> None:
+        row = {**row, **self._seal_persona(row["id"], row)}
         with self._tx() as curs:
             self._insert_tracking(curs, tracking)
             self._exec(
@@ -155,6 +209,7 @@ class ReadModelRecorder(PostgresTrackingRecorder):
     def update_persona(self, tracking: Tracking, persona_id: UUID, version: int, at: datetime,
                        changes: dict[str, Any]) -> None:
         columns = {k: v for k, v in changes.items() if k in PERSONA_COLUMNS}
+        columns.update(self._seal_persona(persona_id, columns))
         sets = "".join(f", {k} = %({k})s" for k in columns)  # names from PERSONA_COLUMNS only
         with self._tx() as curs:
             self._insert_tracking(curs, tracking)
@@ -164,11 +219,13 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             )
 
     def insert_conversation(self, tracking: Tracking, row: dict[str, Any]) -> None:
+        self._remember_owner(row["id"], row["owner_id"])
+        row = {**row, **self._seal_title(row["owner_id"], row["id"], row["title"])}
         with self._tx() as curs:
             self._insert_tracking(curs, tracking)
             self._exec(
-                curs, "INSERT INTO rm_conversations (id, owner_id, persona_id, title, created_at, updated_at)"
-                " VALUES (%(id)s, %(owner_id)s, %(persona_id)s, %(title)s, %(at)s, %(at)s)",
+                curs, "INSERT INTO rm_conversations (id, owner_id, persona_id, title, title_words, created_at, updated_at)"
+                " VALUES (%(id)s, %(owner_id)s, %(persona_id)s, %(title)s, %(title_words)s::bigint[], %(at)s, %(at)s)",
                 row,
             )
             self._exec(curs, "INSERT INTO rm_owners (conversation_id, user_id) VALUES (%(id)s, %(owner_id)s)", row)
@@ -185,10 +242,11 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             )
 
     def _insert_message(self, curs: Any, row: dict[str, Any]) -> None:
+        row = {**row, **self._seal_text(curs, row["conversation_id"], row["id"], row["text"])}
         self._exec(
-            curs, "INSERT INTO rm_messages (id, conversation_id, seq, role, text, status, reply_to, parent_id,"
+            curs, "INSERT INTO rm_messages (id, conversation_id, seq, role, text, words, status, reply_to, parent_id,"
             " created_at, updated_at)"
-            " SELECT %(id)s, %(conversation_id)s, coalesce(max(seq), 0) + 1, %(role)s, %(text)s, %(status)s,"
+            " SELECT %(id)s, %(conversation_id)s, coalesce(max(seq), 0) + 1, %(role)s, %(text)s, %(words)s::bigint[], %(status)s,"
             " %(reply_to)s, %(parent_id)s, %(at)s, %(at)s"
             " FROM rm_messages WHERE conversation_id = %(conversation_id)s",
             row,
@@ -197,8 +255,11 @@ class ReadModelRecorder(PostgresTrackingRecorder):
     def update_conversation(self, tracking: Tracking, conversation_id: UUID, changes: dict[str, Any]) -> None:
         """Set the title, archived flag, current leaf or expiry (names from a fixed set only)."""
         columns = {k: v for k, v in changes.items() if k in ("title", "archived", "current_leaf", "expires_at")}
-        sets = ", ".join(f"{k} = %({k})s" for k in columns)
         with self._tx() as curs:
+            if "title" in columns:
+                owner = self._owner(curs, conversation_id)
+                columns.update(self._seal_title(owner, conversation_id, columns["title"]))
+            sets = ", ".join(f"{k} = %({k})s" for k in columns)
             self._insert_tracking(curs, tracking)
             self._exec(curs, f"UPDATE rm_conversations SET {sets} WHERE id = %(id)s", {**columns, "id": conversation_id})
 
@@ -217,6 +278,9 @@ class ReadModelRecorder(PostgresTrackingRecorder):
         title unchanged)."""
         with self._tx() as curs:
             self._insert_tracking(curs, tracking)
+            sealed_title = {"title": None, "title_words": None}
+            if title is not None:
+                sealed_title = self._seal_title(self._owner(curs, conversation_id), conversation_id, title)
             for node in nodes:
                 self._insert_message(curs, {
                     "id": node["id"], "conversation_id": conversation_id, "role": node["role"],
@@ -225,19 +289,31 @@ class ReadModelRecorder(PostgresTrackingRecorder):
                 })
             self._exec(
                 curs, "UPDATE rm_conversations SET message_count = message_count + %(n)s, updated_at = %(at)s,"
-                " current_leaf = %(leaf)s, title = coalesce(%(title)s::text, title) WHERE id = %(cid)s",
-                {"n": len(nodes), "at": at, "cid": conversation_id, "leaf": current, "title": title},
+                " current_leaf = %(leaf)s, title = coalesce(%(title)s::bytea, title),"
+                " title_words = coalesce(%(title_words)s::text::bigint[], title_words) WHERE id = %(cid)s",
+                {"n": len(nodes), "at": at, "cid": conversation_id, "leaf": current, **sealed_title},
             )
 
     def add_share(self, tracking: Tracking, row: dict[str, Any]) -> None:
+        """A snapshot shared by link, sealed under the owner's key like the conversation."""
         with self._tx() as curs:
             self._insert_tracking(curs, tracking)
+            curs.execute(self.sql(
+                "SELECT c.owner_id, p.id AS persona_id, p.name FROM rm_conversations c"
+                " LEFT JOIN rm_personas p ON p.id = c.persona_id WHERE c.id = %s"), (row["conversation_id"],))
+            found = curs.fetchone()
+            if found is None:
+                return  # the conversation is gone: nothing to share
+            owner, share_id = found["owner_id"], row["id"]
+            persona_name = "" if found["persona_id"] is None else (
+                self.sealer.open(None, found["name"], "rm_personas.name", found["persona_id"]) or "")
             self._exec(
                 curs, "INSERT INTO rm_shares (id, conversation_id, owner_id, title, persona_name, messages, created_at)"
-                " SELECT %(id)s, c.id, c.owner_id, %(title)s, coalesce(p.name, ''), %(messages)s, %(at)s"
-                " FROM rm_conversations c LEFT JOIN rm_personas p ON p.id = c.persona_id"
-                " WHERE c.id = %(conversation_id)s",
-                {**row, "messages": Jsonb(row["messages"])},
+                " VALUES (%(id)s, %(conversation_id)s, %(owner)s, %(title)s, %(persona_name)s, %(messages)s, %(at)s)",
+                {**row, "owner": owner,
+                 "title": self.sealer.seal(owner, row["title"], "rm_shares.title", share_id),
+                 "persona_name": self.sealer.seal(owner, persona_name, "rm_shares.persona_name", share_id),
+                 "messages": self.sealer.seal(owner, json.dumps(row["messages"]), "rm_shares.messages", share_id)},
             )
 
     def revoke_share(self, tracking: Tracking, share_id: UUID) -> None:
@@ -252,6 +328,7 @@ class ReadModelRecorder(PostgresTrackingRecorder):
 
     def finish_reply(self, tracking: Tracking, row: dict[str, Any]) -> None:
         with self._tx() as curs:
+            row = {**row, **self._seal_text(curs, row["conversation_id"], row["id"], row["text"])}
             self._insert_tracking(curs, tracking)
             self._exec(
                 curs, "INSERT INTO rm_usage (user_id, day, tokens, replies)"
@@ -262,7 +339,7 @@ class ReadModelRecorder(PostgresTrackingRecorder):
                 {"at": row["at"], "tokens": row.get("tokens", 0), "conversation_id": row["conversation_id"]},
             )
             self._exec(
-                curs, "UPDATE rm_messages SET text = %(text)s, status = %(status)s,"
+                curs, "UPDATE rm_messages SET text = %(text)s, words = %(words)s::bigint[], status = %(status)s,"
                 " finish_reason = %(finish_reason)s, model = %(model)s, updated_at = %(at)s"
                 " WHERE id = %(id)s",
                 row,
@@ -299,6 +376,14 @@ class ReadModelRecorder(PostgresTrackingRecorder):
                 if curs.fetchone()["present"]:
                     curs.execute("DELETE FROM rate_windows WHERE user_id = %s", (user_id,))
 
+    def holds_plaintext(self) -> bool:
+        """Whether these tables were made by a version that stored text in plaintext
+        (`rm_messages.text` of type text): a rebuild replaces them with sealed ones."""
+        rows = self._query(
+            "SELECT data_type FROM information_schema.columns WHERE table_schema = current_schema()"
+            " AND table_name = %(table)s AND column_name = 'text'", {"table": self.sql("rm_messages")})
+        return bool(rows) and rows[0]["data_type"] == "text"
+
     # -- reads ------------------------------------------------------------------------------
 
     def _query(self, sql: str, params: dict[str, Any]) -> list[DictRow]:
@@ -306,42 +391,49 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             curs.execute(self.sql(sql), params)
             return curs.fetchall()
 
-    def personas(self, user_id: UUID | None = None) -> list[DictRow]:
-        """The personas a user may chat with: public ones and their own."""
-        return self._query(
-            "SELECT * FROM rm_personas WHERE NOT retired"
-            " AND (visibility = 'public' OR owner_id = %(user)s) ORDER BY owner_id NULLS FIRST, name",
+    def personas(self, user_id: UUID | None = None) -> list[dict[str, Any]]:
+        """The personas a user may chat with: public ones and their own, built-in ones first."""
+        rows = self._query(
+            "SELECT * FROM rm_personas WHERE NOT retired AND (visibility = 'public' OR owner_id = %(user)s)",
             {"user": user_id},
         )
+        opened = [self._open_persona(row) for row in rows]
+        return sorted(opened, key=lambda p: (p["owner_id"] is not None, str(p["owner_id"] or ""), p["name"]))
 
     def conversations(
         self, owner_id: UUID, limit: int = 50, before: datetime | None = None, query: str = "",
         archived: bool = False,
-    ) -> list[DictRow]:
+    ) -> list[dict[str, Any]]:
         """A page of the user's conversations, newest first: those updated before `before`
-        whose title or any message contains `query` (case-insensitive)."""
-        pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%" if query else None
-        return self._query(
+        where every word of `query` (case-insensitive; from 3 to 12 letters, also the start
+        of a word) is in the title or in one message. A query of no words finds nothing."""
+        terms = self.sealer.terms(owner_id, query) if query else None
+        if terms == []:
+            return []
+        rows = self._query(
             "SELECT id, persona_id, title, message_count, archived, expires_at, created_at, updated_at"
             " FROM rm_conversations c WHERE owner_id = %(owner)s AND archived = %(archived)s"
             " AND (%(before)s::timestamptz IS NULL OR updated_at < %(before)s)"
-            " AND (%(pattern)s::text IS NULL OR title ILIKE %(pattern)s OR EXISTS ("
-            "   SELECT 1 FROM rm_messages m WHERE m.conversation_id = c.id AND m.text ILIKE %(pattern)s))"
+            " AND (%(terms)s::bigint[] IS NULL OR title_words @> %(terms)s OR EXISTS ("
+            "   SELECT 1 FROM rm_messages m WHERE m.conversation_id = c.id AND m.words @> %(terms)s))"
             " ORDER BY updated_at DESC LIMIT %(limit)s",
-            {"owner": owner_id, "limit": limit, "before": before, "pattern": pattern, "archived": archived},
+            {"owner": owner_id, "limit": limit, "before": before, "terms": terms, "archived": archived},
         )
+        return [self._open_title(row, owner_id) for row in rows]
 
-    def conversation(self, conversation_id: UUID) -> DictRow | None:
+    def conversation(self, conversation_id: UUID) -> dict[str, Any] | None:
         rows = self._query("SELECT * FROM rm_conversations WHERE id = %(id)s", {"id": conversation_id})
-        return rows[0] if rows else None
+        return self._open_title(rows[0], rows[0]["owner_id"]) if rows else None
 
-    def messages(self, conversation_id: UUID) -> list[DictRow]:
+    def messages(self, conversation_id: UUID) -> list[dict[str, Any]]:
         """Every message of the conversation's tree, in the order written."""
-        return self._query(
-            "SELECT id, role, text, status, reply_to, parent_id, finish_reason, model, feedback, created_at"
-            " FROM rm_messages WHERE conversation_id = %(id)s ORDER BY seq",
+        rows = self._query(
+            "SELECT m.id, role, text, status, reply_to, parent_id, finish_reason, model, feedback, m.created_at,"
+            " c.owner_id FROM rm_messages m JOIN rm_conversations c ON c.id = m.conversation_id"
+            " WHERE conversation_id = %(id)s ORDER BY seq",
             {"id": conversation_id},
         )
+        return [self._open_text(row, row.pop("owner_id")) for row in rows]
 
     def branch(self, conversation_id: UUID) -> list[dict[str, Any]]:
         """The active branch, root to the current leaf; each message lists its siblings
@@ -369,13 +461,24 @@ class ReadModelRecorder(PostgresTrackingRecorder):
         )
         return [row["id"] for row in rows]
 
-    def share(self, share_id: UUID) -> DictRow | None:
-        """A shared snapshot anyone with the link may read (None once revoked)."""
+    def share(self, share_id: UUID) -> dict[str, Any] | None:
+        """A shared snapshot anyone with the link may read (None once revoked, or once its
+        owner was erased)."""
         rows = self._query(
-            "SELECT id, title, persona_name, messages, created_at FROM rm_shares WHERE id = %(id)s AND NOT revoked",
+            "SELECT id, owner_id, title, persona_name, messages, created_at FROM rm_shares"
+            " WHERE id = %(id)s AND NOT revoked",
             {"id": share_id},
         )
-        return rows[0] if rows else None
+        if not rows:
+            return None
+        row = rows[0]
+        owner = row.pop("owner_id")
+        opened = {k: self.sealer.open(owner, row[k], f"rm_shares.{k}", share_id)
+                  for k in ("title", "persona_name", "messages")}
+        if opened["messages"] is None:
+            return None
+        return {**row, "title": opened["title"] or "", "persona_name": opened["persona_name"] or "",
+                "messages": json.loads(opened["messages"])}
 
     def shares(self, conversation_id: UUID) -> list[DictRow]:
         return self._query(
@@ -390,26 +493,34 @@ class ReadModelRecorder(PostgresTrackingRecorder):
         )
         return int(rows[0]["tokens"]) if rows else 0
 
-    def message(self, message_id: UUID) -> DictRow | None:
-        rows = self._query("SELECT * FROM rm_messages WHERE id = %(id)s", {"id": message_id})
-        return rows[0] if rows else None
+    def message(self, message_id: UUID) -> dict[str, Any] | None:
+        rows = self._query(
+            "SELECT m.*, c.owner_id FROM rm_messages m JOIN rm_conversations c ON c.id = m.conversation_id"
+            " WHERE m.id = %(id)s", {"id": message_id})
+        return self._open_text(rows[0], rows[0].pop("owner_id")) if rows else None
 
-    def messages_by_id(self, message_ids: list[UUID]) -> list[DictRow]:
+    def messages_by_id(self, message_ids: list[UUID]) -> list[dict[str, Any]]:
         """Where each of these messages stands (those not projected yet are left out)."""
-        return self._query(
-            "SELECT id, status, text, finish_reason FROM rm_messages WHERE id = ANY(%(ids)s)", {"ids": message_ids}
+        rows = self._query(
+            "SELECT m.id, status, text, finish_reason, c.owner_id FROM rm_messages m"
+            " JOIN rm_conversations c ON c.id = m.conversation_id WHERE m.id = ANY(%(ids)s)", {"ids": message_ids}
         )
+        return [self._open_text(row, row.pop("owner_id")) for row in rows]
 
     def position(self) -> int:
         return self.max_tracking_id(APPLICATION) or 0
 
 
-def read_model_recorder(pg_env: dict[str, str], prefix: str = LIVE_PREFIX) -> ReadModelRecorder:
+def read_model_recorder(pg_env: dict[str, str], prefix: str = LIVE_PREFIX,
+                        keys: KeyStore | None = None) -> ReadModelRecorder:
     """Build the recorder on its own connection pool. The live tables track their position
-    in `readmodels_tracking`; a rebuild's tables in `rebuild_tracking`."""
+    in `readmodels_tracking`; a rebuild's tables in `rebuild_tracking`. `keys` (the event
+    store's) seal and open the user text; a recorder without them writes and reads plain
+    UTF-8, and is only for set-up and for what reads no text (sessions, limits)."""
     name = "readmodels" if prefix == LIVE_PREFIX else "rebuild"
     factory = PostgresFactory(Environment(name=name, env=pg_env))
-    recorder = ReadModelRecorder(datastore=factory.datastore, tracking_table_name=f"{name}_tracking", prefix=prefix)
+    recorder = ReadModelRecorder(datastore=factory.datastore, tracking_table_name=f"{name}_tracking", prefix=prefix,
+                                 keys=keys)
     if factory.env_create_table():
         recorder.create_table()
     return recorder

@@ -101,7 +101,7 @@ async def main(settings: Settings) -> None:
     os.nice(PRIORITY_OFFSET)
     stop = stop_on_signals()
     app = chat_application(settings)  # only its mapper: to decrypt and decode events
-    recorder = read_model_recorder(settings.eventsourcing_env())
+    recorder = read_model_recorder(settings.eventsourcing_env(), keys=app.mapper.keys)  # type: ignore[attr-defined]
     projection = ChatProjection(recorder)
     positions = read_positions(recorder, settings.partitions)
     chosen = settings.consume_partitions

@@ -63,6 +63,14 @@ def every_table_as_text(stack: Stack) -> str:
         return "\n".join(str(r[0]) for t in tables for r in conn.execute(f"SELECT t::text FROM {t} t"))
 
 
+def files_holding(root: Path, text: str) -> list[str]:
+    """The files under `root` whose bytes hold `text` (UTF-8)."""
+    needle = text.encode()
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert any(p.parent.name == "pg_wal" for p in files), "the server's files are under root"
+    return [str(p) for p in files if needle in p.read_bytes()]
+
+
 async def stream_messages(stack: Stack) -> list[tuple[dict[str, str], bytes]]:
     """Every message of the event stream, headers and payload, read one by one."""
     nc = await nats.connect(stack.settings.nats_url)
@@ -120,7 +128,10 @@ async def test_a_user_who_deletes_their_account_leaves_no_plaintext_anywhere(
     conversations = [UUID(conversation_id), long_id]
     await client.messages_when(conversation_id, lambda ms: any(secret in m["text"] for m in ms))
     await other_client.messages_when(others, lambda ms: any(kept in m["text"] for m in ms))
-    await wait_for(lambda: secret in every_table_as_text(stack))  # the read models hold it, in plaintext
+    # The read models hold it sealed under the user's key: nowhere in plaintext, yet searchable.
+    assert secret not in every_table_as_text(stack) and not found_in(pg_dump(stack), secret)
+    found = (await client.get(f"/api/conversations?q={secret.split('-')[1]}")).json()
+    assert {c["id"] for c in found} == {conversation_id, str(long_id)}
     with psycopg.connect(stack.settings.pg_conninfo) as conn:
         (snapshot_state,) = conn.execute("SELECT state FROM chat_snapshots WHERE originator_id = %s",
                                          (long_id,)).fetchone()
@@ -151,10 +162,10 @@ async def test_a_user_who_deletes_their_account_leaves_no_plaintext_anywhere(
             pass
     assert "403" in str(refused.value) or "4401" in str(refused.value)
 
-    # Nowhere in PostgreSQL: the dump, and every table read as text.
+    # Nowhere in PostgreSQL: the dump, every table read as text, and every file of the
+    # server (tables, dead rows not vacuumed yet, the WAL), once it has written them out.
     dump = pg_dump(stack)
-    assert found_in(dump, kept)  # the search works: the other user's words are in their read model
-    assert not found_in(dump, secret)
+    assert not found_in(dump, secret) and not found_in(dump, kept)  # (the other user's words are sealed too)
     assert not found_in(dump, client.email)
     assert secret not in every_table_as_text(stack)
     with psycopg.connect(stack.settings.pg_conninfo) as conn:
@@ -162,6 +173,8 @@ async def test_a_user_who_deletes_their_account_leaves_no_plaintext_anywhere(
                             (long_id,)).fetchone()[0] == 0
         assert conn.execute("SELECT wrapped_key IS NULL FROM user_keys WHERE user_id = %s",
                             (user_id,)).fetchone()[0] is True
+        conn.execute("CHECKPOINT")
+    assert files_holding(stack.settings.data_dir / "postgres", secret) == []
 
     # Nowhere on the broker: every message of the stream, read and decrypted by a fresh
     # process that holds the master key.

@@ -86,9 +86,7 @@ def test_a_redelivery_inside_one_batch_is_applied_once(stack: Stack, chat_app: A
     fresh = apply_batch(projection, chat_app.mapper, deliveries, read_positions(recorder, 1))
     assert usage(recorder, user) == (5, 1), "positions read back from the tracking table skip them too"
     assert fresh.head == mine[-1].id
-    with recorder.datastore.get_connection() as conn:
-        rows = conn.execute("SELECT role, status, text FROM tp_messages WHERE conversation_id = %s ORDER BY seq",
-                            (conversation,)).fetchall()
+    rows = recorder.messages(conversation)
     assert [(r["role"], r["status"], r["text"]) for r in rows] == [("user", "complete", "hello there"),
                                                                   ("assistant", "complete", "hi")]
 
