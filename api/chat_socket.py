@@ -52,6 +52,7 @@ from api.services import Services
 from chatbot.messaging import (
     ReplyDone,
     ReplyError,
+    TitleWritten,
     TokenDelta,
     cancel_subject,
     progress_subject,
@@ -385,6 +386,9 @@ class ChatSession:
             log.warning("dropping an undecodable token message")
             return
         cid = str(conversation_id)
+        if isinstance(message, TitleWritten):  # after the reply ended: passed on as it is
+            self.outbox.put_nowait({"type": "title", "conversation_id": cid, "title": message.title})
+            return
         if message.reply_id in self.ended:
             self.awaited.pop(message.reply_id, None)
             return  # its end went out already (a re-announced end, a late duplicate delta)

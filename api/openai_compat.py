@@ -53,6 +53,7 @@ from chatbot.llm.errors import INVALID_REQUEST
 from chatbot.messaging import (
     ReplyDone,
     ReplyError,
+    TitleWritten,
     TokenDelta,
     cancel_subject,
     token_decoder,
@@ -334,7 +335,7 @@ class ReplyFollower:
             except msgspec.DecodeError:
                 log.warning("dropping an undecodable token message")
                 continue
-            if message.reply_id != str(reply_id):
+            if message.reply_id != str(reply_id) or isinstance(message, TitleWritten):
                 continue
             if isinstance(message, TokenDelta):
                 text, seen = unseen_text(message, seen)

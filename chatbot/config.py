@@ -66,6 +66,7 @@ class Settings:
     # The most tokens any reply may have, whatever its persona or request asks (0: no cap
     # beyond theirs). An operator's bound on generation cost; the tests keep replies short.
     max_reply_tokens: int = 0
+    model_titles: bool = True  # the model writes each chat's title after its first reply (workers/titles.py)
     chain_key: str = ""  # base64 HMAC key of the events' hash chain (kept out of the database)
     model_repository: Path = REPO_ROOT / "triton_models"  # what Triton serves; `chatbot train` adds versions
 
@@ -148,6 +149,7 @@ class Settings:
             "CHATBOT_TRUSTED_PROXIES": ",".join(self.trusted_proxies),
             "CHATBOT_TOKENS_PER_DAY": str(self.tokens_per_day),
             "CHATBOT_MAX_REPLY_TOKENS": str(self.max_reply_tokens),
+            "CHATBOT_MODEL_TITLES": "1" if self.model_titles else "0",
             "CHATBOT_CHAIN_KEY": self.chain_key,
             "CHATBOT_MODEL_REPOSITORY": str(self.model_repository),
         }
@@ -251,6 +253,7 @@ def load_settings(data_dir: Path | None = None) -> Settings:
         trusted_proxies=tuple(p.strip() for p in _env("TRUSTED_PROXIES", "").split(",") if p.strip()),
         tokens_per_day=int(_env("TOKENS_PER_DAY", "200000")),
         max_reply_tokens=int(_env("MAX_REPLY_TOKENS", "0")),
+        model_titles=_env("MODEL_TITLES", "1") not in ("0", "false", "no", "off"),
         chain_key=chain_key,
         model_repository=Path(_env("MODEL_REPOSITORY", str(REPO_ROOT / "triton_models"))).resolve(),
     )

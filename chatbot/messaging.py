@@ -164,7 +164,14 @@ class ReplyError(msgspec.Struct, tag="error"):
     message: str
 
 
-TokenMessage = TokenDelta | ReplyDone | ReplyError
+class TitleWritten(msgspec.Struct, tag="title"):
+    """The model wrote the conversation's title after its first reply (`reply_id`)."""
+
+    reply_id: str
+    title: str
+
+
+TokenMessage = TokenDelta | ReplyDone | ReplyError | TitleWritten
 
 
 def unseen_text(delta: TokenDelta, seen: int) -> tuple[str, int]:

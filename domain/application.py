@@ -123,6 +123,7 @@ class ReplyJob:
     messages: list[dict[str, str]]  # system prompt first, then the turns
     status: str  # "pending" | "complete" | "failed"
     outcome: dict[str, Any] = field(default_factory=dict)
+    untitled: bool = False  # the conversation's first reply: its completion titles it
 
 
 class ChatApplication(Application[UUID]):
@@ -748,7 +749,20 @@ class ChatApplication(Application[UUID]):
             messages=messages,
             status=request["status"],
             outcome=outcome,
+            untitled=conversation.title == "New chat" and not conversation.titled_by_user,
         )
+
+    def write_title(self, conversation_id: UUID, title: str, model: str) -> bool:
+        """Record the title `model` wrote after the first reply (see Conversation.write_title);
+        False when the conversation keeps the title it has."""
+        def attempt() -> bool:
+            conversation = self._get(Conversation, conversation_id, ConversationNotFound)
+            if not conversation.write_title(title, model):
+                return False
+            self.save(conversation)
+            return True
+
+        return self._retry_races(attempt)
 
     def give_feedback(self, conversation_id: UUID, user_id: UUID, reply_id: UUID, rating: str, comment: str = "") -> None:
         def attempt() -> None:

@@ -205,6 +205,7 @@ class Conversation(Aggregate):
         self.persona_id = persona_id
         self.title = title
         self.titled_by_user = False
+        self.title_model = ""  # the model that wrote the title ("" : made by rule, or the user's)
         self.archived = False
         self.deleted = False
         # every message of the tree, in the order written: {"id", "role", "text", "status",
@@ -290,6 +291,15 @@ class Conversation(Aggregate):
         title = check_title(title)
         if title != self.title or not self.titled_by_user:
             self._rename(title)
+
+    def write_title(self, title: str, model: str) -> bool:
+        """The model's title replaces the one made by rule after the first reply; never a
+        title the user chose, nor one a model wrote already (a request delivered twice)."""
+        title = check_title(title)
+        if self.titled_by_user or self.deleted or getattr(self, "title_model", "") or self.title == "New chat":
+            return False
+        self._title(title, model)
+        return True
 
     def set_archived(self, archived: bool) -> None:
         if archived != self.archived:
@@ -544,8 +554,11 @@ class Conversation(Aggregate):
         self.current = leaf_id
 
     @event("Titled")
-    def _title(self, title: str) -> None:
+    def _title(self, title: str, model: str = "") -> None:
+        """A title from the first message (by rule), or written by `model` (events from
+        before titles were written have no `model`)."""
         self.title = title
+        self.title_model = model
 
     @event("Renamed")
     def _rename(self, title: str) -> None:

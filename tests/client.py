@@ -52,6 +52,18 @@ class ChatClient:
                 return list(r.json())
             await asyncio.sleep(0.05)
 
+    async def titles_when_shown(self, chat_app: Any, conversation_id: str, timeout: float = 10) -> list[str]:
+        """Every title the conversation's events record (`Titled`: the rule's after the first
+        reply, then maybe the model's), once the conversation list shows the newest of them."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            titles = [e.title for e in chat_app.events.get(uuid.UUID(conversation_id)) if type(e).__name__ == "Titled"]
+            listed = {c["id"]: c["title"] for c in (await self.get("/api/conversations")).json()}
+            if titles and listed.get(conversation_id) == titles[-1]:
+                return titles
+            assert asyncio.get_running_loop().time() < deadline, f"titles {titles}, listed {listed.get(conversation_id)!r}"
+            await asyncio.sleep(0.05)
+
     def ws(self, **kwargs: Any) -> Any:
         url = self.base_url.replace("http://", "ws://") + "/api/ws"
         return connect(url, additional_headers=self.headers, max_size=None, **kwargs)

@@ -37,6 +37,7 @@ from chatbot.messaging import (
     PROGRESS_SUBJECT_PREFIX,
     ReplyDone,
     ReplyError,
+    TitleWritten,
     TokenDelta,
     decode_event,
     consumer_filters,
@@ -50,6 +51,7 @@ from chatbot.llm.errors import INVALID_REQUEST
 from workers.prompt import PromptBuilder, UnknownModel
 from workers.rollout import serving_model
 from workers.routing import TritonRouter, unreachable
+from workers.titles import TITLE_TIMEOUT_S, TITLE_TOKENS, clean_title, title_request
 from workers.runtime import setup_logging, stop_on_signals
 
 log = logging.getLogger("worker")
@@ -174,6 +176,7 @@ class Worker:
         self.generating: dict[str, asyncio.Event] = {}  # reply id -> set to stop it
         self.cancelled: dict[str, float] = {}  # stops heard for replies not (yet) here
         self.progress: dict[str, list[str]] = {}  # reply id -> the text parts written so far
+        self.titling: set[asyncio.Task[None]] = set()  # titles being written (workers/titles.py)
 
     async def on_progress(self, msg: Msg) -> None:
         """A client reconnected mid-reply: send the text so far, if this worker writes it."""
@@ -222,6 +225,10 @@ class Worker:
                          generation.completion_tokens, generation.prep_ms, generation.ttft_ms, generation.duration_ms)
             await self.announce(job, generation if recorded else None)
             await msg.ack()
+            if recorded and job.untitled and self.settings.model_titles and generation.text.strip():
+                task = asyncio.create_task(self.write_title(job))
+                self.titling.add(task)
+                task.add_done_callback(self.titling.discard)
         except GenerationError as e:
             await self.give_up_or_retry(msg, conversation_id, reply_id, str(e), retry=not e.permanent)
         except UnknownModel as e:  # the persona names no served model: trying again cannot help
@@ -314,6 +321,31 @@ class Worker:
             heartbeat.cancel()
             self.generating.pop(reply_id, None)
         raise GenerationError("no final response")
+
+    async def write_title(self, job: ReplyJob) -> None:
+        """Ask the model for the conversation's title after its first reply (from the message
+        it answered) and record it if it looks like one; the title made by rule stays
+        otherwise (workers/titles.py)."""
+        asked = next((m["content"] for m in reversed(job.messages) if m["role"] == "user"), "")
+        instance = self.tritons.order(job.conversation_id)[0]  # where the exchange is cached
+        stream = stream_reply(self.tritons.clients[instance], job.model, f"title-{job.reply_id}",
+                              title_request(asked), {"max_tokens": TITLE_TOKENS, "temperature": 0.0})
+        parts, final = [], None
+        try:
+            async with asyncio.timeout(TITLE_TIMEOUT_S), aclosing(stream):
+                async for delta, end in stream:
+                    parts.append(delta)
+                    final = end or final
+            title = clean_title("".join(parts), final["finish_reason"] if final else "", asked)
+            if title is None:
+                log.info("conversation %s keeps its title: the model wrote %r", job.conversation_id, "".join(parts))
+                return
+            model = f"{job.model.partition('/')[0]}/{final['model_version'] if final else ''}"
+            if await asyncio.to_thread(self.app.write_title, job.conversation_id, title, model):
+                await self.nc.publish(token_subject(job.conversation_id),
+                                      token_encoder.encode(TitleWritten(str(job.reply_id), title)))
+        except Exception as e:  # noqa: BLE001 - a title is a nicety: the rule's stays
+            log.info("conversation %s keeps its title: %s: %s", job.conversation_id, type(e).__name__, e)
 
     async def keep_alive(self, msg: Msg) -> None:
         """Tell JetStream we are still working, so it does not redeliver mid-generation."""

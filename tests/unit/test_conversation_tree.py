@@ -104,6 +104,30 @@ def test_the_title_comes_after_the_first_reply_and_a_rename_sticks(app: ChatAppl
         app.update_conversation(cid, user, title="x" * 81)
 
 
+def test_the_model_title_replaces_the_rules_once_and_never_the_users(app: ChatApplication, user: UUID) -> None:
+    cid = app.start_conversation(user)
+    posted = app.post_message(cid, user, "c1", "What do penguins eat in winter?")
+    assert app.reply_job(cid, posted.reply_id).untitled is True
+    assert app.write_title(cid, "Too early", "chat/1") is False  # nothing to replace before the first reply
+    app.complete_reply(cid, posted.reply_id, text="Fish and krill.", **OUTCOME)
+    assert app.repository.get(cid).title == "What do penguins eat in winter?"
+    assert app.write_title(cid, "Penguin winter diet", "chat/1") is True
+    conversation: Conversation = app.repository.get(cid)
+    assert (conversation.title, conversation.title_model) == ("Penguin winter diet", "chat/1")
+    assert app.write_title(cid, "Another title", "chat/1") is False  # a request delivered twice
+    again = app.post_message(cid, user, "c2", "And in summer?")
+    assert app.reply_job(cid, again.reply_id).untitled is False  # only the first reply asks for one
+
+    renamed = app.start_conversation(user)
+    posted = app.post_message(renamed, user, "r1", "Plan a trip to Lisbon")
+    app.complete_reply(renamed, posted.reply_id, text="Sure.", **OUTCOME)
+    app.update_conversation(renamed, user, title="Lisbon in May")
+    assert app.write_title(renamed, "Trip to Lisbon", "chat/1") is False
+    assert app.repository.get(renamed).title == "Lisbon in May"
+    with pytest.raises(InvalidTitle):
+        app.write_title(cid, "x" * 81, "chat/1")
+
+
 def test_make_title_handles_short_and_odd_messages() -> None:
     assert make_title("hi!") == "Hi!"
     assert make_title("\n\n# Plan for Monday.\nrest") == "Plan for Monday"

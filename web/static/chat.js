@@ -212,6 +212,11 @@
       state.finished.add(String(f.reply_id));
       if (String(f.reply_id) === state.replyId) { state.replyId = null; state.stopping = false; }
       refresh();
+    } else if (f.type === "title") {
+      // the model named the chat after its first reply: in the header and the chat list
+      $("chat-title").textContent = f.title;
+      const link = document.querySelector(`#conversations a[href="/c/${CSS.escape(cid)}"]`);
+      if (link) { link.textContent = f.title; link.title = f.title; }
     } else if (f.type === "error") {
       onError(f);
     }
