@@ -8,6 +8,12 @@ writes version N+1 into a hidden staging folder beside the others (Triton ignore
 that are not numbers) and renames it into place when it is complete, with its model card
 (`model_card.json` for tools, `MODEL_CARD.md` for people).
 
+`add_checkpoint` (`chatbot models add`) puts a user's own checkpoint in: a Hugging Face
+folder, or a GGUF file converted into one. It becomes the next version of a model of that
+name, or a new model (the config and `model.py` of the `chat` model, with its own weights
+folder), once loading it proves that it can be served: the tokenizer with a chat template,
+the architecture, every tensor in place. Nothing is written for a checkpoint that fails.
+
 Triton runs with `--model-control-mode=explicit`. `load_versions` asks it to serve exactly
 the given versions of a model by loading the model with its own `config.pbtxt` and the
 `version_policy` replaced (`specific`): versions already loaded keep serving until their
@@ -20,12 +26,15 @@ import json
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 CARD_JSON = "model_card.json"
 CARD_MD = "MODEL_CARD.md"
 _SKIP = {"__pycache__", CARD_JSON, CARD_MD}
+MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")  # a folder name, never a path
+NEW_MODEL_WEIGHTS = "weights"  # the weights folder of a model made by add_checkpoint
 
 
 class ModelRepositoryError(Exception):
@@ -138,6 +147,10 @@ def create_version(
 
 
 def render_card(card: dict[str, Any]) -> str:
+    if "added_from" in card:  # add_checkpoint's
+        return (f"# {card.get('model')} version {card.get('version')}\n\nAdded with `chatbot models add` from"
+                f" `{card['added_from']}` ({card.get('added_at', '')}): {card.get('architecture')},"
+                f" {card.get('parameters', 0):,} parameters, context {card.get('context')}.\n")
     data, metrics, training = card.get("data", {}), card.get("metrics", {}), card.get("training", {})
 
     def loss(x: Any) -> str:
@@ -223,3 +236,89 @@ def load_versions(triton_url: str, repository: Path, model: str, keep: list[str]
         client.close()
     if not_ready:
         raise ModelRepositoryError(f"Triton loaded {model} but versions {not_ready} are not ready")
+
+
+def check_checkpoint(folder: Path) -> dict[str, Any]:
+    """Load the checkpoint as the server would (tokenizer and weights, on the CPU) and say
+    what it is; UnsupportedCheckpoint (a ValueError naming what is missing) if it cannot
+    be served."""
+    from chatbot.llm.model import LlamaForCausalLM
+    from chatbot.llm.tokenizer import ChatTokenizer
+
+    tokenizer = ChatTokenizer.from_pretrained(folder)
+    tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
+    model = LlamaForCausalLM.from_pretrained(folder)
+    parameters = sum(p.numel() for p in model.parameters())
+    config = json.loads((folder / "config.json").read_text())
+    del model
+    return {"architecture": (config.get("architectures") or [config.get("model_type", "?")])[0],
+            "parameters": parameters, "context": config.get("max_position_embeddings")}
+
+
+def add_checkpoint(repository: Path, name: str, source: Path, template: str = "chat") -> tuple[int, Path]:
+    """Put the checkpoint at `source` (a Hugging Face folder or a .gguf file) into the
+    repository as the next version of model `name`, or as its version 1 when there is no
+    such model (made from `template`'s config.pbtxt and model.py). Returns (version, folder)."""
+    from chatbot.llm.checkpoint import UnsupportedCheckpoint
+    from chatbot.llm.gguf_convert import convert_gguf
+
+    if not MODEL_NAME.fullmatch(name):
+        raise ModelRepositoryError(f"a model name has 1 to 48 lower-case letters, digits, - or _ (not {name!r})")
+    source = Path(source)
+    with tempfile.TemporaryDirectory(prefix="model-add-") as tmp:
+        if source.is_file() and source.suffix.lower() == ".gguf":
+            folder = Path(tmp) / "converted"
+            try:
+                convert_gguf(source, folder)
+            except UnsupportedCheckpoint:
+                raise
+            except (ValueError, KeyError, IndexError, EOFError) as e:  # what a damaged file makes numpy and gguf raise
+                raise ModelRepositoryError(f"{source}: not a GGUF file that can be read ({type(e).__name__}: {e})") from None
+        elif (source / "config.json").is_file():
+            folder = source
+        else:
+            raise ModelRepositoryError(f"{source}: neither a Hugging Face checkpoint folder (with config.json) nor a .gguf file")
+        summary = check_checkpoint(folder)
+
+        def write(weights: Path, version: int) -> dict[str, Any]:
+            if weights.exists():
+                shutil.rmtree(weights)  # the base version's tokenizer and template are not this one's
+            shutil.copytree(folder, weights, ignore=shutil.ignore_patterns(".*", "__pycache__"))
+            return {"model": name, "version": str(version), "added_from": str(source),
+                    "added_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **summary}
+
+        if name in models(repository):
+            return create_version(repository, name, max(versions(repository, name), default=0), write)
+        return _create_model(repository, name, template, write)
+
+
+def _create_model(repository: Path, name: str, template: str, write: Callable[[Path, int], dict[str, Any]]) -> tuple[int, Path]:
+    """A new model folder: `template`'s config (its name and weights folder changed) and
+    model.py, then version 1's weights; renamed into place when complete."""
+    source_root = model_root(repository, template)
+    config = (source_root / "config.pbtxt").read_text()
+    config = re.sub(r'^name:\s*"[^"]*"', f'name: "{name}"', config, count=1, flags=re.M)
+    config = re.sub(r'(key:\s*"model_dir".*?string_value:\s*")[^"]*(")', rf"\g<1>{NEW_MODEL_WEIGHTS}\g<2>",
+                    config, count=1, flags=re.S)
+    newest = max(versions(repository, template), default=0)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=repository))
+    try:
+        (staging / "config.pbtxt").write_text(config)
+        version_dir = staging / "1"
+        version_dir.mkdir()
+        shutil.copy2(source_root / str(newest) / "model.py", version_dir / "model.py")
+        card = write(version_dir / NEW_MODEL_WEIGHTS, 1)
+        (version_dir / CARD_JSON).write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+        (version_dir / CARD_MD).write_text(render_card(card))
+        for path in staging.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        staging.chmod(0o755)
+        final = repository / name
+        try:
+            staging.rename(final)
+        except OSError:
+            raise ModelRepositoryError(f"model {name!r} was added by someone else meanwhile: add it again") from None
+        return 1, final / "1"
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -118,6 +118,46 @@ def cmd_models(args: argparse.Namespace, settings: Any, app: Any) -> int:
     return 0
 
 
+def cmd_models_add(args: argparse.Namespace) -> int:
+    """Put a checkpoint into the model repository; a new model is loaded into every Triton
+    that can be reached (a new version waits for `models rollout`)."""
+    import dataclasses
+
+    from chatbot.config import load_settings
+    from chatbot.llm.checkpoint import UnsupportedCheckpoint
+    from chatbot.model_repo import ModelRepositoryError, add_checkpoint, load_versions, models
+
+    settings = load_settings()
+    if args.model_repository:
+        settings = dataclasses.replace(settings, model_repository=Path(args.model_repository).resolve())
+    repository = settings.model_repository
+    new = args.name not in models(repository)
+    try:
+        version, folder = add_checkpoint(repository, args.name, Path(args.source))
+    except UnsupportedCheckpoint as e:
+        return _fail("models add", f"cannot serve {args.source}: {e}")
+    except (ModelRepositoryError, OSError, ValueError) as e:
+        return _fail("models add", str(e))
+    card = json.loads((folder / "model_card.json").read_text())
+    loaded: list[str] = []
+    if new and not args.no_load:
+        for url in settings.triton_urls:
+            try:
+                load_versions(url, repository, args.name, [str(version)])
+                loaded.append(url)
+            except Exception as e:  # noqa: BLE001 - Triton down: it loads every model when it starts
+                print(f"chatbot models add: Triton at {url} did not load it ({e}); it will when it starts",
+                      file=sys.stderr)
+    if args.json:
+        print(json.dumps({**card, "folder": str(folder), "loaded_in": loaded}, indent=2))
+    else:
+        print(f"added {args.name} version {version} ({card['architecture']}, {card['parameters']:,} parameters)"
+              f" in {folder}")
+        print(f"personas can name it: \"{args.name}\"" if new else
+              f"serve it with: chatbot models rollout {args.name} {version} --percent 10")
+    return 0
+
+
 def _percent(value: str) -> float:
     try:
         number = float(value)
@@ -177,6 +217,14 @@ def add_retraining_commands(sub: Any) -> None:
                       help="the version serving until now (first rollout only; default: Triton's newest other one)")
     roll.add_argument("--json", action="store_true")
     roll.set_defaults(func=_with_app(cmd_models))
+    add = models_sub.add_parser("add", help="put your own checkpoint (a Hugging Face folder or a GGUF file)"
+                                " into the repository, as a new model or the next version of one")
+    add.add_argument("source", help="a Hugging Face checkpoint folder, or a .gguf file")
+    add.add_argument("--name", required=True, help="the model's name (a new one, or an existing model's next version)")
+    add.add_argument("--no-load", action="store_true", help="do not load a new model into the running Triton")
+    add.add_argument("--model-repository", default=None, help="default: CHATBOT_MODEL_REPOSITORY or triton_models/")
+    add.add_argument("--json", action="store_true")
+    add.set_defaults(func=cmd_models_add)
     for action, text in [("rollback", "every new reply back on the stable version; unload the candidate"),
                          ("promote", "the candidate becomes the stable version; unload the old one")]:
         p = models_sub.add_parser(action, help=text)
