@@ -102,7 +102,9 @@ async def test_a_chat_is_exported_and_shared_read_only_until_the_link_is_withdra
     stranger = await browser.new_context(base_url=api_url)  # not logged in
     shared = await stranger.new_page()
     await shared.goto(link)
-    await expect(shared.locator("#share-title")).to_have_text(re.compile(r"^Tell me about lighthouses"))
+    # the chat's title when it was shared: the first message's, or the model's if it came first
+    shared_title = await shared.locator("#share-title").inner_text()
+    assert shared_title in ("Tell me about lighthouses", await page.locator("#chat-title").inner_text()), shared_title
     await expect(shared.locator(".turn.user .msg")).to_have_text("Tell me about lighthouses")
     assert await shared.locator(".turn.assistant .msg").inner_text() == reply
     await expect(shared.locator("form")).to_have_count(0)  # read-only
@@ -189,4 +191,28 @@ async def test_a_message_near_or_over_the_limit_is_counted_and_never_cut(page: P
     await box.fill("Short again")
     await expect(counter).to_be_hidden()
     await expect(page.locator("#send")).to_be_enabled()
+    assert page_errors == []
+
+
+async def test_the_title_the_model_writes_appears_in_the_page_without_a_reload(
+    page: Page, page_errors: list[str]
+) -> None:
+    frames = record_frames(page)
+    await register(page)
+    await start_chat(page)
+    await send_message(page, "What do penguins eat in winter?")
+    await expect(page.locator('.turn.assistant[data-status="complete"]')).to_have_count(1, timeout=60_000)
+    for _ in range(300):  # the model's title follows the reply by a second or two
+        titled = [f for f in frames if f.get("type") == "title"]
+        if titled:
+            break
+        await page.wait_for_timeout(100)
+    assert titled, "no title frame: the model's title was not kept (see the worker's log)"
+    title = titled[0]["title"]
+    assert title != "What do penguins eat in winter?"
+    await expect(page.locator("#chat-title")).to_have_text(title)  # the same page, not reloaded
+    await expect(page.locator("#conversations a.active")).to_have_text(title)
+    await shot(page, "chat-06-model-title")
+    await page.reload()  # and the server renders it too
+    await expect(page.locator("#chat-title")).to_have_text(title)
     assert page_errors == []
