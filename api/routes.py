@@ -239,9 +239,18 @@ class ConversationController(Controller):
         self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID, message_id: UUID,
         data: schemas.Feedback,
     ) -> None:
-        """Rate a reply (thumbs up or down, with an optional comment), recorded as an event."""
+        """Rate a reply (thumbs up or down, with an optional comment), recorded as an event.
+        Without `comment` the comment given before stays."""
         user_id = require_user(request, services.settings.secret_key)
         await services.call(services.app.give_feedback, conversation_id, user_id, message_id, data.rating, data.comment)
+
+    @delete("/{conversation_id:uuid}/messages/{message_id:uuid}/feedback", status_code=HTTP_204_NO_CONTENT)
+    async def clear_feedback(
+        self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID, message_id: UUID,
+    ) -> None:
+        """Take back the rating of a reply and its comment (nothing happens if it has none)."""
+        user_id = require_user(request, services.settings.secret_key)
+        await services.call(services.app.clear_feedback, conversation_id, user_id, message_id)
 
 
     @get("/{conversation_id:uuid}/export")
@@ -315,7 +324,7 @@ class TransferController(Controller):
         except msgspec.DecodeError as e:
             raise ValidationException(f"the body is not JSON: {e}") from None
         result = await services.call(services.app.import_conversations, user_id, data)
-        return schemas.ImportResult(**result)
+        return schemas.ImportResult(**{**result, "skipped": [schemas.ImportSkipped(**s) for s in result["skipped"]]})
 
 
 class ShareController(Controller):

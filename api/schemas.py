@@ -90,12 +90,14 @@ class Share(msgspec.Struct):
 class ImportSkipped(msgspec.Struct):
     index: int
     reason: str
+    duplicate: bool = False  # imported before (and still there): left out
 
 
 class ImportResult(msgspec.Struct):
     imported: int
     conversation_ids: list[UUID]
     skipped: list[ImportSkipped]
+    duplicates: int = 0  # of the skipped, how many were imported before
 
 
 class BranchSelect(msgspec.Struct, forbid_unknown_fields=True):
@@ -116,13 +118,16 @@ class Message(msgspec.Struct):
     reply_to: UUID | None = None
     finish_reason: str | None = None
     model: str | None = None
-    feedback: str | None = None
+    feedback: str | None = None  # your rating of a reply: "up" | "down"
+    feedback_comment: str | None = None  # and the comment you gave with it
+    imported: bool = False  # brought in from an export (or as earlier turns of a /v1 request)
     created_at: datetime | None = None
 
 
 class Feedback(msgspec.Struct, forbid_unknown_fields=True):
     rating: str  # "up" | "down"
-    comment: Annotated[str, msgspec.Meta(max_length=1000)] = ""
+    # left out: the comment given before stays; "" removes it
+    comment: Annotated[str, msgspec.Meta(max_length=1000)] | None = None
 
 
 class Persona(msgspec.Struct):

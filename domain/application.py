@@ -37,7 +37,7 @@ from domain.conversation import (
     check_sampling,
 )
 from domain.ids import email_key_for, persona_id_for, user_id_for
-from domain.transfer import export_conversation, parse_chatgpt
+from domain.transfer import ImportRecord, export_conversation, import_record_id, parse_export
 from domain.model_rollout import ModelRollout, RolloutNotFound, check_model_name, check_version, rollout_id_for
 from domain.persona import (
     BUILTIN_PERSONAS,
@@ -582,7 +582,8 @@ class ChatApplication(Application[UUID]):
                 row["finish_reason"] = reply.get("finish_reason")
                 if "model_name" in reply:
                     row["model"] = f"{reply['model_name']}/{reply['model_version']}"
-                row["feedback"] = reply.get("feedback", {}).get("rating")
+                row["feedback"] = (reply.get("feedback") or {}).get("rating")
+                row["feedback_comment"] = (reply.get("feedback") or {}).get("comment") or None
             branch.append(row)
         return branch
 
@@ -636,8 +637,10 @@ class ChatApplication(Application[UUID]):
 
     def import_conversations(self, user_id: UUID, data: Any,
                              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-        """ChatGPT's `conversations.json`: each conversation becomes one of the user's
-        (with every branch); those that cannot be read are skipped, with the reason.
+        """ChatGPT's `conversations.json`, or this app's own export: each conversation
+        becomes one of the user's (with every branch, and the persona of our export if the
+        user may chat with it); those that cannot be read are skipped, with the reason, and
+        so are those imported before whose conversation still exists (`duplicate`).
 
         Saved in batches of at most IMPORT_BATCH_CHARS characters of text, each its own
         transaction, so a big export never holds the event store for long and other users'
@@ -645,32 +648,82 @@ class ChatApplication(Application[UUID]):
         that fails is not saved at all; the conversations of that batch and the later ones
         are reported as skipped with the reason, the earlier ones stay imported."""
         self._get(User, user_id, InvalidCredentials)
-        parsed, skipped = parse_chatgpt(data)
-        persona_id = persona_id_for(DEFAULT_PERSONA)
-        conversations: list[tuple[int, Conversation, int]] = []
+        parsed, skipped = parse_export(data)
+        conversations: list[tuple[int, list[Any], int]] = []  # (index, [conversation, its record], characters)
+        sources: set[str] = set()
         for index, item in parsed:
-            conversation = Conversation(owner_id=user_id, persona_id=persona_id, title="New chat")
+            earlier = self._imported_as(user_id, item.source)
+            if item.source in sources or earlier is not None:
+                skipped.append({"index": index, "reason": "imported already" + (f" (as “{earlier.title}”)" if earlier else ""),
+                                "duplicate": True})
+                continue
+            conversation = Conversation(owner_id=user_id, persona_id=self._import_persona(item.persona_id, user_id),
+                                        title="New chat")
             try:
                 conversation.import_tree(item.nodes, item.current, item.title, self.max_message_chars)
             except ConversationError as e:
                 skipped.append({"index": index, "reason": str(e)})
                 continue
-            conversations.append((index, conversation, sum(len(n["text"]) for n in item.nodes)))
+            sources.add(item.source)
+            conversations.append((index, [conversation, self._import_record(user_id, item.source, conversation.id)],
+                                  sum(len(n["text"]) for n in item.nodes)))
         saved: list[UUID] = []
         for batch in bounded_runs(conversations, lambda c: c[2], IMPORT_BATCH_CHARS):
             try:
-                self.save(*(c for _, c, _ in batch))
+                self.save(*(a for _, pair, _ in batch for a in pair))
             except (TimeoutError, OSError, PersistenceError) as e:
                 log.warning("import for %s stopped after %d of %d conversations: %s",
                             user_id, len(saved), len(conversations), e)
                 reason = f"not saved: the event store did not take it ({type(e).__name__}); nothing of it was kept"
                 skipped += [{"index": i, "reason": reason} for i, _, _ in conversations[len(saved):]]
                 break
-            saved += [c.id for _, c, _ in batch]
+            saved += [pair[0].id for _, pair, _ in batch]
             if progress is not None:
                 progress(len(saved), len(conversations))
         skipped.sort(key=lambda s: s["index"])
-        return {"imported": len(saved), "conversation_ids": saved, "skipped": skipped}
+        return {"imported": len(saved), "conversation_ids": saved, "skipped": skipped,
+                "duplicates": sum(1 for s in skipped if s.get("duplicate"))}
+
+    def _imported_as(self, user_id: UUID, source: str) -> Conversation | None:
+        """The user's conversation imported from `source` before, if it still exists (our
+        own export's conversation, still in the same account, counts too)."""
+        candidates = []
+        try:
+            candidates.append(self.repository.get(import_record_id(user_id, source)).conversation_id)
+        except AggregateNotFoundError:
+            pass
+        if source.startswith("chatbot:"):
+            try:
+                candidates.append(UUID(source.removeprefix("chatbot:")))
+            except ValueError:
+                pass
+        for conversation_id in candidates:
+            try:
+                conversation = self.repository.get(conversation_id)
+            except (AggregateNotFoundError, AccountErased):
+                continue
+            if isinstance(conversation, Conversation) and conversation.owner_id == user_id and not conversation.deleted:
+                return conversation
+        return None
+
+    def _import_record(self, user_id: UUID, source: str, conversation_id: UUID) -> ImportRecord:
+        try:
+            record: ImportRecord = self.repository.get(import_record_id(user_id, source))
+        except AggregateNotFoundError:
+            return ImportRecord(owner_id=user_id, source=source, conversation_id=conversation_id)
+        record.repeat(conversation_id)  # its conversation was deleted since
+        return record
+
+    def _import_persona(self, persona_id: UUID | None, user_id: UUID) -> UUID:
+        """The persona an imported conversation was with, if the user may chat with it;
+        else the default one."""
+        if persona_id is not None:
+            try:
+                if not self.visible_persona(persona_id, user_id)["retired"]:
+                    return persona_id
+            except PersonaNotFound:
+                pass
+        return persona_id_for(DEFAULT_PERSONA)
 
     def share_conversation(self, conversation_id: UUID, user_id: UUID) -> UUID:
         def attempt() -> UUID:
@@ -764,10 +817,20 @@ class ChatApplication(Application[UUID]):
 
         return self._retry_races(attempt)
 
-    def give_feedback(self, conversation_id: UUID, user_id: UUID, reply_id: UUID, rating: str, comment: str = "") -> None:
+    def give_feedback(self, conversation_id: UUID, user_id: UUID, reply_id: UUID, rating: str,
+                      comment: str | None = None) -> None:
+        """Rate a reply; `comment` None keeps the comment it has (Conversation.give_feedback)."""
         def attempt() -> None:
             conversation = self._owned(conversation_id, user_id)
             conversation.give_feedback(reply_id, rating, comment)
+            self.save(conversation)
+
+        self._retry_races(attempt)
+
+    def clear_feedback(self, conversation_id: UUID, user_id: UUID, reply_id: UUID) -> None:
+        def attempt() -> None:
+            conversation = self._owned(conversation_id, user_id)
+            conversation.clear_feedback(reply_id)
             self.save(conversation)
 
         self._retry_races(attempt)

@@ -435,15 +435,25 @@ class Conversation(Aggregate):
         self.check_reply_pending(reply_id)
         self._fail_reply(reply_id, error[:500])
 
-    def give_feedback(self, reply_id: UUID, rating: str, comment: str) -> None:
-        """Thumbs up or down on a finished reply; a later rating replaces an earlier one."""
-        if self.reply(reply_id)["status"] == "pending":
+    def give_feedback(self, reply_id: UUID, rating: str, comment: str | None = None) -> None:
+        """Thumbs up or down on a finished reply; a later rating replaces an earlier one.
+        `comment` None keeps the comment given before (a thumb clicked again); "" removes it."""
+        reply = self.reply(reply_id)
+        if reply["status"] == "pending":
             raise InvalidFeedback("wait for the reply to finish before rating it")
         if rating not in RATINGS:
             raise InvalidFeedback(f"a rating is one of {', '.join(RATINGS)}")
+        if comment is None:
+            comment = (reply.get("feedback") or {}).get("comment", "")
         if len(comment) > MAX_COMMENT:
             raise InvalidFeedback(f"a comment has at most {MAX_COMMENT} characters")
-        self._give_feedback(reply_id, rating, comment.strip())
+        if reply.get("feedback") != {"rating": rating, "comment": comment.strip()}:
+            self._give_feedback(reply_id, rating, comment.strip())
+
+    def clear_feedback(self, reply_id: UUID) -> None:
+        """Take back the rating of a reply, and its comment (nothing to do if it has none)."""
+        if self.reply(reply_id).get("feedback"):
+            self._clear_feedback(reply_id)
 
     def record_audit(self, operator: str, reason: str) -> None:
         """Someone read this conversation through the audit tool: who, and why."""
@@ -656,6 +666,10 @@ class Conversation(Aggregate):
     @event("FeedbackGiven")
     def _give_feedback(self, reply_id: UUID, rating: str, comment: str) -> None:
         self.replies[reply_id]["feedback"] = {"rating": rating, "comment": comment}
+
+    @event("FeedbackCleared")
+    def _clear_feedback(self, reply_id: UUID) -> None:
+        self.replies[reply_id].pop("feedback", None)
 
     @event("ReplyFailed")
     def _fail_reply(self, reply_id: UUID, error: str) -> None:

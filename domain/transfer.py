@@ -1,23 +1,36 @@
 """Moving conversations in and out: this system's JSON export (every branch), Markdown
-(the active branch, for reading), and ChatGPT's `conversations.json` import.
+(the active branch, for reading), and the import of ChatGPT's `conversations.json` and of
+this system's own exports ("Export all", or one conversation's JSON).
 
-Pure functions over plain data: the application loads and saves, these only convert.
-A ChatGPT export is a list of conversations, each a `mapping` of nodes (`message`,
-`parent`, `children`) with a `current_node`. Only user and assistant text survives the
-import: system, tool and empty nodes are dropped and their children attached to the
-nearest kept ancestor, so the tree keeps its shape.
+Pure functions over plain data (and `ImportRecord`, the aggregate that remembers what was
+imported): the application loads and saves, these only convert. A ChatGPT export is a
+list of conversations, each a `mapping` of nodes (`message`, `parent`, `children`) with a
+`current_node`; ours lists `messages` with their `parent_id`. Only user and assistant text
+survives the import: system, tool, empty and unfinished nodes are dropped and their
+children attached to the nearest kept ancestor, so the tree keeps its shape.
+
+Each imported conversation has a `source`: the id its export gave it (`chatgpt:<id>`, or
+`chatbot:<id>` for ours), or for a ChatGPT conversation without one a hash of its messages.
+A source already imported into the same account, whose conversation still exists, is
+skipped as a duplicate.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID, uuid4, uuid5
+
+from eventsourcing.domain import Aggregate, event
 
 from domain.conversation import MAX_TITLE, ConversationError
+from domain.ids import NAMESPACE
 
 EXPORT_FORMAT = "chatbot.conversation.v1"
+EXPORT_ALL_FORMAT = "chatbot.export.v1"
 MAX_IMPORT_CONVERSATIONS = 1000
 
 
@@ -30,6 +43,32 @@ class ImportedConversation:
     title: str
     nodes: list[dict[str, Any]]  # {"id", "parent_id", "role", "text"}, parents first
     current: UUID | None
+    source: str = ""  # what the export called it: the same source is not imported twice
+    persona_id: UUID | None = None  # ours: the persona it was with
+
+
+class ImportRecord(Aggregate):
+    """That a user imported a conversation from `source`, and as which conversation. Its id
+    is derived from the user and the source, so a second import of it finds it with one
+    read (and two imports at once conflict on it). Stored under the master key: it holds
+    only ids and the source's id (or a hash)."""
+
+    @staticmethod
+    def create_id(owner_id: UUID, source: str, **_: object) -> UUID:
+        return import_record_id(owner_id, source)
+
+    @event("Recorded")
+    def __init__(self, owner_id: UUID, source: str, conversation_id: UUID) -> None:
+        self.conversation_id = conversation_id
+
+    @event("Repeated")
+    def repeat(self, conversation_id: UUID) -> None:
+        """Imported again, after the conversation of the earlier import was deleted."""
+        self.conversation_id = conversation_id
+
+
+def import_record_id(owner_id: UUID, source: str) -> UUID:
+    return uuid5(NAMESPACE, f"import:{owner_id}:{source}")
 
 
 def export_conversation(conversation: Any, persona: dict[str, Any], timestamps: dict[UUID, datetime]) -> dict[str, Any]:
@@ -88,22 +127,79 @@ def to_markdown(export: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_chatgpt(data: Any) -> tuple[list[tuple[int, ImportedConversation]], list[dict[str, Any]]]:
-    """ChatGPT's `conversations.json` -> ((index, conversation) to import, skipped ones
-    with the reason). Raises NotAnExport when the file as a whole is not such an export."""
-    if isinstance(data, dict):
+def parse_export(data: Any) -> tuple[list[tuple[int, ImportedConversation]], list[dict[str, Any]]]:
+    """ChatGPT's `conversations.json`, or one of our exports -> ((index, conversation) to
+    import, skipped ones with the reason). Raises NotAnExport when the file as a whole is
+    neither."""
+    parse = _parse_one
+    if isinstance(data, dict) and data.get("format") == EXPORT_ALL_FORMAT:
+        data, parse = data.get("conversations"), _parse_ours
+        if not isinstance(data, list):
+            raise NotAnExport("an export of all conversations lists them under `conversations`")
+    elif isinstance(data, dict) and data.get("format") == EXPORT_FORMAT:
+        data, parse = [data], _parse_ours
+    elif isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
-        raise NotAnExport("a ChatGPT export is a JSON list of conversations")
+        raise NotAnExport("an export is a JSON list of ChatGPT conversations, or this app's export")
     if len(data) > MAX_IMPORT_CONVERSATIONS:
         raise NotAnExport(f"at most {MAX_IMPORT_CONVERSATIONS} conversations at once, got {len(data)}")
     imported, skipped = [], []
     for index, item in enumerate(data):
         try:
-            imported.append((index, _parse_one(item)))
+            imported.append((index, parse(item)))
         except NotAnExport as e:
             skipped.append({"index": index, "reason": str(e)})
     return imported, skipped
+
+
+def _parse_ours(item: Any) -> ImportedConversation:
+    """A conversation of our export: every branch; replies that did not finish are left out."""
+    if not isinstance(item, dict) or item.get("format") != EXPORT_FORMAT or not isinstance(item.get("messages"), list):
+        raise NotAnExport(f"not a conversation of this app's export: it has no `format` {EXPORT_FORMAT!r} and `messages`")
+    ids: dict[str, UUID] = {}  # exported id -> ours, for the messages kept
+    parent_of: dict[str, str | None] = {}
+    nodes = []
+    for m in item["messages"]:
+        if not isinstance(m, dict) or not isinstance(m.get("id"), str) or m["id"] in parent_of:
+            raise NotAnExport("a message has no id, or one that comes twice")
+        parent = m.get("parent_id") if isinstance(m.get("parent_id"), str) else None
+        if parent is not None and parent not in parent_of:
+            raise NotAnExport(f"message {m['id']}: its parent must come before it")
+        parent_of[m["id"]] = parent
+        text = m.get("text").strip() if isinstance(m.get("text"), str) else ""
+        if m.get("role") not in ("user", "assistant") or not text or m.get("status", "complete") != "complete":
+            continue
+        ids[m["id"]] = uuid4()
+        nodes.append({"id": ids[m["id"]], "parent_id": _kept_ancestor(parent, ids, parent_of), "role": m["role"],
+                      "text": text})
+    if not nodes:
+        raise NotAnExport("no user or assistant messages with text")
+    current = item.get("current_message_id")
+    current = _kept_ancestor(current if isinstance(current, str) and current in parent_of else None, ids, parent_of)
+    title = item.get("title") if isinstance(item.get("title"), str) else ""
+    persona = item.get("persona") if isinstance(item.get("persona"), dict) else {}
+    try:
+        persona_id = UUID(str(persona.get("id")))
+    except ValueError:
+        persona_id = None
+    return ImportedConversation(
+        title=" ".join(title.split())[:MAX_TITLE] or "Imported chat", nodes=nodes, current=current,
+        source=f"chatbot:{item.get('id')}" if isinstance(item.get("id"), str) else _content_source(item), persona_id=persona_id,
+    )
+
+
+def _kept_ancestor(key: str | None, ids: dict[str, UUID], parent_of: dict[str, str | None]) -> UUID | None:
+    """Our id of `key`, or of its nearest ancestor that was kept (None: none was)."""
+    while key is not None and key not in ids:
+        key = parent_of.get(key)
+    return ids[key] if key is not None else None
+
+
+def _content_source(item: dict[str, Any]) -> str:
+    """A source for a conversation whose export gives it no id: a hash of its content."""
+    canonical = json.dumps(item, sort_keys=True, ensure_ascii=False, default=str)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
 def _text(message: dict[str, Any]) -> str:
@@ -167,7 +263,9 @@ def _parse_one(item: Any) -> ImportedConversation:
             current = kept[current_key]["id"]
         node = mapping[current_key]
         current_key = _parent(node) if isinstance(node, dict) else None
-    return ImportedConversation(title=title, nodes=order, current=current)
+    source_id = item.get("conversation_id") or item.get("id")
+    source = f"chatgpt:{source_id}" if isinstance(source_id, str) and source_id else _content_source(item)
+    return ImportedConversation(title=title, nodes=order, current=current, source=source)
 
 
 def _parent(node: dict[str, Any]) -> str | None:

@@ -122,7 +122,11 @@ class ChatProjection(Projection[ReadModelRecorder]):
 
     @process_event.register
     def _(self, e: Conversation.FeedbackGiven, tracking: Tracking) -> None:
-        self.view.rate_reply(tracking, e.reply_id, e.rating)
+        self.view.rate_reply(tracking, e.originator_id, e.reply_id, e.rating, e.comment)
+
+    @process_event.register
+    def _(self, e: Conversation.FeedbackCleared, tracking: Tracking) -> None:
+        self.view.rate_reply(tracking, e.originator_id, e.reply_id, None, "")
 
     @process_event.register
     def _(self, e: Conversation.ReplyFailed, tracking: Tracking) -> None:

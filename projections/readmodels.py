@@ -79,6 +79,8 @@ SCHEMA = [
     # rm_messages_order, so no index of its own)
     "ALTER TABLE rm_conversations ADD COLUMN IF NOT EXISTS title_words bigint[] NOT NULL DEFAULT '{}'",
     "ALTER TABLE rm_messages ADD COLUMN IF NOT EXISTS words bigint[] NOT NULL DEFAULT '{}'",
+    "ALTER TABLE rm_messages ADD COLUMN IF NOT EXISTS feedback_comment bytea",  # sealed, like the text
+    "ALTER TABLE rm_messages ADD COLUMN IF NOT EXISTS imported boolean NOT NULL DEFAULT false",  # from an export
 ]
 PERSONA_COLUMNS = ("name", "description", "greeting", "model", "avatar", "visibility", "retired")
 PERSONA_SEALED = ("name", "description", "greeting")  # under the master key, as persona events are
@@ -185,7 +187,11 @@ class ReadModelRecorder(PostgresTrackingRecorder):
         return {**row, "title": self.sealer.open(owner, row["title"], "rm_conversations.title", row["id"]) or ""}
 
     def _open_text(self, row: DictRow, owner: UUID) -> dict[str, Any]:
-        return {**row, "text": self.sealer.open(owner, row["text"], "rm_messages.text", row["id"]) or ""}
+        opened = {**row, "text": self.sealer.open(owner, row["text"], "rm_messages.text", row["id"]) or ""}
+        if row.get("feedback_comment") is not None:
+            opened["feedback_comment"] = self.sealer.open(owner, row["feedback_comment"], "rm_messages.feedback_comment",
+                                                          row["id"])
+        return opened
 
     # -- writes (each with its tracking, in one transaction) -------------------------------
 
@@ -242,12 +248,12 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             )
 
     def _insert_message(self, curs: Any, row: dict[str, Any]) -> None:
-        row = {**row, **self._seal_text(curs, row["conversation_id"], row["id"], row["text"])}
+        row = {"imported": False, **row, **self._seal_text(curs, row["conversation_id"], row["id"], row["text"])}
         self._exec(
             curs, "INSERT INTO rm_messages (id, conversation_id, seq, role, text, words, status, reply_to, parent_id,"
-            " created_at, updated_at)"
+            " imported, created_at, updated_at)"
             " SELECT %(id)s, %(conversation_id)s, coalesce(max(seq), 0) + 1, %(role)s, %(text)s, %(words)s::bigint[], %(status)s,"
-            " %(reply_to)s, %(parent_id)s, %(at)s, %(at)s"
+            " %(reply_to)s, %(parent_id)s, %(imported)s, %(at)s, %(at)s"
             " FROM rm_messages WHERE conversation_id = %(conversation_id)s",
             row,
         )
@@ -285,7 +291,7 @@ class ReadModelRecorder(PostgresTrackingRecorder):
                 self._insert_message(curs, {
                     "id": node["id"], "conversation_id": conversation_id, "role": node["role"],
                     "text": node["text"], "status": "complete", "reply_to": None,
-                    "parent_id": node["parent_id"], "at": at,
+                    "parent_id": node["parent_id"], "at": at, "imported": True,
                 })
             self._exec(
                 curs, "UPDATE rm_conversations SET message_count = message_count + %(n)s, updated_at = %(at)s,"
@@ -321,10 +327,17 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             self._insert_tracking(curs, tracking)
             self._exec(curs, "UPDATE rm_shares SET revoked = true WHERE id = %(id)s", {"id": share_id})
 
-    def rate_reply(self, tracking: Tracking, reply_id: UUID, rating: str) -> None:
+    def rate_reply(self, tracking: Tracking, conversation_id: UUID, reply_id: UUID, rating: str | None,
+                   comment: str) -> None:
+        """The reply's rating (None: taken back) and the comment with it."""
         with self._tx() as curs:
+            sealed = None
+            if comment:
+                owner = self._owner(curs, conversation_id)
+                sealed = self.sealer.seal(owner, comment, "rm_messages.feedback_comment", reply_id)
             self._insert_tracking(curs, tracking)
-            self._exec(curs, "UPDATE rm_messages SET feedback = %s WHERE id = %s", (rating, reply_id))
+            self._exec(curs, "UPDATE rm_messages SET feedback = %s, feedback_comment = %s WHERE id = %s",
+                       (rating, sealed, reply_id))
 
     def finish_reply(self, tracking: Tracking, row: dict[str, Any]) -> None:
         with self._tx() as curs:
@@ -428,8 +441,8 @@ class ReadModelRecorder(PostgresTrackingRecorder):
     def messages(self, conversation_id: UUID) -> list[dict[str, Any]]:
         """Every message of the conversation's tree, in the order written."""
         rows = self._query(
-            "SELECT m.id, role, text, status, reply_to, parent_id, finish_reason, model, feedback, m.created_at,"
-            " c.owner_id FROM rm_messages m JOIN rm_conversations c ON c.id = m.conversation_id"
+            "SELECT m.id, role, text, status, reply_to, parent_id, finish_reason, model, feedback, feedback_comment,"
+            " imported, m.created_at, c.owner_id FROM rm_messages m JOIN rm_conversations c ON c.id = m.conversation_id"
             " WHERE conversation_id = %(id)s ORDER BY seq",
             {"id": conversation_id},
         )

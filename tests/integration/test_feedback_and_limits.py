@@ -35,12 +35,20 @@ async def test_a_user_rates_a_reply_and_the_rating_is_an_event_on_that_reply(
     url = f"/api/conversations/{conversation_id}/messages/{reply_id}/feedback"
     r = await client.http.post(url, json={"rating": "down", "comment": "off topic"}, headers=client.headers)
     assert r.status_code == 204, r.text
-    r = await client.http.post(url, json={"rating": "up"}, headers=client.headers)
+    r = await client.http.post(url, json={"rating": "up"}, headers=client.headers)  # a thumb keeps the comment
     assert r.status_code == 204
     feedback = [e for e in chat_app.events.get(UUID(conversation_id)) if isinstance(e, Conversation.FeedbackGiven)]
-    assert [(str(e.reply_id), e.rating, e.comment) for e in feedback] == [(reply_id, "down", "off topic"), (reply_id, "up", "")]
+    assert [(str(e.reply_id), e.rating, e.comment) for e in feedback] == [
+        (reply_id, "down", "off topic"), (reply_id, "up", "off topic")]
     messages = await client.messages_when(conversation_id, lambda ms: ms[-1]["feedback"] == "up")
-    assert messages[-1]["feedback"] == "up"
+    assert (messages[-1]["feedback"], messages[-1]["feedback_comment"]) == ("up", "off topic")
+
+    r = await client.http.delete(url, headers=client.headers)  # the rating taken back
+    assert r.status_code == 204, r.text
+    messages = await client.messages_when(conversation_id, lambda ms: ms[-1]["feedback"] is None)
+    assert (messages[-1]["feedback"], messages[-1]["feedback_comment"]) == (None, None)
+    assert type(list(chat_app.events.get(UUID(conversation_id)))[-1]).__name__ == "FeedbackCleared"
+    assert (await other_client.http.delete(url, headers=other_client.headers)).status_code == 404
 
     assert (await client.http.post(url, json={"rating": "meh"}, headers=client.headers)).status_code == 400
     assert (await client.http.post(url, json={"rating": "up", "comment": "x" * 1001}, headers=client.headers)).status_code == 400

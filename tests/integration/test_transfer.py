@@ -53,13 +53,37 @@ async def test_import_chatgpt_export(client: ChatClient) -> None:
             break
         await asyncio.sleep(0.05)
     assert "Tides" in titles
+    r = await client.http.post("/api/import", content=json.dumps(chatgpt_export()), headers=client.headers)
+    assert r.status_code == 201, r.text  # the same file again: nothing is duplicated, and it says so
+    assert (r.json()["imported"], r.json()["duplicates"]) == (0, 1)
+    assert [s for s in r.json()["skipped"] if s["duplicate"]][0]["reason"] == "imported already (as “Tides”)"
 
     r = await client.http.post("/api/import", content=b"{not json", headers=client.headers)
     assert r.status_code == 400 and "not JSON" in r.text
     r = await client.http.post("/api/import", content=b'"a string"', headers=client.headers)
-    assert r.status_code == 400 and "list of conversations" in r.text
+    assert r.status_code == 400 and "list of ChatGPT conversations, or this app's export" in r.text
     async with httpx.AsyncClient(base_url=client.base_url) as anonymous:
         assert (await anonymous.post("/api/import", content=b"[]")).status_code == 401
+
+
+async def test_the_apps_own_export_imports_into_another_account_once(client: ChatClient, other_client: ChatClient) -> None:
+    cid = await client.start_conversation()
+    async with client.ws() as ws:
+        await send(ws, cid, "Tell me about the sea")
+        _, _, reply = await collect_reply(ws)
+    await client.messages_when(cid, lambda ms: len(ms) == 2 and ms[1]["status"] == "complete")
+    everything = (await client.get("/api/export")).content
+
+    r = await other_client.http.post("/api/import", content=everything, headers=other_client.headers)
+    assert r.status_code == 201, r.text
+    assert (r.json()["imported"], r.json()["skipped"]) == (1, [])
+    copy = str(r.json()["conversation_ids"][0])
+    messages = await other_client.messages_when(copy, lambda ms: len(ms) == 2)
+    assert [(m["role"], m["text"]) for m in messages] == [("user", "Tell me about the sea"), ("assistant", reply["text"])]
+    r = await other_client.http.post("/api/import", content=everything, headers=other_client.headers)
+    assert (r.json()["imported"], r.json()["duplicates"]) == (0, 1)
+    r = await client.http.post("/api/import", content=everything, headers=client.headers)  # its own account
+    assert (r.json()["imported"], r.json()["duplicates"]) == (0, 1)
 
 
 async def test_a_share_link_shows_a_snapshot_until_revoked(client: ChatClient, other_client: ChatClient) -> None:

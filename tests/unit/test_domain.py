@@ -143,9 +143,23 @@ def test_a_reply_can_be_rated_once_finished_and_a_new_rating_replaces_the_old(ap
         app.give_feedback(conversation_id, user, posted.reply_id, "up")
     app.complete_reply(conversation_id, posted.reply_id, **OUTCOME)
     app.give_feedback(conversation_id, user, posted.reply_id, "down", "  too short ")
-    app.give_feedback(conversation_id, user, posted.reply_id, "up")
-    conversation = app.repository.get(conversation_id)
-    assert conversation.reply(posted.reply_id)["feedback"] == {"rating": "up", "comment": ""}
+
+    def feedback() -> dict | None:
+        return app.repository.get(conversation_id).reply(posted.reply_id).get("feedback")
+
+    app.give_feedback(conversation_id, user, posted.reply_id, "up")  # a thumb: the comment stays
+    assert feedback() == {"rating": "up", "comment": "too short"}
+    version = app.repository.get(conversation_id).version
+    app.give_feedback(conversation_id, user, posted.reply_id, "up")  # the same again: nothing recorded
+    assert app.repository.get(conversation_id).version == version
+    app.give_feedback(conversation_id, user, posted.reply_id, "up", "")  # an empty comment removes it
+    assert feedback() == {"rating": "up", "comment": ""}
+    app.clear_feedback(conversation_id, user, posted.reply_id)  # the rating taken back
+    assert feedback() is None
+    assert app.branch(conversation_id, user)[-1]["feedback"] is None
+    app.clear_feedback(conversation_id, user, posted.reply_id)  # nothing to take back: nothing recorded
+    assert [type(e).__name__ for e in app.events.get(conversation_id)][-4:] == [
+        "FeedbackGiven", "FeedbackGiven", "FeedbackGiven", "FeedbackCleared"]
     with pytest.raises(InvalidFeedback):
         app.give_feedback(conversation_id, user, posted.reply_id, "sideways")
 

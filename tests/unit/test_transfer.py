@@ -11,7 +11,7 @@ import domain.application as application_module
 import domain.conversation as conversation_module
 from domain.application import ChatApplication
 from domain.conversation import Conversation, ConversationNotFound, ShareNotFound
-from domain.transfer import NotAnExport, active_branch, parse_chatgpt, to_markdown
+from domain.transfer import NotAnExport, active_branch, parse_export, to_markdown
 
 OUTCOME = dict(finish_reason="stop", prompt_tokens=5, completion_tokens=2,
                ttft_ms=1.0, duration_ms=2.0, model_name="chat", model_version="1")
@@ -46,8 +46,8 @@ def chatgpt_export() -> list[dict[str, Any]]:
     ]
 
 
-def test_parse_chatgpt_keeps_branches_and_drops_what_is_not_chat() -> None:
-    parsed, skipped = parse_chatgpt(chatgpt_export())
+def test_parse_export_keeps_branches_and_drops_what_is_not_chat() -> None:
+    parsed, skipped = parse_export(chatgpt_export())
     assert [s["index"] for s in skipped] == [1, 2]
     assert "mapping" in skipped[0]["reason"] and "no user or assistant" in skipped[1]["reason"]
     index, tides = parsed[0]
@@ -63,9 +63,9 @@ def test_parse_chatgpt_keeps_branches_and_drops_what_is_not_chat() -> None:
 
 
 @pytest.mark.parametrize("bad", ["text", 42, None, [1] * 1001])
-def test_parse_chatgpt_refuses_what_is_not_an_export(bad: Any) -> None:
+def test_parse_export_refuses_what_is_not_an_export(bad: Any) -> None:
     with pytest.raises(NotAnExport):
-        parse_chatgpt(bad)
+        parse_export(bad)
 
 
 def test_import_then_export_round_trips_every_branch(app: ChatApplication, user: UUID) -> None:
@@ -122,7 +122,7 @@ def test_a_circular_or_malformed_export_is_refused_or_imported_without_hanging()
         "a": node("a", "b", [], "system", ""),
         "b": node("b", "a", ["a"], "system", ""),
     }
-    parsed, skipped = parse_chatgpt([
+    parsed, skipped = parse_export([
         {"title": "Loop", "mapping": looped, "current_node": "a"},  # a and b are each other's parent
         {"title": "Odd parent", "mapping": {"x": {**node("x", None, [], "user", "Hi"), "parent": ["not", "an", "id"]}}},
     ])
@@ -178,3 +178,58 @@ def test_an_import_is_saved_in_batches_with_progress(
     result = app.import_conversations(user, export, progress=lambda done, total: progress.append((done, total)))
     assert result["imported"] == 7 and result["skipped"] == []
     assert progress == [(2, 7), (4, 7), (6, 7), (7, 7)]
+
+
+def test_the_same_chatgpt_export_imported_twice_is_left_out_until_its_chat_is_deleted(
+    app: ChatApplication, user: UUID
+) -> None:
+    export = chatgpt_export()
+    export[0]["id"] = "chatgpt-conversation-1"
+    first = app.import_conversations(user, export)
+    assert first["imported"] == 1 and first["duplicates"] == 0
+    again = app.import_conversations(user, export)
+    assert again["imported"] == 0 and again["duplicates"] == 1
+    assert [s for s in again["skipped"] if s.get("duplicate")] == [
+        {"index": 0, "reason": "imported already (as “Tides”)", "duplicate": True}]
+    other = app.register_user("other-importer@example.com", "correct horse battery")
+    assert app.import_conversations(other, export)["imported"] == 1  # another account: its own import
+
+    twice_in_one = app.import_conversations(user, [chatgpt_export()[0], chatgpt_export()[0]])  # no id: by content
+    assert (twice_in_one["imported"], twice_in_one["duplicates"]) == (1, 1)
+
+    app.delete_conversation(first["conversation_ids"][0], user)
+    after = app.import_conversations(user, export)  # its chat deleted: imported anew
+    assert after["imported"] == 1 and after["duplicates"] == 0
+    assert app.import_conversations(user, export)["duplicates"] == 1
+
+
+def test_this_apps_own_export_imports_into_another_account_and_not_twice(app: ChatApplication, user: UUID) -> None:
+    cid = app.start_conversation(user)
+    first = app.post_message(cid, user, "m1", "What is a tide?")
+    app.complete_reply(cid, first.reply_id, text="The rise and fall of the sea.", **OUTCOME)
+    edited = app.edit_message(cid, user, first.message_id, "m2", "What causes tides?")  # a second branch
+    app.complete_reply(cid, edited.reply_id, text="Mostly the Moon.", **OUTCOME)
+    unfinished = app.post_message(cid, user, "m3", "And the Sun?")  # a reply still pending: left out
+    app.update_conversation(cid, user, title="Tides")
+    everything = {"format": "chatbot.export.v1", "conversations": [app.export_conversation(cid, user)]}
+    assert unfinished.reply_id
+
+    here = app.import_conversations(user, everything)  # into the same account: it is there already
+    assert (here["imported"], here["duplicates"]) == (0, 1)
+
+    other = app.register_user("own-export@example.com", "correct horse battery")
+    result = app.import_conversations(other, everything)
+    assert (result["imported"], result["skipped"]) == (1, [])
+    copy = result["conversation_ids"][0]
+    assert app.repository.get(copy).title == "Tides"
+    assert app.repository.get(copy).persona_id == app.repository.get(cid).persona_id
+    assert [m["text"] for m in app.branch(copy, other)] == ["What causes tides?", "Mostly the Moon.", "And the Sun?"]
+    assert len(app.branch(copy, other)[0]["siblings"]) == 2  # both branches came along
+    assert app.import_conversations(other, everything)["duplicates"] == 1
+    single = app.import_conversations(other, app.export_conversation(cid, user))  # one conversation's JSON
+    assert single["duplicates"] == 1
+
+    with pytest.raises(NotAnExport):
+        parse_export({"format": "chatbot.export.v1", "conversations": "no"})
+    parsed, skipped = parse_export({"format": "chatbot.export.v1", "conversations": [{"format": "x"}]})
+    assert parsed == [] and "this app's export" in skipped[0]["reason"]
