@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -352,15 +352,23 @@ class ConversationPages(Controller):
     async def give_feedback(
         self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID, message_id: UUID
     ) -> Redirect:
+        """A thumb (its `rating`; "none", the thumb pressed already, takes the rating back),
+        or the comment form (`rating` and `comment`; an empty comment removes it). A thumb
+        keeps the comment given before."""
         user_id = require_viewer(request, services)
         form = await request.form()
         rating = text_field(form, "rating", 10)
-        if rating not in ("up", "down"):
-            raise FormError("rating is up or down")
-        comment = text_field(form, "comment", 1000)
-        await services.call(services.app.give_feedback, conversation_id, user_id, message_id, rating, comment)
+        if rating not in ("up", "down", "none"):
+            raise FormError("rating is up, down or none")
+        if rating == "none":
+            await services.call(services.app.clear_feedback, conversation_id, user_id, message_id)
+            done = "Rating removed."
+        else:
+            comment = text_field(form, "comment", 1000) if "comment" in form else None
+            await services.call(services.app.give_feedback, conversation_id, user_id, message_id, rating, comment)
+            done = "Thanks for the feedback."
         await queries.settle(services, conversation_id)
-        return redirect(services, f"/c/{conversation_id}#m-{message_id}", "Thanks for the feedback.")
+        return redirect(services, f"/c/{conversation_id}#m-{message_id}", done)
 
     @post("/{conversation_id:uuid}/branch")
     async def select_branch(self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID) -> Redirect:
@@ -417,25 +425,38 @@ class ConversationPages(Controller):
 
     @post("/import", request_max_body_size=MAX_IMPORT_BYTES)
     async def import_conversations(self, request: Request[Any, Any, Any], services: Services) -> Redirect:
-        """ChatGPT's `conversations.json`, uploaded: each readable conversation becomes one here."""
+        """An uploaded export, ChatGPT's `conversations.json` or this app's own: each readable
+        conversation becomes one here, except those imported before."""
         user_id = require_viewer(request, services)
         form = await request.form()
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
-            raise FormError("choose the conversations.json file of a ChatGPT export")
+            raise FormError("choose the conversations.json file of a ChatGPT export, or a file this app exported")
         try:
             data = json.loads(await upload.read())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise FormError(f"that file is not JSON: {e}") from None
+        except (ValueError, UnicodeDecodeError):
+            raise FormError("that file is not JSON: choose the conversations.json of a ChatGPT export,"
+                            " or a file this app exported") from None
         except RecursionError:
-            raise FormError("that file is not a ChatGPT export: its JSON nests too deeply") from None
+            raise FormError("that file is not an export: its JSON nests too deeply") from None
         result = await services.call(services.app.import_conversations, user_id, data)
         for conversation_id in result["conversation_ids"]:
             await queries.settle(services, conversation_id)
-        note = f"Imported {result['imported']} conversation{'s' if result['imported'] != 1 else ''}."
-        if result["skipped"]:
-            note += f" Skipped {len(result['skipped'])}: {result['skipped'][0]['reason']}."
-        return redirect(services, "/c", note)
+        return redirect(services, "/c", import_note(result))
+
+
+def import_note(result: dict[str, Any]) -> str:
+    """What an import did, in words: imported, left out as imported before, unreadable."""
+    def chats(n: int) -> str:
+        return f"{n} conversation{'s' if n != 1 else ''}"
+
+    note = f"Imported {chats(result['imported'])}."
+    if result["duplicates"]:
+        note += f" Left out {chats(result['duplicates'])} imported before."
+    unreadable = [s for s in result["skipped"] if not s.get("duplicate")]
+    if unreadable:
+        note += f" Skipped {len(unreadable)} that could not be imported: {unreadable[0]['reason']}."
+    return note
 
 
 async def chat_context(services: Services, conversation_id: UUID, user_id: UUID) -> dict[str, Any]:
@@ -678,10 +699,17 @@ def avatar_text(persona: Any) -> str:
     return avatar[:16] if avatar else (str(persona.get("name") or "?").strip()[:1].upper() or "?")
 
 
+def when(moment: datetime) -> str:
+    """A time for people: "6 Dec 2026, 14:05 UTC"."""
+    moment = moment.astimezone(timezone.utc)
+    return f"{moment.day} {moment:%b %Y, %H:%M} UTC"
+
+
 def configure_jinja(engine: JinjaTemplateEngine) -> None:
     env: Environment = engine.engine
     env.filters["markdown"] = render_markdown
     env.filters["avatar"] = avatar_text
+    env.filters["when"] = when
     env.globals["static_version"] = static_version()
     env.trim_blocks = env.lstrip_blocks = True
 

@@ -8,6 +8,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import httpx
 import pytest
@@ -133,8 +134,18 @@ async def test_a_chatgpt_export_is_imported_from_the_page(visitor: Visitor, api_
     r = await http.post("/c/import", data={"_csrf": token}, files=upload)
     assert r.status_code == 303 and r.headers["location"] == "/c"
     page = await http.get("/c")
-    assert "Imported 1 conversation. Skipped 2:" in page.text
-    assert ">Tides</a>" in page.text
+    assert "Imported 1 conversation. Skipped 2 that could not be imported:" in page.text
+    assert ">Tides</span></a>" in page.text
+    r = await http.post("/c/import", data={"_csrf": token}, files=upload)  # the same file again
+    assert r.status_code == 303
+    page = await http.get("/c")
+    assert "Imported 0 conversations. Left out 1 conversation imported before. Skipped 2" in page.text
+    assert page.text.count(">Tides</span></a>") == 1
+    everything = (await http.get("/api/export")).content  # the app's own "Export all" file is read too
+    r = await http.post("/c/import", data={"_csrf": token},
+                        files={"file": ("conversations.json", everything, "application/json")})
+    assert r.status_code == 303
+    assert "Imported 0 conversations. Left out 1 conversation imported before." in (await http.get("/c")).text
     r = await http.post("/c/import", data={"_csrf": token},
                         files={"file": ("conversations.json", b"{not json", "application/json")})
     assert r.status_code == 400 and "That file is not JSON" in r.text
@@ -162,6 +173,16 @@ async def test_the_account_page_sets_consent_starts_temporary_chats_and_erases_t
     async with httpx.AsyncClient(base_url=api_url, timeout=30, headers=headers) as api:
         conversation = (await api.get(f"/api/conversations/{chat_id}")).json()
         assert conversation["expires_at"] is not None
+    # it says so, with its time, in the chat and in the list
+    expires = datetime.fromisoformat(conversation["expires_at"]).astimezone(timezone.utc)
+    shown = f"{expires.day} {expires:%b %Y, %H:%M} UTC"
+    chat = (await visitor.http.get(f"/c/{chat_id}")).text
+    assert f'<span class="badge temp" id="expiry">temporary · deleted {shown}</span>' in chat
+    assert f'title="Temporary: deleted {shown}">temporary</span>' in chat  # its row in the list
+    r = await visitor.http.post("/c", data={"_csrf": await form_token(visitor.http), "keep": ""})
+    assert r.status_code == 303, r.text
+    lasting = r.headers["location"]
+    assert 'id="expiry"' not in (await visitor.http.get(lasting)).text
 
     # erasing needs the password and the confirmation; then the session is gone for good
     token = token_in((await visitor.http.get("/account")).text)

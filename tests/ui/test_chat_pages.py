@@ -71,9 +71,20 @@ async def test_a_user_registers_starts_a_chat_and_watches_the_reply_stream_in(
     await page.get_by_label("Rating").select_option("down")
     await page.get_by_label("Feedback comment").fill("Too short.")
     await page.locator(".turn.assistant .fb-comment").get_by_role("button", name="Send").click()
-    await expect(page.locator('.turn.assistant').get_by_role("button", name="Bad reply")).to_have_attribute(
-        "aria-pressed", "true"
-    )
+    bad = page.locator('.turn.assistant').get_by_role("button", name="Bad reply")
+    good = page.locator('.turn.assistant').get_by_role("button", name="Good reply")
+    await expect(bad).to_have_attribute("aria-pressed", "true")
+    await expect(page.locator(".turn.assistant .fb-note")).to_have_text("Your comment: Too short.")  # shown
+    await good.click()  # the other thumb: the rating changes, the comment stays
+    await expect(good).to_have_attribute("aria-pressed", "true")
+    await expect(page.locator(".turn.assistant .fb-note")).to_have_text("Your comment: Too short.")
+    await expect(page.get_by_label("Feedback comment")).to_have_value("Too short.")  # and can be edited
+    await shot(page, "chat-03-feedback-comment")
+    await good.click()  # the pressed thumb again: the rating is taken back, with its comment
+    await expect(page.locator("#flash .flash-text")).to_have_text("Rating removed.")
+    await expect(good).to_have_attribute("aria-pressed", "false")
+    await expect(bad).to_have_attribute("aria-pressed", "false")
+    await expect(page.locator(".turn.assistant .fb-note")).to_have_count(0)
 
     # the page is server-rendered: a reload shows the same conversation
     await page.reload()
@@ -122,7 +133,7 @@ async def test_a_chat_is_exported_and_shared_read_only_until_the_link_is_withdra
 
 async def test_conversations_are_searched_renamed_archived_and_deleted(page: Page, page_errors: list[str]) -> None:
     await register(page)
-    await start_chat(page)
+    lighthouses = await start_chat(page)
     await send_message(page, "Tell me about lighthouses")
     await expect(page.locator('.turn.assistant[data-status="complete"]')).to_have_count(1, timeout=60_000)
     await start_chat(page, "Captain Flint")
@@ -131,8 +142,8 @@ async def test_conversations_are_searched_renamed_archived_and_deleted(page: Pag
     search = page.get_by_label("Search chats")
     await search.fill("lighthouses")
     await search.press("Enter")
-    await expect(page.locator("#conversations li")).to_have_count(1)
-    await expect(page.locator("#conversations")).to_contain_text("Tell me about lighthouses")
+    await expect(page.locator("#conversations li")).to_have_count(1)  # (titled by the model, maybe "Lighthouses")
+    await expect(page.locator(f'#conversations a[href="/c/{lighthouses}"]')).to_have_count(1)
     await search.fill("no chat says this")
     await search.press("Enter")
     await expect(page.locator("#conversations")).to_contain_text("No chats match.")

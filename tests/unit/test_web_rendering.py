@@ -8,7 +8,7 @@ import pytest
 
 from web.csrf import CSRF_COOKIE, CsrfFailed, check_form_token, form_token
 from web.pages import avatar_text, decode_flash, encode_flash, safe_next
-from web.rendering import ALLOWED_TAGS, render_markdown
+from web.rendering import ALLOWED_TAGS, MATHML_ATTRIBUTES, render_markdown
 
 ATTACKS = [
     "<script>alert(1)</script>",
@@ -23,6 +23,12 @@ ATTACKS = [
     '<div style="background:url(javascript:alert(1))">x</div>',
     "```html\n<script>alert(1)</script>\n```",
     '<details open ontoggle="alert(1)">x</details>',
+    "```python\n</code></pre><script>alert(1)</script>\n```",
+    "$\\href{javascript:alert(1)}{x}$",
+    "$<script>alert(1)</script>$",
+    "$$\\style{background:url(javascript:alert(1))}{x}$$",
+    '$x$<math><mi xlink:href="javascript:alert(1)">x</mi></math>',
+    "$\\mathrm{<img src=x onerror=alert(1)>}$",
 ]
 
 
@@ -43,7 +49,7 @@ def test_markup_in_a_message_never_becomes_live_html(text: str) -> None:
     html = str(render_markdown(text))
     for tag, attrs in Elements(html).found:
         assert tag in ALLOWED_TAGS, (text, html)
-        assert set(attrs) <= {"href", "title", "start", "align", "class", "rel"}, (text, html)
+        assert set(attrs) <= {"href", "title", "start", "align", "class", "rel"} | MATHML_ATTRIBUTES, (text, html)
         assert not (attrs.get("href") or "").lower().startswith("javascript"), (text, html)
 
 
@@ -53,8 +59,26 @@ def test_markdown_is_rendered_with_safe_links_code_and_tables() -> None:
     ))
     assert "<strong>bold</strong>" in html and "<code>code</code>" in html
     assert '<a href="https://example.com" rel="nofollow noopener noreferrer">site</a>' in html
-    assert '<pre><code class="language-python">x = 1 &lt; 2\n</code></pre>' in html
+    assert '<pre><code class="language-python"><span class="n">x</span> <span class="o">=</span>' in html
+    assert '<span class="o">&lt;</span>' in html  # highlighted by Pygments, and still escaped
     assert "<table>" in html and "<td>2</td>" in html
+
+
+def test_code_is_highlighted_only_in_a_language_pygments_knows() -> None:
+    assert '<span class="k">def</span>' in str(render_markdown("```py\ndef f(): pass\n```"))
+    for fence in ("```\ndef f(): pass\n```", "```no-such-language\ndef f(): pass\n```"):
+        html = str(render_markdown(fence))
+        assert "<span" not in html and "def f(): pass" in html
+
+
+def test_maths_between_dollars_becomes_mathml_and_money_stays_text() -> None:
+    html = str(render_markdown("Area $\\pi r^2$, and $$\\frac{a}{b}$$ on its own line."))
+    assert "<math display=\"inline\"><mrow><mi>π</mi><msup><mi>r</mi><mn>2</mn></msup></mrow></math>" in html
+    assert "<mfrac>" in html
+    assert "$" not in html
+    assert str(render_markdown("It costs $5 and $10.")) == "<p>It costs $5 and $10.</p>\n"
+    # what the converter cannot read stays the text it was
+    assert str(render_markdown("$\\frac{a}{$ and more")) == '<p><span class=""><code>$\\frac{a}{$</code></span> and more</p>\n'
 
 
 def test_raw_html_is_shown_as_text() -> None:

@@ -111,6 +111,49 @@
 
   function dropStarters() { thread().querySelector(".starters")?.remove(); }
 
+  // ---------- copy ----------
+  // A Copy button on each code block and on each finished message (a page without this
+  // script has none: it would have nothing to copy with).
+  async function copyText(text) {
+    if (navigator.clipboard && window.isSecureContext) return navigator.clipboard.writeText(text);
+    const area = el("textarea");  // plain http on a LAN host: the older way
+    area.value = text;
+    document.body.append(area);
+    area.select();
+    const done = document.execCommand("copy");
+    area.remove();
+    if (!done) throw new Error("copy refused");
+  }
+
+  function copyButton(label, text) {
+    const button = el("button", "copy-btn small-btn", "Copy");
+    button.type = "button";
+    button.setAttribute("aria-label", label);
+    button.addEventListener("click", async () => {
+      try {
+        await copyText(text());
+        button.textContent = "Copied";
+      } catch (_) {
+        button.textContent = "Could not copy";
+      }
+      setTimeout(() => { button.textContent = "Copy"; }, 1500);
+    });
+    return button;
+  }
+
+  function addCopyButtons() {
+    for (const pre of thread().querySelectorAll(".msg.markdown pre")) {
+      if (pre.querySelector(".copy-btn")) continue;
+      const code = pre.querySelector("code") || pre;
+      pre.append(copyButton("Copy code", () => code.innerText));
+    }
+    for (const turn of thread().querySelectorAll('.turn[data-status="complete"]')) {
+      const meta = turn.querySelector(".meta"), msg = turn.querySelector(".msg");
+      if (!meta || !msg || meta.querySelector(".copy-btn")) continue;
+      meta.prepend(copyButton("Copy message", () => msg.innerText));
+    }
+  }
+
   // ---------- the page, fetched again ----------
   let refreshing = null;
   async function refresh(attempt = 0) {
@@ -126,6 +169,7 @@
           const fresh = doc.getElementById(id), here = $(id);
           if (fresh && here) here.replaceWith(document.adoptNode(fresh));
         }
+        addCopyButtons();
         const pending = thread().querySelector('.turn[data-status="pending"]');
         const id = pending ? pending.dataset.messageId : null;
         if (id && state.finished.has(id)) {
@@ -216,7 +260,7 @@
       // the model named the chat after its first reply: in the header and the chat list
       $("chat-title").textContent = f.title;
       const link = document.querySelector(`#conversations a[href="/c/${CSS.escape(cid)}"]`);
-      if (link) { link.textContent = f.title; link.title = f.title; }
+      if (link) { (link.querySelector(".conv-title") || link).textContent = f.title; link.title = f.title; }
     } else if (f.type === "error") {
       onError(f);
     }
@@ -320,6 +364,20 @@
     setBusy();
   });
 
+  // The chat's menu closes with Esc (focus back on its button) and with a click elsewhere.
+  document.addEventListener("keydown", (e) => {
+    if (e.key !== "Escape") return;
+    for (const menu of document.querySelectorAll("details.actions-menu[open]")) {
+      menu.open = false;
+      menu.querySelector("summary").focus();
+    }
+  });
+  document.addEventListener("click", (e) => {
+    for (const menu of document.querySelectorAll("details.actions-menu[open]")) {
+      if (!menu.contains(e.target)) menu.open = false;
+    }
+  });
+
   stopBtn.addEventListener("click", () => {
     if (!state.replyId || state.stopping) return;
     if (send({ type: "stop", reply_id: state.replyId })) {
@@ -359,6 +417,7 @@
 
   const pending = thread().querySelector('.turn[data-status="pending"]');
   state.replyId = pending ? pending.dataset.messageId : null;
+  addCopyButtons();
   setBusy();
   scrollDown();
   connect();
