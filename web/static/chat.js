@@ -367,6 +367,8 @@
   // The chat's menu closes with Esc (focus back on its button) and with a click elsewhere.
   document.addEventListener("keydown", (e) => {
     if (e.key !== "Escape") return;
+    const nav = $("nav-toggle");
+    if (nav && nav.checked) nav.checked = false;  // the chat list slid out on a phone
     for (const menu of document.querySelectorAll("details.actions-menu[open]")) {
       menu.open = false;
       menu.querySelector("summary").focus();
