@@ -282,10 +282,13 @@ class ConversationPages(Controller):
         q = q.strip()[:200]
         personas = await queries.personas(services, user_id)
         return await render(request, services, "conversations.html", personas=personas,
+                            max_chars=services.app.max_message_chars, client_message_id=str(uuid4()),
                             **await sidebar(services, user_id, q, archived))
 
     @post("/")
     async def start_conversation(self, request: Request[Any, Any, Any], services: Services) -> Redirect:
+        """A new chat, made by its first message `text` (the reply is requested at once), or
+        empty without one. A message that cannot be sent leaves no chat behind."""
         user_id = require_viewer(request, services)
         form = await request.form()
         persona_id = uuid_field(form, "persona_id") if form.get("persona_id") else None
@@ -293,7 +296,17 @@ class ConversationPages(Controller):
         if keep and keep not in KEEP_CHOICES:
             raise FormError("choose how long to keep the chat from the list")
         keep_for = timedelta(seconds=KEEP_CHOICES[keep]) if keep else None
+        text = text_field(form, "text", services.app.max_message_chars)
+        if text and (limited := await services.call(services.limits.check_send, user_id)) is not None:
+            return redirect(services, "/c", limited.message.capitalize(), kind="error")
         conversation_id = await services.call(services.app.start_conversation, user_id, persona_id, keep_for)
+        if text:
+            client_message_id = text_field(form, "client_message_id", 100) or str(uuid4())
+            try:
+                await services.call(services.app.post_message, conversation_id, user_id, client_message_id, text)
+            except Exception:
+                await services.call(services.app.delete_conversation, conversation_id, user_id)
+                raise
         await queries.settle(services, conversation_id)
         return redirect(services, f"/c/{conversation_id}")
 

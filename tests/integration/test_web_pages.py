@@ -128,6 +128,30 @@ async def test_a_chat_is_shared_read_only_and_the_link_can_be_withdrawn(visitor:
     assert (await http.get(share)).status_code == 404
 
 
+async def test_a_chat_is_started_by_its_first_message_and_a_refused_one_leaves_no_chat(visitor: Visitor) -> None:
+    http = visitor.http
+
+    async def chats() -> int:
+        return (await http.get("/c")).text.count('class="conv-title"')
+
+    page = (await http.get("/c")).text
+    assert '<textarea name="text" id="first-message"' in page and "autofocus" in page  # ready to type in
+    before = await chats()
+    r = await http.post("/c", data={"_csrf": await form_token(http), "text": "What is the capital of France?",
+                                    "client_message_id": f"first-{uuid.uuid4().hex[:8]}"})
+    assert r.status_code == 303 and re.fullmatch(r"/c/[0-9a-f-]{36}", r.headers["location"])
+    chat = (await http.get(r.headers["location"])).text
+    assert '<div class="msg user">What is the capital of France?</div>' in chat
+    assert 'data-role="assistant"' in chat  # its reply, requested with it
+    assert await chats() == before + 1
+
+    r = await http.post("/c", data={"_csrf": await form_token(http), "text": "x" * 8001})
+    assert r.status_code == 400  # too long: refused before any chat is made
+    r = await http.post("/c", data={"_csrf": await form_token(http), "text": "a NUL \x00 inside"})
+    assert r.status_code == 400  # refused by the conversation: the chat made for it is gone again
+    assert await chats() == before + 1
+
+
 async def test_a_chatgpt_export_is_imported_from_the_page(visitor: Visitor, api_url: str) -> None:
     http, token = visitor.http, await form_token(visitor.http)
     upload = {"file": ("conversations.json", json.dumps(chatgpt_export()).encode(), "application/json")}

@@ -3,6 +3,8 @@ list to the message box, and the chat's menu closes with Esc or a click elsewher
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from playwright.async_api import Page, expect
 
@@ -42,4 +44,19 @@ async def test_the_message_box_is_reached_at_once_and_the_menu_closes_with_esc(
     await expect(menu).to_have_attribute("open", "")
     await page.locator("#thread").click(position={"x": 20, "y": 20})
     await expect(menu).not_to_have_attribute("open", "")
+    assert page_errors == []
+
+
+async def test_a_chat_starts_by_typing_its_first_message(page: Page, page_errors: list[str]) -> None:
+    await register(page)  # lands on /c
+    box = page.get_by_label("First message")
+    await expect(box).to_be_focused()  # ready to type in, persona choice beside it
+    await page.keyboard.type("Hello there!")
+    await page.locator(".persona-option", has_text="Captain Flint").locator("input").check()
+    await page.get_by_role("button", name="Start chat").click()
+    await expect(page).to_have_url(re.compile(r"/c/[0-9a-f-]{36}$"))
+    await expect(page.locator(".turn.user .msg")).to_have_text("Hello there!")
+    await expect(page.locator('.turn.assistant[data-status="complete"]')).to_have_count(1, timeout=60_000)
+    await expect(page.locator(".turn.assistant .who")).to_contain_text("Captain Flint")
+    await expect(page.locator("#conversations li")).to_have_count(1)  # no empty chat left behind
     assert page_errors == []
