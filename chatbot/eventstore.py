@@ -103,6 +103,7 @@ from chatbot.postgres import WriteTimeout, bound_sessions, flush_pipeline, is_ti
 from domain.batching import Batcher, Item
 
 from domain.conversation import Conversation
+from domain.transfer import ImportRecord
 from domain.user import AccountErased, ApiKey, User
 
 log = logging.getLogger("eventstore")
@@ -116,7 +117,7 @@ CHAIN_KEY = "CHAIN_KEY"  # environment variable of the factory: base64 HMAC key
 
 # The aggregates whose events belong to a user, and the field of their first event that
 # names that user (None: the aggregate is the user).
-PERSONAL: dict[type, str | None] = {User: None, Conversation: "owner_id", ApiKey: "user_id"}
+PERSONAL: dict[type, str | None] = {User: None, Conversation: "owner_id", ApiKey: "user_id", ImportRecord: "owner_id"}
 
 KEY_TABLES = [
     """CREATE TABLE IF NOT EXISTS user_keys (

@@ -264,6 +264,8 @@ def add_checkpoint(repository: Path, name: str, source: Path, template: str = "c
 
     if not MODEL_NAME.fullmatch(name):
         raise ModelRepositoryError(f"a model name has 1 to 48 lower-case letters, digits, - or _ (not {name!r})")
+    if (repository / name).exists() and name not in models(repository):
+        raise ModelRepositoryError(f"{repository / name} exists and is not a model (it has no config.pbtxt): choose another name")
     source = Path(source)
     with tempfile.TemporaryDirectory(prefix="model-add-") as tmp:
         if source.is_file() and source.suffix.lower() == ".gguf":

@@ -138,6 +138,8 @@ def cmd_models_add(args: argparse.Namespace) -> int:
         return _fail("models add", f"cannot serve {args.source}: {e}")
     except (ModelRepositoryError, OSError, ValueError) as e:
         return _fail("models add", str(e))
+    except Exception as e:  # noqa: BLE001 - e.g. torch refusing the weights: said, not a traceback
+        return _fail("models add", f"cannot load {args.source}: {type(e).__name__}: {e}")
     card = json.loads((folder / "model_card.json").read_text())
     loaded: list[str] = []
     if new and not args.no_load:

@@ -562,13 +562,7 @@ class ChatApplication(Application[UUID]):
     def select_branch(self, conversation_id: UUID, user_id: UUID, message_id: UUID) -> UUID:
         """Make the branch through `message_id` the active one; returns its leaf."""
 
-        def attempt() -> UUID:
-            conversation = self._owned(conversation_id, user_id)
-            leaf = conversation.select_branch(message_id)
-            self.save(conversation)
-            return leaf
-
-        return self._retry_races(attempt)
+        return self._change_owned(conversation_id, user_id, lambda c: c.select_branch(message_id))
 
     def branch(self, conversation_id: UUID, user_id: UUID) -> list[dict[str, Any]]:
         """The active branch, root to leaf, each message with its siblings' ids."""
@@ -611,12 +605,7 @@ class ChatApplication(Application[UUID]):
         self._retry_races(attempt)
 
     def delete_conversation(self, conversation_id: UUID, user_id: UUID) -> None:
-        def attempt() -> None:
-            conversation = self._owned(conversation_id, user_id)
-            conversation.delete()
-            self.save(conversation)
-
-        self._retry_races(attempt)
+        self._change_owned(conversation_id, user_id, Conversation.delete)
 
     # -- export, import, share ---------------------------------------------------------
 
@@ -726,21 +715,10 @@ class ChatApplication(Application[UUID]):
         return persona_id_for(DEFAULT_PERSONA)
 
     def share_conversation(self, conversation_id: UUID, user_id: UUID) -> UUID:
-        def attempt() -> UUID:
-            conversation = self._owned(conversation_id, user_id)
-            share_id = conversation.share()
-            self.save(conversation)
-            return share_id
-
-        return self._retry_races(attempt)
+        return self._change_owned(conversation_id, user_id, Conversation.share)
 
     def revoke_share(self, conversation_id: UUID, user_id: UUID, share_id: UUID) -> None:
-        def attempt() -> None:
-            conversation = self._owned(conversation_id, user_id)
-            conversation.revoke_share(share_id)
-            self.save(conversation)
-
-        self._retry_races(attempt)
+        self._change_owned(conversation_id, user_id, lambda c: c.revoke_share(share_id))
 
     def _check_fits(self, conversation: Conversation, persona: Persona, text: str, params: dict[str, Any]) -> None:
         """Refuse a message that, with the system prompt and the reply's token budget, can
@@ -820,20 +798,10 @@ class ChatApplication(Application[UUID]):
     def give_feedback(self, conversation_id: UUID, user_id: UUID, reply_id: UUID, rating: str,
                       comment: str | None = None) -> None:
         """Rate a reply; `comment` None keeps the comment it has (Conversation.give_feedback)."""
-        def attempt() -> None:
-            conversation = self._owned(conversation_id, user_id)
-            conversation.give_feedback(reply_id, rating, comment)
-            self.save(conversation)
-
-        self._retry_races(attempt)
+        self._change_owned(conversation_id, user_id, lambda c: c.give_feedback(reply_id, rating, comment))
 
     def clear_feedback(self, conversation_id: UUID, user_id: UUID, reply_id: UUID) -> None:
-        def attempt() -> None:
-            conversation = self._owned(conversation_id, user_id)
-            conversation.clear_feedback(reply_id)
-            self.save(conversation)
-
-        self._retry_races(attempt)
+        self._change_owned(conversation_id, user_id, lambda c: c.clear_feedback(reply_id))
 
     def record_audit(self, conversation_id: UUID, operator: str, reason: str) -> int:
         """Record that `operator` read the conversation, and why; returns the version
@@ -883,6 +851,17 @@ class ChatApplication(Application[UUID]):
                 return False
             self.save(conversation)
             return True
+
+        return self._retry_races(attempt)
+
+    def _change_owned(self, conversation_id: UUID, user_id: UUID, change: Callable[[Conversation], T]) -> T:
+        """Apply `change` to the user's conversation and save it (loaded again and retried
+        if another process saved it first); returns what `change` returns."""
+        def attempt() -> T:
+            conversation = self._owned(conversation_id, user_id)
+            result = change(conversation)
+            self.save(conversation)
+            return result
 
         return self._retry_races(attempt)
 

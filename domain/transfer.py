@@ -50,8 +50,8 @@ class ImportedConversation:
 class ImportRecord(Aggregate):
     """That a user imported a conversation from `source`, and as which conversation. Its id
     is derived from the user and the source, so a second import of it finds it with one
-    read (and two imports at once conflict on it). Stored under the master key: it holds
-    only ids and the source's id (or a hash)."""
+    read (and two imports at once conflict on it). Stored under the user's key, like their
+    conversations: erasing the user shreds which exports they brought in."""
 
     @staticmethod
     def create_id(owner_id: UUID, source: str, **_: object) -> UUID:
@@ -59,6 +59,7 @@ class ImportRecord(Aggregate):
 
     @event("Recorded")
     def __init__(self, owner_id: UUID, source: str, conversation_id: UUID) -> None:
+        self.owner_id = owner_id
         self.conversation_id = conversation_id
 
     @event("Repeated")

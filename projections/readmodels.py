@@ -19,7 +19,7 @@ from uuid import UUID
 from eventsourcing.persistence import Tracking
 from eventsourcing.postgres import PostgresFactory, PostgresTrackingRecorder
 from eventsourcing.utils import Environment
-from psycopg.rows import DictRow
+from psycopg.rows import DictRow, dict_row
 from psycopg.sql import SQL
 
 from chatbot.eventstore import KeyStore
@@ -154,12 +154,19 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             self._owners.clear()
         self._owners[conversation_id] = owner_id
 
+    def _lookup(self, curs: Any, sql: str, params: Any) -> DictRow | None:
+        """One row, read inside the write's transaction. On a cursor of its own: in a batch's
+        pipeline the write cursor may still have an earlier statement's result pending, which
+        its fetch would take for this one; a fresh cursor's fetch waits for its own."""
+        with curs.connection.cursor(row_factory=dict_row) as lookup:
+            lookup.execute(self.sql(sql), params)
+            return lookup.fetchone()
+
     def _owner(self, curs: Any, conversation_id: UUID) -> UUID | None:
         """Whose key seals the conversation's text: its row's `owner_id` (None: it is gone)."""
         owner = self._owners.get(conversation_id)
         if owner is None:
-            curs.execute(self.sql("SELECT owner_id FROM rm_conversations WHERE id = %s"), (conversation_id,))
-            found = curs.fetchone()
+            found = self._lookup(curs, "SELECT owner_id FROM rm_conversations WHERE id = %s", (conversation_id,))
             if found is None:
                 return None
             owner = found["owner_id"]
@@ -248,6 +255,8 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             )
 
     def _insert_message(self, curs: Any, row: dict[str, Any]) -> None:
+        if self._owner(curs, row["conversation_id"]) is None:
+            return  # the conversation is gone: no row (user text is never sealed but under its owner's key)
         row = {"imported": False, **row, **self._seal_text(curs, row["conversation_id"], row["id"], row["text"])}
         self._exec(
             curs, "INSERT INTO rm_messages (id, conversation_id, seq, role, text, words, status, reply_to, parent_id,"
@@ -304,10 +313,9 @@ class ReadModelRecorder(PostgresTrackingRecorder):
         """A snapshot shared by link, sealed under the owner's key like the conversation."""
         with self._tx() as curs:
             self._insert_tracking(curs, tracking)
-            curs.execute(self.sql(
-                "SELECT c.owner_id, p.id AS persona_id, p.name FROM rm_conversations c"
-                " LEFT JOIN rm_personas p ON p.id = c.persona_id WHERE c.id = %s"), (row["conversation_id"],))
-            found = curs.fetchone()
+            found = self._lookup(
+                curs, "SELECT c.owner_id, p.id AS persona_id, p.name FROM rm_conversations c"
+                " LEFT JOIN rm_personas p ON p.id = c.persona_id WHERE c.id = %s", (row["conversation_id"],))
             if found is None:
                 return  # the conversation is gone: nothing to share
             owner, share_id = found["owner_id"], row["id"]

@@ -12,10 +12,11 @@ digit is money, not maths ("$5 and $10")."""
 
 from __future__ import annotations
 
-from html import escape
+from html import escape, unescape
+from xml.etree.ElementTree import tostring
 
 import nh3
-from latex2mathml.converter import convert as latex_to_mathml
+from latex2mathml.converter import convert_to_element
 from markupsafe import Markup
 from markdown_it import MarkdownIt
 from mdit_py_plugins.dollarmath import dollarmath_plugin
@@ -31,22 +32,28 @@ MAX_MATH_CHARS = 2_000
 
 def highlight_code(code: str, language: str, _attrs: str) -> str:
     """A fenced block's code as Pygments spans ("" leaves it to markdown-it, escaped)."""
-    if not language or len(code) > MAX_HIGHLIGHTED_CHARS:
+    name = language.split()[0].lower() if language else ""
+    if name not in LANGUAGES or len(code) > MAX_HIGHLIGHTED_CHARS:  # a known few: lexers cost time
         return ""
     try:
-        lexer = get_lexer_by_name(language.split()[0].lower())
+        lexer = get_lexer_by_name(name)
     except ClassNotFound:
         return ""
     return str(highlight(code, lexer, HtmlFormatter(nowrap=True)))
 
 
 def render_math(latex: str, options: dict[str, bool]) -> str:
-    """LaTeX as MathML; what latex2mathml cannot read stays as the text it was."""
+    """LaTeX as MathML; what latex2mathml cannot read stays as the text it was. Serialised
+    here, escaped (latex2mathml's own `convert` unescapes its output: `\\text{<img ...>}`
+    would come out as markup)."""
     display = "block" if options.get("display_mode") else "inline"
     try:
         if len(latex) > MAX_MATH_CHARS:
             raise ValueError("too long")
-        return str(latex_to_mathml(latex, display=display))
+        math = convert_to_element(latex, display=display)
+        for element in math.iter():  # its text holds entity references ("&#x003C0;"): as characters,
+            element.text = unescape(element.text) if element.text else element.text  # escaped again below
+        return tostring(math, encoding="unicode")
     except Exception:  # noqa: BLE001 - any input the converter chokes on is shown as written
         delimiter = "$$" if display == "block" else "$"
         return f"<code>{escape(delimiter + latex + delimiter)}</code>"

@@ -421,6 +421,8 @@ class Chaos:
         self.api_witness: tuple[Exchange, str] | None = None
         self.failed: list[str] = []  # faults that could not be injected
         self.last_fault = 0.0
+        self.triton_down: list[tuple[float, float]] = []  # from each Triton kill until its model served again
+        self.watches: list[asyncio.Task[None]] = []
 
     def record(self, text: str, hit: list[Exchange] | None = None) -> None:
         self.injected.append((self.clock.now(), text))
@@ -580,6 +582,25 @@ class Chaos:
         self.stack.children["triton"].kill(group=True)  # the server and its model's process, as a crash
         self.kills["triton"] += 1
         self.record(f"kill -9 triton (pid {pid}) while {len(streaming)} replies were being written", in_flight)
+        self.watches.append(asyncio.get_running_loop().create_task(self.until_triton_serves(self.clock.now())))
+
+    async def until_triton_serves(self, down_since: float, bound_s: float = 180.0) -> None:
+        """Note when Triton serves the model again: replies sent meanwhile wait for it too."""
+        from tritonclient.grpc import aio as triton_aio
+
+        client = triton_aio.InferenceServerClient(self.stack.settings.triton_urls[0])
+        try:
+            deadline = time.monotonic() + bound_s
+            while time.monotonic() < deadline:
+                try:
+                    if await client.is_model_ready("chat"):
+                        break
+                except Exception:  # noqa: BLE001 - not up yet
+                    pass
+                await asyncio.sleep(0.5)
+        finally:
+            await client.close()
+        self.triton_down.append((down_since, self.clock.now()))
 
     async def kill_relay(self) -> None:
         self.stack.children["relay"].kill()
@@ -663,7 +684,7 @@ def store_checks(app: ChatApplication, users: list[User]) -> tuple[list[Check], 
 
 
 def reply_checks(users: list[User], recorded: dict[str, dict[str, Any]],
-                 witness: tuple[Exchange, str] | None) -> list[Check]:
+                 witness: tuple[Exchange, str] | None, triton_down: list[tuple[float, float]]) -> list[Check]:
     """Check 3: what the users received against what the event store recorded."""
     differ, stream_bad, lossy, silent, waited, counts = [], [], [], [], [], Counter()
     for u in users:
@@ -672,8 +693,11 @@ def reply_checks(users: list[User], recorded: dict[str, dict[str, Any]],
                 continue
             counts[ex.via] += 1
             if ex.silences:  # its end never came by itself: the client had to ask
-                # a reply in flight when Triton was killed waits for its restart (the model loads
-                # again, then every stalled reply at once): a pause, reported, not a fault
+                # a reply in flight when Triton was killed, or sent while it restarted, waits for it
+                # (the model loads again, then every stalled reply at once): a pause, reported, not a fault
+                restarting = any(a <= ex.started <= b for a, b in triton_down)
+                if restarting and not any(f.startswith("kill -9 triton") for f in ex.faults):
+                    ex.faults.append("kill -9 triton: sent while it restarted")
                 (waited if any(f.startswith("kill -9 triton") for f in ex.faults) else silent).append(
                     f"{u.name}: reply {ex.reply_id[:8]}: no frame for {SILENCE_S:.0f} s, {ex.silences}x; "
                     f"`resume` brought it back (faults {ex.faults or 'none'})")
@@ -701,7 +725,8 @@ def reply_checks(users: list[User], recorded: dict[str, dict[str, Any]],
               + ([f"not counted: {len(lossy)} replies in flight while a NATS node was down lost token frames "
                   "(core NATS delivers at most once); their `reply` frames carried the whole text:"] if lossy else [])
               + lossy
-              + ([f"not counted: {len(waited)} replies in flight when Triton was killed paused while it restarted:"]
+              + ([f"not counted: {len(waited)} replies in flight when Triton was killed, or sent before it served"
+                  " again, paused while it restarted:"]
                  if waited else [])
               + waited),
     ]
@@ -928,7 +953,7 @@ def main() -> int:
                 app.close()
             checks.insert(0, Check("every fault was injected", not chaos.failed,
                                    [f"{len(chaos.injected)} injections"] + chaos.failed))
-            checks += reply_checks(users, recorded, chaos.api_witness)
+            checks += reply_checks(users, recorded, chaos.api_witness, chaos.triton_down)
             checks.append(asyncio.run(stream_check(stack)))
             checks.append(Check("the relay and the projector reached the head of the event store", caught_up,
                                 [json.dumps(report)]))

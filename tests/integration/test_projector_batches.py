@@ -120,3 +120,37 @@ def test_two_projectors_reading_one_partition_by_mistake_apply_each_event_once(s
     after = apply_batch(ChatProjection(second), chat_app.mapper, completed + deliveries[last_reply:], stale)
     assert usage(first, user) == (5 * 4, 4), "each reply counted once"
     assert after.head == mine[-1].id == read_positions(first, 1).head
+
+
+def test_a_projector_with_nothing_cached_seals_each_message_under_its_owner_in_a_batch(
+    stack: Stack, chat_app: Any
+) -> None:
+    """A projector started afresh knows no conversation's owner: it reads each from the
+    conversations table inside the batch, after other statements of the batch are sent
+    and before their results are read. Each message is sealed under its own owner's key
+    and reads back whole."""
+    first = fresh_recorder(stack)
+    users = [chat_app.register_user(f"cold-{uuid.uuid4().hex[:10]}@example.com", "correct horse battery")
+             for _ in range(2)]
+    start = chat_app.recorder.max_notification_id() or 0
+    conversations = [chat_app.start_conversation(user) for user in users]
+    posted = [chat_app.post_message(c, u, "m1", f"hello from {i}") for i, (c, u) in enumerate(zip(conversations, users))]
+    mine = [n for n in chat_app.recorder.select_notifications(start, 1000, inclusive_of_start=False)
+            if n.originator_id in conversations]
+    started = [n for n in mine if event_headers(n)[H_TOPIC].endswith("Started")]
+    apply_batch(ChatProjection(first), chat_app.mapper, [Delivery(event_headers(n), n.state) for n in started],
+                read_positions(first, 1))
+    for (c, p) in zip(conversations, posted):
+        chat_app.complete_reply(c, p.reply_id, text=f"reply to {c}", **OUTCOME)
+    rest = [n for n in chat_app.recorder.select_notifications(start, 1000, inclusive_of_start=False)
+            if n.originator_id in conversations and n not in started]
+    # in the order stored: the second conversation's owner is looked up after the first's
+    # message and reply request were sent in the batch's pipeline
+    assert [n.originator_id for n in rest[:3]] == [conversations[0], conversations[0], conversations[1]]
+    cold = make_recorder(stack, first.tracking_table_name)
+    cold.sealer = type(first.sealer)(chat_app.mapper.keys)  # sealed under each owner's key
+    apply_batch(ChatProjection(cold), chat_app.mapper, [Delivery(event_headers(n), n.state) for n in rest],
+                read_positions(cold, 1))
+    for i, c in enumerate(conversations):
+        rows = cold.messages(c)
+        assert [(r["role"], r["text"]) for r in rows] == [("user", f"hello from {i}"), ("assistant", f"reply to {c}")]

@@ -3,6 +3,7 @@ POST-redirect-GET, security headers, and the pages nobody may see without loggin
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
@@ -140,7 +141,11 @@ async def test_a_chat_is_started_by_its_first_message_and_a_refused_one_leaves_n
     r = await http.post("/c", data={"_csrf": await form_token(http), "text": "What is the capital of France?",
                                     "client_message_id": f"first-{uuid.uuid4().hex[:8]}"})
     assert r.status_code == 303 and re.fullmatch(r"/c/[0-9a-f-]{36}", r.headers["location"])
-    chat = (await http.get(r.headers["location"])).text
+    for _ in range(100):  # (the page waits a bounded time for the read models: poll, they are eventual)
+        chat = (await http.get(r.headers["location"])).text
+        if 'data-role="assistant"' in chat:
+            break
+        await asyncio.sleep(0.1)
     assert '<div class="msg user">What is the capital of France?</div>' in chat
     assert 'data-role="assistant"' in chat  # its reply, requested with it
     assert await chats() == before + 1

@@ -105,5 +105,9 @@ def test_a_checkpoint_that_cannot_be_served_is_refused_and_nothing_is_written(
         add_checkpoint(repository, "../../etc", checkpoint)
     with pytest.raises(ModelRepositoryError, match="neither"):
         add_checkpoint(repository, "nothing", tmp_path / "missing")
+    (repository / "stray").mkdir()  # a folder that is not a model is never taken over
+    with pytest.raises(ModelRepositoryError, match="is not a model"):
+        add_checkpoint(repository, "stray", checkpoint)
+    (repository / "stray").rmdir()
     assert models(repository) == ["chat"]
     assert sorted(p.name for p in repository.iterdir()) == ["chat"]  # no staging folder left behind

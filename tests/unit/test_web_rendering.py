@@ -29,6 +29,8 @@ ATTACKS = [
     "$$\\style{background:url(javascript:alert(1))}{x}$$",
     '$x$<math><mi xlink:href="javascript:alert(1)">x</mi></math>',
     "$\\mathrm{<img src=x onerror=alert(1)>}$",
+    "$\\text{<img src=x onerror=alert(1)>}$",
+    "$$\\text{</math><img src=x onerror=alert(1)>}$$",
 ]
 
 
@@ -62,6 +64,11 @@ def test_markdown_is_rendered_with_safe_links_code_and_tables() -> None:
     assert '<pre><code class="language-python"><span class="n">x</span> <span class="o">=</span>' in html
     assert '<span class="o">&lt;</span>' in html  # highlighted by Pygments, and still escaped
     assert "<table>" in html and "<td>2</td>" in html
+
+
+def test_markup_inside_maths_stays_text() -> None:
+    html = str(render_markdown("$\\text{<b>bold</b>}$"))
+    assert "<b>" not in html and "&lt;b&gt;bold&lt;/b&gt;" in html
 
 
 def test_code_is_highlighted_only_in_a_language_pygments_knows() -> None:

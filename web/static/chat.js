@@ -20,6 +20,7 @@
     stopping: false,  // a stop was sent for replyId
     finished: new Set(),  // replies whose final frame came: never pending again
     limitUntil: 0, limitTimer: null,
+    title: null,      // the title the model wrote, from its frame: kept over a page fetched before it
   };
 
   // ---------- helpers ----------
@@ -141,6 +142,16 @@
     return button;
   }
 
+  function visibleText(node) {  // its text as shown, without the Copy buttons inside it
+    const copy = node.cloneNode(true);
+    copy.querySelectorAll(".copy-btn").forEach((b) => b.remove());
+    Object.assign(copy.style, { position: "absolute", left: "-10000px" });
+    document.body.append(copy);  // innerText needs it laid out
+    const text = copy.innerText;
+    copy.remove();
+    return text;
+  }
+
   function addCopyButtons() {
     for (const pre of thread().querySelectorAll(".msg.markdown pre")) {
       if (pre.querySelector(".copy-btn")) continue;
@@ -150,7 +161,7 @@
     for (const turn of thread().querySelectorAll('.turn[data-status="complete"]')) {
       const meta = turn.querySelector(".meta"), msg = turn.querySelector(".msg");
       if (!meta || !msg || meta.querySelector(".copy-btn")) continue;
-      meta.prepend(copyButton("Copy message", () => msg.innerText));
+      meta.prepend(copyButton("Copy message", () => visibleText(msg)));
     }
   }
 
@@ -169,6 +180,7 @@
           const fresh = doc.getElementById(id), here = $(id);
           if (fresh && here) here.replaceWith(document.adoptNode(fresh));
         }
+        if (state.title) showTitle(state.title);
         addCopyButtons();
         const pending = thread().querySelector('.turn[data-status="pending"]');
         const id = pending ? pending.dataset.messageId : null;
@@ -257,15 +269,19 @@
       if (String(f.reply_id) === state.replyId) { state.replyId = null; state.stopping = false; }
       refresh();
     } else if (f.type === "title") {
-      // the model named the chat after its first reply: in the header and the chat list
-      $("chat-title").textContent = f.title;
-      const link = document.querySelector(`#conversations a[href="/c/${CSS.escape(cid)}"]`);
-      if (link) { (link.querySelector(".conv-title") || link).textContent = f.title; link.title = f.title; }
+      state.title = f.title;
+      showTitle(f.title);
     } else if (f.type === "error") {
       onError(f);
     }
     setBusy();
     if (stick) scrollDown();
+  }
+
+  function showTitle(title) {  // the model named the chat: in the header and the chat list
+    $("chat-title").textContent = title;
+    const link = document.querySelector(`#conversations a[href="/c/${CSS.escape(cid)}"]`);
+    if (link) { (link.querySelector(".conv-title") || link).textContent = title; link.title = title; }
   }
 
   function onError(f) {
