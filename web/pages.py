@@ -306,6 +306,7 @@ class ConversationPages(Controller):
                 await services.call(services.app.post_message, conversation_id, user_id, client_message_id, text)
             except Exception:
                 await services.call(services.app.delete_conversation, conversation_id, user_id)
+                await queries.settle(services, conversation_id)  # gone from the list the error page shows
                 raise
         await queries.settle(services, conversation_id)
         return redirect(services, f"/c/{conversation_id}")
