@@ -66,12 +66,18 @@ async def test_import_chatgpt_export(client: ChatClient) -> None:
         assert (await anonymous.post("/api/import", content=b"[]")).status_code == 401
 
 
-async def test_the_apps_own_export_imports_into_another_account_once(client: ChatClient, other_client: ChatClient) -> None:
+async def exchange(client: ChatClient, text: str) -> tuple[str, dict]:
+    """A new conversation with one message and its reply, in the read models; (its id, the reply frame)."""
     cid = await client.start_conversation()
     async with client.ws() as ws:
-        await send(ws, cid, "Tell me about the sea")
+        await send(ws, cid, text)
         _, _, reply = await collect_reply(ws)
     await client.messages_when(cid, lambda ms: len(ms) == 2 and ms[1]["status"] == "complete")
+    return cid, reply
+
+
+async def test_the_apps_own_export_imports_into_another_account_once(client: ChatClient, other_client: ChatClient) -> None:
+    cid, reply = await exchange(client, "Tell me about the sea")
     everything = (await client.get("/api/export")).content
 
     r = await other_client.http.post("/api/import", content=everything, headers=other_client.headers)
@@ -87,11 +93,7 @@ async def test_the_apps_own_export_imports_into_another_account_once(client: Cha
 
 
 async def test_a_share_link_shows_a_snapshot_until_revoked(client: ChatClient, other_client: ChatClient) -> None:
-    cid = await client.start_conversation()
-    async with client.ws() as ws:
-        await send(ws, cid, "Share this please")
-        _, _, reply = await collect_reply(ws)
-    await client.messages_when(cid, lambda ms: len(ms) == 2 and ms[1]["status"] == "complete")
+    cid, reply = await exchange(client, "Share this please")
     r = await client.http.post(f"/api/conversations/{cid}/shares", headers=client.headers)
     assert r.status_code == 201, r.text
     share = r.json()
