@@ -1,6 +1,6 @@
 """Security headers for the API documentation pages (`/schema`, Litestar's OpenAPI pages).
 
-The web UI's pages carry a strict Content-Security-Policy of their own (web/pages.py). The
+The web UI's pages carry a strict Content-Security-Policy of their own (web/pages/common.py). The
 documentation pages are Litestar's: HTML that loads its viewer (ReDoc, Swagger UI, ...) from
 a CDN and starts it with an inline script, so they get a policy of their own that allows
 exactly that, and nothing else: no other hosts, no plugins, no framing, no forms. The JSON

@@ -1,5 +1,5 @@
 """The web UI: server-rendered pages (Litestar + Jinja2) on resource routes, beside the JSON API.
 
-`pages.py` holds the page controllers, `rendering.py` turns stored text into sanitised
+`pages/` holds the page controllers (one module per resource), `rendering.py` turns stored text into sanitised
 HTML, `csrf.py` guards every form; templates live in `templates/`, the one plain-JS script
 (the websocket stream) and the stylesheet in `static/`."""

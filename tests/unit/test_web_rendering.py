@@ -7,7 +7,8 @@ from html.parser import HTMLParser
 import pytest
 
 from web.csrf import CSRF_COOKIE, CsrfFailed, check_form_token, form_token
-from web.pages import avatar_text, decode_flash, encode_flash, safe_next
+from web.pages.common import decode_flash, encode_flash, safe_next
+from web.pages.templating import avatar_text
 from web.rendering import ALLOWED_TAGS, MATHML_ATTRIBUTES, render_markdown
 
 ATTACKS = [

@@ -1,0 +1,113 @@
+"""Persona pages: the list, the form (new and edit, with its versions), retiring."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from litestar import Controller, Request, Response, get, post
+from litestar.exceptions import NotFoundException
+from litestar.response import Redirect, Template
+
+from api.services import Services
+from domain.persona import EDITABLE, PersonaError
+from web import queries
+from web.pages.common import (
+    FormError,
+    redirect,
+    render,
+    require_viewer,
+    sidebar,
+    text_field,
+)
+
+
+def persona_fields(form: Any) -> dict[str, Any]:
+    """The persona form as the application's fields; numbers parsed with clear errors."""
+    fields: dict[str, Any] = {
+        "name": text_field(form, "name", 80, required=True),
+        "avatar": text_field(form, "avatar", 500),
+        "description": text_field(form, "description", 300),
+        "system_prompt": text_field(form, "system_prompt", 4000, required=True),
+        "greeting": text_field(form, "greeting", 500),
+        "starters": [s.strip() for s in str(form.get("starters", "")).splitlines() if s.strip()],
+        "visibility": text_field(form, "visibility", 10) or "private",
+    }
+    for name, kind in (("temperature", float), ("top_p", float), ("max_tokens", int)):
+        raw = text_field(form, name, 20, required=True)
+        try:
+            fields[name] = kind(raw)
+        except ValueError:
+            raise FormError(f"{name.replace('_', ' ')} is a number") from None
+    return fields
+
+
+class PersonaPages(Controller):
+    path = "/personas"
+    include_in_schema = False
+
+    @get("/")
+    async def list_personas(self, request: Request[Any, Any, Any], services: Services) -> Template:
+        user_id = require_viewer(request, services)
+        return await render(request, services, "personas.html", personas=await queries.personas(services, user_id),
+                            **await sidebar(services, user_id))
+
+    @get("/new")
+    async def new_persona(self, request: Request[Any, Any, Any], services: Services) -> Template:
+        user_id = require_viewer(request, services)
+        draft = {"temperature": 0.8, "top_p": 0.95, "max_tokens": 96, "visibility": "private", "starters": []}
+        return await render(request, services, "persona_form.html", persona=draft, editing=False,
+                            **await sidebar(services, user_id))
+
+    @post("/")
+    async def create_persona(self, request: Request[Any, Any, Any], services: Services) -> Response[Any]:
+        user_id = require_viewer(request, services)
+        form = await request.form()
+        draft = {k: form.get(k, "") for k in (*EDITABLE, "slug")}
+        draft["starters"] = str(form.get("starters", "")).splitlines()
+        try:
+            fields = {**persona_fields(form), "slug": text_field(form, "slug", 48, required=True)}
+            persona_id = await services.call(services.app.create_persona, user_id, fields)
+        except (PersonaError, FormError) as e:
+            return await render(request, services, "persona_form.html", status=400, persona=draft, editing=False,
+                                error=str(e).capitalize(), **await sidebar(services, user_id))
+        await queries.settle(services, persona_id)
+        return redirect(services, f"/personas/{persona_id}/edit", f"Created {fields['name']}.")
+
+    @get("/{persona_id:uuid}/edit")
+    async def edit_persona(self, request: Request[Any, Any, Any], services: Services, persona_id: UUID) -> Template:
+        user_id = require_viewer(request, services)
+        persona = await services.call(services.app.visible_persona, persona_id, user_id)
+        if persona["owner_id"] != user_id:
+            raise NotFoundException("only the persona's creator can edit it")
+        versions = await services.call(services.app.persona_versions, persona_id, user_id)
+        return await render(request, services, "persona_form.html", persona=persona, editing=True,
+                            versions=versions[::-1], **await sidebar(services, user_id))
+
+    @post("/{persona_id:uuid}")
+    async def update_persona(self, request: Request[Any, Any, Any], services: Services, persona_id: UUID) -> Response[Any]:
+        user_id = require_viewer(request, services)
+        current = await services.call(services.app.visible_persona, persona_id, user_id)
+        form = await request.form()
+        try:
+            fields = persona_fields(form)
+            changes = {k: v for k, v in fields.items() if current.get(k) != v}  # each edit is a version
+            if changes:
+                await services.call(services.app.edit_persona, persona_id, user_id, changes)
+        except (PersonaError, FormError) as e:
+            draft = {**current, **{k: form.get(k, "") for k in EDITABLE}}
+            draft["starters"] = str(form.get("starters", "")).splitlines()
+            versions = await services.call(services.app.persona_versions, persona_id, user_id)
+            return await render(request, services, "persona_form.html", status=400, persona=draft, editing=True,
+                                versions=versions[::-1], error=str(e).capitalize(), **await sidebar(services, user_id))
+        await queries.settle(services, persona_id)
+        note = "Saved a new version." if changes else "Nothing changed."
+        return redirect(services, f"/personas/{persona_id}/edit", note)
+
+    @post("/{persona_id:uuid}/retire")
+    async def retire_persona(self, request: Request[Any, Any, Any], services: Services, persona_id: UUID) -> Redirect:
+        user_id = require_viewer(request, services)
+        await services.call(services.app.retire_persona, persona_id, user_id)
+        await queries.settle(services, persona_id)
+        return redirect(services, "/personas", "Persona retired.")
+
