@@ -56,6 +56,7 @@ class AccountController(MeController):
         user_id = require_user(request, services.settings.secret_key)
         await services.call(services.app.delete_account, user_id, data.password)
         await services.call(services.sessions.forget, user_id)  # every token of theirs stops working
+        await services.call(services.key_use.forget, user_id)
         return Response(None, status_code=HTTP_204_NO_CONTENT,
                         cookies=[Cookie(key=COOKIE, value="", max_age=0, path="/")])
 

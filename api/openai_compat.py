@@ -1,6 +1,8 @@
 """An OpenAI-compatible API on top of the chat pipeline, and the API keys that open it.
 
-`/api/keys` (session-authenticated, like the rest of `/api`) creates and revokes keys;
+`/api/keys` (session-authenticated, like the rest of `/api`) creates, lists, changes and
+revokes keys; a listed key shows when it was made and last used (api/key_use.py) and its
+setting `list_apart`: the chats it starts are then marked to be kept out of the chat list;
 `/v1/models` and `/v1/chat/completions` take `Authorization: Bearer sk-chat-...`, so the
 official `openai` clients work with `base_url=<server>/v1`.
 
@@ -34,12 +36,13 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID, uuid4
 
 import anyio
 import msgspec
-from litestar import Controller, Request, Response, delete, get, post
+from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, TooManyRequestsException
 from litestar.response import Stream
@@ -60,6 +63,7 @@ from chatbot.messaging import (
     token_subject,
     unseen_text,
 )
+from domain.application import ApiKeyHolder
 from domain.conversation import ConversationError, InvalidSampling, InvalidTurns, check_sampling
 from domain.persona import PersonaError, PersonaNotFound
 from domain.user import InvalidCredentials, UserError, parse_api_key
@@ -76,18 +80,27 @@ KeyName = Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
 
 class ApiKeyCreate(msgspec.Struct, forbid_unknown_fields=True):
     name: KeyName = "default"
+    list_apart: bool = True  # the chats this key starts are kept out of the chat list
+
+
+class ApiKeyUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    list_apart: bool
 
 
 class ApiKeyCreated(msgspec.Struct):
     key: str  # shown this once; only its hash is stored
     key_id: str
     name: str
+    list_apart: bool
 
 
 class ApiKeyInfo(msgspec.Struct):
     key_id: str
     name: str
     revoked: bool
+    list_apart: bool
+    created_at: datetime | None  # None: made before the time was recorded
+    last_used_at: datetime | None  # None: never used (to within a minute: api/key_use.py)
 
 
 class ContentPart(msgspec.Struct):
@@ -289,9 +302,24 @@ OPENAI_ERRORS: dict[type[Exception], Any] = {
 }
 
 
-async def api_key_user(request: Request[Any, Any, Any], services: Services) -> UUID:
-    """The owner of the request's API key (401 otherwise)."""
-    return await services.call(services.app.user_for_api_key, bearer_key(request))
+async def api_key_holder(request: Request[Any, Any, Any], services: Services) -> ApiKeyHolder:
+    """The request's API key, valid (401 otherwise), its use noted in the background."""
+    holder = await services.call(services.app.api_key_holder, bearer_key(request))
+    services.key_use.note(holder.user_id, holder.key_id, services.call)
+    return holder
+
+
+async def api_key_user(api_key: ApiKeyHolder) -> UUID:
+    """The owner of the request's API key."""
+    return api_key.user_id
+
+
+async def key_infos(services: Services, user_id: UUID) -> list[ApiKeyInfo]:
+    """The user's keys as listed, with their last use."""
+    keys = await services.call(services.app.api_keys, user_id)
+    used = await services.call(services.key_use.last_used, user_id)
+    return [ApiKeyInfo(key_id=k["key_id"], name=k["name"], revoked=k["revoked"], list_apart=k["list_apart"],
+                       created_at=k["created_at"], last_used_at=used.get(k["key_id"])) for k in keys]
 
 
 # -- following a reply on core NATS ---------------------------------------------------------
@@ -364,14 +392,24 @@ class ApiKeyController(Controller):
         self, request: Request[Any, Any, Any], services: Services, data: ApiKeyCreate
     ) -> ApiKeyCreated:
         user_id = require_user(request, services.settings.secret_key)
-        key = await services.call(services.app.create_api_key, user_id, data.name)
-        return ApiKeyCreated(key=key, key_id=parse_api_key(key)[0], name=data.name.strip())
+        key = await services.call(services.app.create_api_key, user_id, data.name, data.list_apart)
+        return ApiKeyCreated(key=key, key_id=parse_api_key(key)[0], name=data.name.strip(), list_apart=data.list_apart)
 
     @get("/")
     async def list_api_keys(self, request: Request[Any, Any, Any], services: Services) -> list[ApiKeyInfo]:
+        """The caller's keys, revoked ones too, oldest first."""
         user_id = require_user(request, services.settings.secret_key)
-        keys = await services.call(services.app.api_keys, user_id)
-        return [ApiKeyInfo(key_id=k["key_id"], name=k["name"], revoked=k["revoked"]) for k in keys]
+        return await key_infos(services, user_id)
+
+    @patch("/{key_id:str}")
+    async def update_api_key(
+        self, request: Request[Any, Any, Any], services: Services, key_id: str, data: ApiKeyUpdate
+    ) -> ApiKeyInfo:
+        """Change whether the chats the key starts from now on are listed apart; 404 if the
+        key is not the caller's or is revoked."""
+        user_id = require_user(request, services.settings.secret_key)
+        await services.call(services.app.set_api_key_listing, user_id, key_id, data.list_apart)
+        return next(k for k in await key_infos(services, user_id) if k.key_id == key_id)
 
     @delete("/{key_id:str}", status_code=HTTP_204_NO_CONTENT)
     async def revoke_api_key(self, request: Request[Any, Any, Any], services: Services, key_id: str) -> None:
@@ -381,7 +419,7 @@ class ApiKeyController(Controller):
 
 class OpenAIController(Controller):
     path = "/v1"
-    dependencies = {"user_id": Provide(api_key_user)}
+    dependencies = {"api_key": Provide(api_key_holder), "user_id": Provide(api_key_user)}
     exception_handlers = OPENAI_ERRORS
 
     @get("/models")
@@ -399,7 +437,7 @@ class OpenAIController(Controller):
 
     @post("/chat/completions", status_code=200)
     async def create_chat_completion(
-        self, services: Services, user_id: UUID, data: ChatCompletionRequest
+        self, services: Services, api_key: ApiKeyHolder, user_id: UUID, data: ChatCompletionRequest
     ) -> Response[Any]:
         instructions, turns, text = split_messages(data.messages)
         sampling = sampling_of(data)
@@ -411,7 +449,8 @@ class OpenAIController(Controller):
             try:
                 persona_id = await services.call(services.app.persona_for_model, user_id, data.model)
                 conversation_id = await services.call(
-                    services.app.start_imported_conversation, user_id, persona_id, turns, instructions
+                    services.app.start_imported_conversation, user_id, persona_id, turns, instructions,
+                    api_key.key_id if api_key.list_apart else None,
                 )
             except PersonaNotFound:
                 raise unknown_model(data.model) from None

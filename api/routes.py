@@ -143,6 +143,17 @@ class PersonaController(Controller):
         versions = await services.call(services.app.persona_versions, persona_id, user_id)
         return [schemas.PersonaDetail(**v) for v in versions]
 
+    @post("/{persona_id:uuid}/versions/{version:int}/restore", status_code=HTTP_200_OK)
+    async def restore_persona_version(
+        self, request: Request[Any, Any, Any], services: Services, persona_id: UUID, version: int
+    ) -> schemas.PersonaDetail:
+        """An earlier version's fields saved as a new version (none when they are the
+        current ones already); the persona as it now stands."""
+        user_id = require_user(request, services.settings.secret_key)
+        await services.call(services.app.visible_persona, persona_id, user_id)  # 404 before 403
+        await services.call(services.app.restore_persona_version, persona_id, user_id, version)
+        return schemas.PersonaDetail(**await services.call(services.app.visible_persona, persona_id, user_id))
+
 
 CONVERSATION_FIELDS = tuple(schemas.Conversation.__struct_fields__)
 MESSAGE_FIELDS = set(schemas.Message.__struct_fields__)
@@ -169,15 +180,21 @@ class ConversationController(Controller):
         self, request: Request[Any, Any, Any], services: Services,
         limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
         before: datetime | None = None,
+        before_id: UUID | None = None,
         q: Annotated[str, Parameter(max_length=200)] = "",
         archived: bool = False,
+        pinned: bool | None = None,
     ) -> list[schemas.Conversation]:
         """The user's conversations, newest first, `limit` at a time: pass the last one's
-        `updated_at` as `before` for the next page. `q` searches titles and message text."""
+        `updated_at` as `before` and its `id` as `before_id` for the next page. `q` searches
+        titles and message text; `pinned` keeps only pinned (or only unpinned) chats."""
         user_id = require_user(request, services.settings.secret_key)
         if "\x00" in q:  # PostgreSQL text cannot hold NUL, and no stored text has one
             raise ValidationException("the search text cannot contain NUL (U+0000) characters")
-        rows = await services.call(services.readmodels.conversations, user_id, limit, before, q.strip(), archived)
+        if before_id is not None and before is None:
+            raise ValidationException("before_id goes with before: the updated_at of the same conversation")
+        rows = await services.call(services.readmodels.conversations, user_id, limit, before, q.strip(), archived,
+                                   before_id=before_id, pinned=pinned)
         return [schemas.Conversation(**r) for r in rows]
 
     @get("/{conversation_id:uuid}")
@@ -195,15 +212,17 @@ class ConversationController(Controller):
         self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID,
         data: schemas.ConversationUpdate,
     ) -> None:
-        """Rename (`title`), archive or unarchive (`archived`), make temporary or keep for
-        good (`expires_in_s`); recorded as events."""
+        """Rename (`title`), archive or unarchive (`archived`), pin or unpin (`pinned`), make
+        temporary or keep for good (`expires_in_s`); recorded as events."""
         user_id = require_user(request, services.settings.secret_key)
         title = None if data.title is msgspec.UNSET else data.title
         archived = None if data.archived is msgspec.UNSET else data.archived
+        pinned = None if data.pinned is msgspec.UNSET else data.pinned
         keep_for: timedelta | None | bool = False
         if data.expires_in_s is not msgspec.UNSET:
             keep_for = timedelta(seconds=data.expires_in_s) if data.expires_in_s else None
-        await services.call(services.app.update_conversation, conversation_id, user_id, title, archived, keep_for)
+        await services.call(services.app.update_conversation, conversation_id, user_id, title, archived, keep_for,
+                            pinned)
 
     @delete("/{conversation_id:uuid}", status_code=HTTP_204_NO_CONTENT)
     async def delete_conversation(

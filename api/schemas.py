@@ -48,9 +48,11 @@ class Conversation(msgspec.Struct):
     title: str
     message_count: int = 0
     archived: bool = False
+    pinned: bool = False
     expires_at: datetime | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    via_api: bool = False  # started through /v1 with a key whose chats are listed apart
 
 
 class ConversationUpdate(msgspec.Struct, forbid_unknown_fields=True):
@@ -58,6 +60,7 @@ class ConversationUpdate(msgspec.Struct, forbid_unknown_fields=True):
 
     title: Annotated[str, msgspec.Meta(min_length=1, max_length=80)] | msgspec.UnsetType = msgspec.UNSET
     archived: bool | msgspec.UnsetType = msgspec.UNSET
+    pinned: bool | msgspec.UnsetType = msgspec.UNSET
     # seconds from now until the conversation expires; null keeps it for good
     expires_in_s: KeepFor | None | msgspec.UnsetType = msgspec.UNSET
 

@@ -25,6 +25,7 @@ import anyio.to_thread
 import nats
 from tritonclient.grpc import aio as triton_aio
 
+from api.key_use import KeyUseStore
 from api.limits import RateLimiter
 from api.sessions import REFRESH_S as SESSIONS_REFRESH_S
 from api.sessions import SessionStore
@@ -102,6 +103,7 @@ class Services:
     limits: RateLimiter
     throttle: AuthThrottle
     sessions: SessionStore
+    key_use: KeyUseStore
     executor: CallPool = field(default_factory=lambda: CallPool(THREADS, "db"), repr=False)
     quiet_replies: Any = field(default=None, repr=False)  # api.chat_socket.QuietReplies, made on first use
     ended_sessions: Any = field(default=None, repr=False)  # api.chat_socket.EndedSessions, made on first use
@@ -117,9 +119,10 @@ class Services:
         throttle = AuthThrottle(readmodels, settings.auth_attempts_per_address, settings.login_failures_per_account,
                                 settings.secret_key)
         sessions = SessionStore(readmodels, settings.token_ttl_s)
+        key_use = KeyUseStore(readmodels)
         await anyio.to_thread.run_sync(sessions.refresh)  # every end young enough to matter, before serving
         services = cls(settings, app, readmodels, nc, triton_aio.InferenceServerClient(settings.triton_urls[0]), limits,
-                       throttle, sessions)
+                       throttle, sessions, key_use)
         services.session_watch = asyncio.create_task(services.watch_sessions())
         return services
 

@@ -43,6 +43,7 @@ def bootstrap(settings: Settings) -> None:
     app.seed_personas()
     app.close()
     recorder = read_model_recorder(settings.eventsourcing_env(create_tables=True))  # and read models
+    from api.key_use import KeyUseStore
     from api.limits import RateLimiter
     from api.sessions import SessionStore
     from api.throttle import AuthThrottle
@@ -50,6 +51,7 @@ def bootstrap(settings: Settings) -> None:
     RateLimiter(recorder, settings.messages_per_minute, settings.tokens_per_day).create_table()
     AuthThrottle(recorder, settings.auth_attempts_per_address, settings.login_failures_per_account).create_table()
     SessionStore(recorder, settings.token_ttl_s).create_table()
+    KeyUseStore(recorder).create_table()
     plaintext = recorder.holds_plaintext()
     recorder.datastore.close()
     if plaintext:  # read models of a version before sealed text: replay them, sealed

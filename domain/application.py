@@ -45,6 +45,7 @@ from domain.persona import (
     InvalidPersona,
     Persona,
     PersonaNotFound,
+    PersonaVersionNotFound,
     SlugTaken,
     check_fields,
     check_slug,
@@ -109,6 +110,15 @@ class PostedMessage:
     message_id: UUID
     reply_id: UUID
     created: bool
+
+
+@dataclass(frozen=True)
+class ApiKeyHolder:
+    """Who a valid API key opens the API for, and whether the chats it starts are listed apart."""
+
+    user_id: UUID
+    key_id: str
+    list_apart: bool
 
 
 @dataclass(frozen=True)
@@ -298,26 +308,44 @@ class ChatApplication(Application[UUID]):
 
     # -- API keys -------------------------------------------------------------------------
 
-    def create_api_key(self, user_id: UUID, name: str) -> str:
-        """A new key for the user, returned in full this once (only its hash is kept)."""
+    def create_api_key(self, user_id: UUID, name: str, list_apart: bool = True, client_id: str = "") -> str:
+        """A new key for the user, returned in full this once (only its hash is kept).
+        `client_id` (a page form's): ApiKeyAlreadyMade if that form made a key already."""
 
         def attempt() -> str:
             user = self._get(User, user_id, InvalidCredentials)
             key_id, key = new_api_key()
             key_hash = hash_api_key_secret(parse_api_key(key)[1])
-            user.create_api_key(key_id, key_hash, name)
-            self.save(user, ApiKey(key_id=key_id, user_id=user_id, key_hash=key_hash))
+            user.create_api_key(key_id, key_hash, name, list_apart, client_id)
+            self.save(user, ApiKey(key_id=key_id, user_id=user_id, key_hash=key_hash, list_apart=list_apart))
             return key
 
         return self._retry_races(attempt)
 
-    def user_for_api_key(self, key: str) -> UUID:
-        """The owner of a valid, unrevoked key; InvalidCredentials otherwise."""
+    def api_key_holder(self, key: str) -> ApiKeyHolder:
+        """The owner of a valid, unrevoked key and its setting; InvalidCredentials otherwise."""
         key_id, secret = parse_api_key(key)
         api_key = self._get(ApiKey, api_key_aggregate_id(key_id), InvalidCredentials)
         if api_key.revoked or not hmac.compare_digest(api_key.key_hash, hash_api_key_secret(secret)):
             raise InvalidCredentials("invalid API key")
-        return api_key.user_id
+        return ApiKeyHolder(api_key.user_id, key_id, getattr(api_key, "list_apart", True))
+
+    def user_for_api_key(self, key: str) -> UUID:
+        """The owner of a valid, unrevoked key; InvalidCredentials otherwise."""
+        return self.api_key_holder(key).user_id
+
+    def set_api_key_listing(self, user_id: UUID, key_id: str, list_apart: bool) -> None:
+        """List apart the chats one of the user's keys starts from now on, or not;
+        ApiKeyNotFound if the key is not theirs or is revoked."""
+
+        def attempt() -> None:
+            user = self._get(User, user_id, InvalidCredentials)
+            if user.set_api_key_listing(key_id, list_apart):
+                api_key = self._get(ApiKey, api_key_aggregate_id(key_id), ApiKeyNotFound)
+                api_key.set_listing(list_apart)
+                self.save(user, api_key)
+
+        self._retry_races(attempt)
 
     def revoke_api_key(self, user_id: UUID, key_id: str) -> None:
         """Revoke one of the user's keys (again: a no-op); ApiKeyNotFound if not theirs."""
@@ -332,9 +360,16 @@ class ChatApplication(Application[UUID]):
         self._retry_races(attempt)
 
     def api_keys(self, user_id: UUID) -> list[dict[str, Any]]:
-        """The user's keys: key id, name and whether revoked (never the hash)."""
+        """The user's keys, oldest first: key id, name, whether revoked, whether its chats
+        are listed apart, when made (never the hash)."""
         user = self._get(User, user_id, InvalidCredentials)
-        return [{k: v for k, v in key.items() if k != "key_hash"} for key in user.api_keys.values()]
+        keys = [{"list_apart": True, "created_at": None, **{k: v for k, v in key.items() if k != "key_hash"}}
+                for key in user.api_keys.values()]
+        if any(key["created_at"] is None for key in keys):  # keys made before the time was recorded
+            made = {e.key_id: e.timestamp for e in self.events.get(user_id) if isinstance(e, User.ApiKeyCreated)}
+            for key in keys:
+                key["created_at"] = key["created_at"] or made.get(key["key_id"])
+        return keys
 
     # -- personas -------------------------------------------------------------------------
 
@@ -422,6 +457,26 @@ class ChatApplication(Application[UUID]):
 
         return self._retry_races(attempt)
 
+    def restore_persona_version(self, persona_id: UUID, user_id: UUID, version: int) -> int | None:
+        """Make an earlier version current again: an edit back to its fields, so a new
+        version (replies keep the versions they pinned). Returns the new version; None when
+        the current fields are that version's already (nothing is recorded)."""
+
+        def attempt() -> int | None:
+            persona = self.get_persona(persona_id)
+            persona.check_owner(user_id)
+            if not 1 <= version <= persona.version:
+                raise PersonaVersionNotFound(f"the persona has no version {version} (it has 1 to {persona.version})")
+            changes = persona.changes_back_to(self.repository.get(persona_id, version=version))
+            if not changes:
+                return None
+            self._check_model(changes)
+            persona.edit(user_id, changes)
+            self.save(persona)
+            return persona.version
+
+        return self._retry_races(attempt)
+
     def retire_persona(self, persona_id: UUID, user_id: UUID) -> None:
         def attempt() -> None:
             persona = self.get_persona(persona_id)
@@ -475,13 +530,17 @@ class ChatApplication(Application[UUID]):
         return self._retry_races(attempt)
 
     def start_imported_conversation(
-        self, owner_id: UUID, persona_id: UUID, turns: list[dict[str, str]], instructions: str = ""
+        self, owner_id: UUID, persona_id: UUID, turns: list[dict[str, str]], instructions: str = "",
+        listed_apart_by: str | None = None,
     ) -> UUID:
         """A new conversation that already holds earlier turns and extra system instructions
-        (those of an OpenAI-style request), saved in one transaction."""
+        (those of an OpenAI-style request), saved in one transaction; `listed_apart_by`, the
+        id of an API key whose chats are kept out of the chat list, marks it so."""
         if not self.read_persona(persona_id).visible_to(owner_id):
             raise PersonaNotFound(str(persona_id))
         conversation = Conversation(owner_id=owner_id, persona_id=persona_id, title="New chat")
+        if listed_apart_by is not None:
+            conversation.list_apart(listed_apart_by)
         conversation.import_turns(turns, instructions, self.max_message_chars)
         self.save(conversation)
         return conversation.id
@@ -588,16 +647,18 @@ class ChatApplication(Application[UUID]):
 
     def update_conversation(
         self, conversation_id: UUID, user_id: UUID, title: str | None = None, archived: bool | None = None,
-        keep_for: timedelta | None | bool = False,
+        keep_for: timedelta | None | bool = False, pinned: bool | None = None,
     ) -> None:
-        """Rename, archive, or change retention (`keep_for`: a duration, None to keep the
-        conversation for good, False to leave retention as it is)."""
+        """Rename, archive, pin, or change retention (`keep_for`: a duration, None to keep
+        the conversation for good, False to leave retention as it is)."""
         def attempt() -> None:
             conversation = self._owned(conversation_id, user_id)
             if title is not None:
                 conversation.rename(title)
             if archived is not None:
                 conversation.set_archived(archived)
+            if pinned is not None:
+                conversation.set_pinned(pinned)
             if keep_for is not False:
                 conversation.set_retention(keep_for)  # type: ignore[arg-type]
             self.save(conversation)

@@ -22,7 +22,9 @@ stay in the log (the audit trail), encrypted like everything else.
 A conversation held elsewhere (the `messages` of an OpenAI-style request) is brought in with
 `import_turns` before its first posted message: `TurnsImported` records the earlier user and
 assistant turns, which `history_for` then puts in the prompt like any others, and extra
-system instructions, which the application appends to the persona's system prompt.
+system instructions, which the application appends to the persona's system prompt. One started
+through the API with a key whose chats are kept out of the chat list is marked `ListedApart`
+(with the key's id), in the same save as its start.
 """
 
 from __future__ import annotations
@@ -199,6 +201,9 @@ def check_sampling(
 
 
 class Conversation(Aggregate):
+    pinned = False  # set by PinSet; a class default, so aggregates from before pins read unpinned
+    listed_apart_by: str | None = None  # the API key of ListedApart; a class default, as `pinned`
+
     @event("Started")
     def __init__(self, owner_id: UUID, persona_id: UUID, title: str) -> None:
         self.owner_id = owner_id
@@ -305,6 +310,11 @@ class Conversation(Aggregate):
         if archived != self.archived:
             self._set_archived(archived)
 
+    def set_pinned(self, pinned: bool) -> None:
+        """Pin to the top of the chat list, or unpin (a no-op when already so)."""
+        if pinned != self.pinned:
+            self._set_pinned(pinned)
+
     def delete(self) -> None:
         self._delete()
 
@@ -320,6 +330,12 @@ class Conversation(Aggregate):
                 f" to {MAX_RETENTION.days} days"
             )
         self._set_retention((now or datetime.now(timezone.utc)) + keep_for)
+
+    def list_apart(self, key_id: str) -> None:
+        """Keep this chat, started through the API with the key `key_id`, out of the chat list."""
+        if self.nodes:
+            raise ConversationError("only a new conversation is listed apart")
+        self._list_apart(key_id)
 
     def expire(self, now: datetime | None = None) -> bool:
         """Record the expiry of a temporary conversation that is due; False if it is not."""
@@ -521,7 +537,9 @@ class Conversation(Aggregate):
         if not text:
             raise EmptyMessage("a message needs some text")
         if len(text) > max_chars:
-            raise MessageTooLong(f"a message has at most {max_chars} characters, this one has {len(text)}")
+            split = "two messages" if len(text) <= 2 * max_chars else "several messages"
+            raise MessageTooLong(f"your message is {len(text):,} characters long; the limit is {max_chars:,}. "
+                                 f"Shorten it or split it into {split}")
         if "\x00" in text:
             raise InvalidCharacters("a message cannot contain NUL (U+0000) characters")
         if not is_unicode(text):
@@ -579,6 +597,10 @@ class Conversation(Aggregate):
     def _set_archived(self, archived: bool) -> None:
         self.archived = archived
 
+    @event("PinSet")
+    def _set_pinned(self, pinned: bool) -> None:
+        self.pinned = pinned
+
     @event("Deleted")
     def _delete(self) -> None:
         self._hide()
@@ -591,6 +613,10 @@ class Conversation(Aggregate):
     @event("RetentionSet")
     def _set_retention(self, expires_at: datetime | None) -> None:
         self.expires_at = expires_at
+
+    @event("ListedApart")
+    def _list_apart(self, key_id: str) -> None:
+        self.listed_apart_by = key_id
 
     @event("Expired")
     def _expire(self) -> None:

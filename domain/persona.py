@@ -22,6 +22,10 @@ class PersonaNotFound(PersonaError):
     pass
 
 
+class PersonaVersionNotFound(PersonaNotFound):
+    """A version the persona never had (versions count from 1 to the current one)."""
+
+
 class InvalidPersona(PersonaError):
     pass
 
@@ -132,6 +136,12 @@ class Persona(Aggregate):
         changes = {k: v for k, v in changes.items() if getattr(self, k) != v}
         if changes:
             self._edit(changes)
+
+    def changes_back_to(self, earlier: Persona) -> dict[str, Any]:
+        """The edit that makes an earlier version's fields current again: only those that
+        differ (empty when it is the current one, or equal to it), so a restore is an
+        ordinary edit, a new version, and nothing is deleted."""
+        return {k: getattr(earlier, k) for k in EDITABLE if getattr(self, k) != getattr(earlier, k)}
 
     def upgrade_builtin(self, spec: dict[str, Any]) -> None:
         """A built-in persona (no owner) still holding an earlier default of a field takes

@@ -5,6 +5,11 @@ An API key reads `sk-chat-<key id>-<secret>`: the key id (16 hex digits) is prin
 key, so the `ApiKey` lookup aggregate, whose id is `uuid5(NAMESPACE, "apikey:" + key id)`,
 is found with one read. Only the SHA-256 of the secret is stored (a 256-bit random secret
 needs no slow password hash) and compared in constant time; the full key is shown once.
+
+Each key has a setting, `list_apart` (on unless chosen otherwise; keys made before it existed
+read as on): the chats a key starts through `/v1` are then marked `ListedApart`, so the chat
+list can keep them out of the way. A key made from a page form carries the form's client id,
+so a form sent twice (a reload of the page that showed the key) cannot make a second key.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
 from uuid import UUID, uuid5
@@ -27,6 +33,7 @@ API_KEY_PREFIX = "sk-chat-"
 API_KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 MAX_API_KEY_NAME = 100
 MAX_API_KEYS = 50  # active keys per user
+MAX_CLIENT_ID = 64  # a form's client id, which makes sending it twice harmless
 
 
 class UserError(Exception):
@@ -55,6 +62,15 @@ class ApiKeyNotFound(UserError):
 
 class TooManyApiKeys(UserError):
     pass
+
+
+class ApiKeyAlreadyMade(UserError):
+    """A form that made a key was sent again: no second key, and the first one's secret
+    cannot be shown again (only its hash is kept)."""
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(f"the key {key_id} was made with this form already")
+        self.key_id = key_id
 
 
 class InvalidApiKeyName(UserError):
@@ -107,6 +123,12 @@ def check_api_key_name(name: str) -> str:
     return name
 
 
+def check_list_apart(list_apart: object) -> bool:
+    if not isinstance(list_apart, bool):
+        raise UserError("list_apart is true or false")
+    return list_apart
+
+
 def new_api_key() -> tuple[str, str]:
     """A fresh (key id, full key)."""
     key_id = secrets.token_hex(8)
@@ -136,7 +158,9 @@ class User(Aggregate):
     def __init__(self, email: str, password_hash: str) -> None:
         self.email = email
         self.password_hash = password_hash
-        self.api_keys: dict[str, dict[str, Any]] = {}  # key id -> {"key_id", "name", "key_hash", "revoked"}
+        # key id -> {"key_id", "name", "key_hash", "revoked", "list_apart", "created_at"}
+        self.api_keys: dict[str, dict[str, Any]] = {}
+        self.api_key_clients: dict[str, str] = {}  # a form's client id -> the key it made
         self.training_consent = False  # nobody's messages train a model until they opt in
 
     @event("PasswordRehashed")
@@ -147,10 +171,31 @@ class User(Aggregate):
     # The user is the source of truth for its keys (names, hashes, revocations); the
     # `ApiKey` aggregate below is a lookup copy saved in the same transaction.
 
-    def create_api_key(self, key_id: str, key_hash: str, name: str) -> None:
+    def create_api_key(
+        self, key_id: str, key_hash: str, name: str, list_apart: bool = True, client_id: str = "",
+    ) -> None:
         name = check_api_key_name(name)
+        list_apart = check_list_apart(list_apart)
+        if len(client_id) > MAX_CLIENT_ID:
+            raise UserError(f"a client id has at most {MAX_CLIENT_ID} characters")
+        made = getattr(self, "api_key_clients", {}).get(client_id) if client_id else None
+        if made is not None:
+            raise ApiKeyAlreadyMade(made)
         self.check_api_key_room()
-        self._create_api_key(key_id, key_hash, name)
+        self._create_api_key(key_id, key_hash, name, list_apart, client_id, datetime.now(timezone.utc))
+
+    def set_api_key_listing(self, key_id: str, list_apart: bool) -> bool:
+        """List the chats the key starts apart, or not; False when it was so already."""
+        list_apart = check_list_apart(list_apart)
+        key = self.api_keys.get(key_id)
+        if key is None:
+            raise ApiKeyNotFound(key_id)
+        if key["revoked"]:
+            raise ApiKeyNotFound(f"the key {key_id} is revoked")
+        if key.get("list_apart", True) == list_apart:
+            return False
+        self._set_api_key_listing(key_id, list_apart)
+        return True
 
     def revoke_api_key(self, key_id: str) -> bool:
         """Revoke one of this user's keys; False when it was revoked already."""
@@ -168,8 +213,22 @@ class User(Aggregate):
             raise TooManyApiKeys(f"a user has at most {MAX_API_KEYS} active API keys: revoke one first")
 
     @event("ApiKeyCreated")
-    def _create_api_key(self, key_id: str, key_hash: str, name: str) -> None:
-        self.api_keys[key_id] = {"key_id": key_id, "name": name, "key_hash": key_hash, "revoked": False}
+    def _create_api_key(
+        self, key_id: str, key_hash: str, name: str, list_apart: bool = True, client_id: str = "",
+        created_at: datetime | None = None,
+    ) -> None:
+        """Keys made before the setting, the client id and the time were recorded read as
+        listed apart, made by no form, at an unknown time (None)."""
+        self.api_keys[key_id] = {"key_id": key_id, "name": name, "key_hash": key_hash, "revoked": False,
+                                 "list_apart": list_apart, "created_at": created_at}
+        if client_id:
+            if not hasattr(self, "api_key_clients"):
+                self.api_key_clients = {}
+            self.api_key_clients[client_id] = key_id
+
+    @event("ApiKeyListingSet")
+    def _set_api_key_listing(self, key_id: str, list_apart: bool) -> None:
+        self.api_keys[key_id]["list_apart"] = list_apart
 
     @event("ApiKeyRevoked")
     def _revoke_api_key(self, key_id: str) -> None:
@@ -209,6 +268,7 @@ class User(Aggregate):
         self.email = ""
         self.password_hash = ""
         self.api_keys = {}
+        self.api_key_clients = {}
 
 
 class EmailAddress(Aggregate):
@@ -229,18 +289,28 @@ class EmailAddress(Aggregate):
 class ApiKey(Aggregate):
     """The lookup aggregate of one API key: its id is derived from the key id printed in
     the key, so a request's key is found with one read, without scanning users. Holds the
-    owner, the SHA-256 of the secret and whether the key is revoked."""
+    owner, the SHA-256 of the secret, whether the key is revoked and whether the chats it
+    starts are listed apart (a copy of the user's setting, saved with it)."""
 
     @staticmethod
     def create_id(key_id: str, **_: object) -> UUID:
         return api_key_aggregate_id(key_id)
 
     @event("Created")
-    def __init__(self, key_id: str, user_id: UUID, key_hash: str) -> None:
+    def __init__(self, key_id: str, user_id: UUID, key_hash: str, list_apart: bool = True) -> None:
         self.key_id = key_id
         self.user_id = user_id
         self.key_hash = key_hash
         self.revoked = False
+        self.list_apart = list_apart
+
+    def set_listing(self, list_apart: bool) -> None:
+        if list_apart != getattr(self, "list_apart", True):
+            self._set_listing(list_apart)
+
+    @event("ListingSet")
+    def _set_listing(self, list_apart: bool) -> None:
+        self.list_apart = list_apart
 
     def revoke(self) -> None:
         if not self.revoked:

@@ -85,6 +85,10 @@ class ChatProjection(Projection[ReadModelRecorder]):
         self.view.update_conversation(tracking, e.originator_id, {"archived": e.archived})
 
     @process_event.register
+    def _(self, e: Conversation.PinSet, tracking: Tracking) -> None:
+        self.view.update_conversation(tracking, e.originator_id, {"pinned": e.pinned})
+
+    @process_event.register
     def _(self, e: Conversation.TreeImported, tracking: Tracking) -> None:
         self.view.import_tree(tracking, e.originator_id, e.nodes, e.current, e.title, e.timestamp)
 
@@ -102,6 +106,10 @@ class ChatProjection(Projection[ReadModelRecorder]):
     @process_event.register
     def _(self, e: Conversation.RetentionSet, tracking: Tracking) -> None:
         self.view.update_conversation(tracking, e.originator_id, {"expires_at": e.expires_at})
+
+    @process_event.register
+    def _(self, e: Conversation.ListedApart, tracking: Tracking) -> None:
+        self.view.update_conversation(tracking, e.originator_id, {"via_api": True})
 
     @process_event.register
     def _(self, e: Conversation.Expired, tracking: Tracking) -> None:

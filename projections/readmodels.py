@@ -62,6 +62,7 @@ SCHEMA = [
         title bytea NOT NULL, persona_name bytea NOT NULL, messages bytea NOT NULL,
         created_at timestamptz NOT NULL, revoked boolean NOT NULL DEFAULT false)""",
     "CREATE INDEX IF NOT EXISTS rm_shares_conversation ON rm_shares (conversation_id)",
+    "CREATE INDEX IF NOT EXISTS rm_shares_owner ON rm_shares (owner_id) WHERE NOT revoked",  # a user's links
     # tokens each user's replies used per day: the daily quota reads it
     """CREATE TABLE IF NOT EXISTS rm_usage (
         user_id uuid NOT NULL, day date NOT NULL, tokens bigint NOT NULL DEFAULT 0,
@@ -81,6 +82,9 @@ SCHEMA = [
     "ALTER TABLE rm_messages ADD COLUMN IF NOT EXISTS words bigint[] NOT NULL DEFAULT '{}'",
     "ALTER TABLE rm_messages ADD COLUMN IF NOT EXISTS feedback_comment bytea",  # sealed, like the text
     "ALTER TABLE rm_messages ADD COLUMN IF NOT EXISTS imported boolean NOT NULL DEFAULT false",  # from an export
+    # chats started through /v1 with a key whose chats are listed apart (Conversation.ListedApart)
+    "ALTER TABLE rm_conversations ADD COLUMN IF NOT EXISTS via_api boolean NOT NULL DEFAULT false",
+    "ALTER TABLE rm_conversations ADD COLUMN IF NOT EXISTS pinned boolean NOT NULL DEFAULT false",  # PinSet
 ]
 PERSONA_COLUMNS = ("name", "description", "greeting", "model", "avatar", "visibility", "retired")
 PERSONA_SEALED = ("name", "description", "greeting")  # under the master key, as persona events are
@@ -268,8 +272,10 @@ class ReadModelRecorder(PostgresTrackingRecorder):
         )
 
     def update_conversation(self, tracking: Tracking, conversation_id: UUID, changes: dict[str, Any]) -> None:
-        """Set the title, archived flag, current leaf or expiry (names from a fixed set only)."""
-        columns = {k: v for k, v in changes.items() if k in ("title", "archived", "current_leaf", "expires_at")}
+        """Set the title, archived or pinned flag, current leaf, expiry or `via_api` (names from a
+        fixed set only)."""
+        columns = {k: v for k, v in changes.items()
+                   if k in ("title", "archived", "current_leaf", "expires_at", "via_api", "pinned")}
         with self._tx() as curs:
             if "title" in columns:
                 owner = self._owner(curs, conversation_id)
@@ -423,22 +429,34 @@ class ReadModelRecorder(PostgresTrackingRecorder):
 
     def conversations(
         self, owner_id: UUID, limit: int = 50, before: datetime | None = None, query: str = "",
-        archived: bool = False,
+        archived: bool = False, *, before_id: UUID | None = None, pinned: bool | None = None,
+        via_api: bool | None = None, hide_empty: bool = False, keep: UUID | None = None,
     ) -> list[dict[str, Any]]:
-        """A page of the user's conversations, newest first: those updated before `before`
-        where every word of `query` (case-insensitive; from 3 to 12 letters, also the start
-        of a word) is in the title or in one message. A query of no words finds nothing."""
+        """A page of the user's conversations, newest first (by their last message).
+
+        The page starts after `before`: the `updated_at` of the previous page's last row,
+        with its id as `before_id` (a tie on the time is broken by the id), or alone every
+        row older than it. `query`: every word of it (case-insensitive; from 3 to 12 letters,
+        also the start of a word) is in the title or in one message; a query of no words
+        finds nothing. `pinned`, `via_api`: only rows with that flag (None: both).
+        `hide_empty`: leave out chats without a message, except `keep` (the one on screen)."""
         terms = self.sealer.terms(owner_id, query) if query else None
         if terms == []:
             return []
         rows = self._query(
-            "SELECT id, persona_id, title, message_count, archived, expires_at, created_at, updated_at"
-            " FROM rm_conversations c WHERE owner_id = %(owner)s AND archived = %(archived)s"
-            " AND (%(before)s::timestamptz IS NULL OR updated_at < %(before)s)"
+            "SELECT id, persona_id, title, message_count, archived, pinned, expires_at, via_api, created_at,"
+            " updated_at FROM rm_conversations c WHERE owner_id = %(owner)s AND archived = %(archived)s"
+            " AND (%(before)s::timestamptz IS NULL"
+            "   OR %(before_id)s::uuid IS NULL AND updated_at < %(before)s"
+            "   OR (updated_at, id) < (%(before)s, %(before_id)s::uuid))"
+            " AND (%(pinned)s::boolean IS NULL OR pinned = %(pinned)s)"
+            " AND (%(via_api)s::boolean IS NULL OR via_api = %(via_api)s)"
+            " AND (NOT %(hide_empty)s OR message_count > 0 OR id = %(keep)s::uuid)"
             " AND (%(terms)s::bigint[] IS NULL OR title_words @> %(terms)s OR EXISTS ("
             "   SELECT 1 FROM rm_messages m WHERE m.conversation_id = c.id AND m.words @> %(terms)s))"
-            " ORDER BY updated_at DESC LIMIT %(limit)s",
-            {"owner": owner_id, "limit": limit, "before": before, "terms": terms, "archived": archived},
+            " ORDER BY updated_at DESC, id DESC LIMIT %(limit)s",
+            {"owner": owner_id, "limit": limit, "before": before, "before_id": before_id, "terms": terms,
+             "archived": archived, "pinned": pinned, "via_api": via_api, "hide_empty": hide_empty, "keep": keep},
         )
         return [self._open_title(row, owner_id) for row in rows]
 
@@ -506,6 +524,17 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             "SELECT id, created_at, revoked FROM rm_shares WHERE conversation_id = %(id)s ORDER BY created_at",
             {"id": conversation_id},
         )
+
+    def shares_of(self, owner_id: UUID) -> list[dict[str, Any]]:
+        """The user's share links that still work, across their chats, newest first, each
+        with its chat's title as it was when shared."""
+        rows = self._query(
+            "SELECT id, conversation_id, title, created_at FROM rm_shares"
+            " WHERE owner_id = %(owner)s AND NOT revoked ORDER BY created_at DESC",
+            {"owner": owner_id},
+        )
+        return [{**row, "title": self.sealer.open(owner_id, row["title"], "rm_shares.title", row["id"]) or ""}
+                for row in rows]
 
     def tokens_today(self, user_id: UUID) -> int:
         rows = self._query(

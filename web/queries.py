@@ -56,16 +56,6 @@ def _plain(row: Any) -> dict[str, Any]:
     return dict(row) if row is not None else {}
 
 
-async def conversations(
-    services: Services, user_id: UUID, q: str = "", archived: bool = False, limit: int = 100
-) -> list[dict[str, Any]]:
-    """The user's conversations, newest first; `q` searches titles and message text (a
-    NUL in it is dropped: no stored text holds one, and PostgreSQL text cannot)."""
-    q = q.replace("\x00", "")
-    rows = await services.call(services.readmodels.conversations, user_id, limit, None, q, archived)
-    return [_plain(r) for r in rows]
-
-
 async def conversation(services: Services, conversation_id: UUID, user_id: UUID) -> dict[str, Any]:
     """The conversation's row, or ConversationNotFound unless the user owns it."""
     row = await services.call(services.readmodels.conversation, conversation_id)
@@ -105,3 +95,8 @@ async def shares(services: Services, conversation_id: UUID) -> list[dict[str, An
     """The conversation's share links that still work, oldest first."""
     rows = await services.call(services.readmodels.shares, conversation_id)
     return [_plain(r) for r in rows if not r["revoked"]]
+
+
+async def user_shares(services: Services, user_id: UUID) -> list[dict[str, Any]]:
+    """The user's share links that still work, across their chats, newest first."""
+    return [_plain(r) for r in await services.call(services.readmodels.shares_of, user_id)]

@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from domain.conversation import Conversation
+from domain.user import parse_api_key
 from tests.client import ChatClient
 
 pytestmark = pytest.mark.integration
@@ -52,7 +53,7 @@ async def test_a_key_made_over_rest_lists_the_personas_as_models(client: ChatCli
 
 
 async def test_a_completion_returns_the_reply_and_its_usage_and_is_recorded_as_events(
-    client: ChatClient, ai: openai.AsyncOpenAI, chat_app
+    client: ChatClient, ai: openai.AsyncOpenAI, key: str, chat_app
 ) -> None:
     raw = await ai.chat.completions.with_raw_response.create(
         model="pirate",
@@ -73,17 +74,19 @@ async def test_a_completion_returns_the_reply_and_its_usage_and_is_recorded_as_e
     assert usage is not None and usage.prompt_tokens > 0 and 0 < usage.completion_tokens <= 24
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
-    # Recorded like any chat: a conversation of the key's user, the earlier turns imported,
-    # the question posted, its reply requested with the request's parameters, then completed.
+    # Recorded like any chat: a conversation of the key's user (listed apart, as the key's
+    # chats are by default), the earlier turns imported, the question posted, its reply
+    # requested with the request's parameters, then completed.
     conversation_id = UUID(raw.headers["x-chat-conversation-id"])
     reply_id = reply_id_of(completion.id)
     conversation: Conversation = chat_app.repository.get(conversation_id)
     assert str(conversation.owner_id) == client.user_id
-    events = list(chat_app.events.get(conversation_id))[:6]  # (the model's title may follow)
+    events = list(chat_app.events.get(conversation_id))[:7]  # (the model's title may follow)
     assert [type(e).__name__ for e in events] == [
-        "Started", "TurnsImported", "UserMessagePosted", "ReplyRequested", "ReplyCompleted", "Titled",
+        "Started", "ListedApart", "TurnsImported", "UserMessagePosted", "ReplyRequested", "ReplyCompleted", "Titled",
     ]
-    imported, posted, requested, completed, titled = events[1:]
+    listed, imported, posted, requested, completed, titled = events[1:]
+    assert listed.key_id == parse_api_key(key)[0]
     assert [t["text"] for t in imported.turns] == ["Hello there!", "Ahoy, matey!"]
     assert imported.instructions == "Keep it short."
     assert posted.text == "How are you today?"

@@ -119,7 +119,7 @@ async def test_a_chat_is_shared_read_only_and_the_link_can_be_withdrawn(visitor:
     r = await http.post(f"{conversation}/shares", data={"_csrf": token})
     assert r.status_code == 303
     page = (await http.get(conversation)).text
-    share = re.search(r'href="(/s/[0-9a-f-]{36})"', page).group(1)
+    share = re.search(r'href="https?://[^"/]+(/s/[0-9a-f-]{36})"', page).group(1)  # the full URL, to copy
     async with httpx.AsyncClient(base_url=api_url, timeout=30) as stranger:
         shared = await stranger.get(share)
         assert shared.status_code == 200 and "Tell me about *owls*" in shared.text  # user text is not Markdown

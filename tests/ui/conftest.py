@@ -6,6 +6,7 @@ the UI tests are skipped with the reason."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,8 +19,11 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
 from tests.conftest import ARTIFACTS
+from tests.unit.test_transfer import node
 
 CHROMIUM = Path("/usr/bin/chromium")
+AXE_VERSION = "4.14.1"
+AXE = Path(__file__).parents[2] / ".cache" / "axe"  # git-ignored
 SCREENSHOTS = ARTIFACTS / "screenshots"
 PASSWORD = "correct horse battery"
 expect.set_options(timeout=15_000)
@@ -48,6 +52,20 @@ def chromium() -> str:
         if problem is not None or not CHROMIUM.exists():
             pytest.skip(f"UI tests need Debian's chromium at {CHROMIUM}: {problem or 'not installed'}")
     return str(CHROMIUM)
+
+
+@pytest.fixture(scope="session")
+def axe_script() -> Path:
+    """axe-core's script (npm, pinned), installed under .cache/axe when missing."""
+    script = AXE / "node_modules" / "axe-core" / "axe.min.js"
+    if not script.exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            pytest.skip("the accessibility check needs npm to install axe-core")
+        done = subprocess.run([npm, "install", "--no-save", "--no-audit", "--no-fund", "--prefix", str(AXE),
+                               f"axe-core@{AXE_VERSION}"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and script.exists(), f"npm install axe-core failed: {done.stderr[-500:]}"
+    return script
 
 
 @pytest.fixture(scope="session")
@@ -121,3 +139,23 @@ async def start_chat(page: Page, persona_name: str | None = None) -> str:
 async def send_message(page: Page, text: str) -> None:
     await page.get_by_label("Message", exact=True).fill(text)
     await page.get_by_label("Message", exact=True).press("Enter")
+
+
+def export_of(n: int) -> list[dict]:
+    """`n` conversations of one exchange each, titled "Chat 1" to "Chat n"."""
+    return [{
+        "id": f"list-{i}", "title": f"Chat {i}", "current_node": "a",
+        "mapping": {"u": node("u", None, ["a"], "user", f"Question {i}"),
+                    "a": node("a", "u", [], "assistant", f"Answer {i}")},
+    } for i in range(1, n + 1)]
+
+
+async def import_chats(page: Page, n: int) -> None:
+    """Bring in `n` chats (export_of) through the import form on /c."""
+    await page.goto("/c")
+    await page.set_input_files("#import-form input[name=file]", files=[{
+        "name": "conversations.json", "mimeType": "application/json", "buffer": json.dumps(export_of(n)).encode(),
+    }])
+    await page.locator("#import-form").get_by_role("button", name="Import").click()
+    chats = f"{n} conversation{'s' if n != 1 else ''}"
+    await expect(page.locator("#flash .flash-text")).to_have_text(f"Imported {chats}.", timeout=60_000)

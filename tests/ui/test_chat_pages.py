@@ -169,7 +169,7 @@ async def test_conversations_are_searched_renamed_archived_and_deleted(page: Pag
     await page.get_by_role("button", name="Unarchive").click()
     await expect(page.locator("#conversations")).to_contain_text("Pirate talk")
     await page.get_by_label("Chat actions").click()
-    await page.locator(".confirm summary").click()
+    await page.locator("#chat-actions .confirm summary").click()
     await page.get_by_role("button", name="Delete", exact=True).click()
     await expect(page).to_have_url(re.compile(r"/c$"))
     await expect(page.locator("#flash .flash-text")).to_have_text("Conversation deleted.")
@@ -195,7 +195,10 @@ async def test_a_message_near_or_over_the_limit_is_counted_and_never_cut(page: P
     await expect(counter).to_have_text("7,500 / 8,000")
     await box.fill("a" * 8120)  # as a paste over the limit lands
     assert len(await box.input_value()) == 8120, "nothing is cut"
-    await expect(counter).to_have_text("8,120 / 8,000: 120 too many to send")
+    await expect(counter).to_have_text("8,120 / 8,000")
+    await expect(page.locator(".over-limit")).to_have_text(  # the sentence above the composer
+        "Your message is 8,120 characters long; the limit is 8,000. Shorten it or split it into two messages:"
+        " nothing was cut.")
     await expect(page.locator("#send")).to_be_disabled()
     await box.press("Enter")
     await expect(page.locator(".turn.user")).to_have_count(0)  # not sent

@@ -150,6 +150,21 @@ def test_archive_and_delete(app: ChatApplication, user: UUID) -> None:
     assert types[-2:] == ["ArchiveSet", "Deleted"]
 
 
+def test_pin_and_unpin_record_only_changes(app: ChatApplication, user: UUID) -> None:
+    cid = app.start_conversation(user)
+    assert app.repository.get(cid).pinned is False  # a class default: older chats read unpinned
+    app.update_conversation(cid, user, pinned=True)
+    app.update_conversation(cid, user, pinned=True)  # already pinned: nothing recorded
+    assert app.repository.get(cid).pinned is True
+    app.update_conversation(cid, user, pinned=False)
+    assert app.repository.get(cid).pinned is False
+    types = [n.topic.rsplit(".", 1)[-1] for n in app.recorder.select_events(cid)]
+    assert types.count("PinSet") == 2
+    other = app.register_user("mallory@example.com", "correct horse")
+    with pytest.raises(ConversationNotFound):
+        app.update_conversation(cid, other, pinned=True)
+
+
 def test_someone_else_cannot_branch_or_rename(app: ChatApplication, user: UUID) -> None:
     cid = app.start_conversation(user)
     m1, r1 = exchange(app, cid, user, "Hello", "Hi")

@@ -20,11 +20,14 @@ from api.openai_compat import (
 from domain.application import ChatApplication
 from domain.conversation import InvalidSampling, InvalidTurns, MessageTooLong
 from domain.ids import persona_id_for
+from api.key_use import WRITE_EVERY_S, KeyUseStore
 from domain.user import (
     ApiKey,
+    ApiKeyAlreadyMade,
     ApiKeyNotFound,
     InvalidApiKeyName,
     InvalidCredentials,
+    UserError,
     api_key_aggregate_id,
     hash_api_key_secret,
     new_api_key,
@@ -65,7 +68,9 @@ def test_only_a_sha256_of_the_secret_is_stored(app: ChatApplication, user: UUID)
     events = [type(e).__name__ for e in app.events.get(user)]
     assert events == ["Registered", "ApiKeyCreated"]
     assert all(secret not in repr(vars(e)) for e in app.events.get(user))
-    assert app.api_keys(user) == [{"key_id": key_id, "name": "laptop", "revoked": False}]
+    [listed] = app.api_keys(user)
+    assert listed.pop("created_at") is not None
+    assert listed == {"key_id": key_id, "name": "laptop", "revoked": False, "list_apart": True}
 
 
 def test_a_key_opens_the_api_for_its_user_until_it_is_revoked(app: ChatApplication, user: UUID) -> None:
@@ -103,7 +108,63 @@ def test_a_key_needs_a_name(app: ChatApplication, user: UUID) -> None:
         app.create_api_key(user, "   ")
 
 
+def test_a_keys_chats_are_listed_apart_unless_it_is_made_or_changed_otherwise(app: ChatApplication, user: UUID) -> None:
+    apart, listed = app.create_api_key(user, "script"), app.create_api_key(user, "mine", list_apart=False)
+    assert app.api_key_holder(apart).list_apart and not app.api_key_holder(listed).list_apart
+    key_id = parse_api_key(apart)[0]
+    app.set_api_key_listing(user, key_id, False)
+    app.set_api_key_listing(user, key_id, False)  # as it is already: no event
+    holder = app.api_key_holder(apart)
+    assert (holder.user_id, holder.key_id, holder.list_apart) == (user, key_id, False)
+    assert {k["name"]: k["list_apart"] for k in app.api_keys(user)} == {"script": False, "mine": False}
+    assert [type(e).__name__ for e in app.events.get(api_key_aggregate_id(key_id))] == ["Created", "ListingSet"]
+    assert [type(e).__name__ for e in app.events.get(user)][-1] == "ApiKeyListingSet"
+
+
+def test_the_setting_of_a_revoked_or_anothers_key_cannot_change(app: ChatApplication, user: UUID) -> None:
+    other = app.register_user("bob@example.com", "correct horse")
+    key_id = parse_api_key(app.create_api_key(user, "one"))[0]
+    with pytest.raises(ApiKeyNotFound):
+        app.set_api_key_listing(other, key_id, False)
+    with pytest.raises(ApiKeyNotFound):
+        app.set_api_key_listing(user, "0123456789abcdef", False)
+    app.revoke_api_key(user, key_id)
+    with pytest.raises(ApiKeyNotFound):
+        app.set_api_key_listing(user, key_id, False)
+    with pytest.raises(UserError):
+        app.set_api_key_listing(user, key_id, "no")  # type: ignore[arg-type]
+
+
+def test_a_form_sent_twice_makes_one_key(app: ChatApplication, user: UUID) -> None:
+    key = app.create_api_key(user, "laptop", client_id="form-1")
+    with pytest.raises(ApiKeyAlreadyMade) as again:
+        app.create_api_key(user, "laptop", client_id="form-1")
+    assert again.value.key_id == parse_api_key(key)[0]
+    assert len(app.api_keys(user)) == 1
+    app.create_api_key(user, "laptop", client_id="form-2")
+    assert len(app.api_keys(user)) == 2
+
+
+def test_a_keys_use_is_written_at_most_once_a_minute_per_key() -> None:
+    now = [1000.0]
+    store = KeyUseStore(None, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert store.due("a") and not store.due("a") and store.due("b")
+    now[0] += WRITE_EVERY_S - 1
+    assert not store.due("a")
+    now[0] += 1
+    assert store.due("a")
+
+
 # -- conversations from a request -------------------------------------------------------------
+
+
+def test_a_chat_started_with_a_key_listed_apart_is_marked_in_its_first_save(app: ChatApplication, user: UUID) -> None:
+    turns = [{"role": "user", "content": "Hello"}]
+    marked = app.start_imported_conversation(user, persona_id_for("assistant"), turns, "", "0123456789abcdef")
+    plain = app.start_imported_conversation(user, persona_id_for("assistant"), turns)
+    assert [type(e).__name__ for e in app.events.get(marked)] == ["Started", "ListedApart", "TurnsImported"]
+    assert app.repository.get(marked).listed_apart_by == "0123456789abcdef"
+    assert "ListedApart" not in [type(e).__name__ for e in app.events.get(plain)]
 
 
 def test_imported_turns_and_instructions_become_part_of_the_prompt(app: ChatApplication, user: UUID) -> None:

@@ -9,8 +9,11 @@ it every form still works, replies simply appear on reload.
 
 Routes: /login, /register, /logout; /c (conversations and a new one), /c/{id} (the chat)
 and its actions (/c/{id}/messages, .../edit, .../regenerate, .../feedback, /branch, /rename,
-/archive, /delete, /shares), /c/import; /personas, /personas/new, /personas/{id}/edit;
-/s/{share_id} (a shared snapshot, public)."""
+/archive, /delete, /shares), /c/import; /personas, /personas/new, /personas/{id}/edit
+(and .../versions/{n}/restore);
+/account and its forms (/account/keys: API keys);
+/s/{share_id} (a shared snapshot, public); /shares (the user's links, to copy or stop);
+/theme (the colour theme: a cookie, web/pages/theme.py)."""
 
 from __future__ import annotations
 
@@ -27,12 +30,14 @@ from domain.persona import PersonaError
 from domain.user import UserError
 from web.csrf import CsrfFailed, csrf_guard
 from web.pages.account import AccountPages
+from web.pages.api_keys import ApiKeyPages
 from web.pages.auth import AuthPages
 from web.pages.common import SECURITY_HEADERS, STATIC, FormError, LoginRequired
 from web.pages.conversations import ConversationPages
 from web.pages.errors import on_bad_form, on_csrf, on_http_error, on_login_required, on_not_authorized, on_not_found
 from web.pages.personas import PersonaPages
 from web.pages.shares import SharePages
+from web.pages.theme import ThemePages
 from web.pages.templating import template_config
 
 __all__ = ["page_handlers", "template_config"]
@@ -42,7 +47,7 @@ def page_handlers(settings: Settings) -> list[Any]:
     """The page routes (CSRF-guarded, security headers, HTML errors) and the static files."""
     pages = Router(
         path="/",
-        route_handlers=[AuthPages, ConversationPages, PersonaPages, AccountPages, SharePages],
+        route_handlers=[AuthPages, ConversationPages, PersonaPages, AccountPages, ApiKeyPages, SharePages, ThemePages],
         guards=[csrf_guard(settings.secret_key)],
         response_headers=SECURITY_HEADERS,
         include_in_schema=False,

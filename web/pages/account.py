@@ -1,9 +1,10 @@
-"""The account page: consent to training use, sessions, erasing the account."""
+"""The account page: consent to training use, sessions, API keys (web/pages/api_keys.py),
+erasing the account."""
 
 from __future__ import annotations
 
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import Cookie
@@ -11,6 +12,7 @@ from litestar.response import Redirect, Template
 
 from api.auth import COOKIE as SESSION_COOKIE
 from api.auth import session_of
+from api.openai_compat import key_infos
 from api.services import Services
 from domain.user import InvalidCredentials
 from web.pages.common import (
@@ -30,13 +32,7 @@ class AccountPages(Controller):
     @get("/")
     async def show_account(self, request: Request[Any, Any, Any], services: Services) -> Template:
         user_id = require_viewer(request, services)
-        consent = await services.call(services.app.training_consent, user_id)
-        current = session_of(request, services.settings.secret_key)
-        sessions = await services.call(services.sessions.live, user_id)
-        for s in sessions:
-            s["current"] = current is not None and s["id"] == current.session_id
-        return await render(request, services, "account.html", training_consent=consent, sessions=sessions,
-                            **await sidebar(services, user_id))
+        return await account_page(request, services, user_id)
 
     @post("/sessions/{session_id:uuid}/end")
     async def end_session(self, request: Request[Any, Any, Any], services: Services, session_id: UUID) -> Redirect:
@@ -68,6 +64,18 @@ class AccountPages(Controller):
         except InvalidCredentials:
             return redirect(services, "/account", "Wrong password: nothing was erased.", "error")
         await services.call(services.sessions.forget, user_id)
+        await services.call(services.key_use.forget, user_id)
         gone = Cookie(key=SESSION_COOKIE, value="", max_age=0, path="/")
         return redirect(services, "/login", "Your account and all its conversations are erased.", cookies=[gone])
 
+
+async def account_page(request: Request[Any, Any, Any], services: Services, user_id: UUID, **extra: Any) -> Template:
+    """The account page; `extra` adds to what it shows (a key just made, shown once)."""
+    consent = await services.call(services.app.training_consent, user_id)
+    current = session_of(request, services.settings.secret_key)
+    sessions = await services.call(services.sessions.live, user_id)
+    for s in sessions:
+        s["current"] = current is not None and s["id"] == current.session_id
+    return await render(request, services, "account.html", training_consent=consent, sessions=sessions,
+                        api_keys=await key_infos(services, user_id), key_client_id=uuid4().hex,
+                        **extra, **await sidebar(services, user_id))

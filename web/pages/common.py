@@ -18,12 +18,14 @@ from api.auth import issue_token, user_of
 from api.services import Services
 from chatbot.config import Settings
 from domain.user import InvalidCredentials
-from web import queries
+from web.chat_list import TZ_COOKIE, chat_list, with_groups
 from web.csrf import CSRF_COOKIE, CSRF_FIELD, form_token, new_seed, seed_cookie
 
 HERE = Path(__file__).parent.parent  # web/
 TEMPLATES, STATIC = HERE / "templates", HERE / "static"
 FLASH_COOKIE = "flash"
+THEME_COOKIE = "theme"  # the account page's choice; none: follow the system (web/pages/theme.py)
+THEMES = ("light", "dark")
 
 # No inline script or style, no plugins, no framing, no foreign hosts: even markup that
 # slipped past the sanitiser could not run a script or load anything.
@@ -55,6 +57,12 @@ def safe_next(value: str | None, default: str = "/c") -> str:
     if not value or not value.startswith("/") or value.startswith(("//", "/\\")):
         return default
     return value
+
+
+def theme_of(request: Request[Any, Any, Any]) -> str | None:
+    """The chosen theme, for `<html data-theme>`; None (the system's) for anything else."""
+    theme = request.cookies.get(THEME_COOKIE)
+    return theme if theme in THEMES else None
 
 
 def viewer(request: Request[Any, Any, Any], services: Services) -> UUID | None:
@@ -132,19 +140,23 @@ async def render(
         "csrf_field": CSRF_FIELD,
         "csrf_token": form_token(settings.secret_key, seed, request.cookies.get(SESSION_COOKIE, "")),
         "flash": flash, "viewer_id": user_id, "viewer_email": email, "path": request.url.path,
+        "theme": theme_of(request),
         **context,
     }
+    with_groups(context, request.cookies.get(TZ_COOKIE))
     return Template(template_name=template, context=context, status_code=status, cookies=cookies)
 
 
-def text_field(form: Any, name: str, max_length: int, required: bool = False) -> str:
-    """A form field as stripped text, with a clear error when it is missing or too long."""
+def text_field(form: Any, name: str, max_length: int, required: bool = False, label: str | None = None) -> str:
+    """A form field as stripped text, with a clear error when it is missing or too long
+    (`label`: the field as the error names it, by default its name)."""
+    label = label or name.replace("_", " ")
     value = form.get(name)
     value = value.strip() if isinstance(value, str) else ""
     if required and not value:
-        raise FormError(f"{name.replace('_', ' ')} is required")
+        raise FormError(f"{label} is required")
     if len(value) > max_length:
-        raise FormError(f"{name.replace('_', ' ')} has at most {max_length} characters")
+        raise FormError(f"{label} is {len(value):,} characters long; the limit is {max_length:,}. Shorten it")
     return value
 
 
@@ -160,11 +172,9 @@ class FormError(ValueError):
 
 
 
-async def sidebar(services: Services, user_id: UUID, q: str = "", archived: bool = False) -> dict[str, Any]:
-    return {
-        "conversations": await queries.conversations(services, user_id, q=q, archived=archived),
-        "q": q, "archived": archived,
-    }
+async def sidebar(services: Services, user_id: UUID, q: str = "", archived: bool = False, **page: Any) -> dict[str, Any]:
+    """The chat list's context (web/chat_list.py); `page`: its view, current chat and cursor."""
+    return await chat_list(services, user_id, q, archived, **page)
 
 
 async def over_limit(services: Services, user_id: UUID, conversation_id: UUID) -> Redirect | None:

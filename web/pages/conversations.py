@@ -4,7 +4,7 @@ chat's own actions (rename, archive, delete, share) and import."""
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -16,12 +16,14 @@ from api.routes import MAX_IMPORT_BYTES
 from api.services import Services
 from domain.conversation import ConversationNotFound
 from web import queries
+from web.chat_list import VIEWS
 from web.pages.common import (
     FormError,
     over_limit,
     redirect,
     render,
     require_viewer,
+    safe_next,
     sidebar,
     text_field,
     uuid_field,
@@ -37,14 +39,22 @@ class ConversationPages(Controller):
 
     @get("/")
     async def list_conversations(
-        self, request: Request[Any, Any, Any], services: Services, q: str = "", archived: bool = False
+        self, request: Request[Any, Any, Any], services: Services, q: str = "", archived: bool = False,
+        view: str = "", before: datetime | None = None, before_id: UUID | None = None,
     ) -> Template:
+        """The new-chat page; the chat list beside it may be a later page (`before`,
+        `before_id`: the cursor of web/chat_list.py) or the chats made with API keys (`view=api`)."""
         user_id = require_viewer(request, services)
         q = q.strip()[:200]
+        if view not in VIEWS:
+            raise FormError("that list does not exist: view is empty or api")
+        if (before is None) != (before_id is None):
+            raise FormError("a page of the chat list needs both before and before_id")
         personas = await queries.personas(services, user_id)
         return await render(request, services, "conversations.html", personas=personas,
                             max_chars=services.app.max_message_chars, client_message_id=str(uuid4()),
-                            **await sidebar(services, user_id, q, archived))
+                            **await sidebar(services, user_id, q, archived, view=view, before=before,
+                                            before_id=before_id))
 
     @post("/")
     async def start_conversation(self, request: Request[Any, Any, Any], services: Services) -> Redirect:
@@ -57,7 +67,7 @@ class ConversationPages(Controller):
         if keep and keep not in KEEP_CHOICES:
             raise FormError("choose how long to keep the chat from the list")
         keep_for = timedelta(seconds=KEEP_CHOICES[keep]) if keep else None
-        text = text_field(form, "text", services.app.max_message_chars)
+        text = text_field(form, "text", services.app.max_message_chars, label="your message")
         if text and (limited := await services.call(services.limits.check_send, user_id)) is not None:
             return redirect(services, "/c", limited.message.capitalize(), kind="error")
         conversation_id = await services.call(services.app.start_conversation, user_id, persona_id, keep_for)
@@ -88,7 +98,7 @@ class ConversationPages(Controller):
         """Send without the script: the reply is requested; the chat page shows it pending."""
         user_id = require_viewer(request, services)
         form = await request.form()
-        text = text_field(form, "text", services.app.max_message_chars, required=True)
+        text = text_field(form, "text", services.app.max_message_chars, required=True, label="your message")
         client_message_id = text_field(form, "client_message_id", 100) or str(uuid4())
         if (refused := await over_limit(services, user_id, conversation_id)) is not None:
             return refused
@@ -102,7 +112,7 @@ class ConversationPages(Controller):
     ) -> Redirect:
         user_id = require_viewer(request, services)
         form = await request.form()
-        text = text_field(form, "text", services.app.max_message_chars, required=True)
+        text = text_field(form, "text", services.app.max_message_chars, required=True, label="your message")
         client_message_id = text_field(form, "client_message_id", 100) or str(uuid4())
         if (refused := await over_limit(services, user_id, conversation_id)) is not None:
             return refused
@@ -161,7 +171,17 @@ class ConversationPages(Controller):
         title = text_field(form, "title", 200, required=True)
         await services.call(services.app.update_conversation, conversation_id, user_id, title=title)
         await queries.settle(services, conversation_id)
-        return redirect(services, f"/c/{conversation_id}", "Renamed.")
+        return redirect(services, back(form, conversation_id), "Renamed.")
+
+    @post("/{conversation_id:uuid}/pin")
+    async def pin(self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID) -> Redirect:
+        """Pin the chat to the top of the list (`pinned` 1), or unpin it (0)."""
+        user_id = require_viewer(request, services)
+        form = await request.form()
+        pinned = form.get("pinned", "1") != "0"
+        await services.call(services.app.update_conversation, conversation_id, user_id, pinned=pinned)
+        await queries.settle(services, conversation_id)
+        return redirect(services, back(form, conversation_id), "Pinned." if pinned else "Unpinned.")
 
     @post("/{conversation_id:uuid}/archive")
     async def archive(self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID) -> Redirect:
@@ -170,24 +190,27 @@ class ConversationPages(Controller):
         archived = form.get("archived", "1") != "0"
         await services.call(services.app.update_conversation, conversation_id, user_id, archived=archived)
         await queries.settle(services, conversation_id)
-        return redirect(services, f"/c/{conversation_id}", "Archived." if archived else "Back from the archive.")
+        return redirect(services, back(form, conversation_id), "Archived." if archived else "Back from the archive.")
 
     @post("/{conversation_id:uuid}/delete")
     async def delete(self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID) -> Redirect:
         user_id = require_viewer(request, services)
+        form = await request.form()
         await services.call(services.app.delete_conversation, conversation_id, user_id)
         await queries.settle(services, conversation_id)
-        return redirect(services, "/c", "Conversation deleted.")
+        gone = back(form, conversation_id, default="/c")
+        return redirect(services, "/c" if gone.startswith(f"/c/{conversation_id}") else gone, "Conversation deleted.")
 
 
     @post("/{conversation_id:uuid}/shares")
     async def share(self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID) -> Redirect:
         """A read-only snapshot of the active branch as it is now, at /s/{share_id}."""
         user_id = require_viewer(request, services)
+        form = await request.form()
         share_id = await services.call(services.app.share_conversation, conversation_id, user_id)
         await queries.settle(services, conversation_id)
         link = f"{request.base_url}".rstrip("/") + f"/s/{share_id}"
-        return redirect(services, f"/c/{conversation_id}", f"Anyone with this link can read the chat: {link}")
+        return redirect(services, back(form, conversation_id), f"Anyone with this link can read the chat: {link}")
 
     @post("/{conversation_id:uuid}/shares/{share_id:uuid}/delete")
     async def stop_sharing(
@@ -215,9 +238,18 @@ class ConversationPages(Controller):
         except RecursionError:
             raise FormError("that file is not an export: its JSON nests too deeply") from None
         result = await services.call(services.app.import_conversations, user_id, data)
+        if not result["imported"] and not result["duplicates"]:  # JSON, but no export: nothing was saved
+            raise FormError("nothing in that file could be imported: choose the conversations.json of a ChatGPT "
+                            "export, or a file this app exported")
         for conversation_id in result["conversation_ids"]:
             await queries.settle(services, conversation_id)
         return redirect(services, "/c", import_note(result))
+
+
+def back(form: Any, conversation_id: UUID, default: str | None = None) -> str:
+    """Where a chat's action returns: the page its form was on (`next`: the chat list's
+    menu is on every page), else the chat."""
+    return safe_next(form.get("next"), default or f"/c/{conversation_id}")
 
 
 def import_note(result: dict[str, Any]) -> str:
@@ -248,6 +280,6 @@ async def chat_context(services: Services, conversation_id: UUID, user_id: UUID)
         "pending": next((m for m in messages if m["status"] == "pending"), None),
         "client_message_id": str(uuid4()),
         "max_chars": services.app.max_message_chars,
-        **await sidebar(services, user_id),
+        **await sidebar(services, user_id, current=conversation_id),
     }
 

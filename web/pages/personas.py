@@ -1,4 +1,5 @@
-"""Persona pages: the list, the form (new and edit, with its versions), retiring."""
+"""Persona pages: the list, the form (new and edit, with its versions to view and restore),
+retiring."""
 
 from __future__ import annotations
 
@@ -103,6 +104,23 @@ class PersonaPages(Controller):
         await queries.settle(services, persona_id)
         note = "Saved a new version." if changes else "Nothing changed."
         return redirect(services, f"/personas/{persona_id}/edit", note)
+
+    @post("/{persona_id:uuid}/versions/{version:int}/restore")
+    async def restore_version(
+        self, request: Request[Any, Any, Any], services: Services, persona_id: UUID, version: int
+    ) -> Redirect:
+        """Make an earlier version current again: a new version with its fields (the form's
+        versions list shows each one's fields); nothing is deleted."""
+        user_id = require_viewer(request, services)
+        persona = await services.call(services.app.visible_persona, persona_id, user_id)
+        if persona["owner_id"] != user_id:
+            raise NotFoundException("only the persona's creator can restore its versions")
+        restored = await services.call(services.app.restore_persona_version, persona_id, user_id, version)
+        if restored is None:
+            return redirect(services, f"/personas/{persona_id}/edit",
+                            f"The persona is as v{version} was already: nothing changed.")
+        await queries.settle(services, persona_id)
+        return redirect(services, f"/personas/{persona_id}/edit", f"Restored v{version} as v{restored}.")
 
     @post("/{persona_id:uuid}/retire")
     async def retire_persona(self, request: Request[Any, Any, Any], services: Services, persona_id: UUID) -> Redirect:

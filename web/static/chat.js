@@ -1,11 +1,192 @@
 "use strict";
-// The chat page's one script: the websocket stream (/api/ws) and the chat forms that need it.
+// The one script of the pages (no build step): on every page the copy buttons, the chat
+// list's paging and menus, dismissable banners and message-limit notes; on the chat page,
+// the websocket stream (/api/ws) and the chat forms that need it.
 //
 // Send, regenerate and edit become websocket frames; the reply streams into its bubble as
 // plain text (textContent only: nothing a model writes is ever parsed as HTML here). When
 // it ends, the page is fetched again and its thread, title and chat list are swapped in:
 // the server renders stored text as sanitised Markdown, in one place. Without a socket
 // (or without this script) every form posts to its page route instead.
+
+// ---------- copy (every page with this script: the chat, the list of share links) ----------
+async function copyText(text) {
+  if (navigator.clipboard && window.isSecureContext) return navigator.clipboard.writeText(text);
+  const area = document.createElement("textarea");  // plain http on a LAN host: the older way
+  area.value = text;
+  document.body.append(area);
+  area.select();
+  const done = document.execCommand("copy");
+  area.remove();
+  if (!done) throw new Error("copy refused");
+}
+
+async function copyFrom(button, text) {  // the button says how it went, then is "Copy" again
+  try {
+    await copyText(text);
+    button.textContent = "Copied";
+  } catch (_) {
+    button.textContent = "Could not copy";
+  }
+  setTimeout(() => { button.textContent = "Copy"; }, 1500);
+}
+
+// A button the page renders hidden with its text in `data-copy` (a share link's full URL):
+// shown here, as without this script it could copy nothing.
+for (const button of document.querySelectorAll("button[data-copy]")) button.hidden = false;
+document.addEventListener("click", (e) => {
+  const button = e.target instanceof Element ? e.target.closest("button[data-copy]") : null;
+  if (button) copyFrom(button, button.dataset.copy);
+});
+
+// ---------- the chat list, on every page ----------
+// The browser's time zone goes to the server (the `tz` cookie), which groups the list by
+// the viewer's dates; "More chats" appends the next page in place, and does so by itself
+// when the link scrolls into view. Without the script the link opens that page.
+(() => {
+  try {
+    const zone = Intl.DateTimeFormat().resolvedOptions().timeZone;
+    if (zone && !document.cookie.split("; ").includes("tz=" + encodeURIComponent(zone))) {
+      document.cookie = "tz=" + encodeURIComponent(zone) + "; path=/; max-age=31536000; samesite=lax";
+    }
+  } catch (e) { /* no Intl: the server uses UTC */ }
+
+  let loading = false;
+  async function loadMore(link) {
+    if (loading) return;
+    loading = true;
+    try {
+      const response = await fetch(link.href, { credentials: "same-origin", signal: AbortSignal.timeout(15000) });
+      if (!response.ok) throw new Error(response.statusText);
+      const page = new DOMParser().parseFromString(await response.text(), "text/html");
+      const list = document.getElementById("conversations"), next = page.getElementById("conversations");
+      if (!list || !next) throw new Error("no chat list");
+      const parts = Array.from(next.children);
+      for (let i = 0; i < parts.length; i++) {
+        const part = parts[i], last = list.lastElementChild;
+        if (part.classList.contains("empty")) continue;
+        const heading = last && last.tagName === "UL" ? last.previousElementSibling : null;
+        if (part.tagName === "H2" && heading && heading.textContent === part.textContent && parts[i + 1]) {
+          last.append(...Array.from(parts[i + 1].children));  // the date group goes on
+          i++;
+          continue;
+        }
+        list.append(part);
+      }
+      const more = page.getElementById("more-chats");
+      if (more) link.href = more.getAttribute("href"); else link.remove();
+    } catch (e) {
+      window.location.href = link.href;  // the plain page still works
+    } finally {
+      loading = false;
+    }
+  }
+
+  // A chat's menu in the list: one open at a time, in view when opened; Esc (focus back on
+  // its button) or a click elsewhere closes it.
+  const openMenus = () => document.querySelectorAll("details.item-menu[open]");
+  document.addEventListener("toggle", (e) => {
+    const menu = e.target;
+    if (!(menu instanceof HTMLDetailsElement) || !menu.classList.contains("item-menu") || !menu.open) return;
+    for (const other of openMenus()) if (other !== menu) other.open = false;
+    menu.querySelector(".menu-panel").scrollIntoView({ block: "nearest" });
+  }, true);
+  document.addEventListener("keydown", (e) => {
+    if (e.key !== "Escape" || !openMenus().length) return;
+    for (const menu of openMenus()) {
+      menu.open = false;
+      menu.querySelector("summary").focus();
+    }
+    e.stopImmediatePropagation();  // this Esc was for the menu, not the banner or the list
+  });
+  document.addEventListener("click", (e) => {
+    for (const menu of openMenus()) if (!menu.contains(e.target)) menu.open = false;
+  });
+
+  const link = document.getElementById("more-chats");
+  if (!link) return;
+  link.addEventListener("click", (event) => { event.preventDefault(); loadMore(link); });
+  if ("IntersectionObserver" in window) {
+    new IntersectionObserver((entries) => {
+      if (entries.some((e) => e.isIntersecting) && document.body.contains(link)) loadMore(link);
+    }).observe(link);
+  }
+})();
+
+// ---------- error banners and message lengths, on every page ----------
+// The script's own banner (a websocket error) is announced (role=alert) and closes with its
+// × button; Esc closes it, and the server's flash (base.html), unless a menu is open (Esc
+// closes that first). A message box with `data-max` never cuts what is typed or pasted:
+// over the limit a note says by how much, and its form is not sent until it is shorter.
+function sentence(text) {  // a server's message as a sentence: a capital first, a full stop last
+  const s = String(text || "").trim();
+  if (!s) return "";
+  const capital = s[0].toUpperCase() + s.slice(1);
+  return /[.!?]$/.test(capital) ? capital : `${capital}.`;
+}
+
+function showBanner(message) {
+  for (const old of document.querySelectorAll("#flash, #flash-dismissed")) old.remove();
+  const box = document.createElement("div"), text = document.createElement("span");
+  const close = document.createElement("button");
+  box.id = "flash";
+  box.className = "flash error";
+  box.setAttribute("role", "alert");
+  text.className = "flash-text";
+  text.textContent = message;
+  Object.assign(close, { type: "button", className: "dismiss", textContent: "×", title: "Dismiss" });
+  close.setAttribute("aria-label", "Dismiss this message");
+  close.addEventListener("click", () => box.remove());
+  box.append(text, close);
+  document.body.prepend(box);
+}
+
+document.addEventListener("keydown", (e) => {
+  if (e.key !== "Escape") return;
+  const nav = document.getElementById("nav-toggle");
+  if (document.querySelector("details.actions-menu[open], details.item-menu[open]") || (nav && nav.checked)) return;
+  const box = document.getElementById("flash"), dismissed = document.getElementById("flash-dismissed");
+  if (dismissed) dismissed.checked = true;  // the server's: its checkbox hides it
+  else if (box) box.remove();
+});
+
+(() => {
+  const notes = new WeakMap();  // a message box -> its note, made when first needed
+  function withinLimit(area) {
+    const max = Number(area.dataset.max) || 0, n = [...area.value.trim()].length;  // code points, as the server counts
+    let note = notes.get(area);
+    if (!max || n <= max) {
+      if (note) note.hidden = true;
+      area.removeAttribute("aria-invalid");
+      return true;
+    }
+    if (!note) {
+      note = document.createElement("p");
+      note.className = "over-limit";
+      note.setAttribute("role", "status");
+      (area.closest("form") || area).before(note);
+      notes.set(area, note);
+    }
+    const split = n <= 2 * max ? "two messages" : "several messages";
+    note.textContent = `Your message is ${n.toLocaleString("en")} characters long; the limit is ` +
+      `${max.toLocaleString("en")}. Shorten it or split it into ${split}: nothing was cut.`;
+    note.hidden = false;
+    area.setAttribute("aria-invalid", "true");
+    return false;
+  }
+  document.addEventListener("input", (e) => {
+    if (e.target instanceof HTMLTextAreaElement && e.target.dataset.max) withinLimit(e.target);
+  });
+  document.addEventListener("submit", (e) => {  // capture: before the chat sends it over the socket
+    const area = e.target instanceof HTMLFormElement ? e.target.querySelector("textarea[data-max]") : null;
+    if (area && !withinLimit(area)) {
+      e.preventDefault();
+      e.stopImmediatePropagation();
+      area.focus();
+    }
+  }, true);
+})();
+
 (() => {
   const chat = document.getElementById("chat");
   if (!chat) return;
@@ -41,25 +222,23 @@
   function nearBottom() { const t = thread(); return t.scrollHeight - t.scrollTop - t.clientHeight < 80; }
   function scrollDown() { const t = thread(); t.scrollTop = t.scrollHeight; }
 
-  function notify(message) {  // the page's flash (base.html), made if the page had none
-    let box = $("flash"), dismissed = $("flash-dismissed");
-    if (!box) {
-      dismissed = el("input", "flash-dismissed");
-      Object.assign(dismissed, { type: "checkbox", id: "flash-dismissed", hidden: true });
-      box = el("div", "flash error");
-      box.id = "flash";
-      box.setAttribute("role", "alert");
-      const close = el("label", "dismiss", "×");
-      close.htmlFor = "flash-dismissed";
-      close.title = "Dismiss";
-      close.setAttribute("aria-label", "Dismiss");
-      box.append(el("span", "flash-text"), close);
-      document.body.prepend(dismissed, box);
-    }
-    box.className = "flash error";
-    box.querySelector(".flash-text").textContent = message;
-    dismissed.checked = false;  // shown again, even if an earlier one was dismissed
-    box.hidden = false;
+  function notify(message) { showBanner(message); }  // in place of the page's flash, if any
+
+  // What a socket's error frame says, for people: a plain sentence with what to do. Refusals
+  // (`rejected`, `persona_unavailable`) are the domain's own sentences; a failed reply's
+  // reason is the inference server's, too technical to show.
+  const SAYS = {
+    not_found: "That chat or message is not there any more. Reload the page.",
+    busy: "The server is busy and saved nothing. Try again in a few seconds.",
+    internal: "Something went wrong on the server. Try again.",
+    session_ended: "Your session has ended. Log in again.",
+    frame_too_large: "That is too much to send at once. Shorten your message.",
+    malformed: "The page sent something the server could not read. Reload the page.",
+    invalid: "The page sent something the server could not read. Reload the page.",
+    reply_failed: "The reply could not be written. Regenerate it (↻) or try again in a moment.",
+  };
+  function friendly(f) {
+    return SAYS[f.code] || sentence(f.message) || "Something went wrong. Try again.";
   }
 
   function setBusy() {
@@ -115,30 +294,11 @@
   // ---------- copy ----------
   // A Copy button on each code block and on each finished message (a page without this
   // script has none: it would have nothing to copy with).
-  async function copyText(text) {
-    if (navigator.clipboard && window.isSecureContext) return navigator.clipboard.writeText(text);
-    const area = el("textarea");  // plain http on a LAN host: the older way
-    area.value = text;
-    document.body.append(area);
-    area.select();
-    const done = document.execCommand("copy");
-    area.remove();
-    if (!done) throw new Error("copy refused");
-  }
-
   function copyButton(label, text) {
     const button = el("button", "copy-btn small-btn", "Copy");
     button.type = "button";
     button.setAttribute("aria-label", label);
-    button.addEventListener("click", async () => {
-      try {
-        await copyText(text());
-        button.textContent = "Copied";
-      } catch (_) {
-        button.textContent = "Could not copy";
-      }
-      setTimeout(() => { button.textContent = "Copy"; }, 1500);
-    });
+    button.addEventListener("click", () => copyFrom(button, text()));
     return button;
   }
 
@@ -287,8 +447,7 @@
   function onError(f) {
     const mine = state.inflight;
     if (f.code === "rate_limited") startRateLimit(f.message, f.retry_after);
-    else if (f.code !== "reply_failed" || !f.reply_id) notify(f.message || f.code || "Something went wrong.");
-    else notify(`The reply failed: ${f.message || "unknown error"}`);
+    else notify(friendly(f));
     if (f.code === "not_found" && f.reply_id) state.stopping = false;  // a stop that found nothing
     if (!mine || f.reply_id) return;
     state.inflight = null;
@@ -309,7 +468,7 @@
 
   function startRateLimit(message, retryAfter) {
     state.limitUntil = Date.now() + Math.max(1, Number(retryAfter) || 1) * 1000;
-    const text = (message || "too many messages").replace(/^./, (c) => c.toUpperCase());
+    const text = sentence(message || "too many messages at once");
     clearInterval(state.limitTimer);
     const tick = () => {
       const left = Math.ceil((state.limitUntil - Date.now()) / 1000);
@@ -319,7 +478,7 @@
         setBusy();
         return;
       }
-      limitNote.textContent = `${text}${/[.!?]$/.test(text) ? "" : "."} Wait ${formatWait(left)}.`;
+      limitNote.textContent = `${text} You can send again in ${formatWait(left)}.`;
     };
     limitNote.hidden = false;
     tick();
@@ -374,11 +533,83 @@
       state.inflight = { kind: "edit", clientId, text };
       userBubble(text);
       send({ type: "edit", conversation_id: cid, message_id: form.dataset.messageId, text, client_message_id: clientId });
+    } else if (form.classList.contains("branches")) {
+      e.preventDefault();  // no socket needed: the form is posted in the background
+      const id = e.submitter && e.submitter.value;
+      if (id && !state.inflight && !state.replyId) switchBranch(form, e.submitter);
+      return;
     } else {
       return;
     }
     setBusy();
   });
+
+  // ---------- branches ----------
+  // ‹ and › post their form in the background and swap in the page's new thread, keeping the
+  // switched message where it was on the screen and naming it in the URL's hash; without
+  // this script the form posts and the page reloads at that message.
+  let switching = false;
+  async function switchBranch(form, button) {
+    if (switching) return;
+    switching = true;
+    const messageId = button.value, label = button.getAttribute("aria-label");
+    const before = form.closest(".turn").getBoundingClientRect().top;
+    const data = new FormData(form);  // with the CSRF token
+    data.set("message_id", messageId);
+    try {
+      const res = await fetch(form.action, {
+        method: "POST", body: data, credentials: "same-origin", redirect: "manual", signal: AbortSignal.timeout(15000),
+      });
+      if (res.type !== "opaqueredirect") {  // refused: the error page says why
+        const doc = new DOMParser().parseFromString(await res.text(), "text/html");
+        notify(doc.querySelector(".card .muted")?.textContent || `Could not switch versions (HTTP ${res.status}).`);
+        return;
+      }
+      if (refreshing) await refreshing;  // one begun before the switch would show the old branch
+      await refresh();
+      const switched = $(`m-${messageId}`);
+      if (!switched) return;
+      thread().scrollTop += switched.getBoundingClientRect().top - before;
+      history.replaceState(null, "", `#m-${messageId}`);
+      const buttons = [...switched.querySelectorAll(".branches button:not(:disabled)")];
+      (buttons.find((b) => b.getAttribute("aria-label") === label) || buttons[0])?.focus({ preventScroll: true });
+    } catch (_) {
+      notify("Could not switch versions: check the connection and try again.");
+    } finally {
+      switching = false;
+    }
+  }
+
+  // ---------- the edit box ----------
+  // Opening "Edit" puts the cursor at the end of the text and a Cancel button beside Save
+  // (made here: without this script the "Edit" summary closes the box); Cancel and Esc close
+  // it and put the text back.
+  function closeEdit(box) {
+    const area = box.querySelector("textarea");
+    area.value = area.defaultValue;
+    box.open = false;
+    box.querySelector("summary").focus();
+  }
+  document.addEventListener("toggle", (e) => {  // toggle does not bubble: caught on the way down
+    const box = e.target;
+    if (!(box instanceof HTMLDetailsElement) || !box.classList.contains("edit") || !box.open) return;
+    const actions = box.querySelector(".edit-actions"), area = box.querySelector("textarea");
+    if (actions && !actions.querySelector(".edit-cancel")) {
+      const cancel = el("button", "edit-cancel small-btn", "Cancel");
+      cancel.type = "button";
+      cancel.addEventListener("click", () => closeEdit(box));
+      actions.prepend(cancel);
+    }
+    area.focus();
+    area.setSelectionRange(area.value.length, area.value.length);
+  }, true);
+  document.addEventListener("keydown", (e) => {  // capture: this Esc is the edit box's alone
+    if (e.key !== "Escape" || e.isComposing || !(e.target instanceof Element)) return;
+    const box = e.target.closest("details.edit[open]");
+    if (!box) return;
+    e.stopPropagation();
+    closeEdit(box);
+  }, true);
 
   // The chat's menu closes with Esc (focus back on its button) and with a click elsewhere.
   document.addEventListener("keydown", (e) => {
@@ -421,9 +652,8 @@
     counter.hidden = n < maxChars * 0.9;
     const over = tooLong();
     counter.classList.toggle("over", over);
-    counter.textContent = over
-      ? `${n.toLocaleString()} / ${maxChars.toLocaleString()}: ${(n - maxChars).toLocaleString()} too many to send`
-      : `${n.toLocaleString()} / ${maxChars.toLocaleString()}`;
+    // (over the limit, the note above the composer says the rest, in a sentence)
+    counter.textContent = `${n.toLocaleString()} / ${maxChars.toLocaleString()}`;
     setBusy();
   }
   input.addEventListener("keydown", (e) => {

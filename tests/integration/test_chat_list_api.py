@@ -1,0 +1,61 @@
+"""The chat list through the API: keyset pages (a time and an id, so chats updated in the
+same instant are neither skipped nor repeated), pins, and their validation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tests.client import ChatClient
+from tests.ui.conftest import export_of
+
+pytestmark = pytest.mark.integration
+
+
+async def listing(client: ChatClient, query: str = "") -> list[dict]:
+    r = await client.get(f"/api/conversations{query}")
+    assert r.status_code == 200, r.text
+    return list(r.json())
+
+
+async def test_pages_by_time_and_id_and_pins(client: ChatClient) -> None:
+    r = await client.http.post("/api/import", content=json.dumps(export_of(7)),
+                               headers={**client.headers, "content-type": "application/json"}, timeout=120)
+    assert r.status_code == 201 and r.json()["imported"] == 7, r.text
+    for _ in range(200):
+        everything = await listing(client, "?limit=50")
+        if len(everything) == 7:
+            break
+        await asyncio.sleep(0.05)
+    assert len(everything) == 7
+    order = [(c["updated_at"], c["id"]) for c in everything]
+    assert order == sorted(order, reverse=True)  # newest first, ties broken by id
+
+    seen: list[dict] = []
+    page = await listing(client, "?limit=3")
+    while page:
+        seen += page
+        last = page[-1]
+        page = await listing(client, f"?limit=3&before={last['updated_at'].replace('+', '%2B')}&before_id={last['id']}")
+    assert [c["id"] for c in seen] == [c["id"] for c in everything]
+
+    chosen = everything[4]["id"]
+    r = await client.http.patch(f"/api/conversations/{chosen}", json={"pinned": True}, headers=client.headers)
+    assert r.status_code == 204, r.text
+    for _ in range(200):
+        pinned = await listing(client, "?pinned=true")
+        if pinned:
+            break
+        await asyncio.sleep(0.05)
+    assert [c["id"] for c in pinned] == [chosen] and pinned[0]["pinned"] is True
+    unpinned = await listing(client, "?pinned=false")
+    assert len(unpinned) == 6 and chosen not in {c["id"] for c in unpinned}
+    assert (await client.get(f"/api/conversations/{chosen}")).json()["pinned"] is True
+
+    for bad in (f"?before_id={chosen}", "?pinned=perhaps", "?before_id=not-a-uuid&before=2026-12-06T00:00:00Z"):
+        r = await client.get(f"/api/conversations{bad}")
+        assert r.status_code == 400, (bad, r.text)
+    r = await client.http.patch(f"/api/conversations/{chosen}", json={"pinned": "yes"}, headers=client.headers)
+    assert r.status_code == 400, r.text
