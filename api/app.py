@@ -31,12 +31,16 @@ from api.services import Services
 from api.training import ConsentController
 from chatbot.config import load_settings
 from chatbot.eventstore import EventTooLarge
+from chatbot.metrics import serve as serve_metrics
 from chatbot.postgres import WriteTimeout
+from chatbot.tracing import setup_tracing
+from chatbot.tracing import shutdown as shutdown_tracing
 from domain.application import PasswordCheckBusy
 from domain.conversation import ConversationError, ConversationNotFound, MessageNotFound, ShareNotFound, ReplyNotFound, ReplyStillPending, PersonaUnavailable
 from domain.persona import InvalidPersona, NotPersonaOwner, PersonaError, PersonaNotFound, SlugTaken
 from domain.user import ApiKeyNotFound, EmailAlreadyRegistered, InvalidCredentials, UserError
 from web.pages import page_handlers, template_config
+from workers.runtime import setup_logging
 
 log = logging.getLogger("api")
 
@@ -118,11 +122,15 @@ def create_app() -> Litestar:
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        setup_logging("api", settings.log_format)
+        setup_tracing("api")  # spans of the chat websocket's frames (chatbot/tracing.py)
         services["services"] = await Services.create(settings)
+        serve_metrics(settings.metrics_port, settings.metrics_host)  # a port of its own: chatbot/metrics.py
         try:
             yield
         finally:
             await services["services"].close()
+            shutdown_tracing()
 
     def provide_services() -> Services:
         return services["services"]

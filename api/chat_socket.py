@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Callable
 from uuid import UUID, uuid4
 
@@ -42,6 +43,7 @@ from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from opentelemetry.trace import SpanKind
 
 from api.auth import REVOKED, session_of
 from api.csrf import same_origin
@@ -61,7 +63,9 @@ from chatbot.messaging import (
     token_subject,
     unseen_text,
 )
+from chatbot.metrics import FRAMES, SEND_ACCEPTED, SERVER_FRAME_TYPES, WEBSOCKETS_OPEN, ReplyClock, bounded
 from chatbot.postgres import WriteTimeout
+from chatbot.tracing import span
 from domain.application import PostedMessage
 from domain.conversation import ConversationError, ConversationNotFound, InvalidSampling, MessageNotFound, PersonaUnavailable
 
@@ -97,6 +101,7 @@ class ChatSession:
         self.resume_lock = asyncio.Lock()  # one resume at a time: held deltas are that resume's
         self.awaited: dict[str, tuple[UUID, float]] = {}  # reply id -> (conversation, last heard of) until its end
         self.ended: dict[str, None] = {}  # replies whose end went out (the newest ENDED_KEPT): later messages dropped
+        self.clocks: dict[str, ReplyClock] = {}  # replies asked for here -> their token timings (chatbot/metrics.py)
 
     async def run(self) -> None:
         writer = asyncio.create_task(self.write())
@@ -141,26 +146,33 @@ class ChatSession:
                 await self.socket.send_data(encoder.encode(frame).decode(), mode="text")
             except Exception:  # noqa: BLE001 - the client went away; the reader will notice
                 return
+            FRAMES.labels(direction="out", type=bounded(frame["type"], SERVER_FRAME_TYPES)).inc()
 
     def error(self, code: str, message: str, **extra: Any) -> None:
         self.outbox.put_nowait({"type": "error", "code": code, "message": message, **extra})
+
+    def refuse(self, code: str, message: str) -> None:
+        """An incoming frame that is not one: counted as "invalid", answered with an error."""
+        FRAMES.labels(direction="in", type="invalid").inc()
+        self.error(code, message)
 
     async def on_frame(self, raw: str | bytes) -> None:
         limit = self.services.settings.max_frame_bytes
         size = len(raw.encode() if isinstance(raw, str) else raw)
         if size > limit:
-            return self.error("frame_too_large", f"frames are at most {limit} bytes, this one has {size}")
+            return self.refuse("frame_too_large", f"frames are at most {limit} bytes, this one has {size}")
         if isinstance(raw, bytes):  # a binary frame: it still has to be JSON text
             try:
                 raw = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                return self.error("malformed", f"a frame is UTF-8 JSON text; this one is not valid UTF-8 (byte {e.start})")
+                return self.refuse("malformed", f"a frame is UTF-8 JSON text; this one is not valid UTF-8 (byte {e.start})")
         try:
             frame = frame_decoder.decode(raw)
         except RecursionError:  # deep nesting where the "type" tag is looked for
-            return self.error("malformed", "a frame nests too deeply")
+            return self.refuse("malformed", "a frame nests too deeply")
         except msgspec.DecodeError as e:
-            return self.error(*self.explain(raw, e))
+            return self.refuse(*self.explain(raw, e))
+        FRAMES.labels(direction="in", type=bounded(frame.__struct_config__.tag, CLIENT_FRAME_TYPES)).inc()
         lane: Any = ("reply", frame.reply_id) if isinstance(frame, StopFrame) else frame.conversation_id
         await self.in_flight.acquire()
         task = asyncio.create_task(self.handle(frame, self.lanes.get(lane)))
@@ -173,17 +185,9 @@ class ChatSession:
         try:
             if before is not None:
                 await asyncio.wait([before])
-            if isinstance(frame, SendFrame):
-                await self.on_send(frame)
-            elif isinstance(frame, StopFrame):
-                await self.on_stop(frame)
-            elif isinstance(frame, RegenerateFrame):
-                await self.on_regenerate(frame)
-            elif isinstance(frame, EditFrame):
-                await self.on_edit(frame)
-            elif isinstance(frame, ResumeFrame):
-                async with self.resume_lock:
-                    await self.on_resume(frame)
+            # a message's trace starts here (chatbot/tracing.py); the frame type is the name
+            with span(f"ws {frame.__struct_config__.tag}", SpanKind.SERVER):
+                await self.dispatch(frame)
         except Exception:
             log.exception("handling a %s frame", type(frame).__name__)
             ids = {k: str(v) for k in ("conversation_id", "client_message_id", "reply_id")
@@ -191,6 +195,20 @@ class ChatSession:
             self.error("internal", "the frame could not be handled; try again", **ids)
         finally:
             self.in_flight.release()
+
+    async def dispatch(self, frame: ClientFrame) -> None:
+        """The frame's handler, inside its `ws <type>` span (a message's trace begins there)."""
+        if isinstance(frame, SendFrame):
+            await self.on_send(frame)
+        elif isinstance(frame, StopFrame):
+            await self.on_stop(frame)
+        elif isinstance(frame, RegenerateFrame):
+            await self.on_regenerate(frame)
+        elif isinstance(frame, EditFrame):
+            await self.on_edit(frame)
+        elif isinstance(frame, ResumeFrame):
+            async with self.resume_lock:
+                await self.on_resume(frame)
 
     async def on_stop(self, frame: StopFrame) -> None:
         """Ask whichever worker generates the reply to stop; its final `reply` frame
@@ -246,6 +264,7 @@ class ChatSession:
         user's tokens must never reach this socket, and a reply that streams whole while
         the command's answer is on its way still comes after its `accepted`."""
         ids = {"conversation_id": str(conversation_id), **ids}
+        started = time.monotonic()
         subscribed = await self.follow(conversation_id, confirmed=False)
         self.unconfirmed.setdefault(conversation_id, [])  # followed before: held all the same
         owned = False
@@ -271,6 +290,9 @@ class ChatSession:
             owned = True
             self.replies[posted.reply_id] = conversation_id
             self.await_end(str(posted.reply_id), conversation_id)
+            if posted.created:  # a retried frame's reply is timed by the socket that asked first
+                self.clocks[str(posted.reply_id)] = ReplyClock(started)
+            SEND_ACCEPTED.observe(time.monotonic() - started)
             self.outbox.put_nowait({
                 "type": "accepted", **ids, "message_id": str(posted.message_id),
                 "reply_id": str(posted.reply_id), "duplicate": not posted.created,
@@ -284,7 +306,10 @@ class ChatSession:
     def limited(self, command: Callable[..., PostedMessage], *args: Any) -> PostedMessage | Limited:
         """The rate limit, then (if within it) the command; in a thread."""
         limited = self.services.limits.check_send(self.user_id)
-        return limited if limited is not None else command(*args)
+        if limited is not None:
+            return limited
+        with span(f"command {command.__name__}"):  # its events carry this span's context
+            return command(*args)
 
     async def on_resume(self, frame: ResumeFrame) -> None:
         """Follow the conversation again; for a reply being written, send its text so far
@@ -451,6 +476,9 @@ class ChatSession:
 
     def end(self, reply_id: str) -> None:
         """The reply's end went out: anything more of it is dropped."""
+        clock = self.clocks.pop(reply_id, None)
+        if clock is not None:
+            clock.done()
         self.ended[reply_id] = None
         if len(self.ended) > ENDED_KEPT:
             del self.ended[next(iter(self.ended))]
@@ -465,6 +493,8 @@ class ChatSession:
             return
         text, self.delivered[delta.reply_id] = unseen_text(delta, seen)
         if text:  # else a regenerated prefix the client already has
+            if (clock := self.clocks.get(delta.reply_id)) is not None:
+                clock.token(time.monotonic())
             self.outbox.put_nowait({"type": "token", "conversation_id": cid, "reply_id": delta.reply_id, "text": text})
 
 
@@ -579,4 +609,8 @@ async def chat_socket(socket: WebSocket[Any, Any, Any], services: Services) -> N
         await socket.close(code=4401, reason="log in first")
         return
     await socket.accept()
-    await ChatSession(socket, session.user_id, services, session.session_id).run()
+    WEBSOCKETS_OPEN.inc()
+    try:
+        await ChatSession(socket, session.user_id, services, session.session_id).run()
+    finally:
+        WEBSOCKETS_OPEN.dec()

@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from uuid import UUID
 
+from chatbot.metrics import RATE_LIMITED
 from domain.batching import Batcher, Item
 from projections.readmodels import ReadModelRecorder
 
@@ -115,11 +116,13 @@ class RateLimiter:
         place, previous, tokens = counted
         elapsed = (now % WINDOW_S) / WINDOW_S
         if sliding_count(place, previous, elapsed) > self.per_minute:
+            RATE_LIMITED.labels(limit="messages_per_minute").inc()
             return Limited(
                 f"at most {self.per_minute} messages a minute; try again shortly",
                 retry_after=retry_after(place, previous, elapsed, self.per_minute),
             )
         if self.tokens_per_day and tokens >= self.tokens_per_day:
+            RATE_LIMITED.labels(limit="tokens_per_day").inc()
             return Limited(
                 f"the daily quota of {self.tokens_per_day} tokens is used up; it resets at midnight UTC",
                 retry_after=int(86400 - now % 86400) + 1,

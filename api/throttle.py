@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from api.limits import Limited
+from chatbot.metrics import RATE_LIMITED
 from projections.readmodels import ReadModelRecorder
 
 WINDOW_S = 15 * 60
@@ -71,6 +72,7 @@ class AuthThrottle:
             return None
         window, retry_after = self._window()
         if self._run(COUNT, _key(self.secret, "address", address), window) > self.per_address:
+            RATE_LIMITED.labels(limit="auth_attempts_per_address").inc()
             return Limited(f"too many log-in attempts from your address; try again in {retry_after // 60 + 1} "
                            "minutes", retry_after)
         return None
@@ -81,6 +83,7 @@ class AuthThrottle:
             return None
         window, retry_after = self._window()
         if self._run(PEEK, _key(self.secret, "account", email), window) >= self.failures_per_account:
+            RATE_LIMITED.labels(limit="login_failures_per_account").inc()
             return Limited(f"too many failed log-ins for this account; try again in {retry_after // 60 + 1} "
                            "minutes", retry_after)
         return None

@@ -20,7 +20,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from chatbot.launcher import Ports, Stack
 
     settings = load_settings()
-    ports = Ports(api=args.port)
+    ports = Ports(api=args.port, metrics=args.metrics_port)
     stack = Stack(settings, ports, workers=args.workers, apis=args.api, nats_nodes=3 if args.nats_cluster else 1,
                   projectors=args.projectors, worker_groups=args.worker_groups, tritons=args.tritons)
     stopping = threading.Event()
@@ -41,6 +41,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         + f"\n  Triton:     http://127.0.0.1:{ports.triton_http} (gRPC {ports.triton_grpc}, metrics {ports.triton_metrics})"
         + f"\n  NATS:       {stack.settings.nats_url} (monitor http://127.0.0.1:{ports.nats_monitor})"
         + f"\n  PostgreSQL: socket in {stack.settings.pg_host}"
+        + "\n  Metrics:    " + "  ".join(f"{name} :{port}" for name, port in stack.metrics_ports.items())
         + "\n\nPress Ctrl-C to stop.\n",
         flush=True,
     )
@@ -206,13 +207,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def end_sessions(settings: Settings, user_id: UUID) -> None:
     """End every session of an erased user: their tokens stop working in every API process
-    within a second (api/sessions.py)."""
+    within a second (api/sessions.py); their API keys' last uses go too (api/key_use.py)."""
+    from api.key_use import KeyUseStore
     from api.sessions import SessionStore
     from projections.readmodels import read_model_recorder
 
     recorder = read_model_recorder(settings.eventsourcing_env())
     try:
         SessionStore(recorder, settings.token_ttl_s).forget(user_id)
+        KeyUseStore(recorder).forget(user_id)
     finally:
         recorder.datastore.close()
 
@@ -303,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--tritons", type=int, default=1,
                     help="Triton instances; workers send each conversation to the same one (its KV cache is there)")
     up.add_argument("--port", type=int, default=8000, help="port of the first API process")
+    up.add_argument("--metrics-port", type=int, default=19100,
+                    help="/metrics of the first app process; the others count up from it (0: none)")
     up.add_argument("--nats-cluster", action="store_true", help="NATS as a 3-node cluster, the stream in 3 replicas")
     up.add_argument("--projectors", type=int, default=1,
                     help="projector processes, each over its share of CHATBOT_PARTITIONS")

@@ -69,6 +69,13 @@ class Settings:
     model_titles: bool = True  # the model writes each chat's title after its first reply (workers/titles.py)
     chain_key: str = ""  # base64 HMAC key of the events' hash chain (kept out of the database)
     model_repository: Path = REPO_ROOT / "triton_models"  # what Triton serves; `chatbot train` adds versions
+    # This process's Prometheus `/metrics` (chatbot/metrics.py): a port of its own, 0: none.
+    # `chatbot up` gives each child its own; in containers every one uses the same.
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    # Log lines as text (`HH:MM:SS process LEVEL message`) or one JSON object each, with
+    # the trace and span ids of the span they were written in (workers/runtime.py).
+    log_format: str = "text"
 
     @property
     def triton_urls(self) -> tuple[str, ...]:
@@ -152,6 +159,9 @@ class Settings:
             "CHATBOT_MODEL_TITLES": "1" if self.model_titles else "0",
             "CHATBOT_CHAIN_KEY": self.chain_key,
             "CHATBOT_MODEL_REPOSITORY": str(self.model_repository),
+            "CHATBOT_METRICS_PORT": str(self.metrics_port),
+            "CHATBOT_METRICS_HOST": self.metrics_host,
+            "CHATBOT_LOG_FORMAT": self.log_format,
         }
 
 
@@ -196,6 +206,26 @@ def _positive(name: str, value: str) -> int:
     if number < 1:
         raise ValueError(f"CHATBOT_{name} must be at least 1, got {number}")
     return number
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"CHATBOT_{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _port(name: str, value: str) -> int:
+    """A TCP port, or 0 for none."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise ValueError(f"CHATBOT_{name} must be a port number (0: none), got {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"CHATBOT_{name} must be 0 (none) or a port from 1 to 65535, got {port}")
+    return port
 
 
 def _secret_from_file(path: Path, make: Callable[[], str]) -> str:
@@ -256,4 +286,7 @@ def load_settings(data_dir: Path | None = None) -> Settings:
         model_titles=_env("MODEL_TITLES", "1") not in ("0", "false", "no", "off"),
         chain_key=chain_key,
         model_repository=Path(_env("MODEL_REPOSITORY", str(REPO_ROOT / "triton_models"))).resolve(),
+        metrics_port=_port("METRICS_PORT", _env("METRICS_PORT", "0")),
+        metrics_host=_env("METRICS_HOST", "127.0.0.1"),
+        log_format=_choice("LOG_FORMAT", _env("LOG_FORMAT", "text"), LOG_FORMATS),
     )

@@ -99,7 +99,9 @@ from eventsourcing.postgres import (
 from eventsourcing.utils import Environment, resolve_topic, retry
 from psycopg.sql import SQL, Composed, Identifier
 
+from chatbot.metrics import GROUP_COMMIT_EVENTS, GROUP_COMMIT_SAVES
 from chatbot.postgres import WriteTimeout, bound_sessions, flush_pipeline, is_timeout
+from chatbot.tracing import child_span, stamp
 from domain.batching import Batcher, Item
 
 from domain.conversation import Conversation
@@ -448,6 +450,7 @@ class KeyedMapper(Mapper[UUID]):
         return self.keys.owner_of(event.originator_id)
 
     def to_stored_event(self, domain_event: Any) -> StoredEvent:
+        stamp(domain_event, type(domain_event).__qualname__)  # its trace context, as metadata (chatbot/tracing.py)
         token = _OWNER.set(self.owner(domain_event))
         try:
             return super().to_stored_event(domain_event)
@@ -528,6 +531,8 @@ class GroupCommit(Batcher[Sequence[StoredEvent], Sequence[int]]):
         return batch
 
     def run(self, batch: list[Item[Sequence[StoredEvent], Sequence[int]]]) -> None:
+        GROUP_COMMIT_SAVES.observe(len(batch))
+        GROUP_COMMIT_EVENTS.observe(sum(len(item.value) for item in batch))
         if len(batch) == 1:
             batch[0].answer(self.commit)
             return
@@ -602,9 +607,10 @@ class ChainedApplicationRecorder(PostgresApplicationRecorder):
         for e in stored_events:
             if len(e.state) > MAX_EVENT_BYTES:
                 raise EventTooLarge(f"an event of {len(e.state):,} bytes; the most is {MAX_EVENT_BYTES:,}")
-        if stored_events and set(kwargs) <= {"tracking"} and kwargs.get("tracking") is None:
-            return self.group_commit.insert(stored_events)  # a plain save: may share a commit
-        return self._insert(stored_events, **kwargs)
+        with child_span("event store commit", {"chat.events": len(stored_events)}):
+            if stored_events and set(kwargs) <= {"tracking"} and kwargs.get("tracking") is None:
+                return self.group_commit.insert(stored_events)  # a plain save: may share a commit
+            return self._insert(stored_events, **kwargs)
 
     def _insert_alone(self, stored_events: Sequence[StoredEvent]) -> Sequence[int] | None:
         return self._insert(stored_events)

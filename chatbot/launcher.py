@@ -48,6 +48,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+METRICS_PORTS = 32  # ports kept free for the app processes' metrics by `Ports.random`
+
+
+def free_port_run(count: int, attempts: int = 50) -> int:
+    """The first of `count` consecutive ports that are free now."""
+    for _ in range(attempts):
+        first = free_port()
+        if first + count > 65535:
+            continue
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports found in {attempts} attempts")
+
+
 def wait_until(check: Callable[[], bool], timeout: float, what: str, alive: Callable[[], bool] = lambda: True) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -87,10 +106,13 @@ class Ports:
     triton_grpc: int = 18001
     triton_metrics: int = 18002
     api: int = 8000
+    # `/metrics` of the first app process (the relay); the others count up from it, one
+    # port each in the order they start (`Stack.metrics_ports`). 0: none.
+    metrics: int = 19100
 
     @classmethod
     def random(cls) -> Ports:
-        return cls(*(free_port() for _ in range(6)))
+        return cls(*(free_port() for _ in range(6)), metrics=free_port_run(METRICS_PORTS))
 
 
 # -- the servers ------------------------------------------------------------------------------
@@ -299,6 +321,9 @@ class Stack:
         if tritons < 1:
             raise ValueError(f"the stack needs at least one Triton instance, not {tritons}")
         self.ports = ports or Ports()
+        if not 0 <= self.ports.metrics <= 65535 - (1 + projectors + workers + apis):
+            raise ValueError(f"the metrics ports start at {self.ports.metrics}: a port of 1 to 65535 (0: none), "
+                             "one per app process")
         self.tritons = tritons
         self.model_repository = model_repository or settings.model_repository
         self.nats_nodes = nats_cluster_nodes(self.ports, nats_nodes) if nats_nodes > 1 else []
@@ -322,6 +347,7 @@ class Stack:
         self.extra_env = extra_env or {}
         self.postgres: EmbeddedPostgres | None = None
         self.children: dict[str, Child] = {}
+        self.metrics_ports: dict[str, int] = {}  # app process -> its /metrics port (chatbot/metrics.py)
         self._stopping = threading.Event()
 
     @property
@@ -355,7 +381,15 @@ class Stack:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
+    def metrics_port(self, name: str) -> int:
+        """The app process's own `/metrics` port: the stack's base plus one per process
+        (kept across restarts); 0 when the stack serves no metrics."""
+        if not self.ports.metrics:
+            return 0
+        return self.metrics_ports.setdefault(name, self.ports.metrics + len(self.metrics_ports))
+
     def _app_child(self, name: str, command: str, ready: Callable[[], bool] | None = None, **env: str) -> Child:
+        env.setdefault("CHATBOT_METRICS_PORT", str(self.metrics_port(name)))
         return Child(name, [sys.executable, "-m", "chatbot.cli", command], self._app_env(**env), ready, log=self._log(name))
 
     def start_infrastructure(self) -> None:

@@ -8,6 +8,9 @@ signals `in_progress` to JetStream while it generates. When generation ends it r
 `ReplyCompleted` (or `ReplyFailed`) and only then acks. A request delivered again after
 a worker died finds either a pending reply (it generates again, from the same pinned seed)
 or a recorded outcome (it re-announces that outcome and acks): one outcome per request.
+Each request is handled in a `worker reply` span that continues the message's trace from
+the relay's headers: `prompt build`, `triton generate` (its first and last token marked),
+`record reply` (chatbot/tracing.py).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import nats
 import numpy as np
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from opentelemetry.trace import SpanKind
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc import aio as triton_aio
 
@@ -46,6 +50,11 @@ from chatbot.messaging import (
     token_encoder,
     token_subject,
 )
+from chatbot.metrics import (
+    FINISH_REASONS, REDELIVERIES, REPLIES, TRITON_REQUEST, WORKER_FIRST_TOKEN, WORKER_TOKEN, bounded, serve,
+)
+from chatbot.tracing import add_event, extract, set_attributes, setup_tracing, span
+from chatbot.tracing import shutdown as shutdown_tracing
 from domain.application import ChatApplication, ReplyJob
 from chatbot.llm.errors import INVALID_REQUEST
 from workers.prompt import PromptBuilder, UnknownModel
@@ -83,6 +92,14 @@ class Generation:
     duration_ms: float
     model_version: str
     prep_ms: float = 0.0  # from the request's arrival to the Triton call
+
+    def observe(self) -> None:
+        """Count this recorded outcome and its token timings (chatbot/metrics.py)."""
+        REPLIES.labels(finish_reason=bounded(self.finish_reason, FINISH_REASONS)).inc()
+        if self.completion_tokens and self.ttft_ms:
+            WORKER_FIRST_TOKEN.observe((self.prep_ms + self.ttft_ms) / 1000)
+        if self.completion_tokens > 1:  # the first token's wait is the prompt's; the rest decode
+            WORKER_TOKEN.observe((self.duration_ms - self.ttft_ms) / 1000 / (self.completion_tokens - 1))
 
 
 def trim_history(messages: list[dict[str, str]], max_chars: int = MAX_PROMPT_CHARS) -> list[dict[str, str]]:
@@ -144,6 +161,7 @@ async def stream_reply(
         }
 
     responses = client.stream_infer(inputs_iterator=requests())
+    started, outcome = time.perf_counter(), "error"
     try:
         async for result, error in responses:
             if error is not None:
@@ -158,6 +176,7 @@ async def stream_reply(
             if text:
                 yield text, None
             if finish:
+                outcome = "ok"  # before the yield: the caller closes the stream once it has this
                 yield "", {
                     "finish_reason": finish, "prompt_tokens": prompt_tokens,
                     "completion_tokens": completion_tokens,
@@ -165,7 +184,12 @@ async def stream_reply(
                 }
                 return
         raise GenerationError("the stream ended without a final response")
+    except (GeneratorExit, asyncio.CancelledError):
+        if outcome != "ok":
+            outcome = "cancelled"  # closed before its end: a stop, a title's timeout, a shutdown
+        raise
     finally:
+        TRITON_REQUEST.labels(outcome=outcome).observe(time.perf_counter() - started)
         responses.cancel()  # a no-op after the final response; otherwise Triton stops
 
 
@@ -195,11 +219,21 @@ class Worker:
         self.cancelled[reply_id] = now  # in case its request reaches this worker later
 
     async def handle(self, msg: Msg) -> None:
+        """One reply request, in a span that continues its trace (the relay's headers)."""
+        delivered = msg.metadata.num_delivered if msg.metadata else 1
+        with span("worker reply", SpanKind.CONSUMER, {"messaging.system": "nats", "messaging.delivery_count": delivered},
+                  context=extract(msg.headers)):
+            await self._handle(msg)
+
+    async def _handle(self, msg: Msg) -> None:
         received = time.perf_counter()
+        if msg.metadata and msg.metadata.num_delivered > 1:
+            REDELIVERIES.labels(consumer=DURABLE).inc()
         event = decode_event(self.app.mapper, msg.headers or {}, msg.data)
         conversation_id, reply_id = event.originator_id, event.reply_id
         try:
-            job, messages = await asyncio.to_thread(self.prepare, conversation_id, reply_id)
+            with span("prompt build"):
+                job, messages = await asyncio.to_thread(self.prepare, conversation_id, reply_id)
             if job.status != "pending":
                 log.info("reply %s already has an outcome (%s): re-announcing it", reply_id, job.status)
                 await self.announce(job)
@@ -210,17 +244,22 @@ class Worker:
                 await self.give_up_or_retry(msg, conversation_id, reply_id,
                                             f"no worker finished it in {delivered - 1} attempts", retry=False)
                 return
-            generation = await self.generate(job, messages, msg, received)
-            recorded = await asyncio.to_thread(
-                self.app.complete_reply, conversation_id, reply_id,
-                text=generation.text, finish_reason=generation.finish_reason,
-                prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens,
-                ttft_ms=generation.ttft_ms, duration_ms=generation.duration_ms,
-                model_name=job.model.partition("/")[0], model_version=generation.model_version,
-            )
+            with span("triton generate"):
+                generation = await self.generate(job, messages, msg, received)
+                set_attributes({"gen_ai.usage.output_tokens": generation.completion_tokens,
+                                "chat.finish_reason": bounded(generation.finish_reason, FINISH_REASONS)})
+            with span("record reply"):
+                recorded = await asyncio.to_thread(
+                    self.app.complete_reply, conversation_id, reply_id,
+                    text=generation.text, finish_reason=generation.finish_reason,
+                    prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens,
+                    ttft_ms=generation.ttft_ms, duration_ms=generation.duration_ms,
+                    model_name=job.model.partition("/")[0], model_version=generation.model_version,
+                )
             if not recorded:  # another delivery of this request won the race
                 job = await asyncio.to_thread(self.app.reply_job, conversation_id, reply_id)
             else:
+                generation.observe()
                 log.info("reply %s: %d tokens, prep %.1f ms, ttft %.1f ms, %.0f ms in all", reply_id,
                          generation.completion_tokens, generation.prep_ms, generation.ttft_ms, generation.duration_ms)
             await self.announce(job, generation if recorded else None)
@@ -292,10 +331,12 @@ class Worker:
                         async with aclosing(stream):
                             async for delta, final in stream:
                                 if final is not None:
+                                    add_event("last token")
                                     self.tritons.mark_up(instance)
                                     return outcome(final["finish_reason"], final["model_version"])
                                 if not parts:
                                     ttft = (time.perf_counter() - started) * 1000
+                                    add_event("first token")
                                 parts.append(delta)
                                 await self.nc.publish(subject, token_encoder.encode(TokenDelta(reply_id, offset, delta)))
                                 offset += len(delta)
@@ -374,14 +415,19 @@ class Worker:
             await msg.nak(delay=min(8, 2 ** (delivered - 1)))
             return
         log.error("reply %s: %s (attempt %d, giving up)", reply_id, error, delivered)
-        await asyncio.to_thread(self.app.fail_reply, conversation_id, reply_id, error)
+        with span("record reply"):
+            failed = await asyncio.to_thread(self.app.fail_reply, conversation_id, reply_id, error)
+        if failed:
+            REPLIES.labels(finish_reason="error").inc()  # its one outcome (not a re-announced one)
         job = await asyncio.to_thread(self.app.reply_job, conversation_id, reply_id)
         await self.announce(job)
         await msg.ack()
 
 
 async def main(settings: Settings) -> None:
-    setup_logging("worker")
+    setup_logging("worker", settings.log_format)
+    setup_tracing("worker")
+    serve(settings.metrics_port, settings.metrics_host)
     stop = stop_on_signals()
     app = chat_application(settings)
     nc = await nats.connect(settings.nats_servers, max_reconnect_attempts=-1)
@@ -427,6 +473,7 @@ async def main(settings: Settings) -> None:
     await nc.drain()
     await tritons.close()
     app.close()
+    shutdown_tracing()
 
 
 def run() -> None:

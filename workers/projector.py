@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
@@ -37,12 +38,18 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
+from opentelemetry.trace import SpanKind
 from psycopg.errors import DeadlockDetected, SerializationFailure, TransactionRollback
 
 from chatbot.bootstrap import chat_application
 from chatbot.config import Settings, load_settings
 from chatbot.eventstore import DataErased, Unreadable, key_owner
-from chatbot.messaging import H_NOTIFICATION, H_ORIGINATOR, consumer_filters, consumer_name, decode_event, event_filter
+from chatbot.messaging import (
+    H_NOTIFICATION, H_ORIGINATOR, consumer_filters, consumer_name, decode_event, event_filter, partition_of,
+)
+from chatbot.metrics import PROJECTOR_LAG_EVENTS, PROJECTOR_LAG_SECONDS, REDELIVERIES, PartitionLag, serve
+from chatbot.tracing import message_parents, remote_spans, setup_tracing
+from chatbot.tracing import shutdown as shutdown_tracing
 from projections.chat import ChatProjection
 from projections.positions import PartitionPositions, read_positions
 from projections.readmodels import read_model_recorder
@@ -95,8 +102,28 @@ async def rewind_if_interrupted(js: JetStreamContext, stream: str, durable: str,
     return start
 
 
+def observe_batch(lag: PartitionLag, messages: list[Msg], partitions: int) -> None:
+    """After a batch is applied: what the consumer has not delivered yet is behind
+    (JetStream counts it, `num_pending`), split over the partitions as this batch was; the
+    newest event applied on a partition went on the stream before any still behind it, so
+    its time bounds how long they have waited. Redeliveries are counted here too."""
+    sample: Counter[int] = Counter()
+    newest: dict[int, float] = {}
+    for msg in messages:
+        partition = partition_of((msg.headers or {}).get(H_ORIGINATOR, ""), partitions)
+        sample[partition] += 1
+        if msg.metadata:
+            newest[partition] = msg.metadata.timestamp.timestamp()
+            if msg.metadata.num_delivered > 1:
+                REDELIVERIES.labels(consumer=DURABLE).inc()
+    last = messages[-1].metadata
+    lag.update(last.num_pending if last else 0, sample, newest)
+
+
 async def main(settings: Settings) -> None:
-    setup_logging("projector")
+    setup_logging("projector", settings.log_format)
+    setup_tracing("projector")
+    serve(settings.metrics_port, settings.metrics_host)
     # Read models are eventually consistent: on a busy machine the reply path goes first.
     os.nice(PRIORITY_OFFSET)
     stop = stop_on_signals()
@@ -108,6 +135,7 @@ async def main(settings: Settings) -> None:
     nc = await nats.connect(settings.nats_servers, max_reconnect_attempts=-1)
     js = nc.jetstream()
     durable = consumer_name(DURABLE, chosen)
+    lag = PartitionLag(PROJECTOR_LAG_EVENTS, PROJECTOR_LAG_SECONDS, chosen or range(settings.partitions))
 
     def config() -> ConsumerConfig:
         return ConsumerConfig(
@@ -128,6 +156,7 @@ async def main(settings: Settings) -> None:
         try:
             messages = await sub.fetch(BATCH, timeout=1.0)
         except TimeoutError:  # nats-py raises its own subclass or the builtin, depending on where it timed out
+            lag.update(0, {})  # nothing waiting: caught up
             if await rewind_if_lost(js, settings.stream_name, durable, config()):
                 expected = 0
             continue
@@ -148,9 +177,13 @@ async def main(settings: Settings) -> None:
                 continue
         last = messages[-1].metadata.sequence.consumer if messages[-1].metadata else 0
         expected = last + 1 if last else 0
-        positions = await asyncio.to_thread(apply_batch, projection, app.mapper, messages, positions)
-        for msg in messages:
-            await msg.ack()
+        # a `projector apply` span for each event that carries a trace (chatbot/tracing.py)
+        with remote_spans("projector apply", SpanKind.CONSUMER, message_parents(m.headers for m in messages),
+                          {"messaging.system": "nats", "messaging.batch.message_count": len(messages)}):
+            positions = await asyncio.to_thread(apply_batch, projection, app.mapper, messages, positions)
+            for msg in messages:
+                await msg.ack()
+        observe_batch(lag, messages, settings.partitions)
         if len(messages) < BATCH:
             # Under a steady trickle every event would be a batch of its own (a transaction,
             # a commit, acks): wait a moment so the next batch gathers what arrives meanwhile.
@@ -161,6 +194,7 @@ async def main(settings: Settings) -> None:
     recorder.datastore.close()
     app.close()
     log.info("stopped at notification %d", positions.head)
+    shutdown_tracing()
 
 
 def project(projection: ChatProjection, mapper: Any, msg: Msg, headers: dict[str, str], erased: set[UUID],

@@ -15,6 +15,10 @@ lost, or that a relay killed before recording its position sends again, is refus
 duplicate, and the relay then reads where the stream really ends (its last message names
 its notification id) and goes on from there. So the stream is always the notification
 log's prefix: every event once, in order.
+
+The events of a message's path carry its trace context in their metadata: while spans are
+exported, the relay reads it, makes a `relay publish` span per such event and sends that
+span's context on in the message's headers (chatbot/tracing.py).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import nats
@@ -34,10 +39,15 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind
 
 from chatbot.bootstrap import chat_application
 from chatbot.config import Settings, load_settings
-from chatbot.messaging import H_NOTIFICATION, ensure_stream, event_headers, event_subject
+from chatbot.messaging import H_NOTIFICATION, ensure_stream, event_headers, event_name, event_subject, partition_of
+from chatbot.metrics import RELAY_LAG_EVENTS, RELAY_LAG_SECONDS, PartitionLag, serve
+from chatbot.tracing import TRACED_EVENTS, context_of, exporting, remote_spans, setup_tracing
+from chatbot.tracing import shutdown as shutdown_tracing
 from workers.runtime import setup_logging, stop_on_signals
 
 log = logging.getLogger("relay")
@@ -75,14 +85,17 @@ def atomic_batches(notifications: Sequence[Notification]) -> Iterator[Sequence[N
         yield notifications[start:]
 
 
-async def publish_atomic(nc: Client, notifications: Sequence[Notification], partitions: int) -> int:
+async def publish_atomic(nc: Client, notifications: Sequence[Notification], partitions: int,
+                         traces: Mapping[int, dict[str, str]] | None = None) -> int:
     """Publish `notifications` as one atomic batch; returns the stream sequence of its last
     message. Raises BatchRefused (nothing stored), or a NATS error or TimeoutError (stored
-    whole or not at all: unknown until the stream is read)."""
+    whole or not at all: unknown until the stream is read). `traces`: the trace context
+    headers of the events that have one, by notification id."""
     batch_id = uuid.uuid4().hex
     last = len(notifications)
     for i, n in enumerate(notifications, 1):
-        headers = {**event_headers(n), "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i)}
+        headers = {**event_headers(n), **(traces or {}).get(n.id, {}),
+                   "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i)}
         subject = event_subject(n, partitions)
         if i < last:
             await nc.publish(subject, n.state, headers=headers)
@@ -94,6 +107,22 @@ async def publish_atomic(nc: Client, notifications: Sequence[Notification], part
             raise BatchRefused(ack["error"].get("err_code", 0), ack["error"].get("description", "refused"))
         return int(ack["seq"])
     raise ValueError("an atomic batch needs at least one message")
+
+
+def traced_events(mapper: Any, notifications: Sequence[Notification]) -> dict[int, Context | None]:
+    """The trace context each traced event was recorded in (its metadata, chatbot/tracing.py),
+    by notification id: only those events are decrypted, and only while spans are exported.
+    Blocking (a user's key may be read): runs in a thread."""
+    if not exporting():
+        return {}
+    parents: dict[int, Context | None] = {}
+    for n in notifications:
+        if event_name(n.topic) in TRACED_EVENTS:
+            try:
+                parents[n.id] = context_of(mapper.to_domain_event(n))
+            except Exception:  # noqa: BLE001 - an erased user's event, say: relayed untraced
+                parents[n.id] = None
+    return parents
 
 
 async def relayed_through(js: JetStreamContext, stream: str) -> int:
@@ -135,8 +164,24 @@ async def record(conn: psycopg.AsyncConnection[Any], position: int) -> int:
     return position
 
 
+async def observe_lag(lag: PartitionLag, app: Any, position: int, notifications: Sequence[Notification],
+                      partitions: int) -> None:
+    """Everything after the position is behind; a full read may not be all of it, so
+    then the event store's newest notification id says how much is."""
+    if not notifications:
+        lag.update(0, {})
+        return
+    head = notifications[-1].id
+    if len(notifications) >= BATCH:
+        head = max(head, await asyncio.to_thread(app.recorder.max_notification_id) or 0)
+    lag.update(head - position, Counter(partition_of(n.originator_id, partitions) for n in notifications))
+
+
 async def main(settings: Settings) -> None:
-    setup_logging("relay")
+    setup_logging("relay", settings.log_format)
+    setup_tracing("relay")
+    serve(settings.metrics_port, settings.metrics_host)
+    lag = PartitionLag(RELAY_LAG_EVENTS, RELAY_LAG_SECONDS, range(settings.partitions))
     stop = stop_on_signals()
     app = chat_application(settings)
     nc = await nats.connect(settings.nats_servers, max_reconnect_attempts=-1)
@@ -160,10 +205,15 @@ async def main(settings: Settings) -> None:
         notifications = await asyncio.to_thread(
             app.recorder.select_notifications, position, BATCH, inclusive_of_start=False
         )
+        await observe_lag(lag, app, position, notifications, settings.partitions)
         if notifications:
+            traced = await asyncio.to_thread(traced_events, app.mapper, notifications) if exporting() else {}
             try:
                 for batch in atomic_batches(notifications):
-                    await publish_atomic(nc, batch, settings.partitions)
+                    parents = {n.id: traced[n.id] for n in batch if n.id in traced}
+                    with remote_spans("relay publish", SpanKind.PRODUCER, parents,
+                                      {"messaging.system": "nats", "messaging.batch.message_count": len(batch)}) as traces:
+                        await publish_atomic(nc, batch, settings.partitions, traces)
                     position = batch[-1].id
             except (BatchRefused, TimeoutError, NatsError) as e:
                 # A NATS node died, the stream's leader is moving, or the batch was stored
@@ -190,6 +240,7 @@ async def main(settings: Settings) -> None:
     await nc.drain()
     app.close()
     log.info("stopped at notification %d", position)
+    shutdown_tracing()
 
 
 def run() -> None:
