@@ -39,6 +39,9 @@ class KeyUseStore:
         self.clock = clock
         self.written: dict[str, float] = {}  # key id -> when this process last wrote (or began to write) its row
         self.pending: set[asyncio.Task[None]] = set()
+        # users erased through this process: a use noted after that writes nothing (bounded:
+        # an erased user's key fails authentication soon after, so few requests arrive)
+        self.forgotten: set[UUID] = set()
 
     def create_table(self) -> None:
         with self.readmodels.datastore.transaction(commit=True) as curs:
@@ -71,7 +74,7 @@ class KeyUseStore:
     def note(self, user_id: UUID, key_id: str, call: Callable[..., Awaitable[Any]]) -> None:
         """A request used the key: write it in the background if due (`call` runs a blocking
         function off the loop, as `Services.call` does). Returns at once."""
-        if len(self.pending) >= MAX_PENDING or not self.due(key_id):
+        if user_id in self.forgotten or len(self.pending) >= MAX_PENDING or not self.due(key_id):
             return
         task = asyncio.create_task(self._write(user_id, key_id, call))
         self.pending.add(task)
@@ -90,5 +93,18 @@ class KeyUseStore:
         return {r["key_id"]: r["last_used_at"] for r in rows}
 
     def forget(self, user_id: UUID) -> None:
-        """An erased user: their keys' rows go."""
+        """An erased user: their keys' rows go, and this process writes none again. (A
+        write another process began just before may still land: the row holds a key id and
+        a time, no content.)"""
+        if len(self.forgotten) < MAX_REMEMBERED:
+            self.forgotten.add(user_id)
         self._rows("DELETE FROM api_key_use WHERE user_id = %s", (user_id,))
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Let the writes in flight finish (within `timeout`), then cancel the rest: none
+        may run on a closed pool."""
+        if self.pending:
+            _, late = await asyncio.wait(set(self.pending), timeout=timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)  # cancelled: they end at once

@@ -140,6 +140,7 @@ class Services:
             self.session_watch.cancel()
         if self.quiet_replies is not None and self.quiet_replies.task is not None:
             self.quiet_replies.task.cancel()
+        await self.key_use.close()
         await self.nc.drain()
         await self.triton.close()
         # calls in hand finish before the pools they use close

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from api.services import Services
 
 PAGE = 50  # chats per page of the list
-PINNED_MAX = 50  # pinned chats shown above the list (pins past it are still listed by date)
+PINNED_MAX = 200  # pinned chats shown above the list: the newest 200 (more are not shown)
 TZ_COOKIE = "tz"
 VIEWS = ("", "api")  # the user's own chats, or those made with API keys that list theirs apart
 
@@ -85,12 +85,12 @@ async def chat_list(
     of `conversations`, the `more` link, and whether the user has chats made with API keys."""
     q = q.replace("\x00", "")
     via_api = view == "api"
-    plain = not q and not archived and not via_api and before is None
+    plain = not q and not archived and not via_api  # the main list: its pins stand above every page
     readmodels = services.readmodels
     pinned = await services.call(
         readmodels.conversations, user_id, PINNED_MAX, None, "", False, pinned=True, via_api=False,
         hide_empty=True, keep=current,
-    ) if plain else []
+    ) if plain and before is None else []
     rows = await services.call(
         readmodels.conversations, user_id, PAGE, before, q, archived, before_id=before_id,
         pinned=False if plain else None, via_api=None if q or archived else via_api, hide_empty=not archived,

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from uuid import UUID
 
 import pytest
 
+from chatbot.launcher import Stack
+from projections.readmodels import read_model_recorder
 from tests.client import ChatClient
 from tests.ui.conftest import export_of
 
@@ -20,7 +23,7 @@ async def listing(client: ChatClient, query: str = "") -> list[dict]:
     return list(r.json())
 
 
-async def test_pages_by_time_and_id_and_pins(client: ChatClient) -> None:
+async def test_pages_by_time_and_id_and_pins(client: ChatClient, stack: Stack) -> None:
     r = await client.http.post("/api/import", content=json.dumps(export_of(7)),
                                headers={**client.headers, "content-type": "application/json"}, timeout=120)
     assert r.status_code == 201 and r.json()["imported"] == 7, r.text
@@ -33,13 +36,28 @@ async def test_pages_by_time_and_id_and_pins(client: ChatClient) -> None:
     order = [(c["updated_at"], c["id"]) for c in everything]
     assert order == sorted(order, reverse=True)  # newest first, ties broken by id
 
+    # five of them last active in the same instant: pages of two must still list each once
+    readmodels = read_model_recorder(stack.settings.eventsourcing_env())
+    try:
+        with readmodels.datastore.transaction(commit=True) as curs:
+            curs.execute("UPDATE rm_conversations SET updated_at = %s WHERE id = ANY(%s)",
+                         (everything[1]["updated_at"], [UUID(c["id"]) for c in everything[1:6]]))
+    finally:
+        readmodels.datastore.close()
+    everything = await listing(client, "?limit=50")
+    order = [(c["updated_at"], c["id"]) for c in everything]
+    assert order == sorted(order, reverse=True) and len({c["updated_at"] for c in everything[1:6]}) == 1
+
     seen: list[dict] = []
-    page = await listing(client, "?limit=3")
+    page = await listing(client, "?limit=2")
     while page:
         seen += page
         last = page[-1]
-        page = await listing(client, f"?limit=3&before={last['updated_at'].replace('+', '%2B')}&before_id={last['id']}")
+        page = await listing(client, f"?limit=2&before={last['updated_at'].replace('+', '%2B')}&before_id={last['id']}")
     assert [c["id"] for c in seen] == [c["id"] for c in everything]
+    # `before` alone (the older API) pages by time only: a tie at the page's edge is skipped
+    older = await listing(client, f"?before={everything[1]['updated_at'].replace('+', '%2B')}")
+    assert [c["id"] for c in older] == [c["id"] for c in everything[6:]]
 
     chosen = everything[4]["id"]
     r = await client.http.patch(f"/api/conversations/{chosen}", json={"pinned": True}, headers=client.headers)

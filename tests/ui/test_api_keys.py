@@ -88,7 +88,7 @@ async def test_a_key_made_on_the_account_page_is_shown_once_used_changed_and_rev
 
     # Used: /v1 opens with it, and the page shows when.
     assert await models_status(api_url, secret) == 200
-    assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d UTC$", await last_use_shown(page, "my script"))
+    assert re.match(r"^\d{1,2} [A-Z][a-z]{2} \d{4}, \d\d:\d\d UTC$", await last_use_shown(page, "my script"))
 
     # Its chats go into the chat list from now on; then it is revoked.
     await row.get_by_role("button", name="Show its chats in the list").click()

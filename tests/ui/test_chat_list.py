@@ -57,6 +57,10 @@ async def test_the_list_is_grouped_paged_and_each_chat_has_a_menu(
     await expect(page.locator("#conversations h2.conv-group").first).to_have_text("Pinned")
     await expect(page.locator("#pinned .conv-title")).to_have_text(["Chat 3"])
     await expect(page.locator("#pinned [aria-label=Pinned]")).to_have_count(1)
+    await page.locator("#more-chats").scroll_into_view_if_needed()  # the pinned chat was on page 2
+    await expect(page.locator("#more-chats")).to_have_count(0)
+    titles = await page.locator("#conversations .conv-title").all_text_contents()
+    assert len(titles) == len(set(titles)) == CHATS  # listed once: pinned, not again on a later page
     pinned = (await (await page.request.get("/api/conversations?pinned=true")).json())
     assert [c["title"] for c in pinned] == ["Chat 3"] and pinned[0]["pinned"] is True
 

@@ -117,7 +117,7 @@ async def test_a_persona_version_is_viewed_and_restored_as_a_new_version(page: P
     # a version that never was: 404, on the page route and in the API
     token = await page.locator('input[name="_csrf"]').first.input_value()
     missing = await page.request.post(f"/personas/{persona_id}/versions/9/restore", form={"_csrf": token})
-    assert missing.status == 404
+    assert missing.status == 404 and "no version 9 (it has 1 to 3)" in await missing.text()  # named
     missing = await page.request.post(f"/api/personas/{persona_id}/versions/9/restore")
     assert missing.status == 404 and "no version 9" in (await missing.json())["detail"]
     restored = await page.request.post(f"/api/personas/{persona_id}/versions/2/restore")

@@ -4,7 +4,9 @@ of an OpenAI request's messages."""
 
 from __future__ import annotations
 
-from uuid import UUID
+import asyncio
+
+from uuid import UUID, uuid4
 
 import pytest
 from litestar.exceptions import TooManyRequestsException
@@ -153,6 +155,33 @@ def test_a_keys_use_is_written_at_most_once_a_minute_per_key() -> None:
     assert not store.due("a")
     now[0] += 1
     assert store.due("a")
+
+
+async def test_a_forgotten_users_use_is_not_written_and_close_waits_for_writes() -> None:
+    store = KeyUseStore(None)  # type: ignore[arg-type]
+    written: list[tuple[UUID, str]] = []
+    started = asyncio.Event()
+
+    async def slow_call(func, user_id, key_id):  # noqa: ANN001, ANN202 - stands for Services.call
+        started.set()
+        await asyncio.sleep(0.05)
+        written.append((user_id, key_id))
+
+    alice, erased = uuid4(), uuid4()
+    store.forgotten.add(erased)  # as forget() leaves it (its DELETE needs a database)
+    store.note(erased, "k-erased", slow_call)
+    store.note(alice, "k-alice", slow_call)
+    await started.wait()
+    await store.close(timeout=5)
+    assert written == [(alice, "k-alice")] and not store.pending
+
+    async def stuck_call(func, user_id, key_id):  # noqa: ANN001, ANN202
+        await asyncio.sleep(60)
+
+    store.note(alice, "k-other", stuck_call)
+    await store.close(timeout=0.05)  # a write that does not finish is cancelled, not waited for
+    await asyncio.sleep(0.01)  # (the set forgets a task in a callback after it ends)
+    assert not store.pending
 
 
 # -- conversations from a request -------------------------------------------------------------

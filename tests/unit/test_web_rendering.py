@@ -112,7 +112,8 @@ def test_a_form_token_is_bound_to_the_browser_and_the_session() -> None:
 
 def test_only_local_paths_are_followed_after_logging_in() -> None:
     assert safe_next("/c/123?q=x") == "/c/123?q=x"
-    for outside in ("https://evil.example", "//evil.example", "/\\evil.example", "", None, "c"):
+    for outside in ("https://evil.example", "//evil.example", "/\\evil.example", "", None, "c",
+                    "/\t/evil.example", "/\n/evil.example", "/c/\\..\\x", "/c\x7f"):
         assert safe_next(outside) == "/c"
 
 

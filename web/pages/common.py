@@ -53,8 +53,12 @@ class LoginRequired(Exception):
 
 
 def safe_next(value: str | None, default: str = "/c") -> str:
-    """Only a local path: `//host` or `/\\host` would leave the site."""
-    if not value or not value.startswith("/") or value.startswith(("//", "/\\")):
+    """Only a local path: `//host` or `/\\host` would leave the site, and so would either
+    once a browser drops the tabs and line breaks it ignores in URLs (`/\t/host`): a value
+    with a control character or a backslash anywhere is refused."""
+    if not value or not value.startswith("/") or value.startswith("//"):
+        return default
+    if "\\" in value or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
         return default
     return value
 
@@ -140,6 +144,7 @@ async def render(
         "csrf_field": CSRF_FIELD,
         "csrf_token": form_token(settings.secret_key, seed, request.cookies.get(SESSION_COOKIE, "")),
         "flash": flash, "viewer_id": user_id, "viewer_email": email, "path": request.url.path,
+        "here": request.url.path + (f"?{request.url.query}" if request.url.query else ""),
         "theme": theme_of(request),
         **context,
     }

@@ -20,7 +20,7 @@ from domain.conversation import (
     ReplyNotFound,
     ShareNotFound,
 )
-from domain.persona import PersonaNotFound
+from domain.persona import PersonaNotFound, PersonaVersionNotFound
 from web.pages.common import (
     SECURITY_HEADERS,
     LoginRequired,
@@ -94,6 +94,8 @@ def on_not_found(request: Request[Any, Any, Any], _: Exception) -> Response[str]
 
 def on_bad_form(request: Request[Any, Any, Any], exc: Exception) -> Response[str]:
     """A command the domain refused (or a form field it could not take): say why."""
+    if isinstance(exc, PersonaVersionNotFound):  # the persona is there: name the missing version
+        return error_page(request, 404, "Not found", sentence(str(exc)))
     if isinstance(exc, (ConversationNotFound, PersonaNotFound)):
         return on_not_found(request, exc)
     message = BY_TYPE.get(type(exc)) or sentence(str(exc)) or "The server refused that. Go back and try again."

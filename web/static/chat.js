@@ -52,7 +52,7 @@ document.addEventListener("click", (e) => {
   } catch (e) { /* no Intl: the server uses UTC */ }
 
   let loading = false;
-  async function loadMore(link) {
+  async function loadMore(link, clicked) {
     if (loading) return;
     loading = true;
     try {
@@ -76,7 +76,7 @@ document.addEventListener("click", (e) => {
       const more = page.getElementById("more-chats");
       if (more) link.href = more.getAttribute("href"); else link.remove();
     } catch (e) {
-      window.location.href = link.href;  // the plain page still works
+      if (clicked) window.location.href = link.href;  // the plain page still works
     } finally {
       loading = false;
     }
@@ -105,10 +105,10 @@ document.addEventListener("click", (e) => {
 
   const link = document.getElementById("more-chats");
   if (!link) return;
-  link.addEventListener("click", (event) => { event.preventDefault(); loadMore(link); });
-  if ("IntersectionObserver" in window) {
+  link.addEventListener("click", (event) => { event.preventDefault(); loadMore(link, true); });
+  if ("IntersectionObserver" in window) {  // scrolled to: load, but never leave the page by itself
     new IntersectionObserver((entries) => {
-      if (entries.some((e) => e.isIntersecting) && document.body.contains(link)) loadMore(link);
+      if (entries.some((e) => e.isIntersecting) && document.body.contains(link)) loadMore(link, false);
     }).observe(link);
   }
 })();
