@@ -50,6 +50,7 @@ class Settings:
     stream_name: str = "CHAT"
     ack_wait_s: float = 30.0
     retention_sweep_s: float = 30.0  # how often temporary conversations are checked for expiry
+    empty_chat_ttl_s: int = 86_400  # a chat left without a message this long is discarded (0: never)
     model_name: str = "chat"
     token_ttl_s: int = 7 * 24 * 3600
     max_message_chars: int = 8000
@@ -147,6 +148,7 @@ class Settings:
             "CHATBOT_STREAM": self.stream_name,
             "CHATBOT_ACK_WAIT_S": str(self.ack_wait_s),
             "CHATBOT_RETENTION_SWEEP_S": str(self.retention_sweep_s),
+            "CHATBOT_EMPTY_CHAT_TTL_S": str(self.empty_chat_ttl_s),
             "CHATBOT_MODEL": self.model_name,
             "CHATBOT_COOKIE_SECURE": "1" if self.cookie_secure else "0",
             "CHATBOT_MESSAGES_PER_MINUTE": str(self.messages_per_minute),
@@ -209,6 +211,17 @@ def _positive(name: str, value: str) -> int:
 
 
 LOG_FORMATS = ("text", "json")
+
+
+def _not_negative(name: str, value: str) -> int:
+    """A whole number of 0 or more (0 often meaning "never")."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"CHATBOT_{name} must be a whole number, got {value!r}") from None
+    if number < 0:
+        raise ValueError(f"CHATBOT_{name} must be 0 or more, got {number}")
+    return number
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
@@ -274,6 +287,7 @@ def load_settings(data_dir: Path | None = None) -> Settings:
         stream_name=_env("STREAM", "CHAT"),
         ack_wait_s=float(_env("ACK_WAIT_S", "30")),
         retention_sweep_s=float(_env("RETENTION_SWEEP_S", "30")),
+        empty_chat_ttl_s=_not_negative("EMPTY_CHAT_TTL_S", _env("EMPTY_CHAT_TTL_S", "86400")),
         model_name=_env("MODEL", "chat"),
         cookie_secure=_env("COOKIE_SECURE", "0") == "1",
         messages_per_minute=int(_env("MESSAGES_PER_MINUTE", "30")),

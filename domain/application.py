@@ -518,6 +518,20 @@ class ChatApplication(Application[UUID]):
         self.save(conversation)
         return conversation.id
 
+    def discard_empty_conversation(
+        self, conversation_id: UUID, older_than: timedelta, now: datetime | None = None,
+    ) -> bool:
+        """Record `Discarded` for a conversation left empty since its start `older_than` ago
+        (the retention job); the events decide, not the read model that named it."""
+        def attempt() -> bool:
+            conversation = self._get(Conversation, conversation_id, ConversationNotFound)
+            if not conversation.discard_if_empty(older_than, now):
+                return False
+            self.save(conversation)
+            return True
+
+        return self._retry_races(attempt)
+
     def expire_conversation(self, conversation_id: UUID, now: datetime | None = None) -> bool:
         """Record the expiry of a temporary conversation if it is due (the retention job)."""
         def attempt() -> bool:

@@ -15,9 +15,11 @@ branch moves it. History for a reply is the path from the root to the reply's me
 
 A conversation is titled after its first reply (`Titled`, from the first message, unless
 the user already renamed it), and can be renamed, archived and deleted. A temporary one
-(`RetentionSet`) expires at a chosen time: a scheduled job records `Expired`. A deleted or
-expired conversation answers every command and query as if it did not exist; its events
-stay in the log (the audit trail), encrypted like everything else.
+(`RetentionSet`) expires at a chosen time: a scheduled job records `Expired`. The same job
+records `Discarded` for a conversation started and left without a message for a day (never
+one the user renamed, archived or pinned). A deleted, expired or discarded conversation
+answers every command and query as if it did not exist; its events stay in the log (the
+audit trail), encrypted like everything else.
 
 A conversation held elsewhere (the `messages` of an OpenAI-style request) is brought in with
 `import_turns` before its first posted message: `TurnsImported` records the earlier user and
@@ -345,6 +347,18 @@ class Conversation(Aggregate):
         self._expire()
         return True
 
+    def discard_if_empty(self, older_than: timedelta, now: datetime | None = None) -> bool:
+        """Record that a conversation started `older_than` ago or more and left without a
+        single message is discarded; False for any other (one with a message, or renamed,
+        archived or pinned: kept on purpose)."""
+        now = now or datetime.now(timezone.utc)
+        if self.deleted or self.nodes or self.titled_by_user or self.archived or self.pinned:
+            return False
+        if self.created_on > now - older_than:
+            return False
+        self._discard()
+        return True
+
     def share(self) -> UUID:
         """A read-only snapshot of the active branch, behind an unguessable id."""
         share_id = uuid4()
@@ -617,6 +631,10 @@ class Conversation(Aggregate):
     @event("ListedApart")
     def _list_apart(self, key_id: str) -> None:
         self.listed_apart_by = key_id
+
+    @event("Discarded")
+    def _discard(self) -> None:
+        self._hide()
 
     @event("Expired")
     def _expire(self) -> None:

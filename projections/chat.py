@@ -112,6 +112,10 @@ class ChatProjection(Projection[ReadModelRecorder]):
         self.view.update_conversation(tracking, e.originator_id, {"via_api": True})
 
     @process_event.register
+    def _(self, e: Conversation.Discarded, tracking: Tracking) -> None:
+        self.view.delete_conversation(tracking, e.originator_id)
+
+    @process_event.register
     def _(self, e: Conversation.Expired, tracking: Tracking) -> None:
         self.view.delete_conversation(tracking, e.originator_id)
 

@@ -12,7 +12,7 @@ import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -85,6 +85,8 @@ SCHEMA = [
     # chats started through /v1 with a key whose chats are listed apart (Conversation.ListedApart)
     "ALTER TABLE rm_conversations ADD COLUMN IF NOT EXISTS via_api boolean NOT NULL DEFAULT false",
     "ALTER TABLE rm_conversations ADD COLUMN IF NOT EXISTS pinned boolean NOT NULL DEFAULT false",  # PinSet
+    # chats started and left empty, which the retention job discards after a day
+    "CREATE INDEX IF NOT EXISTS rm_conversations_empty ON rm_conversations (created_at) WHERE message_count = 0",
 ]
 PERSONA_COLUMNS = ("name", "description", "greeting", "model", "avatar", "visibility", "retired")
 PERSONA_SEALED = ("name", "description", "greeting")  # under the master key, as persona events are
@@ -491,6 +493,16 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             path.append({**by_id[node], "siblings": children[by_id[node]["parent_id"]]})
             node = by_id[node]["parent_id"]
         return path[::-1]
+
+    def empty_conversations(self, older_than: timedelta, limit: int = 500) -> list[UUID]:
+        """Conversations without a message, started `older_than` ago or more, oldest first
+        (the retention job discards them; renamed, archived or pinned ones it keeps)."""
+        rows = self._query(
+            "SELECT id FROM rm_conversations WHERE message_count = 0 AND created_at <= now() - %(age)s"
+            " AND NOT archived AND NOT pinned ORDER BY created_at LIMIT %(limit)s",
+            {"age": older_than, "limit": limit},
+        )
+        return [row["id"] for row in rows]
 
     def due_expiries(self, limit: int = 500) -> list[UUID]:
         """Temporary conversations past their time, oldest first (the retention job)."""

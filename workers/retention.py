@@ -1,4 +1,5 @@
-"""The retention job: records the expiry of temporary conversations that are due.
+"""The retention job: records the expiry of temporary conversations that are due, and
+discards chats started and left without a message for `empty_chat_ttl_s`.
 
 It runs as a task inside every projector process; a PostgreSQL advisory lock taken per
 sweep lets only one of them work at a time. Each sweep reads the due conversations from
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 
 import psycopg
 
@@ -22,16 +24,20 @@ log = logging.getLogger("retention")
 LOCK_KEY = 0x726574656E74  # "retent": one sweeper at a time
 
 
-def sweep(app: ChatApplication, readmodels: ReadModelRecorder) -> int:
-    """Expire every due conversation; returns how many expired."""
-    expired = 0
-    for conversation_id in readmodels.due_expiries():
+def sweep(app: ChatApplication, readmodels: ReadModelRecorder, empty_ttl: timedelta | None = None) -> int:
+    """Expire every due conversation, and discard those left empty for `empty_ttl` (None:
+    none); returns how many went."""
+    gone = 0
+    due = [(app.expire_conversation, (c,)) for c in readmodels.due_expiries()]
+    if empty_ttl is not None:
+        due += [(app.discard_empty_conversation, (c, empty_ttl)) for c in readmodels.empty_conversations(empty_ttl)]
+    for command, args in due:
         try:
-            if app.expire_conversation(conversation_id):
-                expired += 1
+            if command(*args):
+                gone += 1
         except Exception:  # noqa: BLE001 - one conversation (erased, say) must not stop the rest
-            log.exception("expiring conversation %s failed; the others go on", conversation_id)
-    return expired
+            log.exception("retention of conversation %s failed; the others go on", args[0])
+    return gone
 
 
 async def run(settings: Settings, app: ChatApplication, readmodels: ReadModelRecorder, stop: asyncio.Event) -> None:
@@ -43,11 +49,12 @@ async def run(settings: Settings, app: ChatApplication, readmodels: ReadModelRec
                     row = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,))).fetchone()
                     if row and row[0]:
                         try:
-                            expired = await asyncio.to_thread(sweep, app, readmodels)
+                            empty_ttl = timedelta(seconds=settings.empty_chat_ttl_s) if settings.empty_chat_ttl_s else None
+                            expired = await asyncio.to_thread(sweep, app, readmodels, empty_ttl)
                         finally:
                             await conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
                         if expired:
-                            log.info("expired %d temporary conversations", expired)
+                            log.info("expired or discarded %d conversations", expired)
                     try:
                         await asyncio.wait_for(stop.wait(), settings.retention_sweep_s)
                     except TimeoutError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import timedelta
 from uuid import UUID
 
 import pytest
@@ -77,3 +78,29 @@ async def test_pages_by_time_and_id_and_pins(client: ChatClient, stack: Stack) -
         assert r.status_code == 400, (bad, r.text)
     r = await client.http.patch(f"/api/conversations/{chosen}", json={"pinned": "yes"}, headers=client.headers)
     assert r.status_code == 400, r.text
+
+
+async def test_a_chat_left_empty_is_discarded_by_the_retention_job(client: ChatClient, stack: Stack, chat_app) -> None:
+    empty, renamed = await client.start_conversation(), await client.start_conversation()
+    r = await client.http.patch(f"/api/conversations/{renamed}", json={"title": "Later"}, headers=client.headers)
+    assert r.status_code == 204, r.text
+    readmodels = read_model_recorder(stack.settings.eventsourcing_env())
+    try:
+        for _ in range(200):  # both projected
+            if (await client.get(f"/api/conversations/{renamed}")).json().get("title") == "Later":
+                break
+            await asyncio.sleep(0.05)
+        named = await asyncio.to_thread(readmodels.empty_conversations, timedelta(0))
+        assert {UUID(empty), UUID(renamed)} <= set(named)  # the read model names candidates only
+        assert UUID(empty) not in await asyncio.to_thread(readmodels.empty_conversations, timedelta(days=1))
+    finally:
+        readmodels.datastore.close()
+    # the events decide: the renamed one is kept
+    assert await asyncio.to_thread(chat_app.discard_empty_conversation, UUID(empty), timedelta(0))
+    assert not await asyncio.to_thread(chat_app.discard_empty_conversation, UUID(renamed), timedelta(0))
+    for _ in range(200):
+        if (await client.get(f"/api/conversations/{empty}")).status_code == 404:
+            break
+        await asyncio.sleep(0.05)
+    assert (await client.get(f"/api/conversations/{empty}")).status_code == 404
+    assert (await client.get(f"/api/conversations/{renamed}")).status_code == 200

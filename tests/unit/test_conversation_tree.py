@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from uuid import UUID, uuid4
 
 import pytest
@@ -163,6 +164,26 @@ def test_pin_and_unpin_record_only_changes(app: ChatApplication, user: UUID) -> 
     other = app.register_user("mallory@example.com", "correct horse")
     with pytest.raises(ConversationNotFound):
         app.update_conversation(cid, other, pinned=True)
+
+
+def test_a_chat_left_empty_for_a_day_is_discarded_and_a_kept_one_is_not(app: ChatApplication, user: UUID) -> None:
+    day = timedelta(days=1)
+    later = datetime.now(timezone.utc) + day + timedelta(minutes=1)
+    empty, young, spoken, renamed, archived, pinned = (app.start_conversation(user) for _ in range(6))
+    exchange(app, spoken, user, "Hello", "Hi")
+    app.update_conversation(renamed, user, title="For later")
+    app.update_conversation(archived, user, archived=True)
+    app.update_conversation(pinned, user, pinned=True)
+    assert not app.discard_empty_conversation(young, day)  # started a moment ago
+    for kept in (spoken, renamed, archived, pinned):
+        assert not app.discard_empty_conversation(kept, day, now=later), kept
+    assert app.discard_empty_conversation(empty, day, now=later)
+    assert not app.discard_empty_conversation(empty, day, now=later)  # gone already: nothing more
+    with pytest.raises(ConversationNotFound):
+        app.post_message(empty, user, "c1", "still there?")
+    types = [n.topic.rsplit(".", 1)[-1] for n in app.recorder.select_events(empty)]
+    assert types == ["Started", "Discarded"]
+    assert app.conversation_owner(spoken) == user  # the rest are untouched
 
 
 def test_someone_else_cannot_branch_or_rename(app: ChatApplication, user: UUID) -> None:
