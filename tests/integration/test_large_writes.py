@@ -16,7 +16,7 @@ import pytest
 
 from chatbot.launcher import Stack
 from chatbot.postgres import flush_pipeline
-from tests.client import ChatClient, collect_reply, send
+from tests.client import ChatClient, collect_reply, recv, send
 from tests.unit.test_transfer import node
 
 pytestmark = pytest.mark.integration
@@ -46,7 +46,9 @@ async def test_a_large_import_leaves_everyone_else_writing(client: ChatClient, a
     ))
     await asyncio.sleep(0.3)  # the import is under way
 
-    # Meanwhile another user registers, starts a chat and gets an answer, promptly.
+    # Meanwhile another user registers, starts a chat and has a message accepted (three
+    # writes), promptly; the reply then comes too. The bound is on the writes, which a freeze
+    # would stop: the reply's generation only measures how busy the CPU is.
     other = ChatClient(api_url)
     try:
         t0 = time.monotonic()
@@ -54,19 +56,20 @@ async def test_a_large_import_leaves_everyone_else_writing(client: ChatClient, a
         cid = await other.start_conversation()
         async with other.ws() as ws:
             await send(ws, cid, "Hello while someone imports")
-            accepted, _, reply = await collect_reply(ws)
-        during = time.monotonic() - t0
+            accepted = await recv(ws)
+            during = time.monotonic() - t0
+            import_running = not imported.done()
+            _, _, reply = await collect_reply(ws)
         assert accepted["type"] == "accepted" and reply["type"] == "reply"
-        import_running = not imported.done()
 
         r = await imported
         assert r.status_code == 201, r.text[:500]
         body = r.json()
         assert body["imported"] == 30 and body["skipped"] == []
         took = time.monotonic() - started
-        print(f"import of {len(export) / 1e6:.1f} MB: {took:.1f} s; another user's register+chat meanwhile: "
+        print(f"import of {len(export) / 1e6:.1f} MB: {took:.1f} s; another user's register+send meanwhile: "
               f"{during:.1f} s (import still running then: {import_running})")
-        assert during < 30, f"another user's register and chat took {during:.1f} s during the import"
+        assert during < 30, f"another user's register, new chat and send took {during:.1f} s during the import"
 
         # Afterwards the system still takes writes at once.
         t0 = time.monotonic()
