@@ -37,6 +37,7 @@ from domain.ids import persona_id_for  # noqa: E402
 from tests.client import ChatClient, collect_reply, send  # noqa: E402
 
 MAX_TOKENS = 48
+Results = list[tuple[str, list[tuple[str, str]], bool]]  # (category, [(user, bot)], passed)
 
 # (category, turns, any-of keywords that make the last reply a pass); persona checks name
 # the persona slug first.
@@ -111,7 +112,8 @@ def passes(reply: str, expected: str | list[str]) -> bool:
     return any(re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", reply, re.I) for k in expected)
 
 
-async def run_cases(url: str) -> list[tuple[str, list[tuple[str, str]], bool]]:
+async def run_cases(url: str) -> Results:
+    """Every case through the websocket as a new user: (category, [(user, bot)], passed)."""
     client = ChatClient(url)
     await client.register_and_log_in()
     results = []
@@ -169,20 +171,31 @@ def evaluate(model: str) -> None:
             results = asyncio.run(run_cases(stack.api_urls[0]))
         finally:
             stack.stop()
-    by_category: dict[str, list[bool]] = defaultdict(list)
-    for category, _, ok in results:
-        by_category[category].append(ok)
     print(f"\nQuality of {model} ({len(results)} prompts, replies of at most {MAX_TOKENS} tokens, "
           "default persona sampling)")
     print(f"{'category':<20} {'passed':>8}")
-    for category, oks in by_category.items():
+    for category, oks in by_category(results).items():
         print(f"{category:<20} {sum(oks):>3}/{len(oks):<4} {100 * sum(oks) / len(oks):>5.0f}%")
     total = sum(ok for _, _, ok in results)
     print(f"{'all':<20} {total:>3}/{len(results):<4} {100 * total / len(results):>5.0f}%")
     print(f"held-out loss on 100 chitchat conversations: {per_token:.3f} nats/token, "
           f"{per_char:.3f} nats/character ({n} tokens)")
     print("\nSample exchanges:")
-    for category, exchange, ok in results[::max(1, len(results) // 10)][:10]:
+    print_samples(results)
+
+
+
+def by_category(results: Results) -> dict[str, list[bool]]:
+    """Pass or fail of each prompt, per category, in the order of `cases()`."""
+    grouped: dict[str, list[bool]] = defaultdict(list)
+    for category, _, ok in results:
+        grouped[category].append(ok)
+    return dict(grouped)
+
+
+def print_samples(results: Results, count: int = 10) -> None:
+    """`count` exchanges verbatim, spread over the categories (the same prompts every run)."""
+    for category, exchange, ok in results[::max(1, len(results) // count)][:count]:
         for text, reply in exchange:
             print(f"  [{category}{'' if ok else ', failed'}] user: {text}\n      bot: {reply.strip()!r}")
 

@@ -33,6 +33,7 @@ ORDER = ["pipeline", "engine", "rebuild", "connections", "long_conversation", "i
 TITLES = {
     "ingest": "Accepted messages per second (`bench/ingest.py`)",
     "websocket_fanout": "Websockets held and token fan-out (`bench/websocket_fanout.py`)",
+    "retrain_quality": "Reply quality before and after retraining (`bench/retrain_quality.py`)",
 }
 
 
