@@ -67,14 +67,20 @@ class FinetuneResult:
         return asdict(self)
 
 
-def encode(tokenizer: ChatTokenizer, messages: list[dict[str, str]], context: int) -> tuple[list[int], list[int]] | None:
-    """(ids, labels) of one record, or None if the reply alone fills the context window."""
+def encode(
+    tokenizer: ChatTokenizer, messages: list[dict[str, str]], context: int, ended: bool = True,
+) -> tuple[list[int], list[int]] | None:
+    """(ids, labels) of one record, or None if the reply alone fills the context window.
+    `ended`: the reply ended by itself; one cut off at the token cap (finish reason
+    "length") did not, so its end-of-turn is not learnt (a model trained on cut replies with
+    it learns to stop mid-answer: bench/retrain_quality.py saw it)."""
     prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
     assert full.startswith(prompt), "the chat template renders the reply after the generation prompt"
     target = tokenizer.encode(full[len(prompt):])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in target:
-        target = target[: target.index(tokenizer.eos_token_id) + 1]  # the model stops there
+        end = target.index(tokenizer.eos_token_id)
+        target = target[: end + 1] if ended else target[:end]  # the model stops there, or goes on
     prompt_ids = tokenizer.encode(prompt)
     keep = context + 1  # inputs are ids[:-1], predictions ids[1:]
     if len(target) >= keep // 2:
@@ -101,7 +107,8 @@ def prepare(
         if (record.get("feedback") or {}).get("rating") == "down":
             result.excluded["rated down"] = result.excluded.get("rated down", 0) + 1
             continue
-        encoded = encode(tokenizer, record["messages"], context)
+        ended = record.get("finish_reason") != "length"
+        encoded = encode(tokenizer, record["messages"], context, ended)
         if encoded is None:
             result.excluded["reply too long"] = result.excluded.get("reply too long", 0) + 1
             continue

@@ -292,6 +292,10 @@ def test_fine_tuning_learns_only_the_reply_and_its_end_of_turn() -> None:
     target = [t for t in labels if t != IGNORE]
     assert target[-1] == tokenizer.eos_token_id and tokenizer.decode(target) == "Hello there."
     assert encode(tokenizer, messages[:2] + [{"role": "assistant", "content": "word " * 400}], 512) is None
+    # a reply cut off at the token cap is learnt without its end-of-turn: it did not end there
+    _, cut = encode(tokenizer, messages, 512, ended=False)
+    cut_target = [t for t in cut if t != IGNORE]
+    assert cut_target == target[:-1] and tokenizer.eos_token_id not in cut_target
     held = split_heldout([f"c{i}" for i in range(20)], 0.1)
     assert len(held) == 2 and held == split_heldout([f"c{i}" for i in reversed(range(20))], 0.1)
     assert split_heldout(["only"], 0.1) == set()
