@@ -166,6 +166,9 @@ async def main(settings: Settings) -> None:
             if await rewind_if_lost(js, settings.stream_name, durable, config()):
                 expected = 0
             continue
+        if not messages:  # a fetch can come back empty while a node or the consumer's leader changes
+            await asyncio.sleep(0.1)
+            continue
         # Every delivery takes the next consumer sequence: a jump means deliveries were lost
         # on the way (a node died with a fetch response). Applying this batch would move the
         # position past them, so rewind first; the batch comes again, after them, in order.
