@@ -600,6 +600,7 @@ document.addEventListener("keydown", (e) => {
       cancel.addEventListener("click", () => closeEdit(box));
       actions.prepend(cancel);
     }
+    if (document.activeElement === area) return;  // typing already (the toggle comes late): leave the cursor
     area.focus();
     area.setSelectionRange(area.value.length, area.value.length);
   }, true);
