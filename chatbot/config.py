@@ -200,28 +200,27 @@ def format_partitions(chosen: tuple[int, ...], sep: str = ",") -> str:
     return sep.join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
 
 
-def _positive(name: str, value: str) -> int:
+def _whole(name: str, value: str, least: int) -> int:
+    """A whole number of `least` or more, with a clear error otherwise."""
     try:
         number = int(value)
     except ValueError:
         raise ValueError(f"CHATBOT_{name} must be a whole number, got {value!r}") from None
-    if number < 1:
-        raise ValueError(f"CHATBOT_{name} must be at least 1, got {number}")
+    if number < least:
+        raise ValueError(f"CHATBOT_{name} must be {'at least 1' if least == 1 else f'{least} or more'}, got {number}")
     return number
+
+
+def _positive(name: str, value: str) -> int:
+    return _whole(name, value, 1)
 
 
 LOG_FORMATS = ("text", "json")
 
 
 def _not_negative(name: str, value: str) -> int:
-    """A whole number of 0 or more (0 often meaning "never")."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"CHATBOT_{name} must be a whole number, got {value!r}") from None
-    if number < 0:
-        raise ValueError(f"CHATBOT_{name} must be 0 or more, got {number}")
-    return number
+    """0 or more (0 often meaning "never")."""
+    return _whole(name, value, 0)
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
