@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install model bench chaos clean
+.PHONY: run test install model bench chaos compose-test clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ test: install
 # process), then the invariants checked: exits 1 on a broken one (tests/chaos/run.py, ~3 minutes)
 chaos: install
 	$(BIN)/python -m tests.chaos.run
+
+# docker-compose.yml brought up for real with podman (installed from Debian's packages where
+# missing), images built FROM a local debootstrap base, a chat through nginx with an API and a
+# worker container killed mid-reply, /metrics scraped, then all of it removed
+# (tests/compose/run.py, ~10 minutes with the images built; prints SKIPPED where podman cannot run)
+compose-test: install
+	$(BIN)/python -m tests.compose.run
 
 # every bench/*.py in turn; the figures of each that succeeds go to docs/benchmarks.md
 # (bench/report.py); `make bench BENCH=ingest,websocket_fanout` runs only those

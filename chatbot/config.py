@@ -223,6 +223,18 @@ def _not_negative(name: str, value: str) -> int:
     return _whole(name, value, 0)
 
 
+def _key(name: str, value: str) -> str:
+    """A key given as standard base64 of 32 random bytes (`openssl rand -base64 32`), with a
+    clear error otherwise: a URL-safe or truncated one would fail far from its cause."""
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        raise ValueError(f"CHATBOT_{name} must be standard base64 (openssl rand -base64 32)") from None
+    if len(raw) != 32:
+        raise ValueError(f"CHATBOT_{name} must decode to 32 bytes (openssl rand -base64 32), got {len(raw)}")
+    return value
+
+
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"CHATBOT_{name} must be one of {', '.join(choices)}, got {value!r}")
@@ -264,6 +276,8 @@ def load_settings(data_dir: Path | None = None) -> Settings:
     secret_b64 = os.environ.get("CHATBOT_SECRET_KEY") or _secret_from_file(
         keys / "secret.key", lambda: base64.b64encode(secrets.token_bytes(32)).decode()
     )
+    cipher_key, chain_key = _key("CIPHER_KEY", cipher_key), _key("CHAIN_KEY", chain_key)
+    secret_b64 = _key("SECRET_KEY", secret_b64)
     partitions = _positive("PARTITIONS", _env("PARTITIONS", "1"))
     return Settings(
         data_dir=data_dir,

@@ -73,6 +73,7 @@ WORKER_FIRST_TOKEN = Histogram("chat_worker_first_token_seconds",
                                buckets=LATENCY_BUCKETS)
 WORKER_TOKEN = Histogram("chat_worker_time_per_output_token_seconds",
                          "A reply's mean time per output token after the first", buckets=TOKEN_BUCKETS)
+REPLIES_WRITING = Gauge("chat_worker_replies_writing", "Replies this worker is writing now")
 REPLIES = Counter("chat_replies", "Reply outcomes by finish reason (error: the reply failed)", ["finish_reason"])
 TRITON_REQUEST = Histogram("chat_triton_request_seconds", "A streamed Triton request, from its start to its end",
                            ["outcome"], buckets=REQUEST_BUCKETS)

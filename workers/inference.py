@@ -51,7 +51,7 @@ from chatbot.messaging import (
     token_subject,
 )
 from chatbot.metrics import (
-    FINISH_REASONS, REDELIVERIES, REPLIES, TRITON_REQUEST, WORKER_FIRST_TOKEN, WORKER_TOKEN, bounded, serve,
+    FINISH_REASONS, REDELIVERIES, REPLIES, REPLIES_WRITING, TRITON_REQUEST, WORKER_FIRST_TOKEN, WORKER_TOKEN, bounded, serve,
 )
 from chatbot.tracing import add_event, extract, set_attributes, setup_tracing, span
 from chatbot.tracing import shutdown as shutdown_tracing
@@ -198,6 +198,7 @@ class Worker:
         self.settings, self.app, self.nc, self.tritons = settings, app, nc, tritons
         self.prompts = PromptBuilder(settings.model_repository)
         self.generating: dict[str, asyncio.Event] = {}  # reply id -> set to stop it
+        REPLIES_WRITING.set_function(lambda: len(self.generating))
         self.cancelled: dict[str, float] = {}  # stops heard for replies not (yet) here
         self.progress: dict[str, list[str]] = {}  # reply id -> the text parts written so far
         self.titling: set[asyncio.Task[None]] = set()  # titles being written (workers/titles.py)

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatbot.launcher import Stack
-from tests.client import ChatClient, collect_reply, send
+from tests.client import ChatClient, collect_reply, recv, send
 
 pytestmark = pytest.mark.integration
 
@@ -103,3 +103,23 @@ async def test_an_unknown_frame_is_counted_as_invalid_not_by_its_type(stack: Sta
     invalid = {"direction": "in", "type": "invalid"}
     assert value(after, "chat_websocket_frames_total", **invalid) == value(before, "chat_websocket_frames_total", **invalid) + 1
     assert not any(UUID_LIKE.search(v) for _, labels in after for _, v in labels)
+
+
+async def test_a_worker_counts_the_replies_it_is_writing_while_it_writes_them(stack: Stack, client: ChatClient) -> None:
+    """chat_worker_replies_writing: 1 in exactly one worker from the first token until the
+    end, 0 everywhere after it (the compose test finds the worker to kill by it)."""
+    conversation_id = await client.start_conversation()
+    workers = [name for name in stack.metrics_ports if name.startswith("worker")]
+
+    def writing(samples: dict[str, Samples]) -> list[float]:
+        return [value(samples[w], "chat_worker_replies_writing") for w in workers]
+
+    async with client.ws() as ws:
+        await send(ws, conversation_id, "Tell me a long story about the sea.")
+        while (frame := await recv(ws))["type"] != "token":
+            assert frame["type"] == "accepted", frame
+        during = writing(await asyncio.to_thread(scrape_all, stack))
+        await collect_reply(ws)
+    assert max(during) == 1 and sum(during) == 1, f"while writing: {dict(zip(workers, during))}"
+    after = await moved(stack, {}, lambda a: sum(writing(a)) == 0)
+    assert sum(writing(after)) == 0, f"after the reply: {dict(zip(workers, writing(after)))}"

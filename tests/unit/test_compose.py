@@ -76,6 +76,11 @@ def test_the_compose_file_parses_and_has_every_part_of_the_topology() -> None:
     # workers fit prompts with the tokenizers of the models Triton serves (workers/prompt.py)
     image_root = "/app"  # WORKDIR of the Dockerfile, the REPO_ROOT of the installed code
     assert f"./triton_models:{image_root}/triton_models:ro" in found["worker"]["volumes"]
+    # and the API processes: a message too long for the model's window is refused at send
+    # (chatbot/models.py), and a persona names only models the repository holds
+    for name, service in found.items():
+        if service.get("command") == ["chatbot", "api"]:
+            assert f"./triton_models:{image_root}/triton_models:ro" in service["volumes"], name
     assert re.search(rf"^WORKDIR\s+{image_root}$", (REPO_ROOT / "Dockerfile").read_text(), re.M)
 
 
@@ -184,3 +189,25 @@ def test_the_app_image_runs_the_api_on_the_port_it_exposes() -> None:
     port = re.search(r"CHATBOT_API_PORT=(\d+)", text)
     assert port and re.search(rf"^EXPOSE\s+{port[1]}\b", text, re.M)
     assert "torch==2.13.0" in text  # pinned, as the Makefile installs it
+
+
+def test_keys_made_as_the_compose_file_says_are_accepted_and_others_refused_clearly(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The compose file asks for `openssl rand -base64 32` keys; a URL-safe one (a first
+    compose run had one) or a short one is refused by name before anything starts."""
+    import base64
+    import os
+
+    from chatbot.config import load_settings
+
+    good = {name: base64.b64encode(os.urandom(32)).decode() for name in ("CIPHER", "SECRET", "CHAIN")}
+    for name, key in good.items():
+        monkeypatch.setenv(f"CHATBOT_{name}_KEY", key)
+    assert load_settings(tmp_path).secret_key == base64.b64decode(good["SECRET"])
+    urlsafe = base64.urlsafe_b64encode(b"\xfb\xff" * 16).decode().rstrip("=")
+    for name, bad, words in [("SECRET", urlsafe, "standard base64"), ("CIPHER", base64.b64encode(b"k" * 16).decode(), "32 bytes"),
+                             ("CHAIN", "not a key!", "standard base64")]:
+        monkeypatch.setenv(f"CHATBOT_{name}_KEY", bad)
+        with pytest.raises(ValueError, match=f"CHATBOT_{name}_KEY must .*{words}"):
+            load_settings(tmp_path)
+        monkeypatch.setenv(f"CHATBOT_{name}_KEY", good[name])
