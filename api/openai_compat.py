@@ -49,10 +49,12 @@ from litestar.response import Stream
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from opentelemetry.trace import SpanKind
 
 from api.auth import require_user
 from api.services import Services
 from chatbot.llm.errors import INVALID_REQUEST
+from chatbot.tracing import span
 from chatbot.messaging import (
     ReplyDone,
     ReplyError,
@@ -439,6 +441,15 @@ class OpenAIController(Controller):
     async def create_chat_completion(
         self, services: Services, api_key: ApiKeyHolder, user_id: UUID, data: ChatCompletionRequest
     ) -> Response[Any]:
+        # the request's trace starts here, as a websocket message's does at its frame
+        # (chatbot/tracing.py): the commands' events carry it on to the relay, the worker and
+        # the projector; a streamed reply goes on after this span ends
+        with span("POST /v1/chat/completions", SpanKind.SERVER):
+            return await self._complete(services, api_key, user_id, data)
+
+    async def _complete(
+        self, services: Services, api_key: ApiKeyHolder, user_id: UUID, data: ChatCompletionRequest
+    ) -> Response[Any]:
         instructions, turns, text = split_messages(data.messages)
         sampling = sampling_of(data)
         await check_rate(services, user_id)
@@ -457,7 +468,7 @@ class OpenAIController(Controller):
             follower = ReplyFollower(services, conversation_id)
             await follower.open()
             posted = await services.call(
-                services.app.post_message, conversation_id, user_id, str(uuid4()), text, sampling
+                post_message, services, conversation_id, user_id, str(uuid4()), text, sampling
             )
             completion = Completion(services, follower, data, conversation_id, posted.reply_id)
             headers = {"x-chat-conversation-id": str(conversation_id)}
@@ -474,6 +485,12 @@ class OpenAIController(Controller):
                     await services.nc.publish(cancel_subject(completion.reply_id), b"")
                 if follower is not None:
                     await follower.close()
+
+
+def post_message(services: Services, *args: Any) -> Any:
+    """`ChatApplication.post_message` in a span of its own, as the websocket's commands are."""
+    with span("command post_message"):
+        return services.app.post_message(*args)
 
 
 def model_of(row: dict[str, Any], user_id: UUID) -> Model:

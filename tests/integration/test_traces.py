@@ -205,3 +205,40 @@ async def test_one_message_yields_one_connected_trace_across_the_processes(
     # the processes' JSON log lines carry the trace id (the worker's line about this reply)
     worker_log = (ARTIFACTS / "logs-traces" / "worker-0.log").read_text()
     assert f'"trace_id": "{roots[0].trace_id}"' in worker_log
+
+
+async def test_a_request_to_the_openai_api_yields_one_connected_trace_too(
+    traced_stack: Stack, collector: Collector,
+) -> None:
+    """POST /v1/chat/completions starts its own trace, as a websocket frame does: the
+    command, the relay, the worker's Triton call and the projector's apply are in it."""
+    client = ChatClient(traced_stack.api_urls[0])
+    try:
+        await client.register_and_log_in()
+        r = await client.http.post("/api/keys", json={"name": "traces"}, headers=client.headers)
+        assert r.status_code == 201, r.text
+        r = await client.http.post("/v1/chat/completions", timeout=120, headers={"Authorization": f"Bearer {r.json()['key']}"},
+                                   json={"model": "assistant", "max_tokens": 8,
+                                         "messages": [{"role": "user", "content": MESSAGE}]})
+        assert r.status_code == 200, r.text
+    finally:
+        await client.close()
+
+    deadline = time.monotonic() + 30
+    while True:
+        roots = [s for s in collector.received() if s.name == "POST /v1/chat/completions"]
+        spans = trace_of(collector.received(), roots[0].trace_id) if roots else []
+        if complete(spans) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert len(roots) == 1, [s.name for s in collector.received()]
+    where = {(s.service, s.name) for s in spans}
+    assert where >= {
+        ("chatbot-api", "POST /v1/chat/completions"), ("chatbot-api", "command post_message"),
+        ("chatbot-relay", "relay publish"), ("chatbot-worker", "worker reply"), ("chatbot-worker", "triton generate"),
+        ("chatbot-projector", "projector apply"),
+    }, sorted(where)
+    by_id = {s.span_id: s for s in spans}
+    assert [s.name for s in spans if not s.parent_id] == ["POST /v1/chat/completions"]
+    assert all(s.parent_id in by_id for s in spans if s.parent_id)
+    assert {by_id[s.parent_id].name for s in spans if s.name == "command post_message"} == {"POST /v1/chat/completions"}
