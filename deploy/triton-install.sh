@@ -1,9 +1,9 @@
 #!/bin/sh
 # Run by deploy/triton.Dockerfile at build time, with deploy/ mounted at /tmp/deploy. NVIDIA's
-# Triton image has tritonserver and a
-# system Python: the model's packages go there. Any other base gets a virtualenv with the
-# nvidia-pytriton wheel, which ships tritonserver and the python backend, and a
-# /usr/local/bin/tritonserver that runs it as NVIDIA's image would (same name, same flags).
+# Triton image has tritonserver and a system Python: the model's packages go there. Any other
+# base gets a virtualenv with the nvidia-pytriton wheel, which ships tritonserver and the
+# python backend, and a /usr/local/bin/tritonserver that runs it as NVIDIA's image would (same
+# name, same flags).
 set -eu
 packages="torch==2.13.0 numpy==1.26.4 tokenizers==0.23.3 safetensors==0.8.0"
 extra=""

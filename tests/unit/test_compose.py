@@ -211,3 +211,22 @@ def test_keys_made_as_the_compose_file_says_are_accepted_and_others_refused_clea
         with pytest.raises(ValueError, match=f"CHATBOT_{name}_KEY must .*{words}"):
             load_settings(tmp_path)
         monkeypatch.setenv(f"CHATBOT_{name}_KEY", good[name])
+
+
+def test_the_ci_override_changes_images_and_entrypoints_only_and_never_extends_a_list() -> None:
+    """tests/compose/compose.ci.yml (make compose-test) runs the production file with local
+    images: it may set an image, an entrypoint or a working directory, a command only where
+    the production file has none (podman-compose extends a list present in both files rather
+    than replacing it), and lower ulimits; every service it names exists."""
+    override = yaml.safe_load((REPO_ROOT / "tests" / "compose" / "compose.ci.yml").read_text())["services"]
+    production = services()
+    allowed = {"image", "entrypoint", "command", "working_dir", "ulimits"}
+    for name, changes in override.items():
+        assert name in production, f"compose.ci.yml names {name}, which docker-compose.yml lacks"
+        assert set(changes) <= allowed, f"{name}: compose.ci.yml changes {sorted(set(changes) - allowed)}"
+        for key, value in changes.items():
+            if isinstance(value, list):
+                assert key not in production[name], f"{name}.{key}: a list in both files would be extended"
+    # every image the production file pulls from a registry is replaced; the two it builds stay
+    pulled = {n for n, s in production.items() if "build" not in s and n != "grafana"}
+    assert pulled == {n for n, c in override.items() if "image" in c}
