@@ -353,9 +353,11 @@ async def faults(compose: Compose, client: ChatClient, persona_id: str) -> None:
     """Kill the API container holding the socket and the worker writing the reply, mid-reply."""
     conversation = await client.start_conversation(persona_id)
     ws = await client.ws(open_timeout=10)
-    holders = [n for n, v in api_sockets(compose).items() if v > 0]
-    if len(holders) != 1:
-        raise Failed(f"one socket open, yet API containers report {holders}")
+    deadline = time.monotonic() + 10  # the sockets closed before may take a moment to be counted
+    while len(holders := [n for n, v in api_sockets(compose).items() if v > 0]) != 1:
+        if time.monotonic() > deadline:
+            raise Failed(f"one socket open, yet API containers report {holders}")
+        await asyncio.sleep(0.5)
     cmid = str(uuid.uuid4())
     await send(ws, conversation, "Tell me a long story about a ship at sea.", cmid)
     reply_id = None
