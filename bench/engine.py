@@ -1,7 +1,9 @@
-"""Serving throughput and time to first token: our engine in Triton against `transformers`.
+"""Serving throughput and time to first token: our engine in Triton against `transformers`
+and llama.cpp.
 
-The same weights (`triton_models/chat/1/demo`, loaded in fp32 on the CPU) are served
-three ways, one after the other, on the same workload:
+The same weights (SmolLM2-135M-Instruct: the Q4_1 GGUF that the model install converts to
+`triton_models/chat/1/smollm2`) are served these ways, one after the other, on the same
+workload:
 
   engine      the `chat` model in a real `tritonserver` (continuous batching inside),
               streamed over gRPC with the worker's own `stream_reply`;
@@ -12,6 +14,12 @@ three ways, one after the other, on the same workload:
               `generate`; requests arriving meanwhile wait for the next batch.
   in-proc     (only with --in-process, a diagnostic) the same `Engine` class in this
               process, without Triton or gRPC: what the serving layers cost.
+  llama.cpp   `llama-server` on the GGUF itself (Q4_1, its embedding Q8_0: the weights our
+              engine serves dequantised), started per level with `--parallel C
+              --cont-batching -t 2` and streamed over HTTP from its `/completion`
+              endpoint. Not a dependency: it runs when bench/llamacpp.py finds a binary
+              (LLAMA_SERVER, `llama-server` on the PATH, or one built with
+              `bench/llamacpp.py build`) and is skipped with a note otherwise.
 
 Workload. For each level C of concurrent streams (default 1, 8, 32) the run sends waves
 of C requests whose arrivals are spread evenly over --spread seconds (the first at 0;
@@ -20,10 +28,13 @@ every request of the previous one has finished, and there are ceil(--requests / 
 so every level has about --requests samples. Requests are a system prompt plus one of a
 list of varied chit-chat user messages (the same list, in the same order, for every
 server). Every request produces exactly --new-tokens tokens: `min_tokens` = `max_tokens`
-for Triton, `min_new_tokens` = `max_new_tokens` for `generate`, so EOS never ends one
-early. Sampling is the same everywhere: temperature 0.8, top_p 0.95, no top-k.
-Prompts for `generate` are rendered and tokenized with our `ChatTokenizer`, exactly as
-the engine does it (the bench checks that both count the same prompt tokens).
+for Triton, `min_new_tokens` = `max_new_tokens` for `generate`, `n_predict` with
+`ignore_eos` for llama.cpp, so EOS never ends one early. Sampling is the same everywhere:
+temperature 0.8, top_p 0.95, no top-k (and no min_p for llama.cpp, whose default has one).
+Prompts for `generate` and llama.cpp are rendered and tokenized with our `ChatTokenizer`,
+exactly as the engine does it, and sent as token ids (the bench checks that every server
+counts the same prompt tokens); llama.cpp gets `cache_prompt: false`, so every request
+prefills its whole prompt, like a first turn in the engine.
 
 Measures, per level and server:
   - output tokens/s: all output tokens of the level / the summed wall time of its waves
@@ -31,6 +42,7 @@ Measures, per level and server:
   - TTFT p50/p99 (nearest rank), from a request's arrival to its first token:
       engine: arrival = just before `stream_infer` is called, first token = the first
         non-empty text delta on the client (so it includes gRPC and detokenization);
+      llama.cpp: the same, around its HTTP request and its streamed chunks;
       generate: `generate` does not stream per request, so a `streamer` object (the hook
         `TextStreamer` uses) records the time of its second `put()` call: the first is the
         prompt, the second carries the first sampled token of every row of the batch. A
@@ -38,13 +50,14 @@ Measures, per level and server:
         queue for the previous request (sequential) or batch (static) to end.
 
 The HF runs use `torch.set_num_threads(2)`, the Triton model its `num_threads` parameter
-(2). Every figure is CPU-bound, so the bench also meters the CPU time used by processes
-that are not its own (from /proc) and prints it per row as "other CPU": a row where
-that is more than a few percent was disturbed and should be run again (the report
-names such rows). The sequential server runs the full workload, not a sample: on this
+(2), llama-server `-t 2 -tb 2`. Every figure is CPU-bound, so the bench also meters the
+CPU time used by processes that are not its own (from /proc) and prints it per row as
+"other CPU": a row where that is more than a few percent was disturbed and should be run
+again (the report names such rows). The sequential server runs the full workload, not a sample: on this
 model a request takes about 0.4 s, so it stays within a few minutes.
 
-Run: `.venv/bin/python bench/engine.py [--in-process]`, about 4 minutes on 2 cores.
+Run: `.venv/bin/python bench/engine.py [--in-process] [--no-llamacpp]`, about 4 minutes on
+2 cores without llama.cpp.
 """
 
 from __future__ import annotations
@@ -53,6 +66,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import random
@@ -71,6 +85,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from bench.llamacpp import BUILD_HINT, find_server, gguf_path, serving  # noqa: E402
 from chatbot.launcher import MODEL_REPOSITORY, Child, Ports, http_ok, triton_argv, triton_env  # noqa: E402
 from chatbot.llm.tokenizer import ChatTokenizer  # noqa: E402
 
@@ -318,6 +333,74 @@ def run_engine(
         }
 
 
+# ---- (d) llama.cpp's server on the same weights ------------------------------------------------
+
+LLAMA_CPP = "llama.cpp server Q4_1"
+
+
+async def llamacpp_level(url: str, waves: list[list[Request]], new_tokens: int) -> LevelResult:
+    """The waves against llama-server's streaming `/completion`, timed like the engine's."""
+    import httpx
+
+    body = {
+        **SAMPLING, "top_k": 0, "min_p": 0.0, "n_predict": new_tokens, "ignore_eos": True,
+        "cache_prompt": False, "stream": True,
+    }
+    result = LevelResult()
+
+    async def one(client: httpx.AsyncClient, request: Request, start: float) -> tuple[Outcome, float]:
+        await asyncio.sleep(max(0.0, start + request.arrival - time.perf_counter()))
+        arrival = time.perf_counter()
+        first = 0.0
+        final: dict[str, Any] | None = None
+        payload = {**body, "prompt": request.prompt_ids, "seed": request.index}
+        async with client.stream("POST", "/completion", json=payload) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():  # server-sent events: `data: {...}`
+                if not line.startswith("data: "):
+                    continue
+                chunk = json.loads(line.removeprefix("data: "))
+                if chunk.get("content") and not first:
+                    first = time.perf_counter()
+                if chunk.get("stop"):
+                    final = chunk
+        if final is None:
+            raise RuntimeError("llama-server's stream ended without a final chunk")
+        if final["tokens_evaluated"] != len(request.prompt_ids) or final["tokens_predicted"] != new_tokens:
+            raise RuntimeError(f"llama-server evaluated {final['tokens_evaluated']} prompt tokens and predicted "
+                               f"{final['tokens_predicted']}, we sent {len(request.prompt_ids)} and asked {new_tokens}")
+        now = time.perf_counter()
+        return Outcome(arrival, first or now, int(final["tokens_predicted"]), now), now
+
+    # a connection per request, as each stream of the engine's is its own call: llama-server
+    # (cpp-httplib) closes idle keep-alive connections, and reusing one fails the next request
+    limits = httpx.Limits(max_connections=max(len(w) for w in waves), max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300.0), limits=limits) as client:
+        for wave in waves:
+            start = time.perf_counter()
+            done = await asyncio.gather(*(one(client, r, start) for r in wave))
+            result.add_wave(start, max(end for _, end in done), [o for o, _ in done])
+    return result
+
+
+def run_llamacpp(
+    levels: dict[int, list[list[Request]]], new_tokens: int, log_dir: Path, binary: Path,
+) -> dict[int, LevelResult]:
+    """One llama-server per level, with as many slots as the level has streams (what a
+    deployment sized for that load would run); each slot holds the longest prompt and its reply."""
+    gguf = gguf_path()
+    every = [r for waves in levels.values() for wave in waves for r in wave]
+    slot_context = math.ceil((max(len(r.prompt_ids) for r in every) + new_tokens) / 256) * 256
+    results = {}
+    for streams, waves in levels.items():
+        with serving(binary, gguf, streams, slot_context, log_dir / f"llama-server-{streams}.log") as url:
+            # warm-up, as for the engine: a few short requests through prefill and decode
+            warm = [dataclasses.replace(r, arrival=0.0) for r in every[:min(8, streams)]]
+            asyncio.run(llamacpp_level(url, [warm], 8))
+            results[streams] = metered(lambda w=waves: asyncio.run(llamacpp_level(url, w, new_tokens)))
+    return results
+
+
 # ---- one conversation of many turns ----------------------------------------------------------
 
 TURNS = [
@@ -553,37 +636,44 @@ def goal(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-# llama.cpp on this kind of machine (2 cores, AVX-512; issue 13's table): one stream's decode
-# with Q4_1 weights, and `llama-server --parallel 32 --cont-batching` end to end with Q8_0
+# llama.cpp on this kind of machine (2 cores, AVX-512; issue 13's table), the reference when
+# this run has no llama-server: one stream's decode with Q4_1 weights, and
+# `llama-server --parallel 32 --cont-batching` end to end with Q8_0
 LLAMA_CPP_ONE_STREAM = 94.0
 LLAMA_CPP_SERVER_32 = 218.0
 
 
 def report(results: dict[str, dict[int, LevelResult]], new_tokens: int) -> None:
     print(f"\nOutput tokens/s and time to first token ({new_tokens} new tokens per request)")
-    print(f"{'streams':>7} | {'server':<12} | {'requests':>8} | {'tok/s':>7} | {'decode/stream':>13} | "
+    print(f"{'streams':>7} | {'server':<21} | {'requests':>8} | {'tok/s':>7} | {'decode/stream':>13} | "
           f"{'TTFT p50 ms':>11} | {'p99 ms':>8} | {'wall s':>6} | {'other CPU':>9}")
-    print("-" * 108)
+    print("-" * 117)
     levels = sorted(next(iter(results.values())))
     for streams in levels:
         for name, by_level in results.items():
             r = by_level[streams]
             print(
-                f"{streams:>7} | {name:<12} | {len(r.ttft_ms):>8} | {r.throughput:>7.0f} | "
+                f"{streams:>7} | {name:<21} | {len(r.ttft_ms):>8} | {r.throughput:>7.0f} | "
                 f"{pct(r.decode_rates, 50):>13.1f} | {pct(r.ttft_ms, 50):>11.1f} | {pct(r.ttft_ms, 99):>8.1f} | "
                 f"{r.wall:>6.1f} | {r.other_cpu:>8.0%}"
             )
-        print("-" * 108)
+        print("-" * 117)
     top, one = levels[-1], levels[0]
-    print("\nGoals (llama.cpp figures: issue 13's table, measured on this kind of machine; not run here)")
+    if LLAMA_CPP in results:
+        server_top = results[LLAMA_CPP][top].throughput
+        one_stream = pct(results[LLAMA_CPP][one].decode_rates, 50)
+        print(f"\nGoals (llama.cpp figures: its server in this run, at {top} streams and {one})")
+    else:
+        server_top, one_stream = LLAMA_CPP_SERVER_32, LLAMA_CPP_ONE_STREAM
+        print("\nGoals (llama.cpp figures: issue 13's table, measured on this kind of machine; not run here)")
     for name in (k for k in results if k.startswith("engine")):
         at_top, single = results[name][top], results[name][one]
         p99 = pct(at_top.ttft_ms, 99)
         rate = pct(single.decode_rates, 50)
-        print(f"  {name}: {top} streams {at_top.throughput:.0f} tok/s = {at_top.throughput / LLAMA_CPP_SERVER_32:.2f}x "
-              f"llama-server's {LLAMA_CPP_SERVER_32:.0f} (goal >= 2x: {goal(at_top.throughput >= 2 * LLAMA_CPP_SERVER_32)}); "
+        print(f"  {name}: {top} streams {at_top.throughput:.0f} tok/s = {at_top.throughput / server_top:.2f}x "
+              f"llama-server's {server_top:.0f} (goal >= 2x: {goal(at_top.throughput >= 2 * server_top)}); "
               f"TTFT p99 {p99:.0f} ms (goal <= 500: {goal(p99 <= 500)}); {one} stream decodes {rate:.1f} tok/s "
-              f"(goal >= llama.cpp Q4_1's {LLAMA_CPP_ONE_STREAM:.0f}: {goal(rate >= LLAMA_CPP_ONE_STREAM)})")
+              f"(goal >= llama.cpp Q4_1's {one_stream:.0f}: {goal(rate >= one_stream)})")
         if "static" in results:
             print(f"    / transformers static batch at {top} streams: "
                   f"{at_top.throughput / results['static'][top].throughput:.2f}x")
@@ -604,8 +694,13 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true", help="also run the Engine in this process (diagnostic)")
     parser.add_argument("--precisions", default="fp32,bf16,int8", help="engine precisions to run, comma-separated")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers servers")
+    parser.add_argument("--llamacpp", action=argparse.BooleanOptionalAction, default=None,
+                        help="run llama-server on the same GGUF (default: when bench/llamacpp.py finds one)")
     parser.add_argument("--turns-only", action="store_true", help="only the multi-turn conversation")
     args = parser.parse_args()
+    llama_server = find_server() if args.llamacpp is not False else None
+    if args.llamacpp and llama_server is None:
+        parser.error(f"--llamacpp: no llama-server found; {BUILD_HINT}")
 
     tokenizer = ChatTokenizer.from_pretrained(MODEL_DIR)
     assert tokenizer.eos_token_id is not None
@@ -631,6 +726,12 @@ def main() -> None:
             t = time.perf_counter()
             results[f"engine {precision}"] = run_engine(levels, args.new_tokens, Path(tmp) / precision, precision)
             print(f"engine {precision} done in {time.perf_counter() - t:.0f} s", flush=True)
+        if llama_server is not None:
+            t = time.perf_counter()
+            results[LLAMA_CPP] = run_llamacpp(levels, args.new_tokens, Path(tmp) / "llama.cpp", llama_server)
+            print(f"llama.cpp ({llama_server}) done in {time.perf_counter() - t:.0f} s", flush=True)
+        elif args.llamacpp is None:
+            print(f"llama.cpp skipped: no llama-server found; {BUILD_HINT}", flush=True)
     if args.in_process:
         t = time.perf_counter()
         results["in-proc"] = run_in_process(levels, args.new_tokens)
