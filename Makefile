@@ -36,7 +36,8 @@ chaos: install
 # docker-compose.yml brought up for real with podman (installed from Debian's packages where
 # missing), images built FROM a local debootstrap base, a chat through nginx with an API and a
 # worker container killed mid-reply, /metrics scraped, then all of it removed
-# (tests/compose/run.py, ~10 minutes with the images built; prints SKIPPED where podman cannot run)
+# (tests/compose/run.py: ~4 minutes with the images built, ~10 on a fresh machine; prints
+# SKIPPED where podman cannot run)
 compose-test: install
 	$(BIN)/python -m tests.compose.run
 

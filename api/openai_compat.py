@@ -54,7 +54,6 @@ from opentelemetry.trace import SpanKind
 from api.auth import require_user
 from api.services import Services
 from chatbot.llm.errors import INVALID_REQUEST
-from chatbot.tracing import span
 from chatbot.messaging import (
     ReplyDone,
     ReplyError,
@@ -65,6 +64,7 @@ from chatbot.messaging import (
     token_subject,
     unseen_text,
 )
+from chatbot.tracing import span
 from domain.application import ApiKeyHolder
 from domain.conversation import ConversationError, InvalidSampling, InvalidTurns, check_sampling
 from domain.persona import PersonaError, PersonaNotFound
