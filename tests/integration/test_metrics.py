@@ -106,14 +106,18 @@ async def test_an_unknown_frame_is_counted_as_invalid_not_by_its_type(stack: Sta
 
 
 async def test_a_worker_counts_the_replies_it_is_writing_while_it_writes_them(stack: Stack, client: ChatClient) -> None:
-    """chat_worker_replies_writing: 1 in exactly one worker from the first token until the
-    end, 0 everywhere after it (the compose test finds the worker to kill by it)."""
+    """chat_worker_replies_writing: 0 everywhere before the message, 1 in exactly one worker
+    from its first token until the end, 0 everywhere after it (the compose test finds the
+    worker to kill by it)."""
     conversation_id = await client.start_conversation()
     workers = [name for name in stack.metrics_ports if name.startswith("worker")]
 
     def writing(samples: dict[str, Samples]) -> list[float]:
         return [value(samples[w], "chat_worker_replies_writing") for w in workers]
 
+    # the stack is shared: a reply an earlier test left running ends first (bounded)
+    idle = await moved(stack, {}, lambda a: sum(writing(a)) == 0, timeout=120)
+    assert sum(writing(idle)) == 0, f"replies still written before the test: {dict(zip(workers, writing(idle)))}"
     async with client.ws() as ws:
         await send(ws, conversation_id, "Tell me a long story about the sea.")
         while (frame := await recv(ws))["type"] != "token":
