@@ -144,6 +144,20 @@ def complete(spans: list[ReceivedSpan]) -> bool:
     return sum(s.name == "projector apply" for s in spans) >= 3 and sum(s.name == "relay publish" for s in spans) >= 3
 
 
+async def trace_rooted_at(collector: Collector, root: str, timeout: float = 30) -> tuple[list[ReceivedSpan], list[ReceivedSpan]]:
+    """The spans named `root` received, and the trace of the first, once that trace is
+    complete or `timeout` seconds have passed; exactly one such root is expected."""
+    deadline = time.monotonic() + timeout
+    while True:
+        roots = [s for s in collector.received() if s.name == root]
+        spans = trace_of(collector.received(), roots[0].trace_id) if roots else []
+        if complete(spans) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert len(roots) == 1, [s.name for s in collector.received()]
+    return roots, spans
+
+
 async def test_one_message_yields_one_connected_trace_across_the_processes(
     traced_stack: Stack, collector: Collector,
 ) -> None:
@@ -158,14 +172,7 @@ async def test_one_message_yields_one_connected_trace_across_the_processes(
         await client.close()
     assert reply["text"] and tokens
 
-    deadline = time.monotonic() + 30
-    while True:
-        roots = [s for s in collector.received() if s.name == "ws send"]
-        spans = trace_of(collector.received(), roots[0].trace_id) if roots else []
-        if complete(spans) or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.2)
-    assert len(roots) == 1, [s.name for s in collector.received()]
+    roots, spans = await trace_rooted_at(collector, "ws send")
     names = sorted(s.name for s in spans)
 
     # every hop, in the process that makes it
@@ -224,14 +231,7 @@ async def test_a_request_to_the_openai_api_yields_one_connected_trace_too(
     finally:
         await client.close()
 
-    deadline = time.monotonic() + 30
-    while True:
-        roots = [s for s in collector.received() if s.name == "POST /v1/chat/completions"]
-        spans = trace_of(collector.received(), roots[0].trace_id) if roots else []
-        if complete(spans) or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.2)
-    assert len(roots) == 1, [s.name for s in collector.received()]
+    roots, spans = await trace_rooted_at(collector, "POST /v1/chat/completions")
     where = {(s.service, s.name) for s in spans}
     assert where >= {
         ("chatbot-api", "POST /v1/chat/completions"), ("chatbot-api", "command post_message"),
