@@ -39,7 +39,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -51,6 +50,7 @@ from typing import Any
 
 import yaml
 
+from chatbot.launcher import free_port
 from tests.client import ChatClient, collect_reply, recv, send
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,12 +177,6 @@ def compose_services() -> dict[str, dict[str, Any]]:
     return dict(yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def compose_env() -> dict[str, str]:
     return dict(
         os.environ,
@@ -284,23 +278,24 @@ def wait_up(compose: Compose) -> None:
 # -- chatting through nginx -------------------------------------------------------------------
 
 
-def api_sockets(compose: Compose) -> dict[str, float]:
-    """Open websockets per API container (chat_websockets_open of each one's /metrics)."""
+def gauge(compose: Compose, names: list[str], metric: str) -> dict[str, float]:
+    """An unlabelled gauge of each named app container, from its /metrics."""
     found = {}
-    for name in compose.containers():
-        if re.fullmatch(rf"{PROJECT}_api-\d+_\d+", name):
-            m = re.search(r"^chat_websockets_open (\S+)$", compose.metrics(name, 9100), re.M)
-            found[name] = float(m.group(1)) if m else 0.0
+    for name in names:
+        m = re.search(rf"^{metric} (\S+)$", compose.metrics(name, 9100), re.M)
+        found[name] = float(m.group(1)) if m else 0.0
     return found
+
+
+def api_sockets(compose: Compose) -> dict[str, float]:
+    """Open websockets per API container."""
+    apis = [n for n in compose.containers() if re.fullmatch(rf"{PROJECT}_api-\d+_\d+", n)]
+    return gauge(compose, apis, "chat_websockets_open")
 
 
 def writing(compose: Compose) -> dict[str, float]:
-    """Replies each worker container is writing now (its chat_worker_replies_writing)."""
-    found = {}
-    for name in compose.containers("worker"):
-        m = re.search(r"^chat_worker_replies_writing (\S+)$", compose.metrics(name, 9100), re.M)
-        found[name] = float(m.group(1)) if m else 0.0
-    return found
+    """Replies each worker container is writing now."""
+    return gauge(compose, compose.containers("worker"), "chat_worker_replies_writing")
 
 
 async def persona(client: ChatClient, slug: str, system_prompt: str, max_tokens: int) -> str:
