@@ -136,6 +136,8 @@ def triton_inputs(messages: list[dict[str, str]], params: dict[str, Any]) -> lis
         inputs.append(tensor("min_tokens", "INT32", params["min_tokens"], np.int32))
     if "seed" in params:
         inputs.append(tensor("seed", "INT64", params["seed"], np.int64))
+    if params.get("background"):
+        inputs.append(tensor("background", "BOOL", True, np.bool_))
     return inputs
 
 
@@ -371,7 +373,8 @@ class Worker:
         asked = next((m["content"] for m in reversed(job.messages) if m["role"] == "user"), "")
         instance = self.tritons.order(job.conversation_id)[0]  # where the exchange is cached
         stream = stream_reply(self.tritons.clients[instance], job.model, f"title-{job.reply_id}",
-                              title_request(asked), {"max_tokens": TITLE_TOKENS, "temperature": 0.0})
+                              title_request(asked),
+                              {"max_tokens": TITLE_TOKENS, "temperature": 0.0, "background": True})
         parts, final = [], None
         try:
             async with asyncio.timeout(TITLE_TIMEOUT_S), aclosing(stream):

@@ -6,7 +6,8 @@ Design notes
   clear `ValueError` ("prompt has N tokens, the context window is M") and never reach
   the engine thread. Accepted requests go through a thread-safe admission queue.
 - The engine thread loops: (1) drop cancelled sequences (active or still waiting),
-  (2) admit waiting requests (FIFO) while the decode batch has room: each gets a KV-cache
+  (2) admit waiting requests (FIFO, background ones last, see below) while the decode
+  batch has room: each gets a KV-cache
   slot holding as much of its prompt as the prefix cache has (prefix_cache.py: the
   conversation's previous turn, or its persona's system prompt), (3) one prefill forward
   over the next chunk of the prompts still being read, and (4) one batched decode step:
@@ -38,6 +39,14 @@ Design notes
   them to the next request whose prompt starts with the same tokens. Reused entries are
   exactly what a prefill would compute (the same tokens at the same positions); only
   float rounding of a different batch shape differs, as with batching itself.
+- Background requests (`submit(..., background=True)`: work no one is watching arrive, such
+  as a conversation's model-written title) yield to interactive ones: they are admitted
+  only when no interactive request waits, hold at most a quarter of the batch
+  (`background_slots`), and join a prefill forward only when no interactive prompt is
+  being read. On 2 cores, 32 fresh conversations each asking for a title after their
+  first reply added about 2 s to other users' first tokens while titles were scheduled
+  like replies (bench/pipeline.py). Once prefilled, a background sequence decodes in the
+  shared batch like any other: a row more in a decode step costs little.
 - Output flows through a per-request callback, called from the engine thread: zero or
   more events with text deltas, then exactly one final event with `finish_reason` in
   {"stop", "length", "cancelled", "error"} and the token counts. Callbacks must be quick
@@ -183,6 +192,7 @@ class _Sequence:
     slot: int = -1
     out_ids: list[int] = field(default_factory=list)
     pos: int = 0  # position of the next token fed to the model == tokens in the cache
+    background: bool = False  # yields to interactive requests (see the module notes)
 
     @property
     def prefilling(self) -> bool:
@@ -221,6 +231,7 @@ class Engine:
         self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens  # padded tokens (B * T_max) per prefill forward
+        self.background_slots = max(1, max_batch_size // 4)  # most slots background requests hold
         # every decoded sequence needs a slot; the memory budget buys idle ones: the prefix cache
         one_slot = KVCache.slot_bytes(model.config, self.max_seq_len, self.dtype)
         num_slots = max(max_batch_size, kv_cache_bytes // one_slot)
@@ -315,8 +326,10 @@ class Engine:
         params: SamplingParams,
         on_event: Callable[[EngineEvent], None],
         request_id: str | None = None,
+        background: bool = False,
     ) -> RequestHandle:
-        """Queue a chat completion. Raises ValueError (incl. PromptTooLongError) at once."""
+        """Queue a chat completion. Raises ValueError (incl. PromptTooLongError) at once.
+        A `background` request yields to interactive ones (see the module notes)."""
         assert self._thread is not None and not self._stopping.is_set(), "engine is not running"
         params.validate()
         prompt_ids = self.count_prompt_tokens(messages)
@@ -334,6 +347,7 @@ class Engine:
             decoder=self.tokenizer.stream_decoder(),
             stop=StopMatcher(tuple(params.stop)),
             submitted_at=time.monotonic(),
+            background=background,
         )
         self._queue.put(seq)
         return handle
@@ -393,12 +407,22 @@ class Engine:
             self._waiting.append(seq)
             idle = False  # got work: take the rest without waiting
 
+    def _next_waiting(self) -> _Sequence | None:
+        """Take the oldest waiting interactive request; else the oldest background one
+        while background requests hold fewer than `background_slots`; else None."""
+        for seq in self._waiting:
+            if not seq.background:
+                self._waiting.remove(seq)
+                return seq
+        if self._waiting and sum(s.background for s in self._active) < self.background_slots:
+            return self._waiting.popleft()
+        return None
+
     def _admit(self) -> None:
-        """Give the head of `_waiting` slots (FIFO) while the decode batch has room, with
-        as much of each prompt as the prefix cache holds (prefix_cache.py)."""
+        """Give waiting requests slots (FIFO, background ones last) while the decode batch
+        has room, with as much of each prompt as the prefix cache holds (prefix_cache.py)."""
         reused, admitted = 0, False
-        while self._waiting and len(self._active) < self.max_batch_size:
-            seq = self._waiting.popleft()
+        while len(self._active) < self.max_batch_size and (seq := self._next_waiting()) is not None:
             placement = self.pool.acquire(seq.prompt_ids)
             if placement.copy_from is not None:
                 n = placement.reused
@@ -415,11 +439,15 @@ class Engine:
     def _chunk_plan(self) -> tuple[list[_Sequence], list[int], int]:
         """Which prefilling sequences share this step's prefill forward, how many prompt
         tokens each, and the padded width T: the oldest first, B * T within the budget, and
-        every row's pads (positions pos + len .. pos + T - 1) inside the KV cache."""
+        every row's pads (positions pos + len .. pos + T - 1) inside the KV cache.
+        Background prompts are read only when no interactive one is."""
         batch: list[_Sequence] = []
         lens: list[int] = []
         width = 0
-        for seq in (s for s in self._active if s.prefilling):
+        prefilling = [s for s in self._active if s.prefilling]
+        if not all(s.background for s in prefilling):
+            prefilling = [s for s in prefilling if not s.background]
+        for seq in prefilling:
             remaining = len(seq.prompt_ids) - seq.pos
             want = max(width, min(remaining, self.max_prefill_tokens))
             if batch and (len(batch) + 1) * want > self.max_prefill_tokens:

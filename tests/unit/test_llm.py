@@ -5,6 +5,7 @@ cores; nothing is downloaded."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 import time
 from pathlib import Path
 
@@ -377,6 +378,60 @@ def test_engine_cancels_a_request_still_waiting_for_a_slot(tokenizer: ChatTokeni
         assert running.done.wait(20)
     finally:
         engine.stop()
+
+
+def test_engine_background_requests_yield_to_interactive_ones(tokenizer: ChatTokenizer) -> None:
+    engine = make_engine(tokenizer, never_eos=True, max_batch_size=4, prefix_cache=False)
+    try:
+        assert engine.background_slots == 1
+        gate = gate_forward(engine)  # closed: the engine holds in the first forward (of `first`)
+        order: list[str] = []  # names, in the order of their first event
+        background_held: list[int] = []  # background sequences holding a slot, at every event
+
+        def on_event(name: str) -> Callable[[EngineEvent], None]:
+            def record(event: EngineEvent) -> None:  # engine thread
+                background_held.append(sum(s.background for s in engine._active))
+                if name not in order:
+                    order.append(name)
+            return record
+
+        params = SamplingParams(max_tokens=3, seed=0)
+        first = engine.submit(CHAT, params, on_event("first"))
+        deadline = time.time() + 10
+        while engine.stats().active_sequences < 1 and time.time() < deadline:
+            time.sleep(0.01)
+        # background requests queued before interactive ones, all behind the gate
+        handles = [engine.submit(chat_of(i), params, on_event(f"title{i}"), background=True) for i in range(3)]
+        handles += [engine.submit(chat_of(i), params, on_event(f"reply{i}")) for i in range(3)]
+        while engine.stats().queue_length < 6 and time.time() < deadline:
+            time.sleep(0.01)
+        gate.set()
+        for h in [first, *handles]:
+            assert h.done.wait(30), "request did not finish"
+        replies = [order.index(f"reply{i}") for i in range(3)]
+        titles = [order.index(f"title{i}") for i in range(3)]
+        assert max(replies) < min(titles), order  # every reply started before any title
+        assert max(background_held) == 1, "background requests held more than their quarter of the batch"
+    finally:
+        engine.stop()
+
+
+def test_background_prompts_are_prefilled_only_when_no_interactive_one_is(tokenizer: ChatTokenizer) -> None:
+    from chatbot.llm.engine import _Sequence
+
+    engine = make_engine(tokenizer, max_batch_size=4)
+    engine.stop()  # drive the plan directly
+
+    def seq(n: int, slot: int, background: bool) -> _Sequence:
+        return _Sequence(handle=None, params=SamplingParams(), on_event=print, prompt_ids=[5] * n,  # type: ignore[arg-type]
+                         max_new=8, generator=make_generator(0), decoder=None, stop=None,  # type: ignore[arg-type]
+                         slot=slot, background=background)
+
+    title, reply = seq(30, 0, True), seq(10, 1, False)
+    engine._active = [title, reply]
+    assert engine._chunk_plan() == ([reply], [10], 10)
+    engine._active = [title]
+    assert engine._chunk_plan() == ([title], [30], 30)
 
 
 def test_engine_rejects_bad_requests_clearly(tokenizer: ChatTokenizer) -> None:

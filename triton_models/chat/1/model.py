@@ -12,6 +12,8 @@ Design notes
 - `stop` (optional) is a JSON list of strings (a lone JSON string is taken as a list of
   one); anything else is a bad request. The engine matches them on text and holds back
   partial matches, so a stop string never reaches the client.
+- `background` (optional, true for work no one waits on, such as titles) asks the engine to
+  schedule the request behind interactive ones (chatbot/llm/engine.py).
 - Metrics: the engine keeps raw counters (`Engine.stats()`); the sender thread turns
   them into Triton custom metrics (`pb_utils.MetricFamily`, served on Triton's metrics
   port next to its own `nv_*` metrics) every `_METRICS_INTERVAL_S`, pushing counter
@@ -254,6 +256,7 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 messages, params = _parse(request)
+                background = bool(_optional_scalar(request, "background"))
             except ValueError as exc:
                 self._outbox.put(("error", sender, str(exc)))
                 continue
@@ -263,7 +266,8 @@ class TritonPythonModel:
                 live = self._live[rid] = _Live(sender)
             try:
                 # registered before submit: the first event may arrive before submit returns
-                live.handle = self.engine.submit(messages, params, self._on_event, request_id=rid)
+                live.handle = self.engine.submit(messages, params, self._on_event, request_id=rid,
+                                                 background=background)
             except ValueError as exc:  # includes PromptTooLongError
                 with self._lock:
                     del self._live[rid]
