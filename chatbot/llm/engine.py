@@ -35,18 +35,19 @@ Design notes
   forward, never by its whole prefill. Several short prompts share a chunk forward, oldest
   first; a row's pads must stay inside the cache (positions < max_seq_len).
 - Prefix cache: a finished sequence's slot keeps its entries (the pool has
-  `kv_cache_bytes` worth of slots, at least `max_batch_size`), and the slot pool hands
+  `kv_cache_bytes` worth of slots, at least `max_batch_size + background_slots`), and the slot pool hands
   them to the next request whose prompt starts with the same tokens. Reused entries are
   exactly what a prefill would compute (the same tokens at the same positions); only
   float rounding of a different batch shape differs, as with batching itself.
 - Background requests (`submit(..., background=True)`: work no one is watching arrive, such
   as a conversation's model-written title) yield to interactive ones: they are admitted
-  only when no interactive request waits, hold at most a quarter of the batch
-  (`background_slots`), and join a prefill forward only when no interactive prompt is
-  being read. On 2 cores, 32 fresh conversations each asking for a title after their
-  first reply added about 2 s to other users' first tokens while titles were scheduled
-  like replies (bench/pipeline.py). Once prefilled, a background sequence decodes in the
-  shared batch like any other: a row more in a decode step costs little.
+  only when no interactive request waits, and join a prefill forward only when no
+  interactive prompt is being read. They decode in rows of their own beyond
+  `max_batch_size` (at most `background_slots`, an eighth more; the pool has slots for
+  them), so an interactive request never waits for a slot a background one holds. On 2
+  cores, 32 fresh conversations each asking for a title after their first reply added
+  about 2 s to other users' first tokens (p50) while titles were scheduled like replies
+  (bench/pipeline.py).
 - Output flows through a per-request callback, called from the engine thread: zero or
   more events with text deltas, then exactly one final event with `finish_reason` in
   {"stop", "length", "cancelled", "error"} and the token counts. Callbacks must be quick
@@ -231,10 +232,10 @@ class Engine:
         self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens  # padded tokens (B * T_max) per prefill forward
-        self.background_slots = max(1, max_batch_size // 4)  # most slots background requests hold
+        self.background_slots = max(1, max_batch_size // 8)  # rows for background requests, beyond max_batch_size
         # every decoded sequence needs a slot; the memory budget buys idle ones: the prefix cache
         one_slot = KVCache.slot_bytes(model.config, self.max_seq_len, self.dtype)
-        num_slots = max(max_batch_size, kv_cache_bytes // one_slot)
+        num_slots = max(max_batch_size + self.background_slots, kv_cache_bytes // one_slot)
         self.cache = KVCache(model.config, num_slots, self.max_seq_len, self.device, self.dtype)
         self.pool = SlotPool(num_slots, reuse=prefix_cache)
         eos = set(model.config.eos_token_ids)
@@ -408,13 +409,17 @@ class Engine:
             idle = False  # got work: take the rest without waiting
 
     def _next_waiting(self) -> _Sequence | None:
-        """Take the oldest waiting interactive request; else the oldest background one
-        while background requests hold fewer than `background_slots`; else None."""
-        for seq in self._waiting:
-            if not seq.background:
-                self._waiting.remove(seq)
-                return seq
-        if self._waiting and sum(s.background for s in self._active) < self.background_slots:
+        """Take the oldest waiting interactive request while fewer than `max_batch_size`
+        run; else, when no interactive request waits, the oldest background one while fewer
+        than `background_slots` run; else None."""
+        running = sum(s.background for s in self._active)
+        interactive = next((seq for seq in self._waiting if not seq.background), None)
+        if interactive is not None:
+            if len(self._active) - running >= self.max_batch_size:
+                return None
+            self._waiting.remove(interactive)
+            return interactive
+        if self._waiting and running < self.background_slots:
             return self._waiting.popleft()
         return None
 
@@ -422,7 +427,7 @@ class Engine:
         """Give waiting requests slots (FIFO, background ones last) while the decode batch
         has room, with as much of each prompt as the prefix cache holds (prefix_cache.py)."""
         reused, admitted = 0, False
-        while len(self._active) < self.max_batch_size and (seq := self._next_waiting()) is not None:
+        while (seq := self._next_waiting()) is not None:
             placement = self.pool.acquire(seq.prompt_ids)
             if placement.copy_from is not None:
                 n = placement.reused
