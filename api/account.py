@@ -2,7 +2,7 @@
 the logged-in user's account, and the sessions it is logged in with (`GET /api/me/sessions`,
 `DELETE /api/me/sessions/{id}`: api/sessions.py).
 
-Erasure is crypto-shredding (chatbot/eventstore.py): `User.Erased` is recorded and the
+Erasure is crypto-shredding (chatbot/eventstore/store.py): `User.Erased` is recorded and the
 user's data key destroyed in one transaction, so their conversations, messages and account
 can no longer be read by anyone, and the projector then drops their read-model rows. It
 cannot be undone, so the request must carry the account's password.

@@ -49,9 +49,17 @@ from api.auth import REVOKED, session_of
 from api.csrf import same_origin
 from api.limits import Limited
 from api.routes import owner_of
-from api.schemas import CLIENT_FRAME_TYPES, ClientFrame, EditFrame, RegenerateFrame, ResumeFrame, SendFrame, StopFrame
+from api.schemas import (
+    CLIENT_FRAME_TYPES,
+    ClientFrame,
+    EditFrame,
+    RegenerateFrame,
+    ResumeFrame,
+    SendFrame,
+    StopFrame,
+)
 from api.services import Services
-from chatbot.messaging import (
+from chatbot.bus.messaging import (
     ReplyDone,
     ReplyError,
     TitleWritten,
@@ -63,11 +71,24 @@ from chatbot.messaging import (
     token_subject,
     unseen_text,
 )
-from chatbot.metrics import FRAMES, SEND_ACCEPTED, SERVER_FRAME_TYPES, WEBSOCKETS_OPEN, ReplyClock, bounded
-from chatbot.postgres import WriteTimeout
-from chatbot.tracing import span
+from chatbot.runtime.metrics import (
+    FRAMES,
+    SEND_ACCEPTED,
+    SERVER_FRAME_TYPES,
+    WEBSOCKETS_OPEN,
+    ReplyClock,
+    bounded,
+)
+from chatbot.runtime.postgres import WriteTimeout
+from chatbot.runtime.tracing import span
 from domain.application import PostedMessage
-from domain.conversation import ConversationError, ConversationNotFound, InvalidSampling, MessageNotFound, PersonaUnavailable
+from domain.conversation import (
+    ConversationError,
+    ConversationNotFound,
+    InvalidSampling,
+    MessageNotFound,
+    PersonaUnavailable,
+)
 
 log = logging.getLogger("api.ws")
 frame_decoder = msgspec.json.Decoder(ClientFrame)
@@ -101,7 +122,7 @@ class ChatSession:
         self.resume_lock = asyncio.Lock()  # one resume at a time: held deltas are that resume's
         self.awaited: dict[str, tuple[UUID, float]] = {}  # reply id -> (conversation, last heard of) until its end
         self.ended: dict[str, None] = {}  # replies whose end went out (the newest ENDED_KEPT): later messages dropped
-        self.clocks: dict[str, ReplyClock] = {}  # replies asked for here -> their token timings (chatbot/metrics.py)
+        self.clocks: dict[str, ReplyClock] = {}  # replies asked for here -> their token timings (chatbot/runtime/metrics.py)
 
     async def run(self) -> None:
         writer = asyncio.create_task(self.write())
@@ -185,7 +206,7 @@ class ChatSession:
         try:
             if before is not None:
                 await asyncio.wait([before])
-            # a message's trace starts here (chatbot/tracing.py); the frame type is the name
+            # a message's trace starts here (chatbot/runtime/tracing.py); the frame type is the name
             with span(f"ws {frame.__struct_config__.tag}", SpanKind.SERVER):
                 await self.dispatch(frame)
         except Exception:

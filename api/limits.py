@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from uuid import UUID
 
-from chatbot.metrics import RATE_LIMITED
+from chatbot.runtime.metrics import RATE_LIMITED
 from domain.batching import Batcher, Item
 from projections.readmodels import ReadModelRecorder
 

@@ -22,7 +22,7 @@ ending with `data: [DONE]`. A streaming client that goes away stops the generati
 A completion's id is `chatcmpl-<reply id, hex>` and the `x-chat-conversation-id` header
 names the conversation that records it. Errors have OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`, with the status codes that
-`api.app.ERROR_STATUS` gives the domain errors (401 bad key, 404 unknown model, 400 bad
+`api.errors.ERROR_STATUS` gives the domain errors (401 bad key, 404 unknown model, 400 bad
 request), and 429 with `Retry-After` when the user's message rate or daily token quota,
 shared with the websocket (`api.limits`), is used up.
 
@@ -52,9 +52,9 @@ from nats.aio.subscription import Subscription
 from opentelemetry.trace import SpanKind
 
 from api.auth import require_user
+from api.errors import ERROR_STATUS, detail_of
 from api.services import Services
-from chatbot.llm.errors import INVALID_REQUEST
-from chatbot.messaging import (
+from chatbot.bus.messaging import (
     ReplyDone,
     ReplyError,
     TitleWritten,
@@ -64,9 +64,15 @@ from chatbot.messaging import (
     token_subject,
     unseen_text,
 )
-from chatbot.tracing import span
+from chatbot.inference.errors import INVALID_REQUEST
+from chatbot.runtime.tracing import span
 from domain.application import ApiKeyHolder
-from domain.conversation import ConversationError, InvalidSampling, InvalidTurns, check_sampling
+from domain.conversation import (
+    ConversationError,
+    InvalidSampling,
+    InvalidTurns,
+    check_sampling,
+)
 from domain.persona import PersonaError, PersonaNotFound
 from domain.user import InvalidCredentials, UserError, parse_api_key
 
@@ -279,9 +285,8 @@ def openai_error_body(status: int, code: str, message: str) -> dict[str, Any]:
 
 
 def openai_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
-    """Domain errors get their status from `api.app.ERROR_STATUS` (the one mapping), then
+    """Domain errors get their status from `api.errors.ERROR_STATUS` (the one mapping), then
     OpenAI's error shape; HTTP errors keep theirs."""
-    from api.app import ERROR_STATUS, detail_of  # late: api.app imports this module
 
     status, code, message, headers = 500, "internal_error", "internal error", None
     if isinstance(exc, HTTPException):
@@ -442,7 +447,7 @@ class OpenAIController(Controller):
         self, services: Services, api_key: ApiKeyHolder, user_id: UUID, data: ChatCompletionRequest
     ) -> Response[Any]:
         # the request's trace starts here, as a websocket message's does at its frame
-        # (chatbot/tracing.py): the commands' events carry it on to the relay, the worker and
+        # (chatbot/runtime/tracing.py): the commands' events carry it on to the relay, the worker and
         # the projector; a streamed reply goes on after this span ends
         with span("POST /v1/chat/completions", SpanKind.SERVER):
             return await self._complete(services, api_key, user_id, data)

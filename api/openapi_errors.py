@@ -5,7 +5,7 @@ Litestar documents only the errors a handler declares (and 400 for validation), 
 403 for a foreign origin (api/csrf.py), 404 for what is not the user's, 409 on a conflict,
 413 for a body over the limit, 415 for a body that is not JSON, 429 when rate-limited and
 503 when the store is busy. `document_errors` adds those to every operation with the body
-they have (`api.app.error_body`; OpenAI's error object on `/v1`), so a client generated from
+they have (`api.errors.error_body`; OpenAI's error object on `/v1`), so a client generated from
 the schema, or a checker such as schemathesis, meets no undocumented status; and a 204
 is documented without a body, as it is sent.
 """

@@ -30,8 +30,8 @@ from api.limits import RateLimiter
 from api.sessions import REFRESH_S as SESSIONS_REFRESH_S
 from api.sessions import SessionStore
 from api.throttle import AuthThrottle
-from chatbot.bootstrap import chat_application
-from chatbot.config import Settings
+from chatbot.runtime.application import chat_application
+from chatbot.runtime.config import Settings
 from domain.application import ChatApplication
 from projections.readmodels import ReadModelRecorder, read_model_recorder
 

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from api.limits import Limited
-from chatbot.metrics import RATE_LIMITED
+from chatbot.runtime.metrics import RATE_LIMITED
 from projections.readmodels import ReadModelRecorder
 
 WINDOW_S = 15 * 60

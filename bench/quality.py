@@ -29,10 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chatbot.config import load_settings  # noqa: E402
-from chatbot.launcher import MODEL_REPOSITORY, Ports, Stack  # noqa: E402
-from chatbot.llm.model import LlamaForCausalLM  # noqa: E402
-from chatbot.llm.tokenizer import ChatTokenizer  # noqa: E402
+from chatbot.inference.model import LlamaForCausalLM  # noqa: E402
+from chatbot.inference.tokenizer import ChatTokenizer  # noqa: E402
+from chatbot.ops.launcher import MODEL_REPOSITORY, Ports, Stack  # noqa: E402
+from chatbot.runtime.config import load_settings  # noqa: E402
 from domain.ids import persona_id_for  # noqa: E402
 from tests.client import ChatClient, collect_reply, send  # noqa: E402
 
@@ -137,7 +137,7 @@ async def run_cases(url: str) -> Results:
 
 def heldout(model_dir: Path, conversations: int = 100) -> tuple[float, float, int]:
     """Mean loss of the last assistant turn per token and per character, and the tokens."""
-    from chatbot.llm.evaluate import heldout_loss
+    from chatbot.training.evaluate import heldout_loss
 
     return heldout_loss(LlamaForCausalLM.from_pretrained(model_dir), ChatTokenizer.from_pretrained(model_dir), conversations)
 

@@ -9,7 +9,7 @@ trained version is a new folder of the copy, never of the project's repository):
      rates every other reply that ended by itself up and the first few cut off at the
      cap down (a reply that stops mid-sentence is what people dislike most here);
   2. `chatbot dataset export`, then `chatbot train --model chat` (a full fine-tune of
-     SmolLM2-135M-Instruct, chatbot/llm/finetune.py) into version 2; the held-out loss
+     SmolLM2-135M-Instruct, chatbot/training/finetune.py) into version 2; the held-out loss
      before and after comes from its model card;
   3. bench/quality.py's prompts and scoring on version 1 (nothing rolled out: Triton's
      newest loaded version), then, after `chatbot models rollout chat 2 --percent 100`,
@@ -45,9 +45,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.quality import MAX_TOKENS, Results, by_category, heldout, print_samples, run_cases  # noqa: E402
-from chatbot.config import REPO_ROOT, load_settings  # noqa: E402
-from chatbot.launcher import MODEL_REPOSITORY, Ports, Stack  # noqa: E402
+from bench.quality import (  # noqa: E402
+    MAX_TOKENS,
+    Results,
+    by_category,
+    heldout,
+    print_samples,
+    run_cases,
+)
+from chatbot.ops.launcher import MODEL_REPOSITORY, Ports, Stack  # noqa: E402
+from chatbot.runtime.config import REPO_ROOT, load_settings  # noqa: E402
 from domain.ids import persona_id_for  # noqa: E402
 from tests.client import ChatClient, collect_reply, send  # noqa: E402
 from workers.rollout import REFRESH_S  # noqa: E402
@@ -213,7 +220,7 @@ async def served_version(url: str) -> str:
 def cli(stack: Stack, *args: str) -> str:
     """`chatbot ARGS` against the stack, as an operator runs it; its stdout."""
     env = {**os.environ, **stack.settings.to_env()}
-    proc = subprocess.run([sys.executable, "-m", "chatbot.cli", *args], env=env, cwd=REPO_ROOT,
+    proc = subprocess.run([sys.executable, "-m", "chatbot.ops.cli", *args], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
     if proc.returncode != 0:
         raise SystemExit(f"chatbot {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -54,16 +54,16 @@ def pct(values: list[float], q: float) -> float:
 def client_process(url: str, sockets: list[tuple[str, str]], pipe: Connection) -> None:
     """Open a websocket per (token, conversation), resume each, then record the latency
     of every token frame until told to stop; send back {phase: [ns, ...]}."""
-    from chatbot.launcher import raise_fd_limit
+    from chatbot.ops.launcher import raise_fd_limit
 
     raise_fd_limit()
     asyncio.run(client_main(url, sockets, pipe))
 
 
 async def client_main(url: str, sockets: list[tuple[str, str]], pipe: Connection) -> None:
-    from websockets.asyncio.client import connect
-
     import json
+
+    from websockets.asyncio.client import connect
 
     loop = asyncio.get_running_loop()
     latencies: dict[str, list[int]] = defaultdict(list)
@@ -118,7 +118,7 @@ async def client_main(url: str, sockets: list[tuple[str, str]], pipe: Connection
 def make_conversations(stack, users: int, sockets: int) -> list[tuple[str, str]]:
     """(token, conversation id) for each socket, users owning equal shares."""
     from api.auth import issue_token
-    from chatbot.bootstrap import chat_application
+    from chatbot.runtime.application import chat_application
 
     app = chat_application(stack.settings)
     try:
@@ -138,7 +138,7 @@ async def publish(stack, conversations: list[str], rate: float, seconds: float) 
     """Paced deltas (phase "P"), then one to every conversation at once (phase "B")."""
     import nats
 
-    from chatbot.messaging import TokenDelta, token_encoder, token_subject
+    from chatbot.bus.messaging import TokenDelta, token_encoder, token_subject
 
     nc = await nats.connect(stack.settings.nats_servers)
     reply = {c: str(uuid.uuid4()) for c in conversations}
@@ -180,8 +180,8 @@ def main() -> None:
         parser.error("--sockets, --clients, --users, --rate and --seconds are positive")
 
     from bench.procstat import StackCpu, cpu_seconds, rss_bytes
-    from chatbot.config import load_settings
-    from chatbot.launcher import Ports, Stack, raise_fd_limit
+    from chatbot.ops.launcher import Ports, Stack, raise_fd_limit
+    from chatbot.runtime.config import load_settings
 
     limit = raise_fd_limit()  # the API process inherits it (`Stack.start` raises it too)
     if args.sockets + 1000 > limit:

@@ -1,5 +1,5 @@
 # Triton with what the python-backend model in triton_models/chat imports: torch and the
-# model code (chatbot/llm, mounted by docker-compose.yml at /opt/chatbot).
+# model code (chatbot/inference, mounted by docker-compose.yml at /opt/chatbot).
 #
 # Build arguments:
 #   BASE_IMAGE       NVIDIA's Triton image by default (CUDA; torch from PyPI is a CUDA build).

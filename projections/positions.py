@@ -27,7 +27,7 @@ from uuid import UUID
 from eventsourcing.persistence import Tracking
 from psycopg.sql import SQL, Identifier
 
-from chatbot.messaging import partition_of
+from chatbot.bus.messaging import partition_of
 from projections.readmodels import APPLICATION
 
 _NAME = re.compile(rf"{re.escape(APPLICATION)}\.p(\d+)of(\d+)")

@@ -22,8 +22,8 @@ from eventsourcing.utils import Environment
 from psycopg.rows import DictRow, dict_row
 from psycopg.sql import SQL
 
-from chatbot.eventstore import KeyStore
-from chatbot.postgres import flush_pipeline
+from chatbot.eventstore.store import KeyStore
+from chatbot.runtime.postgres import flush_pipeline
 from projections.sealing import Sealer
 
 SCHEMA = [

@@ -16,21 +16,27 @@ A rebuild
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from eventsourcing.persistence import Notification, Tracking
 from psycopg.errors import DeadlockDetected
 from tqdm import tqdm
 
-from chatbot.bootstrap import chat_application
-from chatbot.config import Settings
-from chatbot.eventstore import DataErased, Unreadable
+from chatbot.eventstore.store import DataErased, Unreadable
+from chatbot.runtime.application import chat_application
+from chatbot.runtime.config import Settings
 from domain.application import ChatApplication
 from projections.chat import ChatProjection
 from projections.positions import read_positions
-from projections.readmodels import APPLICATION, LIVE_PREFIX, TABLES, ReadModelRecorder, read_model_recorder
+from projections.readmodels import (
+    APPLICATION,
+    LIVE_PREFIX,
+    TABLES,
+    ReadModelRecorder,
+    read_model_recorder,
+)
 
 REBUILD_PREFIX = "rb_"
 OLD_PREFIX = "old_"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.config import load_settings
-from chatbot.launcher import MODEL_REPOSITORY, Ports, Stack
+from chatbot.ops.launcher import MODEL_REPOSITORY, Ports, Stack
+from chatbot.runtime.config import load_settings
 from tests.client import ChatClient
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -66,7 +66,7 @@ async def other_client(api_url: str) -> ChatClient:
 @pytest.fixture(scope="session")
 def chat_app(stack: Stack):
     """The write-side application, for checks against the event store itself."""
-    from chatbot.bootstrap import chat_application
+    from chatbot.runtime.application import chat_application
 
     app = chat_application(stack.settings)
     yield app

@@ -10,15 +10,15 @@ a worker died finds either a pending reply (it generates again, from the same pi
 or a recorded outcome (it re-announces that outcome and acks): one outcome per request.
 Each request is handled in a `worker reply` span that continues the message's trace from
 the relay's headers: `prompt build`, `triton generate` (its first and last token marked),
-`record reply` (chatbot/tracing.py).
+`record reply` (chatbot/runtime/tracing.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -34,34 +34,48 @@ from opentelemetry.trace import SpanKind
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc import aio as triton_aio
 
-from chatbot.bootstrap import chat_application
-from chatbot.config import Settings, load_settings
-from chatbot.messaging import (
+from chatbot.bus.messaging import (
     CANCEL_SUBJECT_PREFIX,
     PROGRESS_SUBJECT_PREFIX,
     ReplyDone,
     ReplyError,
     TitleWritten,
     TokenDelta,
-    decode_event,
     consumer_filters,
     consumer_name,
+    decode_event,
     event_filter,
     token_encoder,
     token_subject,
 )
-from chatbot.metrics import (
-    FINISH_REASONS, REDELIVERIES, REPLIES, REPLIES_WRITING, TRITON_REQUEST, WORKER_FIRST_TOKEN, WORKER_TOKEN, bounded, serve,
+from chatbot.inference.errors import INVALID_REQUEST
+from chatbot.inference.prompt import PromptBuilder, UnknownModel
+from chatbot.runtime.application import chat_application
+from chatbot.runtime.config import Settings, load_settings
+from chatbot.runtime.metrics import (
+    FINISH_REASONS,
+    REDELIVERIES,
+    REPLIES,
+    REPLIES_WRITING,
+    TRITON_REQUEST,
+    WORKER_FIRST_TOKEN,
+    WORKER_TOKEN,
+    bounded,
+    serve,
 )
-from chatbot.tracing import add_event, extract, set_attributes, setup_tracing, span
-from chatbot.tracing import shutdown as shutdown_tracing
+from chatbot.runtime.process import setup_logging, stop_on_signals
+from chatbot.runtime.tracing import (
+    add_event,
+    extract,
+    set_attributes,
+    setup_tracing,
+    span,
+)
+from chatbot.runtime.tracing import shutdown as shutdown_tracing
 from domain.application import ChatApplication, ReplyJob
-from chatbot.llm.errors import INVALID_REQUEST
-from workers.prompt import PromptBuilder, UnknownModel
 from workers.rollout import serving_model
 from workers.routing import TritonRouter, unreachable
 from workers.titles import TITLE_TIMEOUT_S, TITLE_TOKENS, clean_title, title_request
-from workers.runtime import setup_logging, stop_on_signals
 
 log = logging.getLogger("worker")
 DURABLE = "workers"
@@ -94,7 +108,7 @@ class Generation:
     prep_ms: float = 0.0  # from the request's arrival to the Triton call
 
     def observe(self) -> None:
-        """Count this recorded outcome and its token timings (chatbot/metrics.py)."""
+        """Count this recorded outcome and its token timings (chatbot/runtime/metrics.py)."""
         REPLIES.labels(finish_reason=bounded(self.finish_reason, FINISH_REASONS)).inc()
         if self.completion_tokens and self.ttft_ms:
             WORKER_FIRST_TOKEN.observe((self.prep_ms + self.ttft_ms) / 1000)

@@ -32,8 +32,8 @@ from typing import Any
 from uuid import UUID
 
 import nats
-from nats.aio.msg import Msg
 from eventsourcing.persistence import IntegrityError, OperationalError
+from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -41,20 +41,32 @@ from nats.js.errors import NotFoundError
 from opentelemetry.trace import SpanKind
 from psycopg.errors import DeadlockDetected, SerializationFailure, TransactionRollback
 
-from chatbot.bootstrap import chat_application
-from chatbot.config import Settings, load_settings
-from chatbot.eventstore import DataErased, Unreadable, key_owner
-from chatbot.messaging import (
-    H_NOTIFICATION, H_ORIGINATOR, consumer_filters, consumer_name, decode_event, event_filter, partition_of,
+from chatbot.bus.messaging import (
+    H_NOTIFICATION,
+    H_ORIGINATOR,
+    consumer_filters,
+    consumer_name,
+    decode_event,
+    event_filter,
+    partition_of,
 )
-from chatbot.metrics import PROJECTOR_LAG_EVENTS, PROJECTOR_LAG_SECONDS, REDELIVERIES, PartitionLag, serve
-from chatbot.tracing import message_parents, remote_spans, setup_tracing
-from chatbot.tracing import shutdown as shutdown_tracing
+from chatbot.eventstore.store import DataErased, Unreadable, key_owner
+from chatbot.runtime.application import chat_application
+from chatbot.runtime.config import Settings, load_settings
+from chatbot.runtime.metrics import (
+    PROJECTOR_LAG_EVENTS,
+    PROJECTOR_LAG_SECONDS,
+    REDELIVERIES,
+    PartitionLag,
+    serve,
+)
+from chatbot.runtime.process import setup_logging, stop_on_signals
+from chatbot.runtime.tracing import message_parents, remote_spans, setup_tracing
+from chatbot.runtime.tracing import shutdown as shutdown_tracing
 from projections.chat import ChatProjection
 from projections.positions import PartitionPositions, read_positions
 from projections.readmodels import read_model_recorder
 from workers import retention
-from workers.runtime import setup_logging, stop_on_signals
 
 log = logging.getLogger("projector")
 DURABLE = "projector-chat"
@@ -180,7 +192,7 @@ async def main(settings: Settings) -> None:
                 continue
         last = messages[-1].metadata.sequence.consumer if messages[-1].metadata else 0
         expected = last + 1 if last else 0
-        # a `projector apply` span for each event that carries a trace (chatbot/tracing.py)
+        # a `projector apply` span for each event that carries a trace (chatbot/runtime/tracing.py)
         with remote_spans("projector apply", SpanKind.CONSUMER, message_parents(m.headers for m in messages),
                           {"messaging.system": "nats", "messaging.batch.message_count": len(messages)}):
             positions = await asyncio.to_thread(apply_batch, projection, app.mapper, messages, positions)

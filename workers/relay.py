@@ -18,7 +18,7 @@ log's prefix: every event once, in order.
 
 The events of a message's path carry its trace context in their metadata: while spans are
 exported, the relay reads it, makes a `relay publish` span per such event and sends that
-span's context on in the message's headers (chatbot/tracing.py).
+span's context on in the message's headers (chatbot/runtime/tracing.py).
 """
 
 from __future__ import annotations
@@ -42,13 +42,31 @@ from nats.js.errors import NotFoundError
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
 
-from chatbot.bootstrap import chat_application
-from chatbot.config import Settings, load_settings
-from chatbot.messaging import H_NOTIFICATION, ensure_stream, event_headers, event_name, event_subject, partition_of
-from chatbot.metrics import RELAY_LAG_EVENTS, RELAY_LAG_SECONDS, PartitionLag, serve
-from chatbot.tracing import TRACED_EVENTS, context_of, exporting, remote_spans, setup_tracing
-from chatbot.tracing import shutdown as shutdown_tracing
-from workers.runtime import setup_logging, stop_on_signals
+from chatbot.bus.messaging import (
+    H_NOTIFICATION,
+    ensure_stream,
+    event_headers,
+    event_name,
+    event_subject,
+    partition_of,
+)
+from chatbot.runtime.application import chat_application
+from chatbot.runtime.config import Settings, load_settings
+from chatbot.runtime.metrics import (
+    RELAY_LAG_EVENTS,
+    RELAY_LAG_SECONDS,
+    PartitionLag,
+    serve,
+)
+from chatbot.runtime.process import setup_logging, stop_on_signals
+from chatbot.runtime.tracing import (
+    TRACED_EVENTS,
+    context_of,
+    exporting,
+    remote_spans,
+    setup_tracing,
+)
+from chatbot.runtime.tracing import shutdown as shutdown_tracing
 
 log = logging.getLogger("relay")
 LOCK_KEY = 0x636861747265  # "chatre": one active relay
@@ -110,7 +128,7 @@ async def publish_atomic(nc: Client, notifications: Sequence[Notification], part
 
 
 def traced_events(mapper: Any, notifications: Sequence[Notification]) -> dict[int, Context | None]:
-    """The trace context each traced event was recorded in (its metadata, chatbot/tracing.py),
+    """The trace context each traced event was recorded in (its metadata, chatbot/runtime/tracing.py),
     by notification id: only those events are decrypted, and only while spans are exported.
     Blocking (a user's key may be read): runs in a thread."""
     if not exporting():

@@ -16,7 +16,7 @@ from datetime import timedelta
 
 import psycopg
 
-from chatbot.config import Settings
+from chatbot.runtime.config import Settings
 from domain.application import ChatApplication
 from projections.readmodels import ReadModelRecorder
 

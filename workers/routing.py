@@ -2,7 +2,7 @@
 
 Design notes
 - Each Triton instance keeps the KV entries of the conversations it served (the prefix
-  cache, chatbot/llm/prefix_cache.py), so a conversation's next turn is fastest where its
+  cache, chatbot/inference/prefix_cache.py), so a conversation's next turn is fastest where its
   previous turn ran. `CHATBOT_TRITON_URL` may name several instances, comma-separated; a
   conversation's home instance is `partition_of(conversation id, instances)`, the same crc32
   rule that partitions the event stream, so every worker sends a conversation to the same
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
-from chatbot.messaging import partition_of
+from chatbot.bus.messaging import partition_of
 
 DOWN_S = 5.0
 RETIRE_S = 120.0  # a replaced connection stays open this long for the streams still on it

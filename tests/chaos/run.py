@@ -83,10 +83,15 @@ from nats.js.api import DeliverPolicy  # noqa: E402
 from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
 from websockets.exceptions import WebSocketException  # noqa: E402
 
-from chatbot.bootstrap import chat_application  # noqa: E402
-from chatbot.config import load_settings  # noqa: E402
-from chatbot.launcher import Ports, Stack  # noqa: E402
-from chatbot.messaging import H_NOTIFICATION, TokenDelta, progress_subject, token_decoder  # noqa: E402
+from chatbot.bus.messaging import (  # noqa: E402
+    H_NOTIFICATION,
+    TokenDelta,
+    progress_subject,
+    token_decoder,
+)
+from chatbot.ops.launcher import Ports, Stack  # noqa: E402
+from chatbot.runtime.application import chat_application  # noqa: E402
+from chatbot.runtime.config import load_settings  # noqa: E402
 from domain.application import ChatApplication  # noqa: E402
 from domain.conversation import Conversation  # noqa: E402
 from domain.persona import Persona  # noqa: E402

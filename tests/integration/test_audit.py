@@ -13,7 +13,7 @@ from uuid import UUID
 
 import pytest
 
-from chatbot.launcher import Stack
+from chatbot.ops.launcher import Stack
 from domain.conversation import Conversation
 from tests.client import ChatClient, collect_reply, send
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 def run_audit(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **stack.settings.to_env()}
-    return subprocess.run([sys.executable, "-m", "chatbot.cli", "audit", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "chatbot.ops.cli", "audit", *args], env=env,
                           capture_output=True, text=True, timeout=60)
 
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from api.throttle import AuthThrottle
-from chatbot.launcher import Stack
+from chatbot.ops.launcher import Stack
 from projections.readmodels import read_model_recorder
 
 pytestmark = pytest.mark.integration

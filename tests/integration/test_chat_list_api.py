@@ -10,7 +10,7 @@ from uuid import UUID
 
 import pytest
 
-from chatbot.launcher import Stack
+from chatbot.ops.launcher import Stack
 from projections.readmodels import ReadModelRecorder, read_model_recorder
 from tests.client import ChatClient
 from tests.ui.conftest import export_of

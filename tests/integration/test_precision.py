@@ -1,6 +1,6 @@
 """Serving precisions of the real model (SmolLM2-135M-Instruct) against fp32: bf16 and
 int8 weights must keep the reference's greedy choices and its held-out loss
-(chatbot/llm/precision.py). Measured on this model: bf16 agrees on 98% of greedy tokens
+(chatbot/inference/precision.py). Measured on this model: bf16 agrees on 98% of greedy tokens
 and int8 on 94%; held-out loss moves by under 0.3% for both."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from chatbot.launcher import MODEL_REPOSITORY
-from chatbot.llm import precision
-from chatbot.llm.evaluate import heldout_loss, reference_replies, top1_agreement
-from chatbot.llm.model import LlamaForCausalLM
-from chatbot.llm.tokenizer import ChatTokenizer
+from chatbot.inference import precision
+from chatbot.inference.model import LlamaForCausalLM
+from chatbot.inference.tokenizer import ChatTokenizer
+from chatbot.ops.launcher import MODEL_REPOSITORY
+from chatbot.training.evaluate import heldout_loss, reference_replies, top1_agreement
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ FLOORS = {"bf16": (0.95, 0.01), "int8": (0.88, 0.02)}
 
 def off_main_thread(func: Callable[[], Any]) -> Any:
     """Run torch work in a thread that ends (the engine's rule for OpenMP pools)."""
-    from chatbot.llm.engine import in_passing_thread
+    from chatbot.inference.engine import in_passing_thread
 
     return in_passing_thread(func)
 

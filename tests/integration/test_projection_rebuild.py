@@ -12,7 +12,7 @@ import sys
 import psycopg
 import pytest
 
-from chatbot.launcher import Stack
+from chatbot.ops.launcher import Stack
 from projections.readmodels import TABLES as READ_MODEL_TABLES
 from tests.client import ChatClient, collect_reply, send
 
@@ -22,7 +22,7 @@ TABLES = tuple(f"rm_{t}" for t in READ_MODEL_TABLES)
 
 def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **stack.settings.to_env()}
-    return subprocess.run([sys.executable, "-m", "chatbot.cli", "projections", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "chatbot.ops.cli", "projections", *args], env=env,
                           capture_output=True, text=True, timeout=300)
 
 

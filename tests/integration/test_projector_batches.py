@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from chatbot.launcher import Stack
-from chatbot.messaging import H_TOPIC, event_headers
+from chatbot.bus.messaging import H_TOPIC, event_headers
+from chatbot.ops.launcher import Stack
 from projections.chat import ChatProjection
 from projections.positions import read_positions
 from projections.readmodels import ReadModelRecorder

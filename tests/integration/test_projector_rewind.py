@@ -14,7 +14,7 @@ import nats
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from chatbot.launcher import Stack
+from chatbot.ops.launcher import Stack
 from workers.projector import rewind_if_interrupted
 
 pytestmark = pytest.mark.integration

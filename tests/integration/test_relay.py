@@ -18,8 +18,8 @@ import pytest
 from eventsourcing.persistence import Notification
 from nats.js import JetStreamContext
 
-from chatbot.launcher import VENV_BIN, free_port, wait_until
-from chatbot.messaging import H_NOTIFICATION, ensure_stream
+from chatbot.bus.messaging import H_NOTIFICATION, ensure_stream
+from chatbot.ops.launcher import VENV_BIN, free_port, wait_until
 from workers import relay
 from workers.relay import BatchRefused, atomic_batches, publish_atomic, relayed_through
 

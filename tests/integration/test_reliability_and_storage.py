@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from nats.js.api import DeliverPolicy
 
-from chatbot.launcher import Stack
+from chatbot.ops.launcher import Stack
 from domain.conversation import Conversation
 from domain.persona import Persona
 from tests.client import ChatClient, collect_reply, recv, send

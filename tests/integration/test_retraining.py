@@ -19,8 +19,8 @@ import httpx
 import pytest
 import tritonclient.grpc as grpcclient
 
-from chatbot.config import REPO_ROOT
-from chatbot.launcher import Stack
+from chatbot.ops.launcher import Stack
+from chatbot.runtime.config import REPO_ROOT
 from domain.persona import Persona
 from domain.user import User
 from tests.client import ChatClient, collect_reply, send
@@ -66,7 +66,7 @@ async def cli(stack: Stack, *args: str, timeout: float = 300) -> tuple[int, str,
     """Run `chatbot ARGS` against the stack, without blocking the event loop (chats go on)."""
     env = {**os.environ, **stack.settings.to_env()}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "chatbot.cli", *args, env=env, cwd=REPO_ROOT,
+        sys.executable, "-m", "chatbot.ops.cli", *args, env=env, cwd=REPO_ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout)

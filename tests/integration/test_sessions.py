@@ -9,12 +9,12 @@ import uuid
 
 import httpx
 import pytest
-from websockets.exceptions import InvalidStatus, ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from api.auth import Revocations
 from api.sessions import SessionStore
-from chatbot.launcher import Stack
+from chatbot.ops.launcher import Stack
 from projections.readmodels import read_model_recorder
 
 pytestmark = pytest.mark.integration

@@ -15,8 +15,8 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from chatbot.launcher import Stack
-from chatbot.messaging import event_name
+from chatbot.bus.messaging import event_name
+from chatbot.ops.launcher import Stack
 from domain.application import SNAPSHOT_INTERVAL
 from tests.client import ChatClient, collect_reply, send
 
@@ -27,7 +27,7 @@ OUTCOME = dict(finish_reason="stop", prompt_tokens=3, completion_tokens=2, ttft_
 
 def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **stack.settings.to_env()}
-    return subprocess.run([sys.executable, "-m", "chatbot.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "chatbot.ops.cli", *args], env=env,
                           capture_output=True, text=True, timeout=120)
 
 

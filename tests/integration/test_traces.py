@@ -1,5 +1,5 @@
 """One chat message yields one connected trace across the API, relay, worker and projector
-processes (chatbot/tracing.py), exported by each of them over the real OTLP/HTTP path.
+processes (chatbot/runtime/tracing.py), exported by each of them over the real OTLP/HTTP path.
 
 No collector runs here, so the test is one: a small HTTP server in this process decodes
 each `ExportTraceServiceRequest` (opentelemetry-proto) that the processes post, and every
@@ -27,8 +27,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from chatbot.config import load_settings
-from chatbot.launcher import Ports, Stack
+from chatbot.ops.launcher import Ports, Stack
+from chatbot.runtime.config import load_settings
 from tests.client import ChatClient, collect_reply, send
 from tests.conftest import ARTIFACTS
 

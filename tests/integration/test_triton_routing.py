@@ -16,9 +16,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from chatbot.config import load_settings
-from chatbot.launcher import Ports, Stack
-from chatbot.messaging import partition_of
+from chatbot.bus.messaging import partition_of
+from chatbot.ops.launcher import Ports, Stack
+from chatbot.runtime.config import load_settings
 from tests.client import ChatClient, collect_reply, send
 from tests.conftest import ARTIFACTS
 

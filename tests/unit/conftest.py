@@ -21,9 +21,9 @@ def app() -> ChatApplication:
 @pytest.fixture
 def keyed() -> ChatApplication:
     """In memory too, but with the production store's per-user keys, hash chain and
-    compression (chatbot/eventstore.py)."""
+    compression (chatbot/eventstore/store.py)."""
     app = ChatApplication(env={
-        "PERSISTENCE_MODULE": "chatbot.eventstore:MemoryStoreFactory",
+        "PERSISTENCE_MODULE": "chatbot.eventstore.store:MemoryStoreFactory",
         "CIPHER_TOPIC": "eventsourcing.cipher:AESCipher",
         "CIPHER_KEY": base64.b64encode(os.urandom(32)).decode(),
         "COMPRESSOR_TOPIC": "eventsourcing.compressor:ZlibCompressor",

@@ -34,9 +34,9 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers.utils import logging as hf_logging
 
-from chatbot.llm.checkpoint import UnsupportedCheckpoint, sampling_defaults
-from chatbot.llm.model import KVCache, LlamaConfig, LlamaForCausalLM
-from chatbot.llm.tokenizer import CHATML_TEMPLATE, ChatTokenizer
+from chatbot.inference.checkpoint import UnsupportedCheckpoint, sampling_defaults
+from chatbot.inference.model import KVCache, LlamaConfig, LlamaForCausalLM
+from chatbot.inference.tokenizer import CHATML_TEMPLATE, ChatTokenizer
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
@@ -379,7 +379,7 @@ def test_the_refusal_of_bad_weights_survives_python_dash_o(llama_folder: Path, t
     code = (
         "import sys\n"
         "assert False, 'asserts are on'\n"  # under -O this line is gone
-        "from chatbot.llm.model import LlamaForCausalLM, UnsupportedCheckpoint\n"
+        "from chatbot.inference.model import LlamaForCausalLM, UnsupportedCheckpoint\n"
         "try:\n"
         f"    LlamaForCausalLM.from_pretrained({str(folder)!r})\n"
         "except UnsupportedCheckpoint as e:\n"

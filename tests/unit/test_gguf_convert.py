@@ -1,4 +1,4 @@
-"""GGUF -> Hugging Face folder conversion (chatbot/llm/gguf_convert.py).
+"""GGUF -> Hugging Face folder conversion (chatbot/inference/gguf_convert.py).
 
 Most tests write a tiny random Llama GGUF with `gguf.GGUFWriter`, the way llama.cpp's
 converter does (F32 tensors, q/k rows permuted for its rope, a byte-level BPE vocabulary
@@ -26,10 +26,15 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from chatbot.llm import gguf_convert  # noqa: E402
-from chatbot.llm.gguf_convert import convert_gguf, ensure_converted, find_smollm2_gguf, main  # noqa: E402
-from chatbot.llm.model import LlamaForCausalLM  # noqa: E402
-from chatbot.llm.tokenizer import ChatTokenizer  # noqa: E402
+from chatbot.inference import gguf_convert  # noqa: E402
+from chatbot.inference.gguf_convert import (  # noqa: E402
+    convert_gguf,
+    ensure_converted,
+    find_smollm2_gguf,
+    main,
+)
+from chatbot.inference.model import LlamaForCausalLM  # noqa: E402
+from chatbot.inference.tokenizer import ChatTokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 WHEELS = Path("/tmp/wheels")
@@ -375,7 +380,7 @@ def test_a_killed_conversion_leaves_no_folder_that_looks_complete(tmp_path: Path
     # a real kill (no cleanup runs): the process dies after every file is written, before the rename
     script = (
         "import os, sys\n"
-        "from chatbot.llm import gguf_convert as g\n"
+        "from chatbot.inference import gguf_convert as g\n"
         "write = g._write_folder\n"
         "def dies(*args):\n"
         "    write(*args)\n"
@@ -441,7 +446,7 @@ def test_find_smollm2_gguf_locates_the_file_without_importing_the_package(
 def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The converted SmolLM2 folder: from the file the install step took out of the wheel
     (`make install`), else the installed package, else a wheel in /tmp/wheels."""
-    from chatbot.llm.default_model import CACHE, GGUF_MEMBER
+    from chatbot.inference.default_model import CACHE, GGUF_MEMBER
 
     installed = CACHE / Path(GGUF_MEMBER).name
     source = installed if installed.is_file() else find_smollm2_gguf()

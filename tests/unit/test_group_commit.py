@@ -11,8 +11,8 @@ from uuid import UUID, uuid4
 import pytest
 from eventsourcing.persistence import IntegrityError, StoredEvent
 
-from chatbot.eventstore import DataErased, GroupCommit
-from chatbot.postgres import WriteTimeout
+from chatbot.eventstore.store import DataErased, GroupCommit
+from chatbot.runtime.postgres import WriteTimeout
 
 
 def events(originator: UUID, *versions: int) -> list[StoredEvent]:

@@ -1,19 +1,19 @@
-"""Unit tests of `chatbot.llm`: model, KV cache, checkpoints, tokenizer streaming, sampling,
+"""Unit tests of `chatbot.inference`: model, KV cache, checkpoints, tokenizer streaming, sampling,
 engine. Tiny random models and a tokenizer trained in-process keep the file fast on 2
 cores; nothing is downloaded."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from chatbot.llm import (
+from chatbot.inference import (
     ChatTokenizer,
     Engine,
     EngineEvent,
@@ -24,8 +24,8 @@ from chatbot.llm import (
     SamplingParams,
     generate_text,
 )
-from chatbot.llm.generate import StopMatcher, make_generator, sample_token
-from chatbot.llm.train import SPECIAL_TOKENS, train_bpe
+from chatbot.inference.generate import StopMatcher, make_generator, sample_token
+from chatbot.training.train import SPECIAL_TOKENS, train_bpe
 
 TEXT = "Hello there 👋🏽! 你好，世界。Ça va? 🎉🎉 naïve café — 日本語のテキスト 🤖"
 
@@ -233,7 +233,7 @@ def chat_of(n: int) -> list[dict[str, str]]:
 
 
 def test_batched_prefill_matches_prefill_alone(tokenizer: ChatTokenizer) -> None:
-    from chatbot.llm.engine import _Sequence
+    from chatbot.inference.engine import _Sequence
 
     model = tiny_model(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_token_id)
     engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=128)  # not started: drive _prefill directly
@@ -417,7 +417,7 @@ def test_engine_background_requests_yield_to_interactive_ones(tokenizer: ChatTok
 
 
 def test_background_prompts_are_prefilled_only_when_no_interactive_one_is(tokenizer: ChatTokenizer) -> None:
-    from chatbot.llm.engine import _Sequence
+    from chatbot.inference.engine import _Sequence
 
     engine = make_engine(tokenizer, max_batch_size=4)
     engine.stop()  # drive the plan directly
@@ -668,7 +668,7 @@ def test_triton_adapter_streams_errors_and_cancels(
 def test_loading_runs_in_a_thread_that_has_ended_and_its_error_reaches_the_caller() -> None:
     import threading
 
-    from chatbot.llm.engine import in_passing_thread
+    from chatbot.inference.engine import in_passing_thread
 
     seen: list[threading.Thread] = []
 

@@ -22,7 +22,7 @@ import torch
 import transformers
 from transformers.utils import logging as hf_logging
 
-from chatbot.llm.model import KVCache, LlamaConfig, LlamaForCausalLM
+from chatbot.inference.model import KVCache, LlamaConfig, LlamaForCausalLM
 
 # transformers prints load reports and progress bars; they only clutter a failing test's output
 hf_logging.set_verbosity_error()

@@ -1,4 +1,4 @@
-"""The pure parts of chatbot/metrics.py: bounded labels, lag split over partitions and
+"""The pure parts of chatbot/runtime/metrics.py: bounded labels, lag split over partitions and
 timed, a reply's token clock, the metrics port setting and the launcher's port per
 process."""
 
@@ -10,9 +10,9 @@ import socket
 import pytest
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
-from chatbot.config import load_settings
-from chatbot.launcher import Ports, Stack, free_port_run
-from chatbot.metrics import (
+from chatbot.ops.launcher import Ports, Stack, free_port_run
+from chatbot.runtime.config import load_settings
+from chatbot.runtime.metrics import (
     FINISH_REASONS,
     PartitionLag,
     ReplyClock,

@@ -1,5 +1,5 @@
 """`chatbot models add`: a user's own checkpoint into the model repository, checked first
-(chatbot/model_repo.py add_checkpoint)."""
+(chatbot/inference/repository.py add_checkpoint)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-
-from chatbot.llm.checkpoint import UnsupportedCheckpoint
-from chatbot.model_repo import ModelRepositoryError, add_checkpoint, models, served_models, versions
 from safetensors.torch import load_file, save_file
+
+from chatbot.inference.checkpoint import UnsupportedCheckpoint
+from chatbot.inference.repository import (
+    ModelRepositoryError,
+    add_checkpoint,
+    models,
+    served_models,
+    versions,
+)
 
 REPOSITORY = Path(__file__).parents[2] / "triton_models"
 SMOLLM2 = REPOSITORY / "chat" / "1" / "smollm2"

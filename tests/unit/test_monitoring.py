@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 from prometheus_client import REGISTRY
 
-import chatbot.metrics  # noqa: F401 - registers every chat_* series
-from chatbot.config import REPO_ROOT
+import chatbot.runtime.metrics  # noqa: F401 - registers every chat_* series
+from chatbot.runtime.config import REPO_ROOT
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 PROMETHEUS = REPO_ROOT / "deploy" / "prometheus.yml"

@@ -10,7 +10,7 @@ import uuid
 from typing import Any
 
 from api.chat_socket import ChatSession
-from chatbot.messaging import TokenDelta, token_encoder
+from chatbot.bus.messaging import TokenDelta, token_encoder
 from domain.application import PostedMessage
 from domain.conversation import ConversationNotFound
 
@@ -106,7 +106,7 @@ async def test_a_reply_that_streams_whole_before_the_command_returns_still_comes
     """On a conversation the socket follows already (checked before), a short reply can be
     written while the command's answer is on its way back from its thread: its tokens and
     its end wait for `accepted`, and the socket does not wait for that reply's end again."""
-    from chatbot.messaging import ReplyDone
+    from chatbot.bus.messaging import ReplyDone
 
     services = GatedServices()
     session = ChatSession(None, uuid.uuid4(), services)  # type: ignore[arg-type]

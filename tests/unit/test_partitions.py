@@ -9,9 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.config import format_partitions, load_settings, parse_partitions
-from chatbot.launcher import NatsNode, Ports, Stack, nats_cluster_config
-from chatbot.messaging import assign_partitions, consumer_filters, consumer_name, partition_of
+from chatbot.bus.messaging import (
+    assign_partitions,
+    consumer_filters,
+    consumer_name,
+    partition_of,
+)
+from chatbot.ops.launcher import NatsNode, Ports, Stack, nats_cluster_config
+from chatbot.runtime.config import format_partitions, load_settings, parse_partitions
 from projections.positions import PartitionPositions, parse_tracking_name, tracking_name
 
 

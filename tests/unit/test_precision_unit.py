@@ -1,4 +1,4 @@
-"""Int8 weight-only linears (chatbot/llm/precision.py) on random weights: both kernel
+"""Int8 weight-only linears (chatbot/inference/precision.py) on random weights: both kernel
 paths (few rows: PyTorch's int8 kernel; many rows: dequantised bf16) compute the layer."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from chatbot.llm.engine import in_passing_thread
-from chatbot.llm.precision import INT8_KERNEL_MAX_ROWS, Int8Linear, apply
+from chatbot.inference.engine import in_passing_thread
+from chatbot.inference.precision import INT8_KERNEL_MAX_ROWS, Int8Linear, apply
 from tests.unit.test_llm import tiny_model
 
 

@@ -1,4 +1,4 @@
-"""The KV-cache slot pool (chatbot/llm/prefix_cache.py) and the engine's use of it: prefix
+"""The KV-cache slot pool (chatbot/inference/prefix_cache.py) and the engine's use of it: prefix
 reuse across turns and personas, chunked prefill, and that both compute what a fresh,
 unchunked prefill computes."""
 
@@ -9,10 +9,10 @@ import threading
 import pytest
 import torch
 
-from chatbot.llm.engine import Engine, generate_text
-from chatbot.llm.generate import SamplingParams
-from chatbot.llm.prefix_cache import BLOCK, SlotPool
-from chatbot.llm.tokenizer import ChatTokenizer
+from chatbot.inference.engine import Engine, generate_text
+from chatbot.inference.generate import SamplingParams
+from chatbot.inference.prefix_cache import BLOCK, SlotPool
+from chatbot.inference.tokenizer import ChatTokenizer
 from tests.unit.test_llm import make_engine, tiny_model, tokenizer  # noqa: F401 - the fixture
 
 # ---- the pool, pure bookkeeping ---------------------------------------------------------
@@ -98,7 +98,7 @@ def test_forget_drops_a_slot_s_content() -> None:
 
 
 def test_a_hash_collision_is_a_miss_not_a_wrong_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    import chatbot.llm.prefix_cache as pc
+    import chatbot.inference.prefix_cache as pc
 
     pool = pc.SlotPool(2)
     a = conversation(40)
@@ -201,7 +201,7 @@ def test_a_long_prefill_does_not_stall_streams_in_progress(tokenizer: ChatTokeni
 
 def test_memory_budget_buys_idle_slots(tokenizer: ChatTokenizer) -> None:
     model = tiny_model(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_token_id)
-    from chatbot.llm.model import KVCache
+    from chatbot.inference.model import KVCache
 
     one = KVCache.slot_bytes(model.config, 64, torch.float32)
     engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=64, kv_cache_bytes=10 * one)

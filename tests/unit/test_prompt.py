@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from workers.prompt import PromptBuilder, model_dir
-from chatbot.launcher import MODEL_REPOSITORY
+from chatbot.inference.prompt import PromptBuilder, model_dir
+from chatbot.ops.launcher import MODEL_REPOSITORY
 
 
 def conversation(exchanges: int) -> list[dict[str, str]]:
@@ -21,16 +21,16 @@ def conversation(exchanges: int) -> list[dict[str, str]]:
 
 def test_the_builder_reads_the_newest_version_of_the_model() -> None:
     assert model_dir(MODEL_REPOSITORY, "chat") == MODEL_REPOSITORY / "chat" / "1" / "smollm2"
-    assert PromptBuilder().info("chat").context == 2048
+    assert PromptBuilder(MODEL_REPOSITORY).info("chat").context == 2048
 
 
 def test_a_short_conversation_is_left_alone() -> None:
     messages = conversation(2)
-    assert PromptBuilder().fit("chat", messages, max_tokens=96) == messages
+    assert PromptBuilder(MODEL_REPOSITORY).fit("chat", messages, max_tokens=96) == messages
 
 
 def test_a_long_conversation_loses_its_oldest_exchanges_until_it_fits() -> None:
-    builder = PromptBuilder()
+    builder = PromptBuilder(MODEL_REPOSITORY)
     messages = conversation(120)
     assert builder.count("chat", messages) > 2048
     fitted = builder.fit("chat", messages, max_tokens=96)
@@ -45,7 +45,7 @@ def test_a_pinned_version_resolves_to_its_own_folder() -> None:
 
 
 def test_a_model_name_that_is_not_in_the_repository_never_becomes_a_path() -> None:
-    from workers.prompt import UnknownModel
+    from chatbot.inference.prompt import UnknownModel
 
     for bad in ("../../etc/passwd", "chat/../../etc", "chat/99", "nosuch", "chat/x"):
         with pytest.raises(UnknownModel, match="no model"):

@@ -10,7 +10,7 @@ import msgspec
 from api.auth import REVOKED, Session, issue_token, verify_token
 from api.chat_socket import ChatSession, frame_decoder
 from api.schemas import SendFrame
-from chatbot.messaging import partition_of
+from chatbot.bus.messaging import partition_of
 from workers.inference import trim_history
 
 SECRET = b"k" * 32
@@ -70,7 +70,7 @@ def test_trimming_keeps_the_system_prompt_and_the_newest_turns() -> None:
 
 
 def test_a_regenerated_delta_yields_only_the_text_the_client_lacks() -> None:
-    from chatbot.messaging import TokenDelta, unseen_text
+    from chatbot.bus.messaging import TokenDelta, unseen_text
 
     assert unseen_text(TokenDelta("r", 0, "Hello"), 0) == ("Hello", 5)
     assert unseen_text(TokenDelta("r", 0, "Hel"), 5) == ("", 5)  # all seen before

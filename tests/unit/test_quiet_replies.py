@@ -12,7 +12,7 @@ import pytest
 
 import api.chat_socket as chat_socket
 from api.chat_socket import ChatSession
-from chatbot.messaging import ReplyDone, TokenDelta, token_encoder
+from chatbot.bus.messaging import ReplyDone, TokenDelta, token_encoder
 
 
 class FakeReadModels:

@@ -10,7 +10,7 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from chatbot.config import load_settings
+from chatbot.runtime.config import load_settings
 from workers.retention import sweep
 
 

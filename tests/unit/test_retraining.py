@@ -10,11 +10,31 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from chatbot.dataset import ExportError, ExportFilter, ExportReport, export_records, parse_when, read_records, scrub
-from chatbot.model_repo import CARD_JSON, config_with_versions, create_version, read_card, versions, weights_folder
+from chatbot.inference.repository import (
+    CARD_JSON,
+    config_with_versions,
+    create_version,
+    read_card,
+    versions,
+    weights_folder,
+)
+from chatbot.training.dataset import (
+    ExportError,
+    ExportFilter,
+    ExportReport,
+    export_records,
+    parse_when,
+    read_records,
+    scrub,
+)
 from domain.application import ChatApplication
+from domain.model_rollout import (
+    InvalidRollout,
+    NothingToRollBack,
+    RolloutInProgress,
+    RolloutNotFound,
+)
 from domain.persona import BUILTIN_PERSONAS
-from domain.model_rollout import InvalidRollout, NothingToRollBack, RolloutInProgress, RolloutNotFound
 from domain.user import User
 from workers.rollout import BUCKETS, RolloutFollower, bucket_of, pick_version
 
@@ -280,8 +300,8 @@ def test_a_new_version_is_written_whole_beside_the_others_with_its_card(tmp_path
 
 
 def test_fine_tuning_learns_only_the_reply_and_its_end_of_turn() -> None:
-    from chatbot.llm.finetune import IGNORE, encode, split_heldout
-    from chatbot.llm.tokenizer import ChatTokenizer
+    from chatbot.inference.tokenizer import ChatTokenizer
+    from chatbot.training.finetune import IGNORE, encode, split_heldout
 
     tokenizer = ChatTokenizer.from_pretrained(REPO / "chat" / "1" / "demo")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},

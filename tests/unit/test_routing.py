@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from chatbot.messaging import partition_of
+from chatbot.bus.messaging import partition_of
 from workers.routing import DOWN_S, RETIRE_S, TritonRouter, unreachable
 
 URLS = ("a:1", "b:2", "c:3")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from chatbot.llm.generate import SamplingParams, make_generator, sample_batch
+from chatbot.inference.generate import SamplingParams, make_generator, sample_batch
 
 
 def test_a_row_draws_the_same_token_alone_or_in_a_batch_with_its_own_seed() -> None:

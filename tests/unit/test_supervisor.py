@@ -8,8 +8,8 @@ import threading
 import time
 from pathlib import Path
 
-from chatbot.config import load_settings
-from chatbot.launcher import Child, Stack
+from chatbot.ops.launcher import Child, Stack
+from chatbot.runtime.config import load_settings
 
 
 def test_a_killed_child_is_restarted_and_stop_ends_everything(tmp_path: Path) -> None:

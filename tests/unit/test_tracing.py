@@ -1,4 +1,4 @@
-"""The trace context across processes (chatbot/tracing.py): through NATS headers, through an
+"""The trace context across processes (chatbot/runtime/tracing.py): through NATS headers, through an
 event's metadata as the relay reads it, and into the log lines written inside a span."""
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind
 
-from chatbot import tracing
-from chatbot.config import load_settings
+from chatbot.runtime import tracing
+from chatbot.runtime.config import load_settings
+from chatbot.runtime.process import log_handler
 from domain.application import ChatApplication
 from workers import relay
-from workers.runtime import log_handler
 
 EXPORTER = InMemorySpanExporter()
 
@@ -172,7 +172,7 @@ def test_an_unknown_log_format_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_p
 @pytest.mark.parametrize("endpoint, recorded", [("", "False False"), ("http://127.0.0.1:9", "True True")])
 def test_spans_are_recorded_and_exported_only_when_an_endpoint_is_set(endpoint: str, recorded: str) -> None:
     """In a process of its own: a process sets its tracer provider once."""
-    script = ("from chatbot import tracing; tracing.setup_tracing('api', {'OTEL_EXPORTER_OTLP_ENDPOINT': %r})\n"
+    script = ("from chatbot.runtime import tracing; tracing.setup_tracing('api', {'OTEL_EXPORTER_OTLP_ENDPOINT': %r})\n"
               "with tracing.span('ws send') as s: print(tracing.exporting(), s.is_recording())\n" % endpoint)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "OTEL_EXPORTER_OTLP_TIMEOUT": "1"})

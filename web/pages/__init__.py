@@ -24,7 +24,7 @@ from litestar.datastructures import CacheControlHeader
 from litestar.exceptions import HTTPException, NotAuthorizedException, NotFoundException
 from litestar.static_files import create_static_files_router
 
-from chatbot.config import Settings
+from chatbot.runtime.config import Settings
 from domain.conversation import ConversationError
 from domain.persona import PersonaError
 from domain.user import UserError
@@ -34,11 +34,18 @@ from web.pages.api_keys import ApiKeyPages
 from web.pages.auth import AuthPages
 from web.pages.common import SECURITY_HEADERS, STATIC, FormError, LoginRequired
 from web.pages.conversations import ConversationPages
-from web.pages.errors import on_bad_form, on_csrf, on_http_error, on_login_required, on_not_authorized, on_not_found
+from web.pages.errors import (
+    on_bad_form,
+    on_csrf,
+    on_http_error,
+    on_login_required,
+    on_not_authorized,
+    on_not_found,
+)
 from web.pages.personas import PersonaPages
 from web.pages.shares import SharePages
-from web.pages.theme import ThemePages
 from web.pages.templating import template_config
+from web.pages.theme import ThemePages
 
 __all__ = ["page_handlers", "template_config"]
 

@@ -16,7 +16,7 @@ from litestar.response import Redirect, Template
 from api.auth import COOKIE as SESSION_COOKIE
 from api.auth import issue_token, user_of
 from api.services import Services
-from chatbot.config import Settings
+from chatbot.runtime.config import Settings
 from domain.user import InvalidCredentials
 from web.chat_list import TZ_COOKIE, chat_list, with_groups
 from web.csrf import CSRF_COOKIE, CSRF_FIELD, form_token, new_seed, seed_cookie

@@ -1,4 +1,4 @@
-"""Triton python-backend model `chat`: a thin adapter over `chatbot.llm.Engine`.
+"""Triton python-backend model `chat`: a thin adapter over `chatbot.inference.Engine`.
 
 Design notes
 - Decoupled: `execute()` only parses and admits requests and returns None at once; the
@@ -13,7 +13,7 @@ Design notes
   one); anything else is a bad request. The engine matches them on text and holds back
   partial matches, so a stop string never reaches the client.
 - `background` (optional, true for work no one waits on, such as titles) asks the engine to
-  schedule the request behind interactive ones (chatbot/llm/engine.py).
+  schedule the request behind interactive ones (chatbot/inference/engine.py).
 - Metrics: the engine keeps raw counters (`Engine.stats()`); the sender thread turns
   them into Triton custom metrics (`pb_utils.MetricFamily`, served on Triton's metrics
   port next to its own `nv_*` metrics) every `_METRICS_INTERVAL_S`, pushing counter
@@ -66,9 +66,15 @@ import numpy as np  # noqa: E402  (needs the sys.path above)
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from chatbot.llm.engine import FINISH_REASONS, Engine, EngineEvent, EngineStats, validate_messages  # noqa: E402
-from chatbot.llm.errors import INVALID_REQUEST
-from chatbot.llm.generate import SamplingParams  # noqa: E402
+from chatbot.inference.engine import (  # noqa: E402
+    FINISH_REASONS,
+    Engine,
+    EngineEvent,
+    EngineStats,
+    validate_messages,
+)
+from chatbot.inference.errors import INVALID_REQUEST
+from chatbot.inference.generate import SamplingParams  # noqa: E402
 
 _CANCEL_POLL_S = 0.05
 _METRICS_INTERVAL_S = 0.25  # counters/gauges are pushed to Triton at most this often

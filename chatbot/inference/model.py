@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chatbot.llm.checkpoint import UnsupportedCheckpoint
+from chatbot.inference.checkpoint import UnsupportedCheckpoint
 
 __all__ = ["KVCache", "LlamaConfig", "LlamaForCausalLM", "SUPPORTED_ARCHITECTURES", "UnsupportedCheckpoint"]
 

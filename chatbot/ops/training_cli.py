@@ -22,8 +22,8 @@ def _with_app(func: Callable[..., int]) -> Callable[[argparse.Namespace], int]:
     """Run `func(args, settings, app)` against the configured (or embedded) PostgreSQL."""
 
     def run(args: argparse.Namespace) -> int:
-        from chatbot.bootstrap import chat_application
-        from chatbot.cli import tool_settings
+        from chatbot.ops.launcher import tool_settings
+        from chatbot.runtime.application import chat_application
 
         settings, _postgres = tool_settings()
         app = chat_application(settings)
@@ -36,7 +36,12 @@ def _with_app(func: Callable[..., int]) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_dataset_export(args: argparse.Namespace, settings: Any, app: Any) -> int:
-    from chatbot.dataset import ExportError, ExportFilter, export_dataset, parse_when
+    from chatbot.training.dataset import (
+        ExportError,
+        ExportFilter,
+        export_dataset,
+        parse_when,
+    )
 
     try:
         filters = ExportFilter(
@@ -56,11 +61,11 @@ def cmd_dataset_export(args: argparse.Namespace, settings: Any, app: Any) -> int
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from chatbot.config import load_settings
-    from chatbot.dataset import ExportError
-    from chatbot.llm.finetune import FinetuneError
-    from chatbot.model_repo import ModelRepositoryError
-    from chatbot.models import train
+    from chatbot.inference.repository import ModelRepositoryError
+    from chatbot.runtime.config import load_settings
+    from chatbot.training.dataset import ExportError
+    from chatbot.training.finetune import FinetuneError
+    from chatbot.training.versions import train
     from domain.model_rollout import RolloutError
 
     settings = load_settings()
@@ -89,8 +94,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace, settings: Any, app: Any) -> int:
     from tritonclient.utils import InferenceServerException
 
-    from chatbot import models
-    from chatbot.model_repo import ModelRepositoryError
+    from chatbot.inference.repository import ModelRepositoryError
+    from chatbot.training import versions as models
     from domain.model_rollout import RolloutError, RolloutNotFound
 
     command = f"models {args.action}"
@@ -123,9 +128,14 @@ def cmd_models_add(args: argparse.Namespace) -> int:
     that can be reached (a new version waits for `models rollout`)."""
     import dataclasses
 
-    from chatbot.config import load_settings
-    from chatbot.llm.checkpoint import UnsupportedCheckpoint
-    from chatbot.model_repo import ModelRepositoryError, add_checkpoint, load_versions, models
+    from chatbot.inference.checkpoint import UnsupportedCheckpoint
+    from chatbot.inference.repository import (
+        ModelRepositoryError,
+        add_checkpoint,
+        load_versions,
+        models,
+    )
+    from chatbot.runtime.config import load_settings
 
     settings = load_settings()
     if args.model_repository:

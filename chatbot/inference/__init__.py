@@ -6,7 +6,7 @@ Public API (used by the Triton model `triton_models/chat` and the tests):
 - `SamplingParams`                                        (generate.py)
 - `Engine`, `EngineEvent`, `RequestHandle`, `PromptTooLongError`,
   `validate_messages`, `generate_text`                    (engine.py)
-Training of the demo model lives in `chatbot.llm.train` (not imported here).
+Training of the demo model lives in `chatbot.training.train` (not imported here).
 """
 
 from __future__ import annotations
@@ -27,5 +27,5 @@ __all__ = sorted(_HOMES)
 
 def __getattr__(name: str) -> Any:
     if name not in _HOMES:
-        raise AttributeError(f"module 'chatbot.llm' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"chatbot.llm.{_HOMES[name]}"), name)
+        raise AttributeError(f"module 'chatbot.inference' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"chatbot.inference.{_HOMES[name]}"), name)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import signal
@@ -13,11 +12,12 @@ import sys
 import threading
 from uuid import UUID
 
-from chatbot.config import Settings, load_settings
+from chatbot.ops.launcher import tool_settings
+from chatbot.runtime.config import Settings, load_settings
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from chatbot.launcher import Ports, Stack
+    from chatbot.ops.launcher import Ports, Stack
 
     settings = load_settings()
     ports = Ports(api=args.port, metrics=args.metrics_port)
@@ -62,7 +62,7 @@ def cmd_api(_: argparse.Namespace) -> int:
 
     settings = load_settings()
     uvicorn.run(
-        "api.app:create_app", factory=True, host=settings.api_host, port=settings.api_port,
+        "chatbot.ops.server:create_app", factory=True, host=settings.api_host, port=settings.api_port,
         log_level="warning", ws_max_size=1024 * 1024, lifespan="on",
     )
     return 0
@@ -92,30 +92,18 @@ def cmd_projector(_: argparse.Namespace) -> int:
 def cmd_bootstrap(_: argparse.Namespace) -> int:
     """Tables, the event stream (CHATBOT_STREAM_REPLICAS copies) and the built-in personas:
     run once before the other processes of a deployment (`chatbot up` does it itself)."""
-    from chatbot.bootstrap import bootstrap
+    from chatbot.ops.bootstrap import bootstrap
 
     bootstrap(load_settings())
     return 0
 
 
 def cmd_triton(args: argparse.Namespace) -> int:
-    from chatbot.launcher import Ports, triton_argv, triton_env
+    from chatbot.ops.launcher import Ports, triton_argv, triton_env
 
     ports = Ports(triton_http=args.http_port, triton_grpc=args.grpc_port, triton_metrics=args.metrics_port)
     argv = triton_argv(ports, load_settings().model_repository)
     os.execve(argv[0], argv, triton_env())
-
-
-def tool_settings() -> tuple[Settings, object | None]:
-    """Settings for a command-line tool: the configured PostgreSQL, or the embedded one of
-    the data directory (attached to if `chatbot up` runs it, else started for the command)."""
-    settings = load_settings()
-    if os.environ.get("CHATBOT_PG_HOST"):
-        return settings, None
-    from chatbot.launcher import EmbeddedPostgres
-
-    postgres = EmbeddedPostgres(settings.data_dir / "postgres")
-    return dataclasses.replace(settings, pg_host=postgres.socket_dir), postgres
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -124,8 +112,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     from eventsourcing.persistence import MapperDeserialisationError
 
-    from chatbot.audit import audit, render_text
-    from chatbot.bootstrap import chat_application
+    from chatbot.ops.audit import audit, render_text
+    from chatbot.runtime.application import chat_application
     from domain.conversation import ConversationError
 
     if args.verify:
@@ -164,8 +152,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """`chatbot audit --verify`: exit 0 if the chain is intact, 1 if anything is wrong."""
     from uuid import UUID
 
-    from chatbot.bootstrap import chat_application
-    from chatbot.integrity import render_verification, stream_heads, verify
+    from chatbot.ops.integrity import render_verification, stream_heads, verify
+    from chatbot.runtime.application import chat_application
     from domain.user import UserError, check_email
 
     if sum(bool(x) for x in (args.conversation_id, args.user, args.all)) != 1:
@@ -191,7 +179,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 return 1
             ids = list(dict.fromkeys([user_id, *app.mapper.keys.aggregates_of(user_id)]))  # type: ignore[attr-defined]
             scope = f"user {email}"
-        try:  # the newest events, against the JetStream stream (chatbot/integrity.py)
+        try:  # the newest events, against the JetStream stream (chatbot/ops/integrity.py)
             stream: dict[UUID, int] | str = asyncio.run(stream_heads(settings, ids))
         except Exception as e:  # noqa: BLE001 - NATS may be down: say so, check the rest
             stream = f"not compared: the stream could not be read ({type(e).__name__}: {e})"
@@ -221,7 +209,7 @@ def end_sessions(settings: Settings, user_id: UUID) -> None:
 
 
 def cmd_erase_user(args: argparse.Namespace) -> int:
-    from chatbot.bootstrap import chat_application
+    from chatbot.runtime.application import chat_application
     from domain.user import UserError, UserNotFound, check_email
 
     try:
@@ -291,7 +279,7 @@ def cmd_projections(args: argparse.Namespace) -> int:
 
 
 def cmd_train_demo(args: argparse.Namespace) -> int:
-    from chatbot.llm.train import train_demo
+    from chatbot.training.train import train_demo
 
     train_demo(args.out, args.minutes, threads=args.threads, init_from=args.init_from, lr=args.lr)
     return 0
@@ -357,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--init-from", default=None, help="continue from this checkpoint (keeps its tokenizer)")
     train.add_argument("--lr", type=float, default=2e-3)
     train.set_defaults(func=cmd_train_demo)
-    from chatbot.retrain_cli import add_retraining_commands
+    from chatbot.ops.training_cli import add_retraining_commands
 
     add_retraining_commands(sub)  # dataset export, train, models list|rollout|rollback|promote
     args = parser.parse_args(argv)

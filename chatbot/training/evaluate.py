@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from chatbot.llm.model import LlamaForCausalLM
-from chatbot.llm.tokenizer import ChatTokenizer
+from chatbot.inference.model import LlamaForCausalLM
+from chatbot.inference.tokenizer import ChatTokenizer
 
 HELDOUT_SYSTEM = "You are a helpful, friendly assistant."
 AGREEMENT_PROMPTS = (
@@ -36,8 +36,8 @@ def heldout_loss(
     model: LlamaForCausalLM, tokenizer: ChatTokenizer, conversations: int = 100, context: int = 512
 ) -> tuple[float, float, int]:
     """(nats per token, nats per character, tokens) of the last assistant turns."""
-    from chatbot.llm.finetune import IGNORE, encode
-    from chatbot.llm.train import load_conversations
+    from chatbot.training.finetune import IGNORE, encode
+    from chatbot.training.train import load_conversations
 
     context = min(model.config.max_position_embeddings, context)
     total, tokens, chars = 0.0, 0, 0

@@ -29,7 +29,7 @@ hash; 32 zero bytes for version 1) and `chain_hash` = HMAC-SHA256(chain key, "ev
 chain_prev | originator id | version | topic | state), over the stored bytes, written in the
 same statement as the event. The chain key (`CHATBOT_CHAIN_KEY`) never enters the
 database, so rewriting a row, or deleting one and relinking the next, cannot be hidden
-without it: `chatbot audit --verify` (chatbot/integrity.py) recomputes every hash. Storing
+without it: `chatbot audit --verify` (chatbot/ops/integrity.py) recomputes every hash. Storing
 `chain_prev` makes each row verifiable on its own, so a removed event is named by the gap
 and its successor is still checked. Removing an aggregate's newest events leaves no gap
 and is not detected by the chain alone.
@@ -48,7 +48,7 @@ one aggregate. A batch that fails on a conflict (another process saved first) or
 erased key is undone whole, and each of its saves is then tried alone, so each gets the
 outcome it would have had alone.
 
-Bounds (chatbot/postgres.py). A batch holds at most GROUP_COMMIT_MAX_EVENTS events and
+Bounds (chatbot/runtime/postgres.py). A batch holds at most GROUP_COMMIT_MAX_EVENTS events and
 GROUP_COMMIT_MAX_BYTES stored bytes; an event over MAX_EVENT_BYTES is refused (the broker
 could never carry it); a save still queued after GROUP_COMMIT_WAIT_S leaves the queue
 unsaved with `WriteTimeout`; every statement is flushed whole (psycopg's pipeline mode
@@ -83,9 +83,9 @@ from eventsourcing.persistence import (
     Compressor,
     IntegrityError,
     InterfaceError,
-    OperationalError,
     Mapper,
     MapperDeserialisationError,
+    OperationalError,
     StoredEvent,
     Transcoder,
 )
@@ -99,11 +99,15 @@ from eventsourcing.postgres import (
 from eventsourcing.utils import Environment, resolve_topic, retry
 from psycopg.sql import SQL, Composed, Identifier
 
-from chatbot.metrics import GROUP_COMMIT_EVENTS, GROUP_COMMIT_SAVES
-from chatbot.postgres import WriteTimeout, bound_sessions, flush_pipeline, is_timeout
-from chatbot.tracing import child_span, stamp
+from chatbot.runtime.metrics import GROUP_COMMIT_EVENTS, GROUP_COMMIT_SAVES
+from chatbot.runtime.postgres import (
+    WriteTimeout,
+    bound_sessions,
+    flush_pipeline,
+    is_timeout,
+)
+from chatbot.runtime.tracing import child_span, stamp
 from domain.batching import Batcher, Item
-
 from domain.conversation import Conversation
 from domain.transfer import ImportRecord
 from domain.user import AccountErased, ApiKey, User
@@ -450,7 +454,7 @@ class KeyedMapper(Mapper[UUID]):
         return self.keys.owner_of(event.originator_id)
 
     def to_stored_event(self, domain_event: Any) -> StoredEvent:
-        stamp(domain_event, type(domain_event).__qualname__)  # its trace context, as metadata (chatbot/tracing.py)
+        stamp(domain_event, type(domain_event).__qualname__)  # its trace context, as metadata (chatbot/runtime/tracing.py)
         token = _OWNER.set(self.owner(domain_event))
         try:
             return super().to_stored_event(domain_event)
@@ -684,7 +688,7 @@ class ChainedApplicationRecorder(PostgresApplicationRecorder):
             [e.originator_id for e in stored_events], [e.originator_version for e in stored_events],
             [e.topic for e in stored_events], [e.state for e in stored_events], prevs, hashes,
         ))
-        flush_pipeline(curs.connection)  # a big insert is otherwise left half-sent (chatbot/postgres.py)
+        flush_pipeline(curs.connection)  # a big insert is otherwise left half-sent (chatbot/runtime/postgres.py)
 
 
 class SealedSnapshotRecorder(PostgresAggregateRecorder):
@@ -760,7 +764,7 @@ class SealedSnapshotRecorder(PostgresAggregateRecorder):
 
 
 class ChatStoreFactory(PostgresFactory):
-    """`PERSISTENCE_MODULE=chatbot.eventstore:ChatStoreFactory`: PostgreSQL, with the keyed
+    """`PERSISTENCE_MODULE=chatbot.eventstore.store:ChatStoreFactory`: PostgreSQL, with the keyed
     mapper, the chained event recorder and sealed snapshots. Needs `CIPHER_TOPIC` and
     `CIPHER_KEY` (the master key) and `CHAIN_KEY`."""
 
@@ -823,7 +827,7 @@ class MemoryKeyedRecorder(POPOApplicationRecorder):
 
 
 class MemoryStoreFactory(POPOFactory):
-    """`PERSISTENCE_MODULE=chatbot.eventstore:MemoryStoreFactory`: the in-memory store with
+    """`PERSISTENCE_MODULE=chatbot.eventstore.store:MemoryStoreFactory`: the in-memory store with
     per-user keys (no hash chain: that lives in the PostgreSQL recorder)."""
 
     def __init__(self, env: Environment) -> None:

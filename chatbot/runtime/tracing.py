@@ -13,7 +13,7 @@ The hops of a message, each a span (service `chatbot-<process>`):
     projector  projector apply              one per traced event, its batch's transaction and ack
 
 The context crosses processes twice over. In the event's metadata: eventsourcing's stored
-event has no metadata field, so the mapper (chatbot/eventstore.py) writes the current span's
+event has no metadata field, so the mapper (chatbot/eventstore/store.py) writes the current span's
 W3C `traceparent` into the stored state of the events in `TRACED_EVENTS` as `_trace`,
 encrypted with the rest; decoding gives it back as an attribute the aggregates never see
 (the library passes a decorated method only its own parameters). The relay reads it from
@@ -76,7 +76,9 @@ def setup_tracing(process: str, environ: Mapping[str, str] = os.environ) -> Trac
     if not any(environ.get(name) for name in ENDPOINT_VARIABLES):
         provider = TracerProvider(resource=resource, sampler=ALWAYS_OFF)
     else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter,
+        )
 
         provider = TracerProvider(resource=resource)  # OTEL_TRACES_SAMPLER, else parent-based always-on
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))

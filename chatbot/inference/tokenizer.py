@@ -38,7 +38,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from chatbot.llm.checkpoint import UnsupportedCheckpoint
+from chatbot.inference.checkpoint import UnsupportedCheckpoint
 
 # ChatML, the template of the demo model (written into its tokenizer_config.json) and the
 # default of a tokenizer built in code; never a fallback for a folder that has none.

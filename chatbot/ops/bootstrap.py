@@ -7,27 +7,12 @@ import logging
 
 import nats
 
-from chatbot.config import Settings
-from chatbot.messaging import ensure_stream
-from chatbot.model_repo import served_models
-from domain.application import ChatApplication, PromptWindow
+from chatbot.bus.messaging import ensure_stream
+from chatbot.runtime.application import chat_application
+from chatbot.runtime.config import Settings
 from projections.readmodels import read_model_recorder
 
 log = logging.getLogger(__name__)
-
-
-def chat_application(settings: Settings, create_tables: bool = False) -> ChatApplication:
-    return ChatApplication(
-        env=settings.eventsourcing_env(create_tables), max_message_chars=settings.max_message_chars,
-        served_models=lambda: served_models(settings.model_repository),
-        prompt_window=_prompt_window(settings),
-    )
-
-
-def _prompt_window(settings: Settings) -> PromptWindow:
-    from workers.prompt import PromptBuilder  # the worker's: one way of counting a prompt
-
-    return PromptBuilder(settings.model_repository)
 
 
 async def _ensure_stream(settings: Settings) -> None:

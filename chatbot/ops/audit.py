@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
 
-from chatbot.messaging import event_name
+from chatbot.bus.messaging import event_name
 from domain.application import ChatApplication
 from domain.conversation import Conversation, ConversationNotFound
 from domain.user import AccountErased

@@ -242,8 +242,8 @@ def check_checkpoint(folder: Path) -> dict[str, Any]:
     """Load the checkpoint as the server would (tokenizer and weights, on the CPU) and say
     what it is; UnsupportedCheckpoint (a ValueError naming what is missing) if it cannot
     be served."""
-    from chatbot.llm.model import LlamaForCausalLM
-    from chatbot.llm.tokenizer import ChatTokenizer
+    from chatbot.inference.model import LlamaForCausalLM
+    from chatbot.inference.tokenizer import ChatTokenizer
 
     tokenizer = ChatTokenizer.from_pretrained(folder)
     tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
@@ -259,8 +259,8 @@ def add_checkpoint(repository: Path, name: str, source: Path, template: str = "c
     """Put the checkpoint at `source` (a Hugging Face folder or a .gguf file) into the
     repository as the next version of model `name`, or as its version 1 when there is no
     such model (made from `template`'s config.pbtxt and model.py). Returns (version, folder)."""
-    from chatbot.llm.checkpoint import UnsupportedCheckpoint
-    from chatbot.llm.gguf_convert import convert_gguf
+    from chatbot.inference.checkpoint import UnsupportedCheckpoint
+    from chatbot.inference.gguf_convert import convert_gguf
 
     if not MODEL_NAME.fullmatch(name):
         raise ModelRepositoryError(f"a model name has 1 to 48 lower-case letters, digits, - or _ (not {name!r})")

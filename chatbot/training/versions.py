@@ -20,9 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from chatbot.config import Settings
-from chatbot.dataset import read_records
-from chatbot.model_repo import (
+from chatbot.inference.repository import (
     ModelRepositoryError,
     create_version,
     load_versions,
@@ -33,8 +31,16 @@ from chatbot.model_repo import (
     version_weights,
     versions,
 )
+from chatbot.runtime.config import Settings
+from chatbot.training.dataset import read_records
 from domain.application import ChatApplication
-from domain.model_rollout import InvalidRollout, RolloutInProgress, check_model_name, check_percent, check_version
+from domain.model_rollout import (
+    InvalidRollout,
+    RolloutInProgress,
+    check_model_name,
+    check_percent,
+    check_version,
+)
 from workers.rollout import REFRESH_S
 
 GRACE_S = 2 * REFRESH_S + 1.0  # after a rollout change, until every worker follows it
@@ -53,7 +59,7 @@ def train(
 ) -> dict[str, Any]:
     """Fine-tune `base` (default: the newest version) of `model` on the records in `data`
     and write the next version with its model card; returns the card."""
-    from chatbot.llm.finetune import finetune
+    from chatbot.training.finetune import finetune
 
     repository = settings.model_repository
     check_model_name(model)

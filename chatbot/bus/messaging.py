@@ -26,7 +26,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from chatbot.config import format_partitions
+from chatbot.runtime.config import format_partitions
 
 EVENT_SUBJECT_PREFIX = "chat.ev"
 TOKEN_SUBJECT_PREFIX = "chat.tok"

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable
 
-from chatbot.config import REPO_ROOT, Settings, format_partitions
-from chatbot.messaging import assign_partitions
+from chatbot.bus.messaging import assign_partitions
+from chatbot.runtime.config import REPO_ROOT, Settings, format_partitions, load_settings
 
 SITE_PACKAGES = Path(sysconfig.get_paths()["purelib"])
 VENV_BIN = Path(sys.executable).parent
@@ -347,7 +347,7 @@ class Stack:
         self.extra_env = extra_env or {}
         self.postgres: EmbeddedPostgres | None = None
         self.children: dict[str, Child] = {}
-        self.metrics_ports: dict[str, int] = {}  # app process -> its /metrics port (chatbot/metrics.py)
+        self.metrics_ports: dict[str, int] = {}  # app process -> its /metrics port (chatbot/runtime/metrics.py)
         self._stopping = threading.Event()
 
     @property
@@ -390,7 +390,7 @@ class Stack:
 
     def _app_child(self, name: str, command: str, ready: Callable[[], bool] | None = None, **env: str) -> Child:
         env.setdefault("CHATBOT_METRICS_PORT", str(self.metrics_port(name)))
-        return Child(name, [sys.executable, "-m", "chatbot.cli", command], self._app_env(**env), ready, log=self._log(name))
+        return Child(name, [sys.executable, "-m", "chatbot.ops.cli", command], self._app_env(**env), ready, log=self._log(name))
 
     def start_infrastructure(self) -> None:
         data = self.settings.data_dir
@@ -431,7 +431,7 @@ class Stack:
     def bootstrap(self) -> None:
         """Create tables, the stream and the built-in personas before any app process runs,
         so no two processes race to create them."""
-        from chatbot.bootstrap import bootstrap
+        from chatbot.ops.bootstrap import bootstrap
 
         bootstrap(self.settings)
 
@@ -508,3 +508,13 @@ class Stack:
         if self.postgres is not None:
             self.postgres.stop()
             self.postgres = None
+
+
+def tool_settings() -> tuple[Settings, object | None]:
+    """Settings for a command-line tool: the configured PostgreSQL, or the embedded one of
+    the data directory (attached to if `chatbot up` runs it, else started for the command)."""
+    settings = load_settings()
+    if os.environ.get("CHATBOT_PG_HOST"):
+        return settings, None
+    postgres = EmbeddedPostgres(settings.data_dir / "postgres")
+    return dataclasses.replace(settings, pg_host=postgres.socket_dir), postgres

@@ -92,12 +92,17 @@ from typing import Any
 
 import torch
 
-from chatbot.llm.generate import SamplingParams, StopMatcher, make_generator, sample_batch
-from chatbot.llm.model import KVCache, LlamaForCausalLM
-from chatbot.llm.precision import apply as apply_precision
-from chatbot.llm.precision import resolve as resolve_precision
-from chatbot.llm.prefix_cache import SlotPool
-from chatbot.llm.tokenizer import ChatTokenizer, StreamDecoder
+from chatbot.inference.generate import (
+    SamplingParams,
+    StopMatcher,
+    make_generator,
+    sample_batch,
+)
+from chatbot.inference.model import KVCache, LlamaForCausalLM
+from chatbot.inference.precision import apply as apply_precision
+from chatbot.inference.precision import resolve as resolve_precision
+from chatbot.inference.prefix_cache import SlotPool
+from chatbot.inference.tokenizer import ChatTokenizer, StreamDecoder
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +274,7 @@ class Engine:
         precision: str = "fp32",
         **kwargs: Any,
     ) -> Engine:
-        """Load the model at `precision` (fp32, bf16, int8 or auto: chatbot/llm/precision.py)
+        """Load the model at `precision` (fp32, bf16, int8 or auto: chatbot/inference/precision.py)
         and make the engine, in a thread that exits before the engine thread starts, so the
         caller's thread keeps no OpenMP pool (see the module notes)."""
         chosen = resolve_precision(precision, device)

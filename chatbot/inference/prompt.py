@@ -13,9 +13,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatbot.launcher import MODEL_REPOSITORY
-from chatbot.llm.tokenizer import ChatTokenizer
-from chatbot.model_repo import models, parameter
+from chatbot.inference.repository import models, parameter
+from chatbot.inference.tokenizer import ChatTokenizer
 
 
 @dataclass
@@ -53,7 +52,7 @@ def context_parameter(repository: Path, model: str) -> int:
 class PromptBuilder:
     MAX_MODELS = 8  # tokenizers kept: names are checked against the repository, versions accumulate
 
-    def __init__(self, repository: Path = MODEL_REPOSITORY) -> None:
+    def __init__(self, repository: Path) -> None:
         self.repository = repository
         self.models: OrderedDict[str, ModelInfo] = OrderedDict()
 

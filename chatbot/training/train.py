@@ -15,7 +15,7 @@ Design notes
   just another `<|im_start|>system` the model learns to predict.
 - Budget: the machine has 2 cores and is shared, so training is bounded by wall time,
   not steps; the LR schedule (linear warmup, cosine to 10%) is a function of elapsed
-  time fraction. Run as `nice -n 10 python -m chatbot.llm.train OUT_DIR --minutes 15`.
+  time fraction. Run as `nice -n 10 python -m chatbot.training.train OUT_DIR --minutes 15`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from chatbot.llm.model import LlamaConfig, LlamaForCausalLM
-from chatbot.llm.tokenizer import CHATML_TEMPLATE, ChatTokenizer
+from chatbot.inference.model import LlamaConfig, LlamaForCausalLM
+from chatbot.inference.tokenizer import CHATML_TEMPLATE, ChatTokenizer
 
 PERSONAS = [
     "You are a helpful, friendly assistant.",

@@ -1,0 +1,1 @@
+"""NATS JetStream: the event stream's subjects, and the token channel that streams replies."""

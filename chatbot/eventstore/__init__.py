@@ -1,0 +1,1 @@
+"""The event store: events in PostgreSQL, encrypted per user, hash-chained; snapshots and keys."""

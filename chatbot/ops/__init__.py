@@ -1,0 +1,1 @@
+"""Operator tools: the process launcher, the CLI, bootstrap, the audit and integrity checks."""
