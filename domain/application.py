@@ -13,10 +13,10 @@ import logging
 import os
 import secrets
 import threading
-from datetime import datetime, timedelta
-from dataclasses import dataclass, field
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, Callable, Protocol, TypeVar
 from uuid import UUID
 
@@ -37,8 +37,13 @@ from domain.conversation import (
     check_sampling,
 )
 from domain.ids import email_key_for, persona_id_for, user_id_for
-from domain.transfer import ImportRecord, export_conversation, import_record_id, parse_export
-from domain.model_rollout import ModelRollout, RolloutNotFound, check_model_name, check_version, rollout_id_for
+from domain.model_rollout import (
+    ModelRollout,
+    RolloutNotFound,
+    check_model_name,
+    check_version,
+    rollout_id_for,
+)
 from domain.persona import (
     BUILTIN_PERSONAS,
     EDITABLE,
@@ -52,6 +57,12 @@ from domain.persona import (
     render_system_prompt,
 )
 from domain.snapshot import StateSnapshot, register_state_transcodings
+from domain.transfer import (
+    ImportRecord,
+    export_conversation,
+    import_record_id,
+    parse_export,
+)
 from domain.user import (
     AccountErased,
     ApiKey,
@@ -145,7 +156,7 @@ class ChatApplication(Application[UUID]):
                  prompt_window: PromptWindow | None = None) -> None:
         super().__init__(env)
         self.max_message_chars = max_message_chars
-        # Token counts of the served models (workers/prompt.py's PromptBuilder), so a message
+        # Token counts of the served models (chatbot/inference/prompt.py's PromptBuilder), so a message
         # that could never fit the context window is refused when sent; None: not checked.
         self.prompt_window = prompt_window
         # The models a persona may name ("chat", or "chat/2" for a version): the model
@@ -170,7 +181,7 @@ class ChatApplication(Application[UUID]):
 
     def _readable(self, aggregate: Any) -> None:
         """Raise AccountErased for a cached conversation whose owner's key is gone."""
-        keys = getattr(self.mapper, "keys", None)  # the keyed stores (chatbot/eventstore.py)
+        keys = getattr(self.mapper, "keys", None)  # the keyed stores (chatbot/eventstore/store.py)
         if keys is not None and isinstance(aggregate, Conversation):
             owner = keys.owner_of(aggregate.id)
             if owner is not None:
