@@ -2,7 +2,7 @@
 the logged-in user's account, and the sessions it is logged in with (`GET /api/me/sessions`,
 `DELETE /api/me/sessions/{id}`: api/sessions.py).
 
-Erasure is crypto-shredding (chatbot/eventstore/store.py): `User.Erased` is recorded and the
+Erasure is crypto-shredding (chatbot/eventstore/keys.py): `User.Erased` is recorded and the
 user's data key destroyed in one transaction, so their conversations, messages and account
 can no longer be read by anyone, and the projector then drops their read-model rows. It
 cannot be undone, so the request must carry the account's password.
@@ -19,13 +19,13 @@ from typing import Any
 from uuid import UUID
 
 import msgspec
-from litestar import Request, Response, delete, get
+from litestar import Controller, Request, Response, delete, get
 from litestar.datastructures import Cookie
 from litestar.exceptions import NotFoundException
 from litestar.status_codes import HTTP_204_NO_CONTENT
 
+from api import schemas
 from api.auth import COOKIE, require_session, require_user
-from api.routes import MeController
 from api.services import Services
 from domain.user import MAX_PASSWORD
 
@@ -43,6 +43,16 @@ class SessionInfo(msgspec.Struct):
     created_at: datetime
     user_agent: str
     current: bool
+
+
+class MeController(Controller):
+    path = "/api/me"
+
+    @get("/")
+    async def get_me(self, services: Services, user_id: UUID) -> schemas.Me:
+        email = await services.call(services.app.user_email, user_id)
+        consent = await services.call(services.app.training_consent, user_id)
+        return schemas.Me(user_id=user_id, email=email, training_consent=consent)
 
 
 class AccountController(MeController):

@@ -16,32 +16,32 @@ from litestar.template import TemplateConfig
 from litestar.types import ControllerRouterHandler
 
 from api.account import AccountController
+from api.api_keys import ApiKeyController
 from api.chat_socket import chat_socket
+from api.conversations import ConversationController
 from api.csrf import cross_site_guard
+from api.current_user import current_user
 from api.errors import domain_error, http_error, unexpected_error
 from api.headers import docs_headers
-from api.openai_compat import ApiKeyController, OpenAIController
+from api.health import HealthController
+from api.login import AuthController
+from api.openai_compat import OpenAIController
 from api.openapi_errors import document_errors
-from api.routes import (
-    AuthController,
-    ConversationController,
-    HealthController,
-    PersonaController,
-    ShareController,
-    TransferController,
-)
+from api.personas import PersonaController
 from api.services import Services
+from api.shares import ShareController
 from api.throttle import TooManyAttempts
 from api.training import ConsentController
-from chatbot.eventstore.store import EventTooLarge
+from api.transfer import TransferController
+from chatbot.eventstore.group_commit import EventTooLarge
 from chatbot.runtime.config import Settings, load_settings
 from chatbot.runtime.metrics import serve as serve_metrics
 from chatbot.runtime.postgres import WriteTimeout
 from chatbot.runtime.process import setup_logging
 from chatbot.runtime.tracing import setup_tracing
 from chatbot.runtime.tracing import shutdown as shutdown_tracing
-from domain.application import PasswordCheckBusy
-from domain.conversation import ConversationError
+from domain.app_accounts import PasswordCheckBusy
+from domain.conversation_errors import ConversationError
 from domain.persona import PersonaError
 from domain.user import UserError
 
@@ -83,7 +83,10 @@ def create_app(
             *pages,  # the web UI (chatbot/ops/server.py): server-rendered pages and their static files
         ],
         template_config=template_config,
-        dependencies={"services": Provide(provide_services, sync_to_thread=False)},
+        dependencies={
+            "services": Provide(provide_services, sync_to_thread=False),
+            "user_id": Provide(current_user, sync_to_thread=False),  # the session's user: api/current_user.py
+        },
         middleware=[cross_site_guard(settings.allowed_origins), docs_headers()],  # api/csrf.py, api/headers.py
         exception_handlers={
             UserError: domain_error, ConversationError: domain_error, PersonaError: domain_error,

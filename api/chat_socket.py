@@ -2,11 +2,10 @@
 
 One `ChatSession` per connection. Incoming frames are size-checked, decoded into typed
 frames (msgspec tagged union) and dispatched; every problem becomes an `error` frame and
-the connection stays usable. Before a message is posted the session subscribes to the
-conversation's token subject, so no token can arrive before the subscription exists.
-Token deltas carry their character offset: a reply regenerated after a worker crash
-repeats text already sent, and the session forwards only what the client has not seen.
-A single writer task owns the socket's send side.
+the connection stays usable. Before a message is posted the session follows the
+conversation, so no token can arrive before the subscription exists; the token messages
+are turned into frames by the session's token relay (api/token_relay.py: offsets, held
+tokens, gaps). A single writer task owns the socket's send side.
 
 Frames are handled concurrently, in one lane per conversation (a `stop`: per reply):
 frames of one conversation are handled in the order they came, each after the one before
@@ -25,9 +24,7 @@ Token messages travel on core NATS, which delivers at most once: when a NATS nod
 the messages on their way through it are lost, a reply's end among them. So a reply this
 socket waits for that has been quiet for `QUIET_S` is looked up in the read model, and
 if it has ended there, its `reply` frame is sent from there (`QuietReplies`, one query
-per API process a round): a client never waits for an end that was lost on the way. A
-reply whose deltas went by unheard stops streaming, and what the client lacks goes out as
-one last delta before the `reply` frame: the `token` texts always add up to the reply.
+per API process a round): a client never waits for an end that was lost on the way.
 """
 
 from __future__ import annotations
@@ -41,14 +38,12 @@ from uuid import UUID, uuid4
 import msgspec
 from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from opentelemetry.trace import SpanKind
 
 from api.auth import REVOKED, session_of
 from api.csrf import same_origin
 from api.limits import Limited
-from api.routes import owner_of
+from api.ownership import owner_of
 from api.schemas import (
     CLIENT_FRAME_TYPES,
     ClientFrame,
@@ -59,18 +54,8 @@ from api.schemas import (
     StopFrame,
 )
 from api.services import Services
-from chatbot.bus.messaging import (
-    ReplyDone,
-    ReplyError,
-    TitleWritten,
-    TokenDelta,
-    cancel_subject,
-    progress_subject,
-    token_decoder,
-    token_encoder,
-    token_subject,
-    unseen_text,
-)
+from api.token_relay import TokenRelay
+from chatbot.bus.messaging import cancel_subject
 from chatbot.runtime.metrics import (
     FRAMES,
     SEND_ACCEPTED,
@@ -81,8 +66,8 @@ from chatbot.runtime.metrics import (
 )
 from chatbot.runtime.postgres import WriteTimeout
 from chatbot.runtime.tracing import span
-from domain.application import PostedMessage
-from domain.conversation import (
+from domain.app_conversations import PostedMessage
+from domain.conversation_errors import (
     ConversationError,
     ConversationNotFound,
     InvalidSampling,
@@ -93,36 +78,25 @@ from domain.conversation import (
 log = logging.getLogger("api.ws")
 frame_decoder = msgspec.json.Decoder(ClientFrame)
 encoder = msgspec.json.Encoder()
-MAX_SUBSCRIPTIONS = 32  # conversations one socket follows at once
 MAX_IN_FLIGHT = 64  # frames of one socket being handled at once
-MAX_HELD = 10_000  # token messages held for a conversation while its ownership is checked
-PROGRESS_TIMEOUT_S = 1.0  # how long a resume waits for the worker's text so far
 QUIET_S = 5.0  # a reply waited for and unheard of this long is looked up in the read model
 LOOKUP_CHUNK = 1_000  # quiet replies looked up in one query
-ENDED_KEPT = 256  # ended replies a socket remembers, to drop what comes of them later
 SESSION_CHECK_S = 1.0  # how often open sockets are checked against ended sessions
 
 
-class ChatSession:
+class ChatSession(TokenRelay):
+    """One websocket connection: its frames read, handled in lanes and answered, its replies
+    relayed (`TokenRelay`)."""
+
     def __init__(self, socket: WebSocket[Any, Any, Any], user_id: UUID, services: Services,
                  session_id: UUID | None = None) -> None:
-        self.socket, self.user_id, self.services = socket, user_id, services
+        super().__init__(services)
+        self.socket, self.user_id = socket, user_id
         self.session_id = session_id  # the log-in it was opened with: ending that closes it
-        self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        self.subscriptions: dict[UUID, Subscription] = {}
-        self.delivered: dict[str, int] = {}  # reply id -> characters the client has
-        self.gapped: set[str] = set()  # replies whose deltas wait for their end (some went by unheard)
         self.replies: dict[UUID, UUID] = {}  # reply id -> conversation, for replies sent here
-        self.resuming: dict[str, list[TokenDelta]] = {}  # reply id -> deltas held until the text so far
-        self.holding: set[UUID] = set()  # conversations being resumed: their deltas are held
-        self.unconfirmed: dict[UUID, list[bytes]] = {}  # followed, ownership not checked yet: tokens held
         self.lanes: dict[Any, asyncio.Task[None]] = {}  # conversation (or reply) -> its newest frame's task
         self.in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
-        self.following = asyncio.Lock()  # subscribing and unsubscribing, one at a time
         self.resume_lock = asyncio.Lock()  # one resume at a time: held deltas are that resume's
-        self.awaited: dict[str, tuple[UUID, float]] = {}  # reply id -> (conversation, last heard of) until its end
-        self.ended: dict[str, None] = {}  # replies whose end went out (the newest ENDED_KEPT): later messages dropped
-        self.clocks: dict[str, ReplyClock] = {}  # replies asked for here -> their token timings (chatbot/runtime/metrics.py)
 
     async def run(self) -> None:
         writer = asyncio.create_task(self.write())
@@ -168,9 +142,6 @@ class ChatSession:
             except Exception:  # noqa: BLE001 - the client went away; the reader will notice
                 return
             FRAMES.labels(direction="out", type=bounded(frame["type"], SERVER_FRAME_TYPES)).inc()
-
-    def error(self, code: str, message: str, **extra: Any) -> None:
-        self.outbox.put_nowait({"type": "error", "code": code, "message": message, **extra})
 
     def refuse(self, code: str, message: str) -> None:
         """An incoming frame that is not one: counted as "invalid", answered with an error."""
@@ -367,114 +338,6 @@ class ChatSession:
             for delta in self.resuming.pop(next(iter(self.resuming))):
                 self.forward_delta(cid, delta)
 
-    async def text_so_far(self, reply_id: str) -> TokenDelta | None:
-        try:
-            answer = await self.services.nc.request(progress_subject(reply_id), b"", timeout=PROGRESS_TIMEOUT_S)
-            so_far = token_decoder.decode(answer.data)
-        except Exception as e:  # noqa: BLE001 - timeout or no responders: queued, or its worker is gone
-            log.info("resume of reply %s: no text so far (%s)", reply_id, type(e).__name__)
-            return None
-        return so_far if isinstance(so_far, TokenDelta) else None
-
-    async def follow(self, conversation_id: UUID, *, confirmed: bool = True) -> bool:
-        """Subscribe to the conversation's tokens; False if this socket follows it already.
-        Not `confirmed`: its tokens are held until `confirm` (the user's ownership of the
-        conversation is not known yet)."""
-        async with self.following:  # two lanes never subscribe to one conversation twice
-            if conversation_id in self.subscriptions:
-                return False
-            if len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
-                oldest = next(iter(self.subscriptions))
-                await self._unfollow(oldest)
-            if not confirmed:
-                self.unconfirmed[conversation_id] = []
-
-            async def forward(msg: Msg) -> None:
-                self.on_token_message(conversation_id, msg.data)
-
-            try:
-                self.subscriptions[conversation_id] = await self.services.nc.subscribe(
-                    token_subject(conversation_id), cb=forward
-                )
-            except BaseException:
-                self.unconfirmed.pop(conversation_id, None)  # nothing will confirm it
-                raise
-            return True
-
-    async def unfollow(self, conversation_id: UUID) -> None:
-        async with self.following:
-            await self._unfollow(conversation_id)
-
-    async def _unfollow(self, conversation_id: UUID) -> None:
-        self.unconfirmed.pop(conversation_id, None)  # held tokens of a conversation not theirs: dropped
-        sub = self.subscriptions.pop(conversation_id, None)
-        if sub is not None:
-            await sub.unsubscribe()
-
-    def confirm(self, conversation_id: UUID) -> None:
-        """The user owns the conversation: pass on the tokens held meanwhile, in order."""
-        for data in self.unconfirmed.pop(conversation_id, ()):
-            if data:  # b"": the mark of an overflow
-                self.on_token_message(conversation_id, data)
-
-    def on_token_message(self, conversation_id: UUID, data: bytes) -> None:
-        held = self.unconfirmed.get(conversation_id)
-        if held is not None:
-            if len(held) < MAX_HELD:
-                held.append(data)
-            elif len(held) == MAX_HELD:
-                held.append(b"")  # counted once: later ones are dropped without a word
-                log.warning("conversation %s: over %d token messages held; dropping", conversation_id, MAX_HELD)
-            return
-        try:
-            message = token_decoder.decode(data)
-        except msgspec.DecodeError:
-            log.warning("dropping an undecodable token message")
-            return
-        cid = str(conversation_id)
-        if isinstance(message, TitleWritten):  # after the reply ended: passed on as it is
-            self.outbox.put_nowait({"type": "title", "conversation_id": cid, "title": message.title})
-            return
-        if message.reply_id in self.ended:
-            self.awaited.pop(message.reply_id, None)
-            return  # its end went out already (a re-announced end, a late duplicate delta)
-        if message.reply_id in self.awaited:
-            self.awaited[message.reply_id] = (conversation_id, asyncio.get_running_loop().time())
-        if not isinstance(message, TokenDelta):
-            self.awaited.pop(message.reply_id, None)
-        if isinstance(message, TokenDelta):
-            held = self.resuming.get(message.reply_id)
-            if held is None and conversation_id in self.holding:
-                held = self.resuming.setdefault(message.reply_id, [])
-            if held is not None:
-                held.append(message)  # after the text so far
-            else:
-                self.forward_delta(cid, message)
-        elif isinstance(message, ReplyDone):
-            self.resuming.pop(message.reply_id, None)
-            # Tokens add up to the reply: whatever of its text this socket has not sent
-            # (deltas that went by unheard, see `forward_delta`) goes out as one last delta.
-            self.gapped.discard(message.reply_id)
-            self.forward_delta(cid, TokenDelta(message.reply_id, 0, message.text))
-            self.delivered.pop(message.reply_id, None)
-            self.end(message.reply_id)
-            self.outbox.put_nowait({
-                "type": "reply", "conversation_id": cid, "reply_id": message.reply_id,
-                "text": message.text, "finish_reason": message.finish_reason,
-            })
-        elif isinstance(message, ReplyError):
-            self.resuming.pop(message.reply_id, None)
-            self.gapped.discard(message.reply_id)
-            self.delivered.pop(message.reply_id, None)
-            self.end(message.reply_id)
-            self.error("reply_failed", message.message, conversation_id=cid, reply_id=message.reply_id)
-            # a terminal frame too, so a client waiting for the reply always stops waiting
-            self.outbox.put_nowait({
-                "type": "reply", "conversation_id": cid, "reply_id": message.reply_id,
-                "text": "", "finish_reason": "error",
-            })
-
-
     def await_end(self, reply_id: str, conversation_id: UUID) -> None:
         """Wait for the reply's end; the process's `QuietReplies` looks it up if it is
         quiet for too long. A reply whose end this socket sent already is not waited for."""
@@ -482,41 +345,6 @@ class ChatSession:
             return
         self.awaited[reply_id] = (conversation_id, asyncio.get_running_loop().time())
         quiet_replies(self.services).watch(self)
-
-    def end_unheard(self, reply_id: str, row: Any) -> None:
-        """The read model says the reply ended, and this socket never heard its end (it was
-        lost on a NATS node that died): send it from there (`on_token_message` sends an
-        end once)."""
-        waiting = self.awaited.get(reply_id)
-        if waiting is None:
-            return  # its end came meanwhile
-        log.info("reply %s ended unheard: its end is sent from the read model", reply_id)
-        end = (ReplyDone(reply_id, row["text"], row["finish_reason"] or "stop") if row["status"] == "complete"
-               else ReplyError(reply_id, "the reply failed"))
-        self.on_token_message(waiting[0], token_encoder.encode(end))
-
-    def end(self, reply_id: str) -> None:
-        """The reply's end went out: anything more of it is dropped."""
-        clock = self.clocks.pop(reply_id, None)
-        if clock is not None:
-            clock.done()
-        self.ended[reply_id] = None
-        if len(self.ended) > ENDED_KEPT:
-            del self.ended[next(iter(self.ended))]
-
-    def forward_delta(self, cid: str, delta: TokenDelta) -> None:
-        seen = self.delivered.get(delta.reply_id, 0)
-        if delta.offset > seen or delta.reply_id in self.gapped:
-            # Text between what the client has and this delta went by unheard (lost with a
-            # NATS node, or published before a resumed socket followed): the client's text
-            # stays a prefix of the reply, and the rest goes out whole with its end.
-            self.gapped.add(delta.reply_id)
-            return
-        text, self.delivered[delta.reply_id] = unseen_text(delta, seen)
-        if text:  # else a regenerated prefix the client already has
-            if (clock := self.clocks.get(delta.reply_id)) is not None:
-                clock.token(time.monotonic())
-            self.outbox.put_nowait({"type": "token", "conversation_id": cid, "reply_id": delta.reply_id, "text": text})
 
 
 class SocketSweep:

@@ -1,5 +1,5 @@
 """The one place where domain errors become HTTP status codes, and the error body of the
-JSON API (the `/v1` routes map the same errors to OpenAI's body: api/openai_compat.py)."""
+JSON API (the `/v1` routes map the same errors to OpenAI's body: api/openai_schemas.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
 from api.throttle import TooManyAttempts
-from chatbot.eventstore.store import EventTooLarge
+from chatbot.eventstore.group_commit import EventTooLarge
 from chatbot.runtime.postgres import WriteTimeout
-from domain.application import PasswordCheckBusy
-from domain.conversation import (
+from domain.app_accounts import PasswordCheckBusy
+from domain.conversation_errors import (
     ConversationError,
     ConversationNotFound,
     MessageNotFound,

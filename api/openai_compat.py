@@ -1,10 +1,7 @@
-"""An OpenAI-compatible API on top of the chat pipeline, and the API keys that open it.
-
-`/api/keys` (session-authenticated, like the rest of `/api`) creates, lists, changes and
-revokes keys; a listed key shows when it was made and last used (api/key_use.py) and its
-setting `list_apart`: the chats it starts are then marked to be kept out of the chat list;
-`/v1/models` and `/v1/chat/completions` take `Authorization: Bearer sk-chat-...`, so the
-official `openai` clients work with `base_url=<server>/v1`.
+"""An OpenAI-compatible API on top of the chat pipeline: `/v1/models` and
+`/v1/chat/completions` take `Authorization: Bearer sk-chat-...` (the keys: api/api_keys.py),
+so the official `openai` clients work with `base_url=<server>/v1`. OpenAI's request and
+response bodies and its error shape are in api/openai_schemas.py.
 
 A completion is a chat like any other, recorded as events: the request starts a new
 `Conversation` for the key's user with the persona the `model` names (ChatApplication.persona_for_model: the
@@ -13,7 +10,8 @@ user/assistant turns are imported (`TurnsImported`, part of the prompt from then
 system (or developer) messages become extra instructions appended to the persona's system
 prompt; its last user message goes through `ChatApplication.post_message`, with the
 request's `temperature`, `top_p`, `max_tokens` (or `max_completion_tokens`) and `seed`
-pinned in the `ReplyRequested` for this reply only. The relay, a worker and Triton then do
+pinned in the `ReplyRequested` for this reply only. A key whose `list_apart` is set has
+the chats it starts marked to be kept out of the chat list. The relay, a worker and Triton then do
 what they do for the websocket: the handler subscribes to the conversation's token subject
 *before* posting, and turns the token messages into one `chat.completion` (its `usage` read
 from the recorded `ReplyCompleted`) or into server-sent `chat.completion.chunk` events
@@ -36,23 +34,35 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 from uuid import UUID, uuid4
 
 import anyio
 import msgspec
-from litestar import Controller, Request, Response, delete, get, patch, post
+from litestar import Controller, Request, Response, get, post
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, TooManyRequestsException
 from litestar.response import Stream
-from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from opentelemetry.trace import SpanKind
 
-from api.auth import require_user
-from api.errors import ERROR_STATUS, detail_of
+from api.openai_schemas import (
+    HTTP_CODES,
+    OPENAI_ERRORS,
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    Choice,
+    ChunkChoice,
+    Delta,
+    Model,
+    ModelList,
+    Usage,
+    openai_error_body,
+)
 from api.services import Services
 from chatbot.bus.messaging import (
     ReplyDone,
@@ -66,141 +76,16 @@ from chatbot.bus.messaging import (
 )
 from chatbot.inference.errors import INVALID_REQUEST
 from chatbot.runtime.tracing import span
-from domain.application import ApiKeyHolder
-from domain.conversation import (
-    ConversationError,
-    InvalidSampling,
-    InvalidTurns,
-    check_sampling,
-)
-from domain.persona import PersonaError, PersonaNotFound
-from domain.user import InvalidCredentials, UserError, parse_api_key
+from domain.app_accounts import ApiKeyHolder
+from domain.conversation_errors import InvalidSampling, InvalidTurns
+from domain.conversation_rules import check_sampling
+from domain.persona import PersonaNotFound
+from domain.user import InvalidCredentials
 
 log = logging.getLogger("api.openai")
 REPLY_IDLE_TIMEOUT_S = 300.0  # no token message for this long: the reply is given up (504)
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
 encoder = msgspec.json.Encoder()
-
-# -- schemas ----------------------------------------------------------------------------------
-
-KeyName = Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
-
-
-class ApiKeyCreate(msgspec.Struct, forbid_unknown_fields=True):
-    name: KeyName = "default"
-    list_apart: bool = True  # the chats this key starts are kept out of the chat list
-
-
-class ApiKeyUpdate(msgspec.Struct, forbid_unknown_fields=True):
-    list_apart: bool
-
-
-class ApiKeyCreated(msgspec.Struct):
-    key: str  # shown this once; only its hash is stored
-    key_id: str
-    name: str
-    list_apart: bool
-
-
-class ApiKeyInfo(msgspec.Struct):
-    key_id: str
-    name: str
-    revoked: bool
-    list_apart: bool
-    created_at: datetime | None  # None: made before the time was recorded
-    last_used_at: datetime | None  # None: never used (to within a minute: api/key_use.py)
-
-
-class ContentPart(msgspec.Struct):
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(msgspec.Struct):
-    role: str
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-
-
-class StreamOptions(msgspec.Struct):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(msgspec.Struct):
-    """OpenAI's request body; fields not listed here are accepted and ignored."""
-
-    model: str
-    messages: list[ChatMessage]
-    stream: bool = False
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None  # ignored: the model stops at its end-of-turn token
-    user: str | None = None  # ignored: the key already names the user
-    stream_options: StreamOptions | None = None
-
-
-class Model(msgspec.Struct):
-    id: str
-    created: int
-    owned_by: str
-    object: str = "model"
-
-
-class ModelList(msgspec.Struct):
-    data: list[Model]
-    object: str = "list"
-
-
-class Usage(msgspec.Struct):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class AssistantMessage(msgspec.Struct):
-    content: str
-    role: str = "assistant"
-
-
-class Choice(msgspec.Struct):
-    index: int
-    message: AssistantMessage
-    finish_reason: str
-
-
-class ChatCompletion(msgspec.Struct):
-    id: str
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: Usage
-    system_fingerprint: str | None = None
-    object: str = "chat.completion"
-
-
-class Delta(msgspec.Struct, omit_defaults=True):
-    role: str | None = None
-    content: str | None = None
-
-
-class ChunkChoice(msgspec.Struct):
-    index: int
-    delta: Delta
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(msgspec.Struct):
-    id: str
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: Usage | None = None
-    object: str = "chat.completion.chunk"
-
 
 # -- pure logic -------------------------------------------------------------------------------
 
@@ -267,48 +152,6 @@ async def check_rate(services: Services, user_id: UUID) -> None:
         raise TooManyRequestsException(limited.message, headers={"Retry-After": str(limited.retry_after)})
 
 
-# -- errors in OpenAI's shape -----------------------------------------------------------------
-
-OPENAI_CODES = {"invalid_credentials": "invalid_api_key", "persona_not_found": "model_not_found"}
-HTTP_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
-              429: "rate_limit_exceeded", 502: "reply_failed", 504: "timeout"}
-
-
-def error_type(status: int) -> str:
-    if status == 429:
-        return "rate_limit_error"
-    return "invalid_request_error" if status < 500 else "server_error"
-
-
-def openai_error_body(status: int, code: str, message: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type(status), "param": None, "code": code}}
-
-
-def openai_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
-    """Domain errors get their status from `api.errors.ERROR_STATUS` (the one mapping), then
-    OpenAI's error shape; HTTP errors keep theirs."""
-
-    status, code, message, headers = 500, "internal_error", "internal error", None
-    if isinstance(exc, HTTPException):
-        status, message, headers = exc.status_code, str(exc.detail), exc.headers
-        code = HTTP_CODES.get(status, "error")
-        if exc.extra:
-            message = f"{message}: {exc.extra}"
-    else:
-        for cls, mapped_status, mapped_code in ERROR_STATUS:
-            if isinstance(exc, cls):
-                status, code, message = mapped_status, OPENAI_CODES.get(mapped_code, mapped_code), detail_of(exc)
-                break
-        else:
-            log.error("unexpected error", exc_info=exc)
-    return Response(openai_error_body(status, code, message), status_code=status, headers=headers)
-
-
-OPENAI_ERRORS: dict[type[Exception], Any] = {
-    cls: openai_error for cls in (HTTPException, UserError, ConversationError, PersonaError, Exception)
-}
-
-
 async def api_key_holder(request: Request[Any, Any, Any], services: Services) -> ApiKeyHolder:
     """The request's API key, valid (401 otherwise), its use noted in the background."""
     holder = await services.call(services.app.api_key_holder, bearer_key(request))
@@ -319,14 +162,6 @@ async def api_key_holder(request: Request[Any, Any, Any], services: Services) ->
 async def api_key_user(api_key: ApiKeyHolder) -> UUID:
     """The owner of the request's API key."""
     return api_key.user_id
-
-
-async def key_infos(services: Services, user_id: UUID) -> list[ApiKeyInfo]:
-    """The user's keys as listed, with their last use."""
-    keys = await services.call(services.app.api_keys, user_id)
-    used = await services.call(services.key_use.last_used, user_id)
-    return [ApiKeyInfo(key_id=k["key_id"], name=k["name"], revoked=k["revoked"], list_apart=k["list_apart"],
-                       created_at=k["created_at"], last_used_at=used.get(k["key_id"])) for k in keys]
 
 
 # -- following a reply on core NATS ---------------------------------------------------------
@@ -389,39 +224,6 @@ def reply_failed(error: ReplyError) -> HTTPException:
 
 
 # -- controllers ------------------------------------------------------------------------------
-
-
-class ApiKeyController(Controller):
-    path = "/api/keys"
-
-    @post("/", status_code=HTTP_201_CREATED)
-    async def create_api_key(
-        self, request: Request[Any, Any, Any], services: Services, data: ApiKeyCreate
-    ) -> ApiKeyCreated:
-        user_id = require_user(request, services.settings.secret_key)
-        key = await services.call(services.app.create_api_key, user_id, data.name, data.list_apart)
-        return ApiKeyCreated(key=key, key_id=parse_api_key(key)[0], name=data.name.strip(), list_apart=data.list_apart)
-
-    @get("/")
-    async def list_api_keys(self, request: Request[Any, Any, Any], services: Services) -> list[ApiKeyInfo]:
-        """The caller's keys, revoked ones too, oldest first."""
-        user_id = require_user(request, services.settings.secret_key)
-        return await key_infos(services, user_id)
-
-    @patch("/{key_id:str}")
-    async def update_api_key(
-        self, request: Request[Any, Any, Any], services: Services, key_id: str, data: ApiKeyUpdate
-    ) -> ApiKeyInfo:
-        """Change whether the chats the key starts from now on are listed apart; 404 if the
-        key is not the caller's or is revoked."""
-        user_id = require_user(request, services.settings.secret_key)
-        await services.call(services.app.set_api_key_listing, user_id, key_id, data.list_apart)
-        return next(k for k in await key_infos(services, user_id) if k.key_id == key_id)
-
-    @delete("/{key_id:str}", status_code=HTTP_204_NO_CONTENT)
-    async def revoke_api_key(self, request: Request[Any, Any, Any], services: Services, key_id: str) -> None:
-        user_id = require_user(request, services.settings.secret_key)
-        await services.call(services.app.revoke_api_key, user_id, key_id)
 
 
 class OpenAIController(Controller):

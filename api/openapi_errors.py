@@ -14,7 +14,13 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from litestar.openapi.spec import OpenAPI, OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Schema
+from litestar.openapi.spec import (
+    OpenAPI,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Schema,
+)
 
 API_ERRORS = (400, 401, 403, 404, 409, 413, 415, 429, 503)
 OPENAI_ERRORS = (400, 401, 404, 413, 429, 503, 504)

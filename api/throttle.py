@@ -18,6 +18,8 @@ import hmac
 import time
 from typing import Any
 
+from litestar import Request
+
 from api.limits import Limited
 from chatbot.runtime.metrics import RATE_LIMITED
 from projections.readmodels import ReadModelRecorder
@@ -92,3 +94,18 @@ class AuthThrottle:
         if self.failures_per_account:
             window, _ = self._window()
             self._run(COUNT, _key(self.secret, "account", email), window)
+
+
+def client_address(request: Request[Any, Any, Any], settings: Any) -> str:
+    """The client's address: the peer's, or, from a trusted reverse proxy, the last hop it
+    added to X-Forwarded-For (earlier hops are the client's to write, so not believed)."""
+    peer = request.client.host if request.client else ""
+    if peer in settings.trusted_proxies:
+        hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]
+        return hops[-1] if hops else peer
+    return peer
+
+
+def refuse_if(limited: Limited | None) -> None:
+    if limited is not None:
+        raise TooManyAttempts(limited.message, retry_after=limited.retry_after)

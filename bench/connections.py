@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
 
-from chatbot.ops.launcher import Ports, Stack  # noqa: E402
+from chatbot.ops.launcher import Stack  # noqa: E402
+from chatbot.ops.servers import Ports  # noqa: E402
 from chatbot.runtime.config import load_settings  # noqa: E402
 from tests.client import ChatClient  # noqa: E402
 

@@ -87,17 +87,17 @@ import torch  # noqa: E402
 
 from bench.llamacpp import BUILD_HINT, find_server, gguf_path, serving  # noqa: E402
 from chatbot.inference.tokenizer import ChatTokenizer  # noqa: E402
-from chatbot.ops.launcher import (  # noqa: E402
+from chatbot.ops.launcher import Child, http_ok  # noqa: E402
+from chatbot.ops.servers import (  # noqa: E402
     MODEL_REPOSITORY,
-    Child,
     Ports,
-    http_ok,
     triton_argv,
     triton_env,
 )
 
 if TYPE_CHECKING:
-    from chatbot.inference.engine import Engine, EngineEvent
+    from chatbot.inference.engine import Engine
+    from chatbot.inference.request import EngineEvent
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "triton_models" / "chat" / "1" / "smollm2"
 SYSTEM = "You are a helpful, friendly assistant. Keep your answers short and kind."

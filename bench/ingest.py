@@ -35,7 +35,8 @@ import nats  # noqa: E402
 
 from bench.procstat import StackCpu, describe_cpu  # noqa: E402
 from chatbot.bus.messaging import H_ORIGINATOR, event_filter  # noqa: E402
-from chatbot.ops.launcher import Ports, Stack  # noqa: E402
+from chatbot.ops.launcher import Stack  # noqa: E402
+from chatbot.ops.servers import Ports  # noqa: E402
 from chatbot.runtime.config import load_settings  # noqa: E402
 from projections.rebuild import status  # noqa: E402
 from tests.client import ChatClient, recv  # noqa: E402

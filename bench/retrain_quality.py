@@ -53,7 +53,8 @@ from bench.quality import (  # noqa: E402
     print_samples,
     run_cases,
 )
-from chatbot.ops.launcher import MODEL_REPOSITORY, Ports, Stack  # noqa: E402
+from chatbot.ops.launcher import Stack  # noqa: E402
+from chatbot.ops.servers import MODEL_REPOSITORY, Ports  # noqa: E402
 from chatbot.runtime.config import REPO_ROOT, load_settings  # noqa: E402
 from domain.ids import persona_id_for  # noqa: E402
 from tests.client import ChatClient, collect_reply, send  # noqa: E402

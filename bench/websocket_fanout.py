@@ -180,7 +180,8 @@ def main() -> None:
         parser.error("--sockets, --clients, --users, --rate and --seconds are positive")
 
     from bench.procstat import StackCpu, cpu_seconds, rss_bytes
-    from chatbot.ops.launcher import Ports, Stack, raise_fd_limit
+    from chatbot.ops.launcher import Stack, raise_fd_limit
+    from chatbot.ops.servers import Ports
     from chatbot.runtime.config import load_settings
 
     limit = raise_fd_limit()  # the API process inherits it (`Stack.start` raises it too)

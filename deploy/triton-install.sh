@@ -22,7 +22,7 @@ apt-get update && apt-get install -y --no-install-recommends curl && rm -rf /var
 site=$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 home="$site/pytriton/tritonserver"
 version=$(/opt/venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-# Triton looks for the python backend stub only next to the backend (chatbot/ops/launcher.py)
+# Triton looks for the python backend stub only next to the backend (chatbot/ops/servers.py)
 cp "$home/python_backend_stubs/$version/triton_python_backend_stub" "$home/backends/python/"
 cat > /usr/local/bin/tritonserver <<SCRIPT
 #!/bin/sh

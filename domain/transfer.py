@@ -26,7 +26,8 @@ from uuid import UUID, uuid4, uuid5
 
 from eventsourcing.domain import Aggregate, event
 
-from domain.conversation import MAX_TITLE, ConversationError
+from domain.conversation_errors import ConversationError
+from domain.conversation_rules import MAX_TITLE
 from domain.ids import NAMESPACE
 
 EXPORT_FORMAT = "chatbot.conversation.v1"

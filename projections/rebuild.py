@@ -24,7 +24,7 @@ from eventsourcing.persistence import Notification, Tracking
 from psycopg.errors import DeadlockDetected
 from tqdm import tqdm
 
-from chatbot.eventstore.store import DataErased, Unreadable
+from chatbot.eventstore.keys import DataErased, Unreadable
 from chatbot.runtime.application import chat_application
 from chatbot.runtime.config import Settings
 from domain.application import ChatApplication

@@ -1,6 +1,6 @@
 """The user text of the read models, sealed under its owner's data key, and searchable.
 
-The events are encrypted under each user's data key (chatbot/eventstore/store.py), and erasing a
+The events are encrypted under each user's data key (chatbot/eventstore/keys.py), and erasing a
 user destroys that key. The read models hold the same text, so they are sealed the same way:
 every message text, conversation title and shared snapshot is stored as AES-SIV ciphertext
 under a key derived from the owner's data key (personas, whose events are under the master
@@ -27,7 +27,7 @@ from uuid import UUID
 
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
-from chatbot.eventstore.store import DataErased, DataKey, KeyStore
+from chatbot.eventstore.keys import DataErased, DataKey, KeyStore
 
 PLAIN = b"\x00"  # a value stored as UTF-8 (no key store: tests of the read models alone)
 SEALED = b"\x01"  # AES-SIV under the owner's read-model key

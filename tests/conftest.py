@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.ops.launcher import MODEL_REPOSITORY, Ports, Stack
+from chatbot.ops.launcher import Stack
+from chatbot.ops.servers import MODEL_REPOSITORY, Ports
 from chatbot.runtime.config import load_settings
 from tests.client import ChatClient
 

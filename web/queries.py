@@ -15,7 +15,7 @@ from uuid import UUID
 from psycopg.sql import SQL, Identifier
 
 from api.services import Services
-from domain.conversation import ConversationNotFound
+from domain.conversation_errors import ConversationNotFound
 from domain.persona import PersonaNotFound
 from projections.positions import read_positions
 

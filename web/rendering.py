@@ -17,8 +17,8 @@ from xml.etree.ElementTree import tostring
 
 import nh3
 from latex2mathml.converter import convert_to_element
-from markupsafe import Markup
 from markdown_it import MarkdownIt
+from markupsafe import Markup
 from mdit_py_plugins.dollarmath import dollarmath_plugin
 from pygments import highlight
 from pygments.formatters import HtmlFormatter

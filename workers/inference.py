@@ -48,6 +48,7 @@ from chatbot.bus.messaging import (
     token_encoder,
     token_subject,
 )
+from chatbot.inference import contract
 from chatbot.inference.errors import INVALID_REQUEST
 from chatbot.inference.prompt import PromptBuilder, UnknownModel
 from chatbot.runtime.application import chat_application
@@ -72,7 +73,8 @@ from chatbot.runtime.tracing import (
     span,
 )
 from chatbot.runtime.tracing import shutdown as shutdown_tracing
-from domain.application import ChatApplication, ReplyJob
+from domain.app_replies import ReplyJob
+from domain.application import ChatApplication
 from workers.rollout import serving_model
 from workers.routing import TritonRouter, unreachable
 from workers.titles import TITLE_TIMEOUT_S, TITLE_TOKENS, clean_title, title_request
@@ -130,32 +132,25 @@ def trim_history(messages: list[dict[str, str]], max_chars: int = MAX_PROMPT_CHA
 
 
 def triton_inputs(messages: list[dict[str, str]], params: dict[str, Any]) -> list[InferInput]:
-    def tensor(name: str, dtype: str, value: Any, np_dtype: Any) -> InferInput:
-        t = InferInput(name, [1], dtype)
-        t.set_data_from_numpy(np.array([value], dtype=np_dtype))
-        return t
-
-    inputs = [tensor("messages", "BYTES", json.dumps(messages).encode(), np.object_)]
-    if "max_tokens" in params:
-        inputs.append(tensor("max_tokens", "INT32", params["max_tokens"], np.int32))
-    if "temperature" in params:
-        inputs.append(tensor("temperature", "FP32", params["temperature"], np.float32))
-    if "top_p" in params:
-        inputs.append(tensor("top_p", "FP32", params["top_p"], np.float32))
-    if "top_k" in params:
-        inputs.append(tensor("top_k", "INT32", params["top_k"], np.int32))
+    """The `chat` model's inputs (chatbot/inference/contract.py): `messages`, every other
+    input `params` names (the sampling values), `stop` only when non-empty and
+    `background` only when true; keys of `params` that name no input are ignored."""
+    values = {name: value for name, value in params.items() if name not in ("messages", "stop", "background")}
+    values["messages"] = json.dumps(messages).encode()
     if params.get("stop"):
-        inputs.append(tensor("stop", "BYTES", json.dumps(list(params["stop"])).encode(), np.object_))
-    if "min_tokens" in params:
-        inputs.append(tensor("min_tokens", "INT32", params["min_tokens"], np.int32))
-    if "seed" in params:
-        inputs.append(tensor("seed", "INT64", params["seed"], np.int64))
+        values["stop"] = json.dumps(list(params["stop"])).encode()
     if params.get("background"):
-        inputs.append(tensor("background", "BOOL", True, np.bool_))
+        values["background"] = True
+    inputs = []
+    for spec in contract.INPUTS:
+        if spec.name in values:
+            tensor = InferInput(spec.name, list(contract.DIMS), spec.data_type)
+            tensor.set_data_from_numpy(np.array([values[spec.name]], dtype=spec.numpy_dtype))
+            inputs.append(tensor)
     return inputs
 
 
-OUTPUTS = ("text", "finish_reason", "prompt_tokens", "completion_tokens")
+OUTPUTS = tuple(spec.name for spec in contract.OUTPUTS)
 
 
 async def stream_reply(

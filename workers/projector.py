@@ -50,7 +50,7 @@ from chatbot.bus.messaging import (
     event_filter,
     partition_of,
 )
-from chatbot.eventstore.store import DataErased, Unreadable, key_owner
+from chatbot.eventstore.keys import DataErased, Unreadable, key_owner
 from chatbot.runtime.application import chat_application
 from chatbot.runtime.config import Settings, load_settings
 from chatbot.runtime.metrics import (

@@ -1,7 +1,7 @@
 """Titles written by the model after a conversation's first reply.
 
 When the first reply is recorded, the conversation is titled at once by rule (its first
-message, `domain.conversation.make_title`), so the chat list never waits on the model. The
+message, `domain.conversation_rules.make_title`), so the chat list never waits on the model. The
 worker then asks the same Triton model, greedily and for a few tokens, for a title of the
 first message, shown three examples first (SmolLM2-135M, asked plainly, answers the
 question instead), and records it (`Titled`, naming the model) unless the user renamed the chat

@@ -1,11 +1,14 @@
 """The language model: a Llama decoder, its chat tokenizer, sampling and the engine.
 
 Public API (used by the Triton model `triton_models/chat` and the tests):
-- `LlamaConfig`, `LlamaForCausalLM`, `KVCache`            (model.py)
+- `LlamaForCausalLM`                                      (model.py)
+- `LlamaConfig`                                           (llama_config.py)
+- `KVCache`                                               (kv_cache.py)
 - `ChatTokenizer`, `StreamDecoder`                        (tokenizer.py)
 - `SamplingParams`                                        (generate.py)
-- `Engine`, `EngineEvent`, `RequestHandle`, `PromptTooLongError`,
-  `validate_messages`, `generate_text`                    (engine.py)
+- `Engine`                                                (engine.py)
+- `EngineEvent`, `RequestHandle`, `PromptTooLongError`,
+  `validate_messages`, `generate_text`                    (request.py)
 Training of the demo model lives in `chatbot.training.train` (not imported here).
 """
 
@@ -17,9 +20,9 @@ from typing import Any
 # Names resolve on first use (PEP 562), so a process that needs only the tokenizer (the
 # worker's prompt builder) does not load torch and the model code.
 _HOMES = {
-    "Engine": "engine", "EngineEvent": "engine", "PromptTooLongError": "engine", "RequestHandle": "engine",
-    "generate_text": "engine", "validate_messages": "engine", "SamplingParams": "generate",
-    "KVCache": "model", "LlamaConfig": "model", "LlamaForCausalLM": "model",
+    "Engine": "engine", "EngineEvent": "request", "PromptTooLongError": "request", "RequestHandle": "request",
+    "generate_text": "request", "validate_messages": "request", "SamplingParams": "generate",
+    "KVCache": "kv_cache", "LlamaConfig": "llama_config", "LlamaForCausalLM": "model",
     "ChatTokenizer": "tokenizer", "StreamDecoder": "tokenizer",
 }
 __all__ = sorted(_HOMES)

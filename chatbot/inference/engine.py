@@ -48,10 +48,8 @@ Design notes
   cores, 32 fresh conversations each asking for a title after their first reply added
   about 2 s to other users' first tokens (p50) while titles were scheduled like replies
   (bench/pipeline.py).
-- Output flows through a per-request callback, called from the engine thread: zero or
-  more events with text deltas, then exactly one final event with `finish_reason` in
-  {"stop", "length", "cancelled", "error"} and the token counts. Callbacks must be quick
-  and must not block (adapters hand the event to their own thread/queue).
+- Output flows through a per-request callback (`EngineEvent`s, from the engine thread);
+  `stats()` snapshots the counters as an `EngineStats`: request.py says what each means.
 - Cancellation is a flag on the `RequestHandle`, checked before every step: a cancelled
   sequence stops within one step and gets finish_reason "cancelled".
 - Seeded requests reproduce their tokens whatever else shares the batch: each owns its
@@ -68,13 +66,6 @@ Design notes
   thread, OMP_/MKL_ variables and OMP_WAIT_POLICY did not help. So `from_pretrained` loads
   the model and allocates the KV cache in a short-lived thread, and a host process (the
   Triton model) must not run tensor work on its own threads.
-- `completion_tokens` counts generated tokens excluding the EOS token that ended it.
-- `stats()` returns cumulative counters (time to first token, time per output token,
-  finished requests by reason) and the current gauges (active, queued) for an adapter
-  to export; the engine itself knows nothing about Triton or Prometheus. Time to first
-  token runs from `submit()` to the first sampled token (queueing included); time per
-  output token sums, per generated token after the first, the gap since the previous
-  token of the same sequence, so total / count is the mean inter-token latency.
 """
 
 from __future__ import annotations
@@ -86,7 +77,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,23 +88,23 @@ from chatbot.inference.generate import (
     make_generator,
     sample_batch,
 )
-from chatbot.inference.model import KVCache, LlamaForCausalLM
+from chatbot.inference.kv_cache import KVCache
+from chatbot.inference.model import LlamaForCausalLM
 from chatbot.inference.precision import apply as apply_precision
 from chatbot.inference.precision import resolve as resolve_precision
 from chatbot.inference.prefix_cache import SlotPool
-from chatbot.inference.tokenizer import ChatTokenizer, StreamDecoder
+from chatbot.inference.request import (
+    FINISH_REASONS,
+    EngineEvent,
+    EngineStats,
+    PromptTooLongError,
+    RequestHandle,
+    _Sequence,
+    validate_messages,
+)
+from chatbot.inference.tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
-
-ROLES = ("system", "user", "assistant")
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
-
-
-class PromptTooLongError(ValueError):
-    def __init__(self, prompt_tokens: int, context_window: int) -> None:
-        super().__init__(f"prompt has {prompt_tokens} tokens, the context window is {context_window}")
-        self.prompt_tokens = prompt_tokens
-        self.context_window = context_window
 
 
 def in_passing_thread(func: Callable[[], Any]) -> Any:
@@ -134,85 +124,6 @@ def in_passing_thread(func: Callable[[], Any]) -> Any:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
-
-
-@dataclass(frozen=True)
-class EngineEvent:
-    request_id: str
-    text: str  # UTF-8-safe delta; may be "" on the final event
-    finish_reason: str | None  # None until the final event
-    prompt_tokens: int
-    completion_tokens: int
-    error: str | None = None  # set when finish_reason == "error"
-
-    @property
-    def final(self) -> bool:
-        return self.finish_reason is not None
-
-
-class RequestHandle:
-    def __init__(self, request_id: str, prompt_tokens: int) -> None:
-        self.request_id = request_id
-        self.prompt_tokens = prompt_tokens
-        self._cancelled = threading.Event()
-        self.done = threading.Event()  # set after the final event was delivered
-
-    def cancel(self) -> None:
-        """Thread-safe; the sequence stops within one engine step."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A consistent snapshot: counters are cumulative since the engine was created."""
-
-    ttft_ms_total: float  # sum over requests of submit -> first sampled token
-    first_tokens_total: int  # requests that got their first token (the TTFT denominator)
-    tpot_ms_total: float  # sum of gaps between consecutive output tokens of a sequence
-    output_tokens_total: int  # output tokens after the first of each request (the TPOT denominator)
-    prefill_batches_total: int  # prefill forwards run (one chunk of one or more prompts each)
-    prefill_tokens_total: int  # real (unpadded) prompt tokens prefilled
-    prefix_reused_tokens_total: int  # prompt tokens whose KV entries came from the prefix cache
-    requests_total: dict[str, int]  # finished requests by finish_reason (all of FINISH_REASONS present)
-    active_sequences: int  # sequences holding a KV slot now
-    cached_tokens: int  # tokens held by idle KV slots (the prefix cache)
-    queue_length: int  # accepted requests waiting for a slot (or for the prefill budget)
-
-
-@dataclass
-class _Sequence:
-    handle: RequestHandle
-    params: SamplingParams
-    on_event: Callable[[EngineEvent], None]
-    prompt_ids: list[int]
-    max_new: int  # params.max_tokens clamped to what fits in the context window
-    generator: torch.Generator
-    decoder: StreamDecoder
-    stop: StopMatcher
-    submitted_at: float = 0.0  # time.monotonic() at submit()
-    last_token_at: float | None = None  # when the previous token was sampled; None before the first
-    slot: int = -1
-    out_ids: list[int] = field(default_factory=list)
-    pos: int = 0  # position of the next token fed to the model == tokens in the cache
-    background: bool = False  # yields to interactive requests (see the module notes)
-
-    @property
-    def prefilling(self) -> bool:
-        return self.pos < len(self.prompt_ids)
-
-
-def validate_messages(messages: object) -> list[dict[str, str]]:
-    """Check the chat shape; raise ValueError with a client-facing message."""
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty JSON list of {role, content} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            raise ValueError(f"messages[{i}] must be {{\"role\": one of {list(ROLES)}, \"content\": string}}")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 class Engine:
@@ -524,7 +435,7 @@ class Engine:
         return sample_batch(logits, [s.params for s in batch], [s.generator for s in batch], banned)
 
     def _decode(self) -> None:
-        # in slot order: consecutive slots are read as one view of the cache, not copied (model.py)
+        # in slot order: consecutive slots are read as one view of the cache, not copied (kv_cache.py)
         batch = sorted((s for s in self._active if not s.prefilling), key=lambda s: s.slot)
         ids = torch.tensor([[s.out_ids[-1]] for s in batch], device=self.device)  # [B, 1]
         positions = torch.tensor([[s.pos] for s in batch], device=self.device)  # [B, 1]
@@ -587,21 +498,3 @@ class Engine:
             seq.on_event(event)
         except Exception:  # a broken consumer must not take the engine down
             log.exception("event callback of request %s failed", seq.handle.request_id)
-
-
-def generate_text(
-    engine: Engine, messages: list[dict[str, str]], params: SamplingParams, timeout: float = 120.0
-) -> tuple[str, EngineEvent]:
-    """Blocking helper (tests, CLI): the full reply and the final event."""
-    parts: list[str] = []
-    final: list[EngineEvent] = []
-
-    def on_event(ev: EngineEvent) -> None:
-        parts.append(ev.text)
-        if ev.final:
-            final.append(ev)
-
-    handle = engine.submit(messages, params, on_event)
-    deadline = time.time() + timeout
-    assert handle.done.wait(max(0.0, deadline - time.time())), "generation timed out"
-    return "".join(parts), final[0]

@@ -2,7 +2,7 @@
 
 Design notes
 - The engine's KV cache is a pool of slots, each the whole context window of one sequence
-  (model.py). A slot that finished generating keeps its keys and values: `tokens[slot]`
+  (kv_cache.py). A slot that finished generating keeps its keys and values: `tokens[slot]`
   lists the token ids whose entries are valid, position by position (the prompt, then
   every generated token that was fed back; the last sampled token never was). Idle slots
   with content form an LRU list; the pool has more slots than the decode batch

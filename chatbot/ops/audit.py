@@ -15,7 +15,8 @@ from uuid import UUID
 
 from chatbot.bus.messaging import event_name
 from domain.application import ChatApplication
-from domain.conversation import Conversation, ConversationNotFound
+from domain.conversation import Conversation
+from domain.conversation_errors import ConversationNotFound
 from domain.user import AccountErased
 
 HIDDEN = {"originator_id", "originator_version", "timestamp", "originator_topic"}

@@ -17,7 +17,8 @@ from chatbot.runtime.config import Settings, load_settings
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from chatbot.ops.launcher import Ports, Stack
+    from chatbot.ops.launcher import Stack
+    from chatbot.ops.servers import Ports
 
     settings = load_settings()
     ports = Ports(api=args.port, metrics=args.metrics_port)
@@ -99,7 +100,7 @@ def cmd_bootstrap(_: argparse.Namespace) -> int:
 
 
 def cmd_triton(args: argparse.Namespace) -> int:
-    from chatbot.ops.launcher import Ports, triton_argv, triton_env
+    from chatbot.ops.servers import Ports, triton_argv, triton_env
 
     ports = Ports(triton_http=args.http_port, triton_grpc=args.grpc_port, triton_metrics=args.metrics_port)
     argv = triton_argv(ports, load_settings().model_repository)
@@ -114,7 +115,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     from chatbot.ops.audit import audit, render_text
     from chatbot.runtime.application import chat_application
-    from domain.conversation import ConversationError
+    from domain.conversation_errors import ConversationError
 
     if args.verify:
         return cmd_verify(args)

@@ -2,7 +2,7 @@
 event that was altered or removed behind the application's back.
 
 Each row carries `chain_prev` and `chain_hash` = HMAC(chain key, chain_prev | the row's
-stored bytes) (chatbot/eventstore/store.py). Per aggregate, in version order, a row is
+stored bytes) (chatbot/eventstore/chain.py). Per aggregate, in version order, a row is
 - `altered` when its hash does not match its bytes (someone rewrote the state, topic,
   version or either hash: without the key no matching hash can be made),
 - `removed` (for each missing version) when versions jump: its successor still verifies
@@ -41,13 +41,13 @@ from chatbot.bus.messaging import (
     event_name,
     partition_of,
 )
-from chatbot.eventstore.store import (
+from chatbot.eventstore.chain import (
     GENESIS,
     ChainedApplicationRecorder,
     event_hash,
-    key_owner,
     snapshot_mac,
 )
+from chatbot.eventstore.keys import key_owner
 from chatbot.runtime.config import Settings
 from domain.application import ChatApplication
 
@@ -201,7 +201,7 @@ def verify(
     none (a string, shown in the report)."""
     recorder = app.recorder
     if not isinstance(recorder, ChainedApplicationRecorder):
-        raise TypeError("the hash chain lives in the PostgreSQL event store (chatbot.eventstore.store)")
+        raise TypeError("the hash chain lives in the PostgreSQL event store (chatbot.eventstore.chain)")
     with recorder.datastore.get_connection() as conn:
         erased_users = {r["user_id"] for r in conn.execute("SELECT user_id FROM user_keys WHERE wrapped_key IS NULL")}
     report = Verification()

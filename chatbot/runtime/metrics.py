@@ -44,7 +44,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
 # a whole Triton request: a short reply in a fraction of a second, a long one in minutes
 REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-# saves or events per group commit: powers of two up to the commit's cap (chatbot/eventstore/store.py)
+# saves or events per group commit: powers of two up to the commit's cap (chatbot/eventstore/group_commit.py)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 SERVER_FRAME_TYPES = frozenset({"accepted", "token", "reply", "error", "resumed", "title"})

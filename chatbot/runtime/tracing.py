@@ -13,7 +13,7 @@ The hops of a message, each a span (service `chatbot-<process>`):
     projector  projector apply              one per traced event, its batch's transaction and ack
 
 The context crosses processes twice over. In the event's metadata: eventsourcing's stored
-event has no metadata field, so the mapper (chatbot/eventstore/store.py) writes the current span's
+event has no metadata field, so the mapper (chatbot/eventstore/mapper.py) writes the current span's
 W3C `traceparent` into the stored state of the events in `TRACED_EVENTS` as `_trace`,
 encrypted with the rest; decoding gives it back as an attribute the aggregates never see
 (the library passes a decorated method only its own parameters). The relay reads it from

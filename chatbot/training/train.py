@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from chatbot.inference.model import LlamaConfig, LlamaForCausalLM
+from chatbot.inference.llama_config import LlamaConfig
+from chatbot.inference.model import LlamaForCausalLM
 from chatbot.inference.tokenizer import CHATML_TEMPLATE, ChatTokenizer
 
 PERSONAS = [

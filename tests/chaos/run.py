@@ -89,7 +89,8 @@ from chatbot.bus.messaging import (  # noqa: E402
     progress_subject,
     token_decoder,
 )
-from chatbot.ops.launcher import Ports, Stack  # noqa: E402
+from chatbot.ops.launcher import Stack  # noqa: E402
+from chatbot.ops.servers import Ports  # noqa: E402
 from chatbot.runtime.application import chat_application  # noqa: E402
 from chatbot.runtime.config import load_settings  # noqa: E402
 from domain.application import ChatApplication  # noqa: E402

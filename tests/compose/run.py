@@ -50,7 +50,7 @@ from typing import Any
 
 import yaml
 
-from chatbot.ops.launcher import free_port
+from chatbot.ops.servers import free_port
 from tests.client import ChatClient, collect_reply, recv, send
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatbot.inference.engine import Engine, generate_text
+from chatbot.inference.engine import Engine
 from chatbot.inference.generate import SamplingParams
+from chatbot.inference.request import generate_text
 
 pytestmark = [
     pytest.mark.integration,

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from chatbot.bus.messaging import decode_event
-from chatbot.eventstore.store import KEY_TTL_S, DataErased, key_owner
+from chatbot.eventstore.keys import KEY_TTL_S, DataErased, key_owner
 from chatbot.ops.launcher import Stack
 from chatbot.runtime.application import chat_application
 from domain.application import SNAPSHOT_INTERVAL

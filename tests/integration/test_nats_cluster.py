@@ -19,7 +19,8 @@ import pytest
 from nats.js import JetStreamContext
 
 from chatbot.bus.messaging import partition_of
-from chatbot.ops.launcher import Ports, Stack
+from chatbot.ops.launcher import Stack
+from chatbot.ops.servers import Ports
 from chatbot.runtime.config import load_settings
 from projections.positions import read_positions
 from projections.readmodels import read_model_recorder

@@ -13,7 +13,7 @@ import pytest
 from chatbot.inference import precision
 from chatbot.inference.model import LlamaForCausalLM
 from chatbot.inference.tokenizer import ChatTokenizer
-from chatbot.ops.launcher import MODEL_REPOSITORY
+from chatbot.ops.servers import MODEL_REPOSITORY
 from chatbot.training.evaluate import heldout_loss, reference_replies, top1_agreement
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,8 @@ from eventsourcing.persistence import Notification
 from nats.js import JetStreamContext
 
 from chatbot.bus.messaging import H_NOTIFICATION, ensure_stream
-from chatbot.ops.launcher import VENV_BIN, free_port, wait_until
+from chatbot.ops.launcher import wait_until
+from chatbot.ops.servers import VENV_BIN, free_port
 from workers import relay
 from workers.relay import BatchRefused, atomic_batches, publish_atomic, relayed_through
 

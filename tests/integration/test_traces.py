@@ -27,7 +27,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from chatbot.ops.launcher import Ports, Stack
+from chatbot.ops.launcher import Stack
+from chatbot.ops.servers import Ports
 from chatbot.runtime.config import load_settings
 from tests.client import ChatClient, collect_reply, send
 from tests.conftest import ARTIFACTS

@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from chatbot.bus.messaging import partition_of
-from chatbot.ops.launcher import Ports, Stack
+from chatbot.ops.launcher import Stack
+from chatbot.ops.servers import Ports
 from chatbot.runtime.config import load_settings
 from tests.client import ChatClient, collect_reply, send
 from tests.conftest import ARTIFACTS

@@ -10,7 +10,8 @@ import pytest
 
 from domain.aggregate_cache import CachingRepository
 from domain.application import ChatApplication
-from domain.conversation import Conversation, ConversationNotFound
+from domain.conversation import Conversation
+from domain.conversation_errors import ConversationNotFound
 from domain.ids import persona_id_for
 
 OUTCOME = dict(finish_reason="stop", prompt_tokens=3, completion_tokens=2, ttft_ms=1.0, duration_ms=2.0,
@@ -118,7 +119,7 @@ def test_a_persona_loaded_once_is_kept(app: ChatApplication, user: UUID) -> None
 def test_a_persona_read_for_a_send_is_the_kept_copy_and_an_edit_elsewhere_shows_within_its_freshness(
     app: ChatApplication, user: UUID, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import domain.application as application
+    import domain.app_personas as application
 
     mine = app.create_persona(user, {"slug": "reader", "name": "Reader", "system_prompt": "Read."})
     monkeypatch.setattr(application, "PERSONA_FRESH_S", 60.0)

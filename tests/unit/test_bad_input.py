@@ -28,7 +28,7 @@ def test_deep_nesting_before_the_type_tag_fails_the_typed_decoder_itself() -> No
 
 def test_text_with_nul_is_refused_before_it_reaches_the_read_models(app, user) -> None:
     # PostgreSQL text cannot hold U+0000: stored, such an event would stop the projector
-    from domain.conversation import InvalidCharacters
+    from domain.conversation_errors import InvalidCharacters
     from domain.persona import InvalidPersona
 
     conversation_id = app.start_conversation(user)

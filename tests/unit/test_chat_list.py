@@ -7,7 +7,14 @@ from urllib.parse import parse_qs, urlsplit
 from uuid import uuid4
 from zoneinfo import ZoneInfo
 
-from web.chat_list import PAGE, date_label, group_by_date, more_link, timezone_of, with_groups
+from web.chat_list import (
+    PAGE,
+    date_label,
+    group_by_date,
+    more_link,
+    timezone_of,
+    with_groups,
+)
 
 NOW = datetime(2026, 12, 6, 3, 30, tzinfo=timezone.utc)
 

@@ -35,7 +35,9 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers.utils import logging as hf_logging
 
 from chatbot.inference.checkpoint import UnsupportedCheckpoint, sampling_defaults
-from chatbot.inference.model import KVCache, LlamaConfig, LlamaForCausalLM
+from chatbot.inference.kv_cache import KVCache
+from chatbot.inference.llama_config import LlamaConfig
+from chatbot.inference.model import LlamaForCausalLM
 from chatbot.inference.tokenizer import CHATML_TEMPLATE, ChatTokenizer
 
 hf_logging.set_verbosity_error()

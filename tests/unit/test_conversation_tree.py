@@ -8,15 +8,15 @@ from uuid import UUID, uuid4
 import pytest
 
 from domain.application import ChatApplication
-from domain.conversation import (
-    Conversation,
+from domain.conversation import Conversation
+from domain.conversation_errors import (
     ConversationError,
     ConversationNotFound,
     InvalidTitle,
     MessageNotFound,
     ReplyStillPending,
-    make_title,
 )
+from domain.conversation_rules import make_title
 
 OUTCOME = dict(finish_reason="stop", prompt_tokens=5, completion_tokens=2,
                ttft_ms=1.0, duration_ms=2.0, model_name="chat", model_version="1")
@@ -201,7 +201,7 @@ def test_someone_else_cannot_branch_or_rename(app: ChatApplication, user: UUID) 
 def test_a_temporary_conversation_expires_only_when_due(app: ChatApplication, user: UUID) -> None:
     from datetime import datetime, timedelta, timezone
 
-    from domain.conversation import InvalidRetention
+    from domain.conversation_errors import InvalidRetention
 
     cid = app.start_conversation(user, keep_for=timedelta(hours=1))
     exchange(app, cid, user, "Hello", "Hi")

@@ -11,7 +11,8 @@ from Crypto.Cipher import AES
 from eventsourcing.cipher import AESCipher
 from eventsourcing.utils import Environment
 
-from chatbot.eventstore.store import DataKey, KeyedCipher, MemoryKeyStore
+from chatbot.eventstore.keys import DataKey, MemoryKeyStore
+from chatbot.eventstore.mapper import KeyedCipher
 
 
 @pytest.fixture
@@ -62,7 +63,7 @@ def test_a_full_owner_cache_drops_its_oldest_entries_and_keeps_the_newest(monkey
     master key)."""
     import uuid
 
-    from chatbot.eventstore import store as eventstore
+    from chatbot.eventstore import keys as eventstore
 
     monkeypatch.setattr(eventstore, "CACHE_MAX", 8)
     keys = MemoryKeyStore(os.urandom(32))

@@ -7,15 +7,20 @@ from uuid import UUID
 import pytest
 
 from domain.application import ChatApplication
-from domain.conversation import (
-    Conversation,
+from domain.conversation import Conversation
+from domain.conversation_errors import (
     ConversationNotFound,
     EmptyMessage,
     MessageTooLong,
     ReplyStillPending,
 )
 from domain.ids import persona_id_for
-from domain.user import EmailAlreadyRegistered, InvalidCredentials, InvalidEmail, WeakPassword
+from domain.user import (
+    EmailAlreadyRegistered,
+    InvalidCredentials,
+    InvalidEmail,
+    WeakPassword,
+)
 
 OUTCOME = dict(text="Hi!", finish_reason="stop", prompt_tokens=5, completion_tokens=2,
                ttft_ms=12.5, duration_ms=40.0, model_name="chat", model_version="1")
@@ -135,7 +140,7 @@ def test_only_the_owner_posts_into_a_conversation(app: ChatApplication, user: UU
 
 
 def test_a_reply_can_be_rated_once_finished_and_a_new_rating_replaces_the_old(app: ChatApplication, user: UUID) -> None:
-    from domain.conversation import InvalidFeedback
+    from domain.conversation_errors import InvalidFeedback
 
     conversation_id = app.start_conversation(user)
     posted = app.post_message(conversation_id, user, "c-1", "Hello")
@@ -212,7 +217,7 @@ class ByteWindow:
 
 
 def test_a_message_that_cannot_fit_the_context_window_is_refused_when_sent_and_nothing_is_recorded() -> None:
-    from domain.conversation import MessageTooLong
+    from domain.conversation_errors import MessageTooLong
 
     window = ByteWindow()
     app = ChatApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"}, prompt_window=window)

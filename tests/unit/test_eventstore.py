@@ -1,5 +1,5 @@
 """Per-user keys, erasure, snapshots and the chain check, on the in-memory event store
-with the same mapper the PostgreSQL store uses (chatbot/eventstore/store.py)."""
+with the same mapper the PostgreSQL store uses (chatbot/eventstore/mapper.py)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,12 @@ import pytest
 from eventsourcing.application import Repository
 from eventsourcing.persistence import JSONTranscoder, StoredEvent, UUIDAsHex
 
-from chatbot.eventstore.store import (
-    GENESIS,
-    DataErased,
-    KeyedMapper,
-    event_hash,
-    key_owner,
-)
+from chatbot.eventstore.chain import GENESIS, event_hash
+from chatbot.eventstore.keys import DataErased, key_owner
+from chatbot.eventstore.mapper import KeyedMapper
 from chatbot.ops.integrity import check_aggregate
 from domain.application import SNAPSHOT_INTERVAL, ChatApplication
-from domain.conversation import ConversationNotFound
+from domain.conversation_errors import ConversationNotFound
 from domain.ids import persona_id_for
 from domain.snapshot import json_safe, register_state_transcodings
 from domain.user import EmailAlreadyRegistered, InvalidCredentials

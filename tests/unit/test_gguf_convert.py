@@ -1,4 +1,4 @@
-"""GGUF -> Hugging Face folder conversion (chatbot/inference/gguf_convert.py).
+"""GGUF -> Hugging Face folder conversion (chatbot/inference/gguf_convert.py, gguf_reader.py).
 
 Most tests write a tiny random Llama GGUF with `gguf.GGUFWriter`, the way llama.cpp's
 converter does (F32 tensors, q/k rows permuted for its rope, a byte-level BPE vocabulary
@@ -26,7 +26,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from chatbot.inference import gguf_convert  # noqa: E402
+from chatbot.inference import gguf_reader  # noqa: E402
 from chatbot.inference.gguf_convert import (  # noqa: E402
     convert_gguf,
     ensure_converted,
@@ -280,8 +280,8 @@ def test_llama_cpp_rope_on_gguf_rows_scores_like_hf_rope_on_the_unpermuted_rows(
     wq, wk, x_q, x_k = randn(heads * d, h), randn(kv_heads * d, h), randn(h), randn(h)
     wq_cpp = torch.from_numpy(llama_cpp_permute(wq.numpy(), heads, heads))
     wk_cpp = torch.from_numpy(llama_cpp_permute(wk.numpy(), heads, kv_heads))
-    np.testing.assert_array_equal(gguf_convert.unpermute_rope_rows(wq_cpp.numpy(), heads), wq.numpy())
-    np.testing.assert_array_equal(gguf_convert.unpermute_rope_rows(wk_cpp.numpy(), kv_heads), wk.numpy())
+    np.testing.assert_array_equal(gguf_reader.unpermute_rope_rows(wq_cpp.numpy(), heads), wq.numpy())
+    np.testing.assert_array_equal(gguf_reader.unpermute_rope_rows(wk_cpp.numpy(), kv_heads), wk.numpy())
     for head in range(heads):
         kv = head // (heads // kv_heads)
         q_hf, k_hf = (wq @ x_q)[head * d : (head + 1) * d], (wk @ x_k)[kv * d : (kv + 1) * d]

@@ -11,7 +11,8 @@ from uuid import UUID, uuid4
 import pytest
 from eventsourcing.persistence import IntegrityError, StoredEvent
 
-from chatbot.eventstore.store import DataErased, GroupCommit
+from chatbot.eventstore.group_commit import GroupCommit
+from chatbot.eventstore.keys import DataErased
 from chatbot.runtime.postgres import WriteTimeout
 
 

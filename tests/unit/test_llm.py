@@ -233,7 +233,7 @@ def chat_of(n: int) -> list[dict[str, str]]:
 
 
 def test_batched_prefill_matches_prefill_alone(tokenizer: ChatTokenizer) -> None:
-    from chatbot.inference.engine import _Sequence
+    from chatbot.inference.request import _Sequence
 
     model = tiny_model(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_token_id)
     engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=128)  # not started: drive _prefill directly
@@ -417,7 +417,7 @@ def test_engine_background_requests_yield_to_interactive_ones(tokenizer: ChatTok
 
 
 def test_background_prompts_are_prefilled_only_when_no_interactive_one_is(tokenizer: ChatTokenizer) -> None:
-    from chatbot.inference.engine import _Sequence
+    from chatbot.inference.request import _Sequence
 
     engine = make_engine(tokenizer, max_batch_size=4)
     engine.stop()  # drive the plan directly
@@ -565,12 +565,40 @@ def _fake_pb_utils() -> object:
     return pb
 
 
+CHAT_MODEL = Path(__file__).resolve().parents[2] / "triton_models" / "chat"
+
+
+def chat_model_config(**parameters: str) -> dict[str, object]:
+    """triton_models/chat/config.pbtxt as JSON, the way Triton hands it to the model in
+    `args["model_config"]`, with these `parameters` instead of its own."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = model_config_pb2.ModelConfig()
+    text_format.Parse((CHAT_MODEL / "config.pbtxt").read_text(), config)
+    as_json = json_format.MessageToDict(config, preserving_proto_field_name=True)
+    as_json["parameters"] = {k: {"string_value": v} for k, v in parameters.items()}
+    return as_json
+
+
+def load_chat_model(monkeypatch: pytest.MonkeyPatch) -> object:
+    """triton_models/chat/1/model.py as a module, with a fake `triton_python_backend_utils`."""
+    import importlib.util
+    import sys
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+    spec = importlib.util.spec_from_file_location("triton_chat_model", CHAT_MODEL / "1" / "model.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_triton_adapter_streams_errors_and_cancels(
     tokenizer: ChatTokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import importlib.util
     import json
-    import sys
 
     import numpy as np
 
@@ -580,18 +608,12 @@ def test_triton_adapter_streams_errors_and_cancels(
         model.lm_head.weight[tokenizer.eos_token_id] = 0.0
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
-    path = Path(__file__).resolve().parents[2] / "triton_models" / "chat" / "1" / "model.py"
-    spec = importlib.util.spec_from_file_location("triton_chat_model", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    module = load_chat_model(monkeypatch)
 
-    triton_model = module.TritonPythonModel()
+    triton_model = module.TritonPythonModel()  # type: ignore[attr-defined]
     params = {"model_dir": str(tmp_path), "num_threads": str(torch.get_num_threads()), "max_seq_len": "256"}
     triton_model.initialize({
-        "model_config": json.dumps({"parameters": {k: {"string_value": v} for k, v in params.items()}}),
+        "model_config": json.dumps(chat_model_config(**params)),
         "model_name": "chat", "model_version": "1",
     })
     engine_model = triton_model.engine.model

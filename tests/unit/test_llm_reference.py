@@ -22,7 +22,9 @@ import torch
 import transformers
 from transformers.utils import logging as hf_logging
 
-from chatbot.inference.model import KVCache, LlamaConfig, LlamaForCausalLM
+from chatbot.inference.kv_cache import KVCache
+from chatbot.inference.llama_config import LlamaConfig
+from chatbot.inference.model import LlamaForCausalLM
 
 # transformers prints load reports and progress bars; they only clutter a failing test's output
 hf_logging.set_verbosity_error()

@@ -10,7 +10,8 @@ import socket
 import pytest
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
-from chatbot.ops.launcher import Ports, Stack, free_port_run
+from chatbot.ops.launcher import Stack
+from chatbot.ops.servers import Ports, free_port_run
 from chatbot.runtime.config import load_settings
 from chatbot.runtime.metrics import (
     FINISH_REASONS,

@@ -5,24 +5,22 @@ of an OpenAI request's messages."""
 from __future__ import annotations
 
 import asyncio
-
 from uuid import UUID, uuid4
 
 import pytest
 from litestar.exceptions import TooManyRequestsException
 
-from api.openai_compat import (
+from api.key_use import WRITE_EVERY_S, KeyUseStore
+from api.openai_compat import sampling_of, split_messages
+from api.openai_schemas import (
     ChatCompletionRequest,
     ChatMessage,
     ContentPart,
     openai_error,
-    sampling_of,
-    split_messages,
 )
 from domain.application import ChatApplication
-from domain.conversation import InvalidSampling, InvalidTurns, MessageTooLong
+from domain.conversation_errors import InvalidSampling, InvalidTurns, MessageTooLong
 from domain.ids import persona_id_for
-from api.key_use import WRITE_EVERY_S, KeyUseStore
 from domain.user import (
     ApiKey,
     ApiKeyAlreadyMade,
@@ -35,7 +33,6 @@ from domain.user import (
     new_api_key,
     parse_api_key,
 )
-
 
 # -- keys -------------------------------------------------------------------------------------
 

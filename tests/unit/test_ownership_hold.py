@@ -11,8 +11,8 @@ from typing import Any
 
 from api.chat_socket import ChatSession
 from chatbot.bus.messaging import TokenDelta, token_encoder
-from domain.application import PostedMessage
-from domain.conversation import ConversationNotFound
+from domain.app_conversations import PostedMessage
+from domain.conversation_errors import ConversationNotFound
 
 
 class FakeSubscription:

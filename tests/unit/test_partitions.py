@@ -15,7 +15,8 @@ from chatbot.bus.messaging import (
     consumer_name,
     partition_of,
 )
-from chatbot.ops.launcher import NatsNode, Ports, Stack, nats_cluster_config
+from chatbot.ops.launcher import Stack
+from chatbot.ops.servers import NatsNode, Ports, nats_cluster_config
 from chatbot.runtime.config import format_partitions, load_settings, parse_partitions
 from projections.positions import PartitionPositions, parse_tracking_name, tracking_name
 

@@ -9,9 +9,10 @@ import threading
 import pytest
 import torch
 
-from chatbot.inference.engine import Engine, generate_text
+from chatbot.inference.engine import Engine
 from chatbot.inference.generate import SamplingParams
 from chatbot.inference.prefix_cache import BLOCK, SlotPool
+from chatbot.inference.request import generate_text
 from chatbot.inference.tokenizer import ChatTokenizer
 from tests.unit.test_llm import make_engine, tiny_model, tokenizer  # noqa: F401 - the fixture
 
@@ -201,7 +202,7 @@ def test_a_long_prefill_does_not_stall_streams_in_progress(tokenizer: ChatTokeni
 
 def test_memory_budget_buys_idle_slots(tokenizer: ChatTokenizer) -> None:
     model = tiny_model(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_token_id)
-    from chatbot.inference.model import KVCache
+    from chatbot.inference.kv_cache import KVCache
 
     one = KVCache.slot_bytes(model.config, 64, torch.float32)
     engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=64, kv_cache_bytes=10 * one)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from chatbot.inference.prompt import PromptBuilder, model_dir
-from chatbot.ops.launcher import MODEL_REPOSITORY
+from chatbot.ops.servers import MODEL_REPOSITORY
 
 
 def conversation(exchanges: int) -> list[dict[str, str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 
-from chatbot.eventstore.store import MemoryKeyStore
+from chatbot.eventstore.keys import MemoryKeyStore
 from projections.sealing import Sealer, query_words, words_of
 
 

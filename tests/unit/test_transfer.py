@@ -7,10 +7,11 @@ from uuid import UUID, uuid4
 
 import pytest
 
-import domain.application as application_module
+import domain.app_sharing as application_module
 import domain.conversation as conversation_module
 from domain.application import ChatApplication
-from domain.conversation import Conversation, ConversationNotFound, ShareNotFound
+from domain.conversation import Conversation
+from domain.conversation_errors import ConversationNotFound, ShareNotFound
 from domain.transfer import NotAnExport, active_branch, parse_export, to_markdown
 
 OUTCOME = dict(finish_reason="stop", prompt_tokens=5, completion_tokens=2,
@@ -134,7 +135,7 @@ def test_a_circular_or_malformed_export_is_refused_or_imported_without_hanging()
 
 
 def test_a_reply_that_answers_nothing_cannot_be_regenerated(app: ChatApplication, user: UUID) -> None:
-    from domain.conversation import ConversationError
+    from domain.conversation_errors import ConversationError
 
     starts_with_reply = [{"title": "Odd", "current_node": "a", "mapping": {
         "a": node("a", None, ["u"], "assistant", "Hello, I start."),

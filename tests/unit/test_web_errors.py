@@ -8,7 +8,8 @@ from uuid import uuid4
 
 import pytest
 
-from domain.conversation import Conversation, MessageTooLong, ReplyNotFound
+from domain.conversation import Conversation
+from domain.conversation_errors import MessageTooLong, ReplyNotFound
 from web.pages.common import FormError, text_field, theme_of
 from web.pages.errors import BY_TYPE, back_path, sentence
 

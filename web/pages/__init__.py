@@ -3,9 +3,10 @@
 Pages read through the services the API uses and render Jinja templates; every form posts
 to a page route, which runs the command, waits for the read models to catch up and
 redirects (POST-redirect-GET) with a one-shot flash message. Forms carry a CSRF token
-(`web.csrf`); the session is the API's cookie (`api.auth`). The one script,
-`static/chat.js`, streams replies over the websocket and enhances the chat forms; without
-it every form still works, replies simply appear on reload.
+(`web.csrf`); the session is the API's cookie (`api.auth`), and a handler's `user_id`
+parameter is the viewer (`require_viewer`: without a session, off to the log-in page). The
+one script, `static/chat.js`, streams replies over the websocket and enhances the chat
+forms; without it every form still works, replies simply appear on reload.
 
 Routes: /login, /register, /logout; /c (conversations and a new one), /c/{id} (the chat)
 and its actions (/c/{id}/messages, .../edit, .../regenerate, .../feedback, /branch, /rename,
@@ -21,18 +22,25 @@ from typing import Any
 
 from litestar import Router
 from litestar.datastructures import CacheControlHeader
+from litestar.di import Provide
 from litestar.exceptions import HTTPException, NotAuthorizedException, NotFoundException
 from litestar.static_files import create_static_files_router
 
 from chatbot.runtime.config import Settings
-from domain.conversation import ConversationError
+from domain.conversation_errors import ConversationError
 from domain.persona import PersonaError
 from domain.user import UserError
 from web.csrf import CsrfFailed, csrf_guard
 from web.pages.account import AccountPages
 from web.pages.api_keys import ApiKeyPages
 from web.pages.auth import AuthPages
-from web.pages.common import SECURITY_HEADERS, STATIC, FormError, LoginRequired
+from web.pages.common import (
+    SECURITY_HEADERS,
+    STATIC,
+    FormError,
+    LoginRequired,
+    require_viewer,
+)
 from web.pages.conversations import ConversationPages
 from web.pages.errors import (
     on_bad_form,
@@ -56,6 +64,8 @@ def page_handlers(settings: Settings) -> list[Any]:
         path="/",
         route_handlers=[AuthPages, ConversationPages, PersonaPages, AccountPages, ApiKeyPages, SharePages, ThemePages],
         guards=[csrf_guard(settings.secret_key)],
+        # `user_id`: the viewer; without a session, off to the log-in page (LoginRequired)
+        dependencies={"user_id": Provide(require_viewer, sync_to_thread=False)},
         response_headers=SECURITY_HEADERS,
         include_in_schema=False,
         exception_handlers={

@@ -10,15 +10,14 @@ from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import Cookie
 from litestar.response import Redirect, Template
 
+from api.api_keys import key_infos
 from api.auth import COOKIE as SESSION_COOKIE
 from api.auth import session_of
-from api.openai_compat import key_infos
 from api.services import Services
 from domain.user import InvalidCredentials
 from web.pages.common import (
     redirect,
     render,
-    require_viewer,
     sidebar,
 )
 
@@ -30,20 +29,17 @@ class AccountPages(Controller):
     include_in_schema = False
 
     @get("/")
-    async def show_account(self, request: Request[Any, Any, Any], services: Services) -> Template:
-        user_id = require_viewer(request, services)
+    async def show_account(self, request: Request[Any, Any, Any], services: Services, user_id: UUID) -> Template:
         return await account_page(request, services, user_id)
 
     @post("/sessions/{session_id:uuid}/end")
-    async def end_session(self, request: Request[Any, Any, Any], services: Services, session_id: UUID) -> Redirect:
+    async def end_session(self, services: Services, user_id: UUID, session_id: UUID) -> Redirect:
         """End one of the viewer's sessions (say, a lost phone's): its cookie or token stops working."""
-        user_id = require_viewer(request, services)
         ended = await services.call(services.sessions.end, user_id, session_id)
         return redirect(services, "/account", "That session is ended." if ended else "That session had ended already.")
 
     @post("/consent")
-    async def set_consent(self, request: Request[Any, Any, Any], services: Services) -> Redirect:
-        user_id = require_viewer(request, services)
+    async def set_consent(self, request: Request[Any, Any, Any], services: Services, user_id: UUID) -> Redirect:
         form = await request.form()
         training = form.get("training") == "on"
         await services.call(services.app.set_training_consent, user_id, training)
@@ -52,10 +48,9 @@ class AccountPages(Controller):
         return redirect(services, "/account", note)
 
     @post("/delete")
-    async def delete_account(self, request: Request[Any, Any, Any], services: Services) -> Response[Any]:
+    async def delete_account(self, request: Request[Any, Any, Any], services: Services, user_id: UUID) -> Response[Any]:
         """Erase the account: its data key is destroyed, so every message it wrote becomes
         unreadable everywhere; the read models drop its rows."""
-        user_id = require_viewer(request, services)
         form = await request.form()
         if form.get("confirm") != "erase":
             return redirect(services, "/account", "Tick the box to confirm that everything should be erased.", "error")

@@ -12,14 +12,22 @@ Every other form here redirects (POST-redirect-GET) as usual.
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
 
 from litestar import Controller, Request, Response, get, post
 from litestar.response import Redirect
 
 from api.services import Services
-from domain.user import MAX_API_KEY_NAME, MAX_CLIENT_ID, ApiKeyAlreadyMade, ApiKeyNotFound, UserError, parse_api_key
+from domain.user import (
+    MAX_API_KEY_NAME,
+    MAX_CLIENT_ID,
+    ApiKeyAlreadyMade,
+    ApiKeyNotFound,
+    UserError,
+    parse_api_key,
+)
 from web.pages.account import account_page
-from web.pages.common import FormError, redirect, require_viewer, text_field
+from web.pages.common import FormError, redirect, text_field
 
 KEYS = "/account#api-keys"
 
@@ -33,7 +41,7 @@ def list_apart_field(form: Any) -> bool:
 
 
 class ApiKeyPages(Controller):
-    """The account page's API keys section (api/openai_compat.py serves the keys' API)."""
+    """The account page's API keys section (api/api_keys.py serves the keys' API)."""
 
     path = "/account/keys"
     include_in_schema = False
@@ -44,9 +52,8 @@ class ApiKeyPages(Controller):
         return Redirect(KEYS, status_code=303)
 
     @post("/")
-    async def create_key(self, request: Request[Any, Any, Any], services: Services) -> Response[Any]:
+    async def create_key(self, request: Request[Any, Any, Any], services: Services, user_id: UUID) -> Response[Any]:
         """Make a key; the answer is the account page showing it, this once (see above)."""
-        user_id = require_viewer(request, services)
         form = await request.form()
         try:
             name = text_field(form, "name", MAX_API_KEY_NAME, required=True)
@@ -64,9 +71,10 @@ class ApiKeyPages(Controller):
         return page
 
     @post("/{key_id:str}/listing")
-    async def set_listing(self, request: Request[Any, Any, Any], services: Services, key_id: str) -> Redirect:
+    async def set_listing(
+        self, request: Request[Any, Any, Any], services: Services, user_id: UUID, key_id: str
+    ) -> Redirect:
         """List apart the chats the key starts from now on, or not."""
-        user_id = require_viewer(request, services)
         list_apart = list_apart_field(await request.form())
         try:
             await services.call(services.app.set_api_key_listing, user_id, key_id, list_apart)
@@ -76,9 +84,8 @@ class ApiKeyPages(Controller):
                         else "Chats this key starts will be in your chat list.")
 
     @post("/{key_id:str}/revoke")
-    async def revoke_key(self, request: Request[Any, Any, Any], services: Services, key_id: str) -> Redirect:
+    async def revoke_key(self, services: Services, user_id: UUID, key_id: str) -> Redirect:
         """Revoke the key: requests with it are refused from now on."""
-        user_id = require_viewer(request, services)
         try:
             await services.call(services.app.revoke_api_key, user_id, key_id)
         except ApiKeyNotFound:

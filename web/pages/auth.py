@@ -10,9 +10,9 @@ from litestar.response import Redirect, Template
 
 from api.auth import COOKIE as SESSION_COOKIE
 from api.auth import session_of
-from api.routes import checked_log_in, client_address, refuse_if
+from api.login import checked_log_in
 from api.services import Services
-from api.throttle import TooManyAttempts
+from api.throttle import TooManyAttempts, client_address, refuse_if
 from domain.user import InvalidCredentials, UserError
 from web.pages.common import (
     FormError,

@@ -74,6 +74,9 @@ def viewer(request: Request[Any, Any, Any], services: Services) -> UUID | None:
 
 
 def require_viewer(request: Request[Any, Any, Any], services: Services) -> UUID:
+    """The viewer; without a session, off to the log-in page (back here after it, for a
+    GET). The pages' `user_id` dependency (web/pages/__init__.py); a page that takes query
+    parameters calls it itself, once Litestar has validated them (api/current_user.py)."""
     user_id = viewer(request, services)
     if user_id is None:
         query = f"?{request.scope['query_string'].decode()}" if request.scope.get("query_string") else ""

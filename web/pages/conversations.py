@@ -12,9 +12,9 @@ from litestar import Controller, Request, get, post
 from litestar.datastructures import UploadFile
 from litestar.response import Redirect, Template
 
-from api.routes import MAX_IMPORT_BYTES
 from api.services import Services
-from domain.conversation import ConversationNotFound
+from api.transfer import MAX_IMPORT_BYTES
+from domain.conversation_errors import ConversationNotFound
 from web import queries
 from web.chat_list import VIEWS
 from web.pages.common import (
@@ -57,10 +57,9 @@ class ConversationPages(Controller):
                                             before_id=before_id))
 
     @post("/")
-    async def start_conversation(self, request: Request[Any, Any, Any], services: Services) -> Redirect:
+    async def start_conversation(self, request: Request[Any, Any, Any], services: Services, user_id: UUID) -> Redirect:
         """A new chat, made by its first message `text` (the reply is requested at once), or
         empty without one. A message that cannot be sent leaves no chat behind."""
-        user_id = require_viewer(request, services)
         form = await request.form()
         persona_id = uuid_field(form, "persona_id") if form.get("persona_id") else None
         keep = str(form.get("keep", ""))
@@ -94,9 +93,10 @@ class ConversationPages(Controller):
         return await render(request, services, "chat.html", **await chat_context(services, conversation_id, user_id))
 
     @post("/{conversation_id:uuid}/messages")
-    async def post_message(self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID) -> Redirect:
+    async def post_message(
+        self, request: Request[Any, Any, Any], services: Services, user_id: UUID, conversation_id: UUID
+    ) -> Redirect:
         """Send without the script: the reply is requested; the chat page shows it pending."""
-        user_id = require_viewer(request, services)
         form = await request.form()
         text = text_field(form, "text", services.app.max_message_chars, required=True, label="your message")
         client_message_id = text_field(form, "client_message_id", 100) or str(uuid4())
@@ -108,9 +108,9 @@ class ConversationPages(Controller):
 
     @post("/{conversation_id:uuid}/messages/{message_id:uuid}/edit")
     async def edit_message(
-        self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID, message_id: UUID
+        self, request: Request[Any, Any, Any], services: Services, user_id: UUID,
+        conversation_id: UUID, message_id: UUID,
     ) -> Redirect:
-        user_id = require_viewer(request, services)
         form = await request.form()
         text = text_field(form, "text", services.app.max_message_chars, required=True, label="your message")
         client_message_id = text_field(form, "client_message_id", 100) or str(uuid4())
@@ -124,9 +124,8 @@ class ConversationPages(Controller):
 
     @post("/{conversation_id:uuid}/messages/{message_id:uuid}/regenerate")
     async def regenerate(
-        self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID, message_id: UUID
+        self, services: Services, user_id: UUID, conversation_id: UUID, message_id: UUID
     ) -> Redirect:
-        user_id = require_viewer(request, services)
         if (refused := await over_limit(services, user_id, conversation_id)) is not None:
             return refused
         posted = await services.call(services.app.regenerate, conversation_id, user_id, message_id)
@@ -135,12 +134,12 @@ class ConversationPages(Controller):
 
     @post("/{conversation_id:uuid}/messages/{message_id:uuid}/feedback")
     async def give_feedback(
-        self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID, message_id: UUID
+        self, request: Request[Any, Any, Any], services: Services, user_id: UUID,
+        conversation_id: UUID, message_id: UUID,
     ) -> Redirect:
         """A thumb (its `rating`; "none", the thumb pressed already, takes the rating back),
         or the comment form (`rating` and `comment`; an empty comment removes it). A thumb
         keeps the comment given before."""
-        user_id = require_viewer(request, services)
         form = await request.form()
         rating = text_field(form, "rating", 10)
         if rating not in ("up", "down", "none"):
@@ -156,8 +155,9 @@ class ConversationPages(Controller):
         return redirect(services, f"/c/{conversation_id}#m-{message_id}", done)
 
     @post("/{conversation_id:uuid}/branch")
-    async def select_branch(self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID) -> Redirect:
-        user_id = require_viewer(request, services)
+    async def select_branch(
+        self, request: Request[Any, Any, Any], services: Services, user_id: UUID, conversation_id: UUID
+    ) -> Redirect:
         form = await request.form()
         message_id = uuid_field(form, "message_id")
         await services.call(services.app.select_branch, conversation_id, user_id, message_id)
@@ -165,8 +165,9 @@ class ConversationPages(Controller):
         return redirect(services, f"/c/{conversation_id}#m-{message_id}")
 
     @post("/{conversation_id:uuid}/rename")
-    async def rename(self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID) -> Redirect:
-        user_id = require_viewer(request, services)
+    async def rename(
+        self, request: Request[Any, Any, Any], services: Services, user_id: UUID, conversation_id: UUID
+    ) -> Redirect:
         form = await request.form()
         title = text_field(form, "title", 200, required=True)
         await services.call(services.app.update_conversation, conversation_id, user_id, title=title)
@@ -174,9 +175,10 @@ class ConversationPages(Controller):
         return redirect(services, back(form, conversation_id), "Renamed.")
 
     @post("/{conversation_id:uuid}/pin")
-    async def pin(self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID) -> Redirect:
+    async def pin(
+        self, request: Request[Any, Any, Any], services: Services, user_id: UUID, conversation_id: UUID
+    ) -> Redirect:
         """Pin the chat to the top of the list (`pinned` 1), or unpin it (0)."""
-        user_id = require_viewer(request, services)
         form = await request.form()
         pinned = form.get("pinned", "1") != "0"
         await services.call(services.app.update_conversation, conversation_id, user_id, pinned=pinned)
@@ -184,8 +186,9 @@ class ConversationPages(Controller):
         return redirect(services, back(form, conversation_id), "Pinned." if pinned else "Unpinned.")
 
     @post("/{conversation_id:uuid}/archive")
-    async def archive(self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID) -> Redirect:
-        user_id = require_viewer(request, services)
+    async def archive(
+        self, request: Request[Any, Any, Any], services: Services, user_id: UUID, conversation_id: UUID
+    ) -> Redirect:
         form = await request.form()
         archived = form.get("archived", "1") != "0"
         await services.call(services.app.update_conversation, conversation_id, user_id, archived=archived)
@@ -193,8 +196,9 @@ class ConversationPages(Controller):
         return redirect(services, back(form, conversation_id), "Archived." if archived else "Back from the archive.")
 
     @post("/{conversation_id:uuid}/delete")
-    async def delete(self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID) -> Redirect:
-        user_id = require_viewer(request, services)
+    async def delete(
+        self, request: Request[Any, Any, Any], services: Services, user_id: UUID, conversation_id: UUID
+    ) -> Redirect:
         form = await request.form()
         await services.call(services.app.delete_conversation, conversation_id, user_id)
         await queries.settle(services, conversation_id)
@@ -203,9 +207,10 @@ class ConversationPages(Controller):
 
 
     @post("/{conversation_id:uuid}/shares")
-    async def share(self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID) -> Redirect:
+    async def share(
+        self, request: Request[Any, Any, Any], services: Services, user_id: UUID, conversation_id: UUID
+    ) -> Redirect:
         """A read-only snapshot of the active branch as it is now, at /s/{share_id}."""
-        user_id = require_viewer(request, services)
         form = await request.form()
         share_id = await services.call(services.app.share_conversation, conversation_id, user_id)
         await queries.settle(services, conversation_id)
@@ -214,18 +219,18 @@ class ConversationPages(Controller):
 
     @post("/{conversation_id:uuid}/shares/{share_id:uuid}/delete")
     async def stop_sharing(
-        self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID, share_id: UUID
+        self, services: Services, user_id: UUID, conversation_id: UUID, share_id: UUID
     ) -> Redirect:
-        user_id = require_viewer(request, services)
         await services.call(services.app.revoke_share, conversation_id, user_id, share_id)
         await queries.settle(services, conversation_id)
         return redirect(services, f"/c/{conversation_id}", "That link no longer works.")
 
     @post("/import", request_max_body_size=MAX_IMPORT_BYTES)
-    async def import_conversations(self, request: Request[Any, Any, Any], services: Services) -> Redirect:
+    async def import_conversations(
+        self, request: Request[Any, Any, Any], services: Services, user_id: UUID
+    ) -> Redirect:
         """An uploaded export, ChatGPT's `conversations.json` or this app's own: each readable
         conversation becomes one here, except those imported before."""
-        user_id = require_viewer(request, services)
         form = await request.form()
         upload = form.get("file")
         if not isinstance(upload, UploadFile):

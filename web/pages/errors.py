@@ -13,7 +13,7 @@ from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
 from litestar.response import Redirect
 
-from domain.conversation import (
+from domain.conversation_errors import (
     ConversationNotFound,
     MessageNotFound,
     ReplyAlreadyFinished,

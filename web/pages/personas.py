@@ -17,7 +17,6 @@ from web.pages.common import (
     FormError,
     redirect,
     render,
-    require_viewer,
     sidebar,
     text_field,
 )
@@ -48,21 +47,18 @@ class PersonaPages(Controller):
     include_in_schema = False
 
     @get("/")
-    async def list_personas(self, request: Request[Any, Any, Any], services: Services) -> Template:
-        user_id = require_viewer(request, services)
+    async def list_personas(self, request: Request[Any, Any, Any], services: Services, user_id: UUID) -> Template:
         return await render(request, services, "personas.html", personas=await queries.personas(services, user_id),
                             **await sidebar(services, user_id))
 
     @get("/new")
-    async def new_persona(self, request: Request[Any, Any, Any], services: Services) -> Template:
-        user_id = require_viewer(request, services)
+    async def new_persona(self, request: Request[Any, Any, Any], services: Services, user_id: UUID) -> Template:
         draft = {"temperature": 0.8, "top_p": 0.95, "max_tokens": 96, "visibility": "private", "starters": []}
         return await render(request, services, "persona_form.html", persona=draft, editing=False,
                             **await sidebar(services, user_id))
 
     @post("/")
-    async def create_persona(self, request: Request[Any, Any, Any], services: Services) -> Response[Any]:
-        user_id = require_viewer(request, services)
+    async def create_persona(self, request: Request[Any, Any, Any], services: Services, user_id: UUID) -> Response[Any]:
         form = await request.form()
         draft = {k: form.get(k, "") for k in (*EDITABLE, "slug")}
         draft["starters"] = str(form.get("starters", "")).splitlines()
@@ -76,8 +72,9 @@ class PersonaPages(Controller):
         return redirect(services, f"/personas/{persona_id}/edit", f"Created {fields['name']}.")
 
     @get("/{persona_id:uuid}/edit")
-    async def edit_persona(self, request: Request[Any, Any, Any], services: Services, persona_id: UUID) -> Template:
-        user_id = require_viewer(request, services)
+    async def edit_persona(
+        self, request: Request[Any, Any, Any], services: Services, user_id: UUID, persona_id: UUID
+    ) -> Template:
         persona = await services.call(services.app.visible_persona, persona_id, user_id)
         if persona["owner_id"] != user_id:
             raise NotFoundException("only the persona's creator can edit it")
@@ -86,8 +83,9 @@ class PersonaPages(Controller):
                             versions=versions[::-1], **await sidebar(services, user_id))
 
     @post("/{persona_id:uuid}")
-    async def update_persona(self, request: Request[Any, Any, Any], services: Services, persona_id: UUID) -> Response[Any]:
-        user_id = require_viewer(request, services)
+    async def update_persona(
+        self, request: Request[Any, Any, Any], services: Services, user_id: UUID, persona_id: UUID
+    ) -> Response[Any]:
         current = await services.call(services.app.visible_persona, persona_id, user_id)
         form = await request.form()
         try:
@@ -107,11 +105,10 @@ class PersonaPages(Controller):
 
     @post("/{persona_id:uuid}/versions/{version:int}/restore")
     async def restore_version(
-        self, request: Request[Any, Any, Any], services: Services, persona_id: UUID, version: int
+        self, services: Services, user_id: UUID, persona_id: UUID, version: int
     ) -> Redirect:
         """Make an earlier version current again: a new version with its fields (the form's
         versions list shows each one's fields); nothing is deleted."""
-        user_id = require_viewer(request, services)
         persona = await services.call(services.app.visible_persona, persona_id, user_id)
         if persona["owner_id"] != user_id:
             raise NotFoundException("only the persona's creator can restore its versions")
@@ -123,8 +120,7 @@ class PersonaPages(Controller):
         return redirect(services, f"/personas/{persona_id}/edit", f"Restored v{version} as v{restored}.")
 
     @post("/{persona_id:uuid}/retire")
-    async def retire_persona(self, request: Request[Any, Any, Any], services: Services, persona_id: UUID) -> Redirect:
-        user_id = require_viewer(request, services)
+    async def retire_persona(self, services: Services, user_id: UUID, persona_id: UUID) -> Redirect:
         await services.call(services.app.retire_persona, persona_id, user_id)
         await queries.settle(services, persona_id)
         return redirect(services, "/personas", "Persona retired.")

@@ -15,7 +15,6 @@ from web import queries
 from web.pages.common import (
     redirect,
     render,
-    require_viewer,
     sidebar,
 )
 
@@ -33,16 +32,14 @@ class SharePages(Controller):
         return await render(request, services, "share.html", share=dict(share))
 
     @get("/shares")
-    async def list_shares(self, request: Request[Any, Any, Any], services: Services) -> Template:
+    async def list_shares(self, request: Request[Any, Any, Any], services: Services, user_id: UUID) -> Template:
         """Every link the viewer shares, newest first: what is readable by whoever has it."""
-        user_id = require_viewer(request, services)
         return await render(request, services, "shares.html", shares=await queries.user_shares(services, user_id),
                             **await sidebar(services, user_id))
 
     @post("/shares/{share_id:uuid}/delete")
-    async def stop_sharing(self, request: Request[Any, Any, Any], services: Services, share_id: UUID) -> Redirect:
+    async def stop_sharing(self, services: Services, user_id: UUID, share_id: UUID) -> Redirect:
         """Stop one of the viewer's links from the list (the chat's menu has its own form)."""
-        user_id = require_viewer(request, services)
         share = next((s for s in await queries.user_shares(services, user_id) if s["id"] == share_id), None)
         if share is None:
             raise NotFoundException("no such share link of yours (it may have been stopped already)")

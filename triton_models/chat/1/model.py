@@ -6,6 +6,9 @@ Design notes
   it sends one response per text delta, then the final response (flag
   TRITONSERVER_RESPONSE_COMPLETE_FINAL) with finish_reason and token counts. Keeping all
   sender calls on one thread keeps them ordered per request and off the engine thread.
+- Tensors: the inputs and outputs are those of chatbot/inference/contract.py, which the
+  worker uses too. `initialize` refuses a model configuration (config.pbtxt) that states
+  other ones, with a `ContractMismatch` naming each difference.
 - Bad input (not JSON, wrong shape, empty, prompt longer than the context window, bad
   sampling values) is answered with a response carrying `pb_utils.TritonError` and the
   final flag; engine failures likewise. Every sender is closed with the final flag.
@@ -41,7 +44,7 @@ import site
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -66,21 +69,26 @@ import numpy as np  # noqa: E402  (needs the sys.path above)
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from chatbot.inference.engine import (  # noqa: E402
+from chatbot.inference.contract import INPUTS, OUTPUTS, check_model_config  # noqa: E402
+from chatbot.inference.engine import Engine  # noqa: E402
+from chatbot.inference.errors import INVALID_REQUEST
+from chatbot.inference.generate import SamplingParams  # noqa: E402
+from chatbot.inference.request import (  # noqa: E402
     FINISH_REASONS,
-    Engine,
     EngineEvent,
     EngineStats,
     validate_messages,
 )
-from chatbot.inference.errors import INVALID_REQUEST
-from chatbot.inference.generate import SamplingParams  # noqa: E402
 
 _CANCEL_POLL_S = 0.05
 _METRICS_INTERVAL_S = 0.25  # counters/gauges are pushed to Triton at most this often
 MAX_STOP_STRINGS = 16  # each is searched in the held-back text after every token
 MAX_STOP_CHARS = 256
 _STOP = object()
+# the optional scalar inputs that set the SamplingParams field of their name, in contract order
+_SAMPLING_INPUTS = tuple(
+    t for t in INPUTS if t.optional and t.data_type != "BYTES" and t.name in {f.name for f in fields(SamplingParams)}
+)
 
 
 @dataclass
@@ -136,29 +144,19 @@ def _parse(request: Any) -> tuple[list[dict[str, str]], SamplingParams]:
         messages = validate_messages(json.loads(text))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"messages is not valid UTF-8 JSON: {exc}") from None
-    defaults = SamplingParams()
-    opts = {name: _optional_scalar(request, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "min_tokens")}
-    params = SamplingParams(
-        max_tokens=int(opts["max_tokens"]) if opts["max_tokens"] is not None else defaults.max_tokens,
-        temperature=float(opts["temperature"]) if opts["temperature"] is not None else defaults.temperature,
-        top_p=float(opts["top_p"]) if opts["top_p"] is not None else defaults.top_p,
-        top_k=int(opts["top_k"]) if opts["top_k"] is not None else defaults.top_k,
-        seed=int(opts["seed"]) if opts["seed"] is not None else None,
-        min_tokens=int(opts["min_tokens"]) if opts["min_tokens"] is not None else 0,
-        stop=_parse_stop(request),
-    )
+    opts = {t.name: _optional_scalar(request, t.name) for t in _SAMPLING_INPUTS}
+    # absent inputs keep the SamplingParams defaults
+    given = {t.name: t.python_type(opts[t.name]) for t in _SAMPLING_INPUTS if opts[t.name] is not None}
+    params = SamplingParams(**given, stop=_parse_stop(request))
     params.validate()
     return messages, params
 
 
 def _response(text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> Any:
+    values = {"text": text.encode("utf-8"), "finish_reason": finish_reason.encode("utf-8"),
+              "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
     return pb_utils.InferenceResponse(
-        output_tensors=[
-            pb_utils.Tensor("text", np.array([text.encode("utf-8")], dtype=np.object_)),
-            pb_utils.Tensor("finish_reason", np.array([finish_reason.encode("utf-8")], dtype=np.object_)),
-            pb_utils.Tensor("prompt_tokens", np.array([prompt_tokens], dtype=np.int32)),
-            pb_utils.Tensor("completion_tokens", np.array([completion_tokens], dtype=np.int32)),
-        ]
+        output_tensors=[pb_utils.Tensor(t.name, np.array([values[t.name]], dtype=t.numpy_dtype)) for t in OUTPUTS]
     )
 
 
@@ -230,6 +228,7 @@ class _Metrics:
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
+        check_model_config(config)  # config.pbtxt and this file must speak the same tensors
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         torch.set_num_threads(int(params.get("num_threads", "2")))
         device = "cuda" if torch.cuda.is_available() else "cpu"

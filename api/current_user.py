@@ -1,0 +1,26 @@
+"""The user a request acts for, as a dependency: api/app.py provides `current_user` under
+the name `user_id`, so a handler that takes a `user_id` parameter gets the user of the
+request's session, and a request without a valid token or session cookie is answered 401
+with the body `api.auth.require_user` gives it. Layers below name another user `user_id`:
+the `/v1` routes the owner of the request's API key (api/openai_compat.py), the web pages
+the viewer, whose absence sends them to the log-in page (web/pages/__init__.py).
+
+Litestar resolves dependencies before it validates a handler's body and query parameters,
+so a handler that takes either checks the session itself (`require_user`) once they are
+validated: a request both anonymous and malformed is answered 400, not 401.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from litestar import Request
+
+from api.auth import require_user
+from api.services import Services
+
+
+def current_user(request: Request[Any, Any, Any], services: Services) -> UUID:
+    """The session's user; 401 without one."""
+    return require_user(request, services.settings.secret_key)
