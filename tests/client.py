@@ -84,20 +84,33 @@ async def send(ws: ClientConnection, conversation_id: str, text: str, client_mes
     return cmid
 
 
-async def collect_reply(ws: ClientConnection, timeout: float = 120) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """Read frames until the final `reply`: returns (accepted, token frames, reply)."""
+async def collect_reply(
+    ws: ClientConnection, timeout: float = 120, reply_id: str | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """Read frames until the final `reply`: returns (accepted, token frames, reply).
+
+    A socket follows whole conversations, so frames of other replies may come in between (an
+    earlier reply's end announced again after a worker's redelivery): once the reply wanted is
+    known (`reply_id`, else the `accepted` frame's) only its frames count. Without either, the
+    first reply to end is returned."""
     accepted: dict[str, Any] = {}
-    tokens: list[dict[str, Any]] = []
+    tokens: dict[str, list[dict[str, Any]]] = {}
+    ended: dict[str, dict[str, Any]] = {}
     while True:
         frame = await recv(ws, timeout)
         if frame["type"] == "accepted":
             accepted = frame
+            reply_id = reply_id or frame["reply_id"]
         elif frame["type"] == "token":
-            tokens.append(frame)
+            tokens.setdefault(frame["reply_id"], []).append(frame)
         elif frame["type"] == "reply":
-            return accepted, tokens, frame
-        elif frame["type"] == "error":
+            if reply_id is None:
+                return accepted, tokens.get(frame["reply_id"], []), frame
+            ended[frame["reply_id"]] = frame
+        elif frame["type"] == "error" and frame.get("reply_id") in (None, reply_id):
             raise AssertionError(f"unexpected error frame: {frame}")
+        if reply_id is not None and reply_id in ended:
+            return accepted, tokens.get(reply_id, []), ended[reply_id]
 
 
 async def stream_leader(js: Any, stream: str, not_this: str = "", timeout: float = 30.0) -> str:
