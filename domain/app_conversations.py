@@ -18,7 +18,7 @@ from domain.conversation_errors import (
 )
 from domain.conversation_rules import check_sampling
 from domain.ids import persona_id_for
-from domain.persona import Persona, PersonaNotFound, render_system_prompt
+from domain.persona import Persona, PersonaNotFound, system_prompt
 
 TEMPLATE_ALLOWANCE = 64  # tokens a chat template adds around two messages, at most
 
@@ -221,9 +221,7 @@ class ConversationCommands(PersonaCommands, AccountCommands):
         a message whose bytes clearly fit is not tokenized at all."""
         if self.prompt_window is None:
             return
-        system = render_system_prompt(persona.system_prompt, {"user_name": self._user_name(conversation.owner_id)})
-        if conversation.instructions:
-            system = f"{system}\n\n{conversation.instructions}"
+        system = system_prompt(persona.system_prompt, self._user_name(conversation.owner_id), conversation.instructions)
         text = text.strip()
         window = self.prompt_window.window(persona.model)
         budget = window - int(params["max_tokens"])

@@ -9,7 +9,7 @@ from uuid import UUID
 from domain.app_accounts import AccountCommands
 from domain.conversation import Conversation
 from domain.conversation_errors import ConversationNotFound, ReplyAlreadyFinished
-from domain.persona import Persona, render_system_prompt
+from domain.persona import Persona, system_prompt
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,9 @@ class ReplyCommands(AccountCommands):
     def reply_job(self, conversation_id: UUID, reply_id: UUID) -> ReplyJob:
         conversation = self._get(Conversation, conversation_id, ConversationNotFound)
         request = conversation.reply(reply_id)
-        system_prompt = render_system_prompt(
-            self._system_prompt(request["persona_id"], request["persona_version"]),
-            {"user_name": self._user_name(conversation.owner_id)},
-        )
-        if conversation.instructions:  # imported with earlier turns: they extend the persona's
-            system_prompt = f"{system_prompt}\n\n{conversation.instructions}"
-        messages = [{"role": "system", "content": system_prompt}]
+        prompt = system_prompt(self._system_prompt(request["persona_id"], request["persona_version"]),
+                               self._user_name(conversation.owner_id), conversation.instructions)
+        messages = [{"role": "system", "content": prompt}]
         messages += conversation.history_for(reply_id)
         outcome = {k: v for k, v in request.items() if k not in ("params", "persona_id")}
         return ReplyJob(

@@ -87,6 +87,15 @@ def render_system_prompt(template: str, variables: dict[str, str]) -> str:
     return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: variables.get(m.group(1), m.group(0)), template)
 
 
+def system_prompt(template: str, user_name: str, instructions: str | None = None) -> str:
+    """A conversation's system prompt, the one way it is made: the persona's template with
+    `{{user_name}}` filled, then the conversation's own instructions (brought in with an
+    import: they extend the persona's). The reply job and the check that a message can fit
+    the context window both use it; chatbot/inference/prompt.py fits the turns after it."""
+    prompt = render_system_prompt(template, {"user_name": user_name})
+    return f"{prompt}\n\n{instructions}" if instructions else prompt
+
+
 class Persona(Aggregate):
     @staticmethod
     def create_id(slug: str, owner_id: UUID | None = None, **_: object) -> UUID:

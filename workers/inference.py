@@ -87,7 +87,6 @@ MAX_DELIVER = 5  # attempts at generating a reply (a failed one is retried until
 # so no request runs out of deliveries without an outcome.
 JETSTREAM_MAX_DELIVER = MAX_DELIVER + 3
 CONCURRENCY = 64  # generations in flight per worker process; Triton batches them
-MAX_PROMPT_CHARS = 24_000  # a cheap cut before tokenizing; PromptBuilder fits the rest
 CANCEL_MEMORY_S = 600.0
 TRITON_WAIT_S = 60.0  # how long a request waits for an unreachable Triton to come back
 
@@ -116,19 +115,6 @@ class Generation:
             WORKER_FIRST_TOKEN.observe((self.prep_ms + self.ttft_ms) / 1000)
         if self.completion_tokens > 1:  # the first token's wait is the prompt's; the rest decode
             WORKER_TOKEN.observe((self.duration_ms - self.ttft_ms) / 1000 / (self.completion_tokens - 1))
-
-
-def trim_history(messages: list[dict[str, str]], max_chars: int = MAX_PROMPT_CHARS) -> list[dict[str, str]]:
-    """Keep the system prompt and the newest turns that fit in `max_chars`."""
-    system, turns = messages[:1], messages[1:]
-    kept: list[dict[str, str]] = []
-    used = len(system[0]["content"]) if system else 0
-    for turn in reversed(turns):
-        used += len(turn["content"])
-        if kept and used > max_chars:
-            break
-        kept.append(turn)
-    return system + kept[::-1]
 
 
 def triton_inputs(messages: list[dict[str, str]], params: dict[str, Any]) -> list[InferInput]:
@@ -304,7 +290,7 @@ class Worker:
             if "min_tokens" in params:
                 params["min_tokens"] = min(int(params["min_tokens"]), max_tokens)
             job = dataclasses.replace(job, params=params)
-        return job, self.prompts.fit(job.model, trim_history(job.messages), max_tokens)
+        return job, self.prompts.fit(job.model, job.messages, max_tokens)
 
     async def generate(self, job: ReplyJob, messages: list[dict[str, str]], msg: Msg, received: float) -> Generation:
         subject = token_subject(job.conversation_id)

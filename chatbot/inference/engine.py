@@ -235,7 +235,7 @@ class Engine:
             )
 
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(validate_messages(messages)))
+        return self.tokenizer.prompt_ids(validate_messages(messages))
 
     def submit(
         self,

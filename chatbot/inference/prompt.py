@@ -1,9 +1,17 @@
 """The prompt builder: fits a conversation into the model's context window.
 
-The worker tokenizes the rendered chat template with the model's own tokenizer (read from
-the Triton model repository) and drops the oldest turns until the prompt plus the reply's
-token budget fits. The system prompt and the newest user message always stay; if those
-alone do not fit, the model rejects the request with a clear error.
+Where a prompt is made, in order (one place each):
+- domain/persona.py `system_prompt`: the persona's prompt and the conversation's own
+  instructions (also used when a message is sent, to refuse one that can never fit);
+- domain/app_replies.py `reply_job`: that system prompt, then the turns of the reply's branch;
+- here, `PromptBuilder.fit`: the newest turns that fit. A cheap cut by characters first
+  (`trim_history`: a long conversation is never tokenized whole), then the rendered chat
+  template is tokenized with the model's own tokenizer (read from the Triton model
+  repository) and the oldest turns go until the prompt plus the reply's token budget fits;
+- the engine renders and tokenizes exactly that (`ChatTokenizer.prompt_ids`), and refuses a
+  prompt that leaves no room for a reply.
+The system prompt and the newest user message always stay; if those alone do not fit, the
+model rejects the request with a clear error.
 """
 
 from __future__ import annotations
@@ -15,6 +23,23 @@ from pathlib import Path
 
 from chatbot.inference.repository import models, parameter
 from chatbot.inference.tokenizer import ChatTokenizer
+
+
+MAX_PROMPT_CHARS = 24_000  # the cheap cut before tokenizing
+
+
+def trim_history(messages: list[dict[str, str]], max_chars: int = MAX_PROMPT_CHARS) -> list[dict[str, str]]:
+    """Keep the system prompt and the newest turns that fit in `max_chars` (the newest one
+    always)."""
+    system, turns = messages[:1], messages[1:]
+    kept: list[dict[str, str]] = []
+    used = len(system[0]["content"]) if system else 0
+    for turn in reversed(turns):
+        used += len(turn["content"])
+        if kept and used > max_chars:
+            break
+        kept.append(turn)
+    return system + kept[::-1]
 
 
 @dataclass
@@ -72,12 +97,13 @@ class PromptBuilder:
         return self.info(model).context
 
     def count(self, model: str, messages: list[dict[str, str]]) -> int:
-        info = self.info(model)
-        return len(info.tokenizer.encode(info.tokenizer.apply_chat_template(messages)))
+        return len(self.info(model).tokenizer.prompt_ids(messages))
 
     def fit(self, model: str, messages: list[dict[str, str]], max_tokens: int) -> list[dict[str, str]]:
-        """Drop the oldest turns (after the system prompt) until prompt + reply fit."""
+        """The system prompt and the newest turns of `messages` that fit with a reply of
+        `max_tokens`: cut by characters, then whole exchanges dropped, oldest first."""
         budget = self.info(model).context - max_tokens
+        messages = trim_history(messages)
         system, turns = messages[:1], messages[1:]
         while len(turns) > 1 and self.count(model, system + turns) > budget:
             # drop a whole exchange where possible, so the history starts with a user turn

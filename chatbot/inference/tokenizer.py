@@ -142,6 +142,11 @@ class ChatTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The tokens the model reads for `messages`: the chat template, ready for the
+        assistant's turn (what the engine feeds and the prompt builder counts)."""
+        return self.encode(self.apply_chat_template(messages))
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return self._template.render(
             messages=messages,

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from domain.application import ChatApplication
 from domain.conversation import Conversation
-from domain.persona import Persona, render_system_prompt
+from domain.persona import Persona, system_prompt
 from domain.user import AccountErased, User
 
 BATCH = 1000
@@ -275,9 +275,7 @@ def _record(
     if filters.rating and (feedback or {}).get("rating") != filters.rating:
         report.skip("other rating")
         return None
-    system = render_system_prompt(persona.system_prompt, {"user_name": EXPORTED_USER_NAME})
-    if conversation.instructions:
-        system = f"{system}\n\n{conversation.instructions}"
+    system = system_prompt(persona.system_prompt, EXPORTED_USER_NAME, conversation.instructions)
     messages = [{"role": "system", "content": system}, *conversation.history_for(reply_id)]
     messages.append({"role": "assistant", "content": text})
     if any(WITHHELD in m["content"] for m in messages):

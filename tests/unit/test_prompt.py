@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatbot.inference.prompt import PromptBuilder, model_dir
+from chatbot.inference.prompt import MAX_PROMPT_CHARS, PromptBuilder, model_dir, trim_history
 from chatbot.ops.servers import MODEL_REPOSITORY
 
 
@@ -50,3 +50,27 @@ def test_a_model_name_that_is_not_in_the_repository_never_becomes_a_path() -> No
     for bad in ("../../etc/passwd", "chat/../../etc", "chat/99", "nosuch", "chat/x"):
         with pytest.raises(UnknownModel, match="no model"):
             model_dir(MODEL_REPOSITORY, bad)
+
+
+def test_trimming_keeps_the_system_prompt_and_the_newest_turns() -> None:
+    messages = [{"role": "system", "content": "s" * 10}] + [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"{i}" * 100} for i in range(10)
+    ]
+    trimmed = trim_history(messages, max_chars=350)
+    assert trimmed[0] == messages[0]
+    assert trimmed[1:] == messages[-3:]
+    # the newest turn is kept even when it alone is over the budget
+    assert trim_history(messages, max_chars=5)[1:] == messages[-1:]
+
+
+def test_fitting_cuts_by_characters_before_it_tokenizes() -> None:
+    """A conversation far over the character cut is never tokenized whole: `fit` counts
+    only what `trim_history` kept, and keeps the newest turns of it."""
+    builder = PromptBuilder(MODEL_REPOSITORY)
+    messages = conversation(3000)  # about 300,000 characters
+    counted: list[int] = []
+    count = builder.count
+    builder.count = lambda model, ms: counted.append(sum(len(m["content"]) for m in ms)) or count(model, ms)  # type: ignore[method-assign]
+    fitted = builder.fit("chat", messages, max_tokens=96)
+    assert counted and max(counted) <= MAX_PROMPT_CHARS + len(messages[-1]["content"])
+    assert fitted[0] == messages[0] and fitted[1:] == messages[-(len(fitted) - 1):]

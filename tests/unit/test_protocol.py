@@ -1,4 +1,4 @@
-"""Session tokens, websocket frame classification, subjects and prompt trimming."""
+"""Session tokens, websocket frame classification and subjects."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from api.auth import REVOKED, Session, issue_token, verify_token
 from api.chat_socket import ChatSession, frame_decoder
 from api.schemas import SendFrame
 from chatbot.bus.messaging import partition_of
-from workers.inference import trim_history
 
 SECRET = b"k" * 32
 
@@ -55,18 +54,6 @@ def test_a_conversation_always_maps_to_the_same_partition() -> None:
     assert partition_of(cid, 8) == partition_of(str(cid), 8)
     spread = {partition_of(uuid.uuid4(), 8) for _ in range(200)}
     assert spread == set(range(8))
-
-
-def test_trimming_keeps_the_system_prompt_and_the_newest_turns() -> None:
-    messages = [{"role": "system", "content": "s" * 10}] + [
-        {"role": "user" if i % 2 == 0 else "assistant", "content": f"{i}" * 100} for i in range(10)
-    ]
-    trimmed = trim_history(messages, max_chars=350)
-    assert trimmed[0] == messages[0]
-    assert trimmed[1:] == messages[-3:]
-    # the newest turn is kept even when it alone is over the budget
-    assert trim_history(messages, max_chars=5)[1:] == messages[-1:]
-
 
 
 def test_a_regenerated_delta_yields_only_the_text_the_client_lacks() -> None:
