@@ -39,31 +39,24 @@ from eventsourcing.domain import Aggregate, event
 
 from domain.conversation_errors import (
     ConversationError,
-    EmptyMessage,
-    InvalidCharacters,
     InvalidFeedback,
     InvalidRetention,
     InvalidTurns,
-    MessageNotFound,
-    MessageTooLong,
-    ReplyAlreadyFinished,
-    ReplyNotFound,
-    ReplyStillPending,
     ShareNotFound,
 )
 from domain.conversation_rules import (
-    IMPORTABLE_ROLES,
     MAX_COMMENT,
-    MAX_IMPORTED_NODES,
-    MAX_IMPORTED_TURNS,
     MAX_RETENTION,
     MIN_RETENTION,
     RATINGS,
     bounded_runs,
+    check_imported_tree,
+    check_imported_turns,
+    check_instructions,
     check_title,
-    is_unicode,
     make_title,
 )
+from domain.conversation_tree import MessageTree
 
 # An import is recorded as one `TreeImported` event per this many characters of text, so
 # that no stored event outgrows what the event store and the broker carry (a long exported
@@ -71,7 +64,7 @@ from domain.conversation_rules import (
 IMPORT_EVENT_MAX_CHARS = 500_000
 
 
-class Conversation(Aggregate):
+class Conversation(MessageTree, Aggregate):
     pinned = False  # set by PinSet; a class default, so aggregates from before pins read unpinned
     listed_apart_by: str | None = None  # the API key of ListedApart; a class default, as `pinned`
 
@@ -249,23 +242,7 @@ class Conversation(Aggregate):
         "role", "text"}, parents first) into this new conversation."""
         if self.nodes or self.instructions:
             raise InvalidTurns("a conversation can only be imported into a new conversation")
-        if not nodes:
-            raise InvalidTurns("there are no messages to import")
-        if len(nodes) > MAX_IMPORTED_NODES:
-            raise InvalidTurns(f"at most {MAX_IMPORTED_NODES} messages, got {len(nodes)}")
-        seen: set[UUID] = set()
-        for i, node in enumerate(nodes):
-            if node["role"] not in IMPORTABLE_ROLES:
-                raise InvalidTurns(f"message {i}: the role is one of {list(IMPORTABLE_ROLES)}")
-            if node["parent_id"] is not None and node["parent_id"] not in seen:
-                raise InvalidTurns(f"message {i}: its parent must come before it")
-            try:
-                self.check_message(node["text"], max_chars)
-            except ConversationError as e:
-                raise type(e)(f"message {i}: {e}") from None
-            seen.add(node["id"])
-        if current is not None and current not in seen:
-            raise InvalidTurns("the current message is not among the messages")
+        check_imported_tree(nodes, current, max_chars)
         title = check_title(title or "Imported chat")
         chunks = list(bounded_runs(nodes, lambda n: len(n["text"]), IMPORT_EVENT_MAX_CHARS))
         for i, chunk in enumerate(chunks):
@@ -289,20 +266,8 @@ class Conversation(Aggregate):
         instructions of a conversation that began elsewhere; only before the first message."""
         if self.nodes or self.instructions:
             raise InvalidTurns("earlier turns can only be imported into a new conversation")
-        if len(turns) > MAX_IMPORTED_TURNS:
-            raise InvalidTurns(f"at most {MAX_IMPORTED_TURNS} earlier turns, got {len(turns)}")
-        checked = []
-        for i, turn in enumerate(turns):
-            if turn.get("role") not in IMPORTABLE_ROLES:
-                raise InvalidTurns(f"turn {i}: the role is one of {list(IMPORTABLE_ROLES)}, got {turn.get('role')!r}")
-            text = str(turn.get("content", "")).strip()
-            self.check_message(text, max_chars)
-            checked.append({"id": uuid4(), "role": turn["role"], "text": text})
-        instructions = instructions.strip()
-        if len(instructions) > max_chars:
-            raise MessageTooLong(
-                f"system instructions have at most {max_chars} characters, these have {len(instructions)}"
-            )
+        checked = [{"id": uuid4(), **turn} for turn in check_imported_turns(turns, max_chars)]
+        instructions = check_instructions(instructions, max_chars)
         if checked or instructions:
             self._import_turns(checked, instructions)
 
@@ -359,82 +324,6 @@ class Conversation(Aggregate):
         if not operator.strip() or not reason.strip():
             raise ConversationError("an audit names the operator and the reason")
         self._audit(operator.strip()[:200], reason.strip()[:1000])
-
-    # -- queries --------------------------------------------------------------------------
-
-    def history_for(self, reply_id: UUID) -> list[dict[str, str]]:
-        """The turns that precede `reply_id`: imported turns, completed replies and the
-        user messages they answer, ending with the message the reply is for."""
-        request = self.replies.get(reply_id)
-        if request is None:
-            raise ReplyNotFound(str(reply_id))
-        turns: list[dict[str, str]] = []
-        for message in self.path_to(request["message_id"]):
-            if message["role"] == "user" or message["status"] == "complete":
-                turns.append({"role": message["role"], "content": message["text"]})
-        return turns
-
-    def path_to(self, message_id: UUID | None) -> list[dict[str, Any]]:
-        """The messages from the root to `message_id`, in order."""
-        path = []
-        while message_id is not None:
-            node = self.nodes[message_id]
-            path.append(node)
-            message_id = node["parent_id"]
-        return path[::-1]
-
-    def branch(self) -> list[dict[str, Any]]:
-        """The active branch: the path from the root to the current leaf."""
-        return self.path_to(self.current)
-
-    @property
-    def messages(self) -> list[dict[str, Any]]:
-        """Every message of the tree, in the order written."""
-        return list(self.nodes.values())
-
-    def children(self, parent_id: UUID | None) -> list[UUID]:
-        return self.child_ids.get(str(parent_id) if parent_id else "", [])
-
-    def newest_leaf(self, message_id: UUID) -> UUID:
-        """Follow the newest child down from `message_id` to a leaf."""
-        while children := self.children(message_id):
-            message_id = children[-1]
-        return message_id
-
-    def node(self, message_id: UUID) -> dict[str, Any]:
-        try:
-            return self.nodes[message_id]
-        except KeyError:
-            raise MessageNotFound(str(message_id)) from None
-
-    def reply(self, reply_id: UUID) -> dict[str, Any]:
-        try:
-            return self.replies[reply_id]
-        except KeyError:
-            raise ReplyNotFound(str(reply_id)) from None
-
-    # -- invariants -----------------------------------------------------------------------
-
-    @staticmethod
-    def check_message(text: str, max_chars: int) -> None:
-        if not text:
-            raise EmptyMessage("a message needs some text")
-        if len(text) > max_chars:
-            split = "two messages" if len(text) <= 2 * max_chars else "several messages"
-            raise MessageTooLong(f"your message is {len(text):,} characters long; the limit is {max_chars:,}. "
-                                 f"Shorten it or split it into {split}")
-        if "\x00" in text:
-            raise InvalidCharacters("a message cannot contain NUL (U+0000) characters")
-        if not is_unicode(text):
-            raise InvalidCharacters("a message is Unicode text: it cannot hold a lone surrogate (such as \\ud800)")
-
-    def check_no_pending_reply(self) -> None:
-        if any(r["status"] == "pending" for r in self.replies.values()):
-            raise ReplyStillPending("wait for the current reply to finish before sending")
-
-    def check_reply_pending(self, reply_id: UUID) -> None:
-        if self.reply(reply_id)["status"] != "pending":
-            raise ReplyAlreadyFinished(str(reply_id))
 
     # -- events ---------------------------------------------------------------------------
 

@@ -9,7 +9,15 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from domain.conversation_errors import InvalidSampling, InvalidTitle
+from domain.conversation_errors import (
+    ConversationError,
+    EmptyMessage,
+    InvalidCharacters,
+    InvalidSampling,
+    InvalidTitle,
+    InvalidTurns,
+    MessageTooLong,
+)
 
 MAX_TITLE = 80
 MAX_IMPORTED_TURNS = 256
@@ -100,3 +108,59 @@ def check_sampling(
             raise InvalidSampling("seed must fit in 64 bits")
         params["seed"] = int(seed)
     return params
+
+
+def check_message(text: str, max_chars: int) -> None:
+    if not text:
+        raise EmptyMessage("a message needs some text")
+    if len(text) > max_chars:
+        split = "two messages" if len(text) <= 2 * max_chars else "several messages"
+        raise MessageTooLong(f"your message is {len(text):,} characters long; the limit is {max_chars:,}. "
+                             f"Shorten it or split it into {split}")
+    if "\x00" in text:
+        raise InvalidCharacters("a message cannot contain NUL (U+0000) characters")
+    if not is_unicode(text):
+        raise InvalidCharacters("a message is Unicode text: it cannot hold a lone surrogate (such as \\ud800)")
+
+
+def check_imported_tree(nodes: list[dict[str, Any]], current: Any, max_chars: int) -> None:
+    """An exported tree ({"id", "parent_id", "role", "text"}, parents first) that can be
+    brought in whole: bounded, each message checked, `current` one of them."""
+    if not nodes:
+        raise InvalidTurns("there are no messages to import")
+    if len(nodes) > MAX_IMPORTED_NODES:
+        raise InvalidTurns(f"at most {MAX_IMPORTED_NODES} messages, got {len(nodes)}")
+    seen: set[Any] = set()
+    for i, node in enumerate(nodes):
+        if node["role"] not in IMPORTABLE_ROLES:
+            raise InvalidTurns(f"message {i}: the role is one of {list(IMPORTABLE_ROLES)}")
+        if node["parent_id"] is not None and node["parent_id"] not in seen:
+            raise InvalidTurns(f"message {i}: its parent must come before it")
+        try:
+            check_message(node["text"], max_chars)
+        except ConversationError as e:
+            raise type(e)(f"message {i}: {e}") from None
+        seen.add(node["id"])
+    if current is not None and current not in seen:
+        raise InvalidTurns("the current message is not among the messages")
+
+
+def check_imported_turns(turns: list[dict[str, str]], max_chars: int) -> list[dict[str, str]]:
+    """Earlier turns ({"role": "user"|"assistant", "content"}) as {"role", "text"}, checked."""
+    if len(turns) > MAX_IMPORTED_TURNS:
+        raise InvalidTurns(f"at most {MAX_IMPORTED_TURNS} earlier turns, got {len(turns)}")
+    checked = []
+    for i, turn in enumerate(turns):
+        if turn.get("role") not in IMPORTABLE_ROLES:
+            raise InvalidTurns(f"turn {i}: the role is one of {list(IMPORTABLE_ROLES)}, got {turn.get('role')!r}")
+        text = str(turn.get("content", "")).strip()
+        check_message(text, max_chars)
+        checked.append({"role": turn["role"], "text": text})
+    return checked
+
+
+def check_instructions(instructions: str, max_chars: int) -> str:
+    instructions = instructions.strip()
+    if len(instructions) > max_chars:
+        raise MessageTooLong(f"system instructions have at most {max_chars} characters, these have {len(instructions)}")
+    return instructions
