@@ -25,7 +25,7 @@ from litestar.exceptions import NotFoundException
 from litestar.status_codes import HTTP_204_NO_CONTENT
 
 from api import schemas
-from api.auth import COOKIE, require_session, require_user
+from api.auth import COOKIE, require_session
 from api.services import Services
 from domain.user import MAX_PASSWORD
 
@@ -60,10 +60,9 @@ class AccountController(MeController):
 
     @delete("/", status_code=HTTP_204_NO_CONTENT)
     async def delete_account(
-        self, request: Request[Any, Any, Any], services: Services, data: AccountDeletion
+        self, services: Services, user_id: UUID, data: AccountDeletion
     ) -> Response[None]:
         """Erase the caller's account for good (204); 401 if the password is wrong."""
-        user_id = require_user(request, services.settings.secret_key)
         await services.call(services.app.delete_account, user_id, data.password)
         await services.call(services.sessions.forget, user_id)  # every token of theirs stops working
         await services.call(services.key_use.forget, user_id)

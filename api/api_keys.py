@@ -8,14 +8,13 @@ marked to be kept out of the chat list.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 from uuid import UUID
 
 import msgspec
-from litestar import Controller, Request, delete, get, patch, post
+from litestar import Controller, delete, get, patch, post
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
-from api.auth import require_user
 from api.services import Services
 from domain.user import parse_api_key
 
@@ -60,9 +59,8 @@ class ApiKeyController(Controller):
 
     @post("/", status_code=HTTP_201_CREATED)
     async def create_api_key(
-        self, request: Request[Any, Any, Any], services: Services, data: ApiKeyCreate
+        self, services: Services, user_id: UUID, data: ApiKeyCreate
     ) -> ApiKeyCreated:
-        user_id = require_user(request, services.settings.secret_key)
         key = await services.call(services.app.create_api_key, user_id, data.name, data.list_apart)
         return ApiKeyCreated(key=key, key_id=parse_api_key(key)[0], name=data.name.strip(), list_apart=data.list_apart)
 
@@ -73,11 +71,10 @@ class ApiKeyController(Controller):
 
     @patch("/{key_id:str}")
     async def update_api_key(
-        self, request: Request[Any, Any, Any], services: Services, key_id: str, data: ApiKeyUpdate
+        self, services: Services, user_id: UUID, key_id: str, data: ApiKeyUpdate
     ) -> ApiKeyInfo:
         """Change whether the chats the key starts from now on are listed apart; 404 if the
         key is not the caller's or is revoked."""
-        user_id = require_user(request, services.settings.secret_key)
         await services.call(services.app.set_api_key_listing, user_id, key_id, data.list_apart)
         return next(k for k in await key_infos(services, user_id) if k.key_id == key_id)
 

@@ -8,13 +8,12 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import msgspec
-from litestar import Controller, Request, Response, delete, get, patch, post
+from litestar import Controller, Response, delete, get, patch, post
 from litestar.exceptions import NotFoundException, ValidationException
 from litestar.params import Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from api import schemas
-from api.auth import require_user
 from api.ownership import check_owner
 from api.services import Services
 from domain.app_personas import DEFAULT_PERSONA
@@ -30,10 +29,9 @@ class ConversationController(Controller):
 
     @post("/", status_code=HTTP_201_CREATED)
     async def create_conversation(
-        self, request: Request[Any, Any, Any], services: Services, data: schemas.ConversationCreate | None = None
+        self, services: Services, user_id: UUID, data: schemas.ConversationCreate | None = None
     ) -> schemas.Conversation:
         """A new conversation; with `expires_in_s`, a temporary one, gone after that time."""
-        user_id = require_user(request, services.settings.secret_key)
         persona_id = data.persona_id if data else None
         keep_for = timedelta(seconds=data.expires_in_s) if data and data.expires_in_s else None
         conversation_id = await services.call(services.app.start_conversation, user_id, persona_id, keep_for)
@@ -43,7 +41,7 @@ class ConversationController(Controller):
 
     @get("/")
     async def list_conversations(
-        self, request: Request[Any, Any, Any], services: Services,
+        self, services: Services, user_id: UUID,
         limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
         before: datetime | None = None,
         before_id: UUID | None = None,
@@ -54,7 +52,6 @@ class ConversationController(Controller):
         """The user's conversations, newest first, `limit` at a time: pass the last one's
         `updated_at` as `before` and its `id` as `before_id` for the next page. `q` searches
         titles and message text; `pinned` keeps only pinned (or only unpinned) chats."""
-        user_id = require_user(request, services.settings.secret_key)
         if "\x00" in q:  # PostgreSQL text cannot hold NUL, and no stored text has one
             raise ValidationException("the search text cannot contain NUL (U+0000) characters")
         if before_id is not None and before is None:
@@ -74,12 +71,11 @@ class ConversationController(Controller):
 
     @patch("/{conversation_id:uuid}", status_code=HTTP_204_NO_CONTENT)
     async def update_conversation(
-        self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID,
+        self, services: Services, user_id: UUID, conversation_id: UUID,
         data: schemas.ConversationUpdate,
     ) -> None:
         """Rename (`title`), archive or unarchive (`archived`), pin or unpin (`pinned`), make
         temporary or keep for good (`expires_in_s`); recorded as events."""
-        user_id = require_user(request, services.settings.secret_key)
         title = None if data.title is msgspec.UNSET else data.title
         archived = None if data.archived is msgspec.UNSET else data.archived
         pinned = None if data.pinned is msgspec.UNSET else data.pinned
@@ -106,24 +102,22 @@ class ConversationController(Controller):
 
     @post("/{conversation_id:uuid}/branch", status_code=HTTP_200_OK)
     async def select_branch(
-        self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID,
+        self, services: Services, user_id: UUID, conversation_id: UUID,
         data: schemas.BranchSelect,
     ) -> list[schemas.Message]:
         """Switch to the branch through `message_id` (down to its newest leaf); returns it.
         Read from the events, so the answer holds even before the read model catches up."""
-        user_id = require_user(request, services.settings.secret_key)
         await services.call(services.app.select_branch, conversation_id, user_id, data.message_id)
         nodes = await services.call(services.app.branch, conversation_id, user_id)
         return [schemas.Message(**{k: v for k, v in n.items() if k in MESSAGE_FIELDS}) for n in nodes]
 
     @post("/{conversation_id:uuid}/messages/{message_id:uuid}/feedback", status_code=HTTP_204_NO_CONTENT)
     async def give_feedback(
-        self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID, message_id: UUID,
+        self, services: Services, user_id: UUID, conversation_id: UUID, message_id: UUID,
         data: schemas.Feedback,
     ) -> None:
         """Rate a reply (thumbs up or down, with an optional comment), recorded as an event.
         Without `comment` the comment given before stays."""
-        user_id = require_user(request, services.settings.secret_key)
         await services.call(services.app.give_feedback, conversation_id, user_id, message_id, data.rating, data.comment)
 
     @delete("/{conversation_id:uuid}/messages/{message_id:uuid}/feedback", status_code=HTTP_204_NO_CONTENT)
@@ -136,11 +130,10 @@ class ConversationController(Controller):
 
     @get("/{conversation_id:uuid}/export")
     async def export_conversation(
-        self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID,
+        self, services: Services, user_id: UUID, conversation_id: UUID,
         format: Annotated[str, Parameter(pattern="^(json|markdown)$")] = "json",
     ) -> Response[Any]:
         """The conversation with every branch as JSON, or its active branch as Markdown."""
-        user_id = require_user(request, services.settings.secret_key)
         export = await services.call(services.app.export_conversation, conversation_id, user_id)
         if format == "markdown":
             return Response(

@@ -5,9 +5,9 @@ with the body `api.auth.require_user` gives it. Layers below name another user `
 the `/v1` routes the owner of the request's API key (api/openai_compat.py), the web pages
 the viewer, whose absence sends them to the log-in page (web/pages/__init__.py).
 
-Litestar resolves dependencies before it validates a handler's body and query parameters,
-so a handler that takes either checks the session itself (`require_user`) once they are
-validated: a request both anonymous and malformed is answered 400, not 401.
+Every handler of a signed-in user takes it this way, those with a body or query parameters
+too: a request without a session is answered 401 before anything else of it is looked at
+(so an anonymous caller learns nothing of what a valid request would be).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from litestar import Controller, Request, delete, get, patch, post
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from api import schemas
-from api.auth import require_user, user_of
+from api.auth import user_of
 from api.services import Services
 
 
@@ -26,9 +26,8 @@ class PersonaController(Controller):
 
     @post("/", status_code=HTTP_201_CREATED)
     async def create_persona(
-        self, request: Request[Any, Any, Any], services: Services, data: schemas.PersonaCreate
+        self, services: Services, user_id: UUID, data: schemas.PersonaCreate
     ) -> schemas.PersonaDetail:
-        user_id = require_user(request, services.settings.secret_key)
         fields = msgspec.structs.asdict(data)
         persona_id = await services.call(services.app.create_persona, user_id, fields)
         return schemas.PersonaDetail(**await services.call(services.app.visible_persona, persona_id, user_id))
@@ -42,9 +41,8 @@ class PersonaController(Controller):
 
     @patch("/{persona_id:uuid}")
     async def update_persona(
-        self, request: Request[Any, Any, Any], services: Services, persona_id: UUID, data: schemas.PersonaUpdate
+        self, services: Services, user_id: UUID, persona_id: UUID, data: schemas.PersonaUpdate
     ) -> schemas.PersonaDetail:
-        user_id = require_user(request, services.settings.secret_key)
         await services.call(services.app.visible_persona, persona_id, user_id)  # 404 before 403
         await services.call(services.app.edit_persona, persona_id, user_id, data.changes())
         return schemas.PersonaDetail(**await services.call(services.app.visible_persona, persona_id, user_id))

@@ -8,12 +8,11 @@ in force is also in `GET /api/me` (`training_consent`).
 
 from __future__ import annotations
 
-from typing import Any
+from uuid import UUID
 
 import msgspec
-from litestar import Controller, Request, put
+from litestar import Controller, put
 
-from api.auth import require_user
 from api.services import Services
 
 
@@ -25,7 +24,6 @@ class ConsentController(Controller):
     path = "/api/me/consent"
 
     @put("/")
-    async def update_consent(self, request: Request[Any, Any, Any], services: Services, data: Consent) -> Consent:
-        user_id = require_user(request, services.settings.secret_key)
+    async def update_consent(self, services: Services, user_id: UUID, data: Consent) -> Consent:
         training = await services.call(services.app.set_training_consent, user_id, data.training)
         return Consent(training=training)

@@ -1,8 +1,8 @@
 """The user a request acts for (`user_id`, api/current_user.py; the pages' viewer,
 web/pages/__init__.py): the session's user reaches the handler, and a request without a
 session is answered as it always was: 401 with the JSON error body on `/api`, OpenAI's
-error on `/v1`, the log-in page for the web pages, and 400 first when the request is
-malformed too. The app runs on fake services; no servers."""
+error on `/v1`, the log-in page for the web pages, before the request's body or query is
+looked at. The app runs on fake services; no servers."""
 
 from __future__ import annotations
 
@@ -93,11 +93,16 @@ def test_without_a_session_the_api_answers_401(client: TestClient[Any], method: 
         assert (r.status_code, r.json()) == (401, LOG_IN_FIRST), (method, path, r.text)
 
 
-def test_a_malformed_request_is_answered_400_before_the_session_is_asked_for(client: TestClient[Any]) -> None:
-    assert client.post("/api/personas", json={"name": 5}).status_code == 400
-    assert client.post("/api/keys", json={"name": 5}).status_code == 400
-    assert client.get("/api/conversations", params={"limit": "0"}).status_code == 400
-    assert client.get("/api/conversations").json() == LOG_IN_FIRST
+def test_the_session_is_asked_for_before_the_request_is_validated(client: TestClient[Any]) -> None:
+    """Anonymous: 401 whatever the body or query; signed in: a malformed request is 400."""
+    assert client.post("/api/personas", json={"name": 5}).json() == LOG_IN_FIRST
+    assert client.post("/api/keys", json={"name": 5}).json() == LOG_IN_FIRST
+    assert client.get("/api/conversations", params={"limit": "0"}).json() == LOG_IN_FIRST
+    signed_in = {"authorization": f"Bearer {token(client)}"}
+    assert client.post("/api/personas", json={"name": 5}, headers=signed_in).status_code == 400
+    assert client.post("/api/keys", json={"name": 5}, headers=signed_in).status_code == 400
+    r = client.get("/api/conversations", params={"limit": "0"}, headers=signed_in)
+    assert r.status_code == 400 and "limit" in r.text, r.text
 
 
 def test_the_openai_routes_ask_for_an_api_key_not_a_session(client: TestClient[Any]) -> None:

@@ -22,7 +22,6 @@ from web.pages.common import (
     over_limit,
     redirect,
     render,
-    require_viewer,
     safe_next,
     sidebar,
     text_field,
@@ -39,12 +38,11 @@ class ConversationPages(Controller):
 
     @get("/")
     async def list_conversations(
-        self, request: Request[Any, Any, Any], services: Services, q: str = "", archived: bool = False,
+        self, request: Request[Any, Any, Any], services: Services, user_id: UUID, q: str = "", archived: bool = False,
         view: str = "", before: datetime | None = None, before_id: UUID | None = None,
     ) -> Template:
         """The new-chat page; the chat list beside it may be a later page (`before`,
         `before_id`: the cursor of web/chat_list.py) or the chats made with API keys (`view=api`)."""
-        user_id = require_viewer(request, services)
         q = q.strip()[:200]
         if view not in VIEWS:
             raise FormError("that list does not exist: view is empty or api")
@@ -83,11 +81,10 @@ class ConversationPages(Controller):
 
     @get("/{conversation_id:uuid}")
     async def show_conversation(
-        self, request: Request[Any, Any, Any], services: Services, conversation_id: UUID, settle: bool = False
+        self, request: Request[Any, Any, Any], services: Services, user_id: UUID, conversation_id: UUID, settle: bool = False
     ) -> Template:
         """The chat. `settle`: first wait until the read models hold every event of the
         conversation (the script asks so after a reply ends, to show it rendered)."""
-        user_id = require_viewer(request, services)
         if settle:
             await queries.settle(services, conversation_id)
         return await render(request, services, "chat.html", **await chat_context(services, conversation_id, user_id))
