@@ -4,8 +4,10 @@ One `ChatSession` per connection. Incoming frames are size-checked, decoded into
 frames (msgspec tagged union) and dispatched; every problem becomes an `error` frame and
 the connection stays usable. Before a message is posted the session follows the
 conversation, so no token can arrive before the subscription exists; the token messages
-are turned into frames by the session's token relay (api/token_relay.py: offsets, held
-tokens, gaps). A single writer task owns the socket's send side.
+are turned into frames by the session's token relay (api/token_relay.py: held tokens,
+resumes, ends sent once), over the reply stream it shares with `/v1`
+(api/reply_stream.py: offsets, gaps, the read model for lost ends). A single writer task
+owns the socket's send side.
 
 Frames are handled concurrently, in one lane per conversation (a `stop`: per reply):
 frames of one conversation are handled in the order they came, each after the one before
@@ -23,8 +25,9 @@ text so far once and then the rest, with nothing lost or doubled.
 Token messages travel on core NATS, which delivers at most once: when a NATS node dies,
 the messages on their way through it are lost, a reply's end among them. So a reply this
 socket waits for that has been quiet for `QUIET_S` is looked up in the read model, and
-if it has ended there, its `reply` frame is sent from there (`QuietReplies`, one query
-per API process a round): a client never waits for an end that was lost on the way.
+if it has ended there, its `reply` frame is sent from there (api/reply_stream.py's
+`QuietReplies`, one query per API process a round): a client never waits for an end that
+was lost on the way.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from api.auth import REVOKED, session_of
 from api.csrf import same_origin
 from api.limits import Limited
 from api.ownership import owner_of
+from api.reply_stream import QUIET_S, QuietReplies, Sweep, process_sweep
+from api.reply_stream import quiet_replies as process_quiet_replies
 from api.schemas import (
     CLIENT_FRAME_TYPES,
     ClientFrame,
@@ -79,8 +84,6 @@ log = logging.getLogger("api.ws")
 frame_decoder = msgspec.json.Decoder(ClientFrame)
 encoder = msgspec.json.Encoder()
 MAX_IN_FLIGHT = 64  # frames of one socket being handled at once
-QUIET_S = 5.0  # a reply waited for and unheard of this long is looked up in the read model
-LOOKUP_CHUNK = 1_000  # quiet replies looked up in one query
 SESSION_CHECK_S = 1.0  # how often open sockets are checked against ended sessions
 
 
@@ -347,75 +350,7 @@ class ChatSession(TokenRelay):
         quiet_replies(self.services).watch(self)
 
 
-class SocketSweep:
-    """A process-wide task that looks over a set of open sockets now and then, running only
-    while some are watched (made on first use: `process_sweep`)."""
-
-    def __init__(self) -> None:
-        self.sessions: set[ChatSession] = set()
-        self.task: asyncio.Task[None] | None = None
-
-    def watch(self, session: ChatSession) -> None:
-        self.sessions.add(session)
-        if self.task is None or self.task.done():
-            self.task = asyncio.create_task(self.run())
-
-    def forget(self, session: ChatSession) -> None:
-        self.sessions.discard(session)
-
-    async def run(self) -> None:
-        raise NotImplementedError
-
-
-def process_sweep(services: Services, name: str, make: Any) -> Any:
-    """The process's one sweep called `name`, kept on `services` (made on first use)."""
-    sweep = getattr(services, name, None)
-    if sweep is None:
-        sweep = make()
-        setattr(services, name, sweep)
-    return sweep
-
-
-class QuietReplies(SocketSweep):
-    """Every reply the sockets of this API process wait for and have heard nothing of for
-    `QUIET_S` is looked up in the read model (its end may have been lost on a NATS node
-    that died), all of them in one query a round (up to `LOOKUP_CHUNK` ids each), instead
-    of one query per reply and socket: when workers stall, 100,000 waiting sockets must not
-    become 40,000 queries a second."""
-
-    def __init__(self, services: Services) -> None:
-        super().__init__()
-        self.services = services
-
-    async def run(self) -> None:
-        while self.sessions:
-            await asyncio.sleep(QUIET_S / 2)
-            now = asyncio.get_running_loop().time()
-            due: dict[str, list[ChatSession]] = {}
-            for session in list(self.sessions):
-                if not session.awaited:
-                    self.sessions.discard(session)  # nothing left to wait for
-                    continue
-                for reply_id, (conversation_id, heard) in list(session.awaited.items()):
-                    if now - heard >= QUIET_S:
-                        session.awaited[reply_id] = (conversation_id, now)  # quiet from now on
-                        due.setdefault(reply_id, []).append(session)
-            ids = list(due)
-            for start in range(0, len(ids), LOOKUP_CHUNK):
-                chunk = [UUID(r) for r in ids[start:start + LOOKUP_CHUNK]]
-                try:
-                    rows = await self.services.call(self.services.readmodels.messages_by_id, chunk)
-                except Exception:  # noqa: BLE001 - the database is away: ask again next round
-                    log.warning("looking up %d quiet replies", len(chunk), exc_info=True)
-                    continue
-                for row in rows:
-                    if row["status"] == "pending":
-                        continue  # being written, or queued
-                    for session in due.get(str(row["id"]), ()):
-                        session.end_unheard(str(row["id"]), row)
-
-
-class EndedSessions(SocketSweep):
+class EndedSessions(Sweep):
     """An ended session (logged out, ended from another device, the account erased) closes
     its open sockets within `SESSION_CHECK_S`, not only at their next frame: a socket that
     only listens would otherwise go on receiving the account's replies. One sweep a round
@@ -438,7 +373,9 @@ def ended_sessions(services: Services) -> EndedSessions:
 
 
 def quiet_replies(services: Services) -> QuietReplies:
-    return process_sweep(services, "quiet_replies", lambda: QuietReplies(services))  # type: ignore[no-any-return]
+    """The process's `QuietReplies` (api/reply_stream.py), shared with `/v1`; `QUIET_S` is
+    read here, so that the socket's setting is the one it is made with."""
+    return process_quiet_replies(services, QUIET_S)
 
 
 def origin_allowed(socket: WebSocket[Any, Any, Any], allowed: tuple[str, ...]) -> bool:

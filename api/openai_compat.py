@@ -13,9 +13,13 @@ request's `temperature`, `top_p`, `max_tokens` (or `max_completion_tokens`) and 
 pinned in the `ReplyRequested` for this reply only. A key whose `list_apart` is set has
 the chats it starts marked to be kept out of the chat list. The relay, a worker and Triton then do
 what they do for the websocket: the handler subscribes to the conversation's token subject
-*before* posting, and turns the token messages into one `chat.completion` (its `usage` read
-from the recorded `ReplyCompleted`) or into server-sent `chat.completion.chunk` events
-ending with `data: [DONE]`. A streaming client that goes away stops the generation.
+*before* posting, and turns the reply, as the reply stream it shares with the websocket
+follows it (api/reply_stream.py's `ReplyFollower`: offsets, gaps, an end lost on the way
+taken from the read model, every wait bounded), into one `chat.completion` (its `usage`
+read from the recorded `ReplyCompleted`) or into server-sent `chat.completion.chunk`
+events ending with `data: [DONE]`; the chunks' texts add up to the reply. Nothing heard
+of the reply for `REPLY_IDLE_TIMEOUT_S` (api/reply_stream.py) is a 504. A streaming
+client that goes away stops the generation.
 
 A completion's id is `chatcmpl-<reply id, hex>` and the `x-chat-conversation-id` header
 names the conversation that records it. Errors have OpenAI's shape,
@@ -30,7 +34,6 @@ logprobs; `stop`, `user`, the penalties and other unknown fields are accepted an
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -43,8 +46,6 @@ from litestar import Controller, Request, Response, get, post
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, TooManyRequestsException
 from litestar.response import Stream
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from opentelemetry.trace import SpanKind
 
 from api.openai_schemas import (
@@ -63,17 +64,9 @@ from api.openai_schemas import (
     Usage,
     openai_error_body,
 )
+from api.reply_stream import ReplyFollower, ReplyTimeout
 from api.services import Services
-from chatbot.bus.messaging import (
-    ReplyDone,
-    ReplyError,
-    TitleWritten,
-    TokenDelta,
-    cancel_subject,
-    token_decoder,
-    token_subject,
-    unseen_text,
-)
+from chatbot.bus.messaging import ReplyDone, ReplyError, cancel_subject
 from chatbot.inference.errors import INVALID_REQUEST
 from chatbot.runtime.tracing import span
 from domain.app_accounts import ApiKeyHolder
@@ -83,7 +76,6 @@ from domain.persona import PersonaNotFound
 from domain.user import InvalidCredentials
 
 log = logging.getLogger("api.openai")
-REPLY_IDLE_TIMEOUT_S = 300.0  # no token message for this long: the reply is given up (504)
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
 encoder = msgspec.json.Encoder()
 
@@ -164,56 +156,12 @@ async def api_key_user(api_key: ApiKeyHolder) -> UUID:
     return api_key.user_id
 
 
-# -- following a reply on core NATS ---------------------------------------------------------
+# -- a reply's end in OpenAI's terms ----------------------------------------------------------
 
 
-class ReplyFollower:
-    """The token messages of one conversation, subscribed before its message is posted so
-    none is missed. `events` yields a reply's new text (a delta regenerated after a worker
-    crash repeats an offset and only its unseen part is yielded), then its `ReplyDone` or
-    `ReplyError`."""
-
-    def __init__(self, services: Services, conversation_id: UUID) -> None:
-        self.services, self.conversation_id = services, conversation_id
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
-        self.subscription: Subscription | None = None
-
-    async def open(self) -> None:
-        async def on_message(msg: Msg) -> None:
-            self.queue.put_nowait(msg.data)
-
-        self.subscription = await self.services.nc.subscribe(token_subject(self.conversation_id), cb=on_message)
-        await self.services.nc.flush()  # the server knows the subscription before we post
-
-    async def close(self) -> None:
-        if self.subscription is not None:
-            with anyio.CancelScope(shield=True):  # also when the client went away mid-stream
-                await self.subscription.unsubscribe()
-            self.subscription = None
-
-    async def events(self, reply_id: UUID) -> AsyncIterator[str | ReplyDone | ReplyError]:
-        seen = 0
-        while True:
-            try:
-                data = await asyncio.wait_for(self.queue.get(), REPLY_IDLE_TIMEOUT_S)
-            except TimeoutError:
-                raise HTTPException(
-                    status_code=504, detail=f"no reply within {REPLY_IDLE_TIMEOUT_S:.0f} s: try again"
-                ) from None
-            try:
-                message = token_decoder.decode(data)
-            except msgspec.DecodeError:
-                log.warning("dropping an undecodable token message")
-                continue
-            if message.reply_id != str(reply_id) or isinstance(message, TitleWritten):
-                continue
-            if isinstance(message, TokenDelta):
-                text, seen = unseen_text(message, seen)
-                if text:
-                    yield text
-            else:
-                yield message
-                return
+def timed_out(timeout: ReplyTimeout) -> HTTPException:
+    """Nothing heard of the reply for too long (api/reply_stream.py's bound): 504."""
+    return HTTPException(status_code=504, detail=f"no reply within {timeout.waited_s:.0f} s: try again")
 
 
 def reply_failed(error: ReplyError) -> HTTPException:
@@ -333,29 +281,32 @@ class Completion:
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     async def collect(self) -> ChatCompletion:
-        parts: list[str] = []
-        async for event in self.follower.events(self.reply_id):
-            if isinstance(event, str):
-                parts.append(event)
-            elif isinstance(event, ReplyError):
-                raise reply_failed(event)
-            else:
-                outcome = await self.outcome()
-                return ChatCompletion(
-                    id=self.id, created=self.created, model=self.data.model,
-                    choices=[Choice(index=0, message=AssistantMessage(content=event.text),
-                                    finish_reason=FINISH_REASONS.get(event.finish_reason, "stop"))],
-                    usage=self.usage(outcome),
-                    system_fingerprint=f"{outcome.get('model_name', '')}/{outcome.get('model_version', '')}",
-                )
+        try:
+            async for event in self.follower.events(self.reply_id):
+                if isinstance(event, str):
+                    continue  # the whole text comes with the end
+                if isinstance(event, ReplyError):
+                    raise reply_failed(event)
+                return await self.completion(event)
+        except ReplyTimeout as e:
+            raise timed_out(e) from None
         raise HTTPException(status_code=502, detail="the reply ended without an outcome")
 
+    async def completion(self, done: ReplyDone) -> ChatCompletion:
+        outcome = await self.outcome()
+        return ChatCompletion(
+            id=self.id, created=self.created, model=self.data.model,
+            choices=[Choice(index=0, message=AssistantMessage(content=done.text),
+                            finish_reason=FINISH_REASONS.get(done.finish_reason, "stop"))],
+            usage=self.usage(outcome),
+            system_fingerprint=f"{outcome.get('model_name', '')}/{outcome.get('model_version', '')}",
+        )
+
     def chunk(self, delta: Delta, finish_reason: str | None = None) -> bytes:
-        chunk = ChatCompletionChunk(
+        return sse_event(ChatCompletionChunk(
             id=self.id, created=self.created, model=self.data.model,
             choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)],
-        )
-        return b"data: " + encoder.encode(chunk) + b"\n\n"
+        ))
 
     async def sse(self) -> AsyncIterator[bytes]:
         """Server-sent events: a role chunk, content chunks, a finish chunk, a usage chunk
@@ -369,23 +320,30 @@ class Completion:
                     continue
                 finished = True
                 if isinstance(event, ReplyError):
-                    error = reply_failed(event)
-                    body = openai_error_body(error.status_code, HTTP_CODES[error.status_code], str(error.detail))
-                    yield b"data: " + encoder.encode(body) + b"\n\n"
+                    yield error_event(reply_failed(event))
                     return
                 yield self.chunk(Delta(), FINISH_REASONS.get(event.finish_reason, "stop"))
                 options = self.data.stream_options
                 if options is not None and options.include_usage:
                     usage = self.usage(await self.outcome())
-                    chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.data.model,
-                                                choices=[], usage=usage)
-                    yield b"data: " + encoder.encode(chunk) + b"\n\n"
+                    yield sse_event(ChatCompletionChunk(id=self.id, created=self.created, model=self.data.model,
+                                                        choices=[], usage=usage))
             yield b"data: [DONE]\n\n"
-        except HTTPException as e:  # the reply timed out
-            yield b"data: " + encoder.encode(openai_error_body(e.status_code, HTTP_CODES.get(e.status_code, "error"),
-                                                               str(e.detail))) + b"\n\n"
+        except ReplyTimeout as e:
+            yield error_event(timed_out(e))
+        except HTTPException as e:
+            yield error_event(e)
         finally:
             with anyio.CancelScope(shield=True):
                 if not finished:  # the client went away (or we gave up): stop generating
                     await self.services.nc.publish(cancel_subject(self.reply_id), b"")
                 await self.follower.close()
+
+
+def sse_event(body: Any) -> bytes:
+    return b"data: " + encoder.encode(body) + b"\n\n"
+
+
+def error_event(error: HTTPException) -> bytes:
+    """An error after the stream began, in OpenAI's shape."""
+    return sse_event(openai_error_body(error.status_code, HTTP_CODES.get(error.status_code, "error"), str(error.detail)))

@@ -1,19 +1,22 @@
 """The chat socket's token relay (api/chat_socket.py): the token messages of the
-conversations a socket follows, from core NATS to the client's frames.
+conversations a socket follows, turned into the client's frames. Following a reply (the
+subscription, decoding, offsets and gaps, the text so far, an end lost on the way) is
+api/reply_stream.py's, shared with `/v1`; this module keeps a socket's own bookkeeping
+(many conversations and replies at once, held tokens, resumes, ends sent once) and the frames.
 
 Before a message is posted the session subscribes to the conversation's token subject
 (`follow`), so no token can arrive before the subscription exists; until the user's
 ownership of the conversation is confirmed, its tokens are held (`confirm`), so another
 user's tokens never reach the socket. Token deltas carry their character offset: a reply
 regenerated after a worker crash repeats text already sent, and the relay forwards only
-what the client has not seen. Deltas of a conversation being resumed wait for the worker's
-text so far (`text_so_far`), then go through the same offset filter.
+what the client has not seen (`SentText`). Deltas of a conversation being resumed wait for
+the worker's text so far (`text_so_far`), then go through the same offset filter.
 
 Core NATS delivers at most once: a reply whose deltas went by unheard stops streaming, and
 what the client lacks goes out as one last delta before the `reply` frame: the `token`
 texts always add up to the reply. A reply's end goes out once (`end`); whatever of it comes
 later (a re-announced end, a late duplicate delta) is dropped, and an end lost on the way
-is sent from the read model (`end_unheard`, called by the chat socket's `QuietReplies`).
+is sent from the read model (`end_unheard`, called by the process's `QuietReplies`).
 """
 
 from __future__ import annotations
@@ -24,28 +27,22 @@ import time
 from typing import Any
 from uuid import UUID
 
-import msgspec
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from api.reply_stream import SentText, decode, end_of, subscribe_tokens, text_so_far
 from api.services import Services
 from chatbot.bus.messaging import (
     ReplyDone,
     ReplyError,
     TitleWritten,
     TokenDelta,
-    progress_subject,
-    token_decoder,
     token_encoder,
-    token_subject,
-    unseen_text,
 )
 from chatbot.runtime.metrics import ReplyClock
 
 log = logging.getLogger("api.ws")
 MAX_SUBSCRIPTIONS = 32  # conversations one socket follows at once
 MAX_HELD = 10_000  # token messages held for a conversation while its ownership is checked
-PROGRESS_TIMEOUT_S = 1.0  # how long a resume waits for the worker's text so far
 ENDED_KEPT = 256  # ended replies a socket remembers, to drop what comes of them later
 
 
@@ -57,8 +54,7 @@ class TokenRelay:
         self.services = services
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()  # frames for the writer
         self.subscriptions: dict[UUID, Subscription] = {}
-        self.delivered: dict[str, int] = {}  # reply id -> characters the client has
-        self.gapped: set[str] = set()  # replies whose deltas wait for their end (some went by unheard)
+        self.sent = SentText()  # what the client has of each reply (offsets, gaps)
         self.resuming: dict[str, list[TokenDelta]] = {}  # reply id -> deltas held until the text so far
         self.holding: set[UUID] = set()  # conversations being resumed: their deltas are held
         self.unconfirmed: dict[UUID, list[bytes]] = {}  # followed, ownership not checked yet: tokens held
@@ -71,13 +67,7 @@ class TokenRelay:
         self.outbox.put_nowait({"type": "error", "code": code, "message": message, **extra})
 
     async def text_so_far(self, reply_id: str) -> TokenDelta | None:
-        try:
-            answer = await self.services.nc.request(progress_subject(reply_id), b"", timeout=PROGRESS_TIMEOUT_S)
-            so_far = token_decoder.decode(answer.data)
-        except Exception as e:  # noqa: BLE001 - timeout or no responders: queued, or its worker is gone
-            log.info("resume of reply %s: no text so far (%s)", reply_id, type(e).__name__)
-            return None
-        return so_far if isinstance(so_far, TokenDelta) else None
+        return await text_so_far(self.services.nc, reply_id)
 
     async def follow(self, conversation_id: UUID, *, confirmed: bool = True) -> bool:
         """Subscribe to the conversation's tokens; False if this socket follows it already.
@@ -91,13 +81,9 @@ class TokenRelay:
                 await self._unfollow(oldest)
             if not confirmed:
                 self.unconfirmed[conversation_id] = []
-
-            async def forward(msg: Msg) -> None:
-                self.on_token_message(conversation_id, msg.data)
-
             try:
-                self.subscriptions[conversation_id] = await self.services.nc.subscribe(
-                    token_subject(conversation_id), cb=forward
+                self.subscriptions[conversation_id] = await subscribe_tokens(
+                    self.services.nc, conversation_id, lambda data: self.on_token_message(conversation_id, data)
                 )
             except BaseException:
                 self.unconfirmed.pop(conversation_id, None)  # nothing will confirm it
@@ -129,10 +115,8 @@ class TokenRelay:
                 held.append(b"")  # counted once: later ones are dropped without a word
                 log.warning("conversation %s: over %d token messages held; dropping", conversation_id, MAX_HELD)
             return
-        try:
-            message = token_decoder.decode(data)
-        except msgspec.DecodeError:
-            log.warning("dropping an undecodable token message")
+        message = decode(data)
+        if message is None:
             return
         cid = str(conversation_id)
         if isinstance(message, TitleWritten):  # after the reply ended: passed on as it is
@@ -156,10 +140,8 @@ class TokenRelay:
         elif isinstance(message, ReplyDone):
             self.resuming.pop(message.reply_id, None)
             # Tokens add up to the reply: whatever of its text this socket has not sent
-            # (deltas that went by unheard, see `forward_delta`) goes out as one last delta.
-            self.gapped.discard(message.reply_id)
-            self.forward_delta(cid, TokenDelta(message.reply_id, 0, message.text))
-            self.delivered.pop(message.reply_id, None)
+            # (deltas that went by unheard, see `SentText`) goes out as one last delta.
+            self.send_text(cid, message.reply_id, self.sent.rest(message.reply_id, message.text))
             self.end(message.reply_id)
             self.outbox.put_nowait({
                 "type": "reply", "conversation_id": cid, "reply_id": message.reply_id,
@@ -167,8 +149,7 @@ class TokenRelay:
             })
         elif isinstance(message, ReplyError):
             self.resuming.pop(message.reply_id, None)
-            self.gapped.discard(message.reply_id)
-            self.delivered.pop(message.reply_id, None)
+            self.sent.forget(message.reply_id)
             self.end(message.reply_id)
             self.error("reply_failed", message.message, conversation_id=cid, reply_id=message.reply_id)
             # a terminal frame too, so a client waiting for the reply always stops waiting
@@ -177,17 +158,15 @@ class TokenRelay:
                 "text": "", "finish_reason": "error",
             })
 
-
     def end_unheard(self, reply_id: str, row: Any) -> None:
         """The read model says the reply ended, and this socket never heard its end (it was
         lost on a NATS node that died): send it from there (`on_token_message` sends an
         end once)."""
         waiting = self.awaited.get(reply_id)
-        if waiting is None:
-            return  # its end came meanwhile
+        end = end_of(reply_id, row)
+        if waiting is None or end is None:
+            return  # its end came meanwhile (or it has none yet)
         log.info("reply %s ended unheard: its end is sent from the read model", reply_id)
-        end = (ReplyDone(reply_id, row["text"], row["finish_reason"] or "stop") if row["status"] == "complete"
-               else ReplyError(reply_id, "the reply failed"))
         self.on_token_message(waiting[0], token_encoder.encode(end))
 
     def end(self, reply_id: str) -> None:
@@ -200,15 +179,11 @@ class TokenRelay:
             del self.ended[next(iter(self.ended))]
 
     def forward_delta(self, cid: str, delta: TokenDelta) -> None:
-        seen = self.delivered.get(delta.reply_id, 0)
-        if delta.offset > seen or delta.reply_id in self.gapped:
-            # Text between what the client has and this delta went by unheard (lost with a
-            # NATS node, or published before a resumed socket followed): the client's text
-            # stays a prefix of the reply, and the rest goes out whole with its end.
-            self.gapped.add(delta.reply_id)
-            return
-        text, self.delivered[delta.reply_id] = unseen_text(delta, seen)
-        if text:  # else a regenerated prefix the client already has
-            if (clock := self.clocks.get(delta.reply_id)) is not None:
+        """What of the delta the client lacks (none after a gap: the rest goes with the end)."""
+        self.send_text(cid, delta.reply_id, self.sent.unseen(delta))
+
+    def send_text(self, cid: str, reply_id: str, text: str) -> None:
+        if text:  # else a regenerated prefix the client already has, or a gap
+            if (clock := self.clocks.get(reply_id)) is not None:
                 clock.token(time.monotonic())
-            self.outbox.put_nowait({"type": "token", "conversation_id": cid, "reply_id": delta.reply_id, "text": text})
+            self.outbox.put_nowait({"type": "token", "conversation_id": cid, "reply_id": reply_id, "text": text})
