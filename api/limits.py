@@ -11,7 +11,7 @@ the quota lags a reply by the projector's few milliseconds. Both are one stateme
 with its transaction in one round trip; the count commits without waiting for its fsync
 (`synchronous_commit = off`): a crash of the database can forget the last few counts of
 the current minute, and nothing else. Sends that arrive while a count is under way are
-counted together, in one statement (domain/batching.py): each still gets its own place
+counted together, in one statement (chatbot/eventstore/batching.py): each still gets its own place
 in its user's count, as if counted one by one.
 """
 
@@ -23,8 +23,8 @@ from collections import Counter
 from dataclasses import dataclass
 from uuid import UUID
 
+from chatbot.eventstore.batching import Batcher, Item
 from chatbot.runtime.metrics import RATE_LIMITED
-from domain.batching import Batcher, Item
 from projections.readmodels import ReadModelRecorder
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS rate_windows (

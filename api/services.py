@@ -30,7 +30,7 @@ from api.limits import RateLimiter
 from api.sessions import REFRESH_S as SESSIONS_REFRESH_S
 from api.sessions import SessionStore
 from api.throttle import AuthThrottle
-from chatbot.runtime.application import chat_application
+from chatbot.eventstore.application import chat_application
 from chatbot.runtime.config import Settings
 from domain.application import ChatApplication
 from projections.readmodels import ReadModelRecorder, read_model_recorder
@@ -105,7 +105,7 @@ class Services:
     sessions: SessionStore
     key_use: KeyUseStore
     executor: CallPool = field(default_factory=lambda: CallPool(THREADS, "db"), repr=False)
-    quiet_replies: Any = field(default=None, repr=False)  # api.chat_socket.QuietReplies, made on first use
+    quiet_replies: Any = field(default=None, repr=False)  # api.reply_stream.QuietReplies, made on first use
     ended_sessions: Any = field(default=None, repr=False)  # api.chat_socket.EndedSessions, made on first use
     session_watch: asyncio.Task[None] | None = field(default=None, repr=False)
 

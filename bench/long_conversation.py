@@ -27,10 +27,13 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from chatbot.eventstore.application import (  # noqa: E402
+    SNAPSHOT_INTERVAL,
+    StoredChatApplication,
+    chat_application,
+)
 from chatbot.ops.servers import EmbeddedPostgres  # noqa: E402
-from chatbot.runtime.application import chat_application  # noqa: E402
 from chatbot.runtime.config import load_settings  # noqa: E402
-from domain.application import SNAPSHOT_INTERVAL, ChatApplication  # noqa: E402
 
 OUTCOME = dict(finish_reason="stop", prompt_tokens=40, completion_tokens=12, ttft_ms=20.0,
                duration_ms=90.0, model_name="chat", model_version="1")
@@ -56,7 +59,7 @@ def main() -> None:
         postgres = EmbeddedPostgres(Path(tmp) / "postgres")
         settings = dataclasses.replace(load_settings(Path(tmp)), pg_host=postgres.socket_dir)
         chat_application(settings, create_tables=True).close()
-        builder = ChatApplication(env={
+        builder = StoredChatApplication(env={
             **settings.eventsourcing_env(), "AGGREGATE_CACHE_MAXSIZE": "10", "DEEPCOPY_FROM_AGGREGATE_CACHE": "n",
         })
         builder.seed_personas()
@@ -72,7 +75,7 @@ def main() -> None:
         builder.close()
 
         snapshotting = chat_application(settings)
-        plain = ChatApplication(env={**settings.eventsourcing_env(), "IS_SNAPSHOTTING_ENABLED": "n"})
+        plain = StoredChatApplication(env={**settings.eventsourcing_env(), "IS_SNAPSHOTTING_ENABLED": "n"})
         assert snapshotting.snapshots is not None and plain.snapshots is None
         # Alternated, so that both see the same machine (it may be shared).
         loads: dict[str, list[float]] = {"snapshot": [], "events": []}
@@ -94,7 +97,7 @@ def main() -> None:
 
         def first_command(env: dict[str, str], n: int) -> float:
             """One more message and its reply, in a fresh process: it loads the conversation."""
-            app = ChatApplication(env=env)
+            app = StoredChatApplication(env=env)
             try:
                 started = time.perf_counter()
                 posted = app.post_message(conversation_id, user, f"extra-{n}", "One more question.")

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tritonclient.grpc import aio as triton_aio  # noqa: E402
 
+from chatbot.eventstore.application import chat_application  # noqa: E402
 from chatbot.ops.launcher import Stack  # noqa: E402
 from chatbot.ops.servers import Ports  # noqa: E402
-from chatbot.runtime.application import chat_application  # noqa: E402
 from chatbot.runtime.config import load_settings  # noqa: E402
 from domain.persona import Persona  # noqa: E402
 from tests.client import ChatClient, recv, send  # noqa: E402

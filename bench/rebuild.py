@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from chatbot.eventstore.application import chat_application  # noqa: E402
 from chatbot.ops.servers import EmbeddedPostgres  # noqa: E402
-from chatbot.runtime.application import chat_application  # noqa: E402
 from chatbot.runtime.config import load_settings  # noqa: E402
 from projections.readmodels import read_model_recorder  # noqa: E402
 from projections.rebuild import rebuild  # noqa: E402

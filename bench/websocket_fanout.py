@@ -118,7 +118,7 @@ async def client_main(url: str, sockets: list[tuple[str, str]], pipe: Connection
 def make_conversations(stack, users: int, sockets: int) -> list[tuple[str, str]]:
     """(token, conversation id) for each socket, users owning equal shares."""
     from api.auth import issue_token
-    from chatbot.runtime.application import chat_application
+    from chatbot.eventstore.application import chat_application
 
     app = chat_application(stack.settings)
     try:

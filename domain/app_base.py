@@ -1,10 +1,14 @@
 """What every area of `ChatApplication` (domain/application.py) builds on: one eventsourcing
-`Application` with the state of every area, the caching repository (domain/aggregate_cache.py)
-that a save keeps up to date, snapshots that carry any state JSON can hold, and the helpers
-every command uses: `_get` (an aggregate of one kind, or the area's not-found error; an
-erased user's data reads as missing), `_owned` and `_change_owned` (a user's own, undeleted
-conversation), and `_retry_races` (a command that loses an optimistic-concurrency race
-reloads and decides again).
+`Application` with the state of every area, and the helpers every command uses: `_get` (an
+aggregate of one kind, or the area's not-found error; an erased user's data reads as
+missing), `_owned` and `_change_owned` (a user's own, undeleted conversation), and
+`_retry_races` (a command that loses an optimistic-concurrency race reloads and decides
+again).
+
+It is plain eventsourcing, and runs as it is on the library's in-memory store. What is
+infrastructure (the store, the caching repository, snapshots of any state JSON can hold,
+and the key store's say on whether a cached conversation may still be read) is wired in by
+the event store's subclass (chatbot/eventstore/application.py).
 """
 
 from __future__ import annotations
@@ -12,18 +16,15 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Collection
-from typing import Any, Callable, Protocol, TypeVar
+from typing import Callable, Protocol, TypeVar
 from uuid import UUID
 
 from argon2 import PasswordHasher
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError
 
-from domain.aggregate_cache import CachingRepository
 from domain.conversation import Conversation
 from domain.conversation_errors import ConversationNotFound
-from domain.persona import Persona
-from domain.snapshot import StateSnapshot, register_state_transcodings
 from domain.user import AccountErased
 
 T = TypeVar("T")
@@ -42,7 +43,7 @@ class PromptWindow(Protocol):
 
 class ChatApplicationBase(Application[UUID]):
     """The one application's state and shared helpers; the areas' commands are mixed in
-    by `ChatApplication`, which alone names the application ("chat")."""
+    by `ChatApplication`, which names the application ("chat")."""
 
     def __init__(self, env: dict[str, str] | None = None, *, max_message_chars: int = 8000,
                  served_models: Callable[[], Collection[str]] | None = None,
@@ -60,40 +61,6 @@ class ChatApplicationBase(Application[UUID]):
         self._hash_slots = threading.BoundedSemaphore(max(1, (os.cpu_count() or 2) // 2))
         self._prompt_cache: dict[tuple[UUID, int], str] = {}
         self._name_cache: dict[UUID, str] = {}
-
-    def register_transcodings(self, transcoder: Any) -> None:
-        super().register_transcodings(transcoder)
-        register_state_transcodings(transcoder)  # what snapshots of aggregate state need
-
-    def construct_repository(self) -> CachingRepository:
-        """Conversations and personas stay in memory between commands (domain/aggregate_cache.py)."""
-        return CachingRepository(
-            self.events, snapshot_store=self.snapshots,
-            checked_out=(Conversation,), shared=(Persona,), readable=self._readable,
-        )
-
-    def _readable(self, aggregate: Any) -> None:
-        """Raise AccountErased for a cached conversation whose owner's key is gone."""
-        keys = getattr(self.mapper, "keys", None)  # the keyed stores (chatbot/eventstore/keys.py)
-        if keys is not None and isinstance(aggregate, Conversation):
-            owner = keys.owner_of(aggregate.id)
-            if owner is not None:
-                keys.key_for(owner)
-
-    def save(self, *objs: Any, **kwargs: Any) -> Any:
-        """The library's; then the saved conversations and personas are cached. A method
-        does not change an aggregate after saving it (another command may have it then)."""
-        recordings = super().save(*objs, **kwargs)
-        repository = self.repository
-        if isinstance(repository, CachingRepository):
-            repository.saved(objs)
-        return recordings
-
-    def take_snapshot(self, aggregate_id: UUID, version: int | None = None, **kwargs: Any) -> None:
-        """The library's, with a snapshot class that carries any state JSON can hold."""
-        assert self.snapshots is not None, "snapshotting is off (IS_SNAPSHOTTING_ENABLED)"
-        aggregate = self.repository.get(aggregate_id, version=version, **kwargs)
-        self.snapshots.put([StateSnapshot.take(aggregate)])
 
     # -- helpers every area uses ----------------------------------------------------------
 

@@ -15,8 +15,8 @@ The commands are grouped by area, one module each, mixed into this one class:
 | domain/app_replies.py       | reply jobs and their outcomes, feedback                     |
 | domain/app_sharing.py       | share links, export and import                              |
 | domain/app_training.py      | consent to training, model rollouts                         |
-| domain/app_base.py          | what every area uses: the state, the caching repository,    |
-|                             | `_get`, `_owned`, `_change_owned`, `_retry_races`           |
+| domain/app_base.py          | what every area uses: the state, `_get`, `_owned`,          |
+|                             | `_change_owned`, `_retry_races`                             |
 
 It is one application composed per area, not one application per bounded context, because
 an eventsourcing application is its own event store: its name ("chat") names the tables
@@ -29,6 +29,10 @@ aggregates of two areas in one transaction (a user and the claim on their addres
 and their API key, an imported conversation and its import record). Applications per area
 would each need a store of their own, splitting those transactions, the notification log
 and the chains, and a migration of the stored events into the new stores.
+
+This class is plain eventsourcing (the library's in-memory store runs it as it is); the
+event store's subclass, `StoredChatApplication` (chatbot/eventstore/application.py), puts
+it on PostgreSQL with per-user keys, a caching repository and snapshots of conversations.
 """
 
 from __future__ import annotations
@@ -39,11 +43,6 @@ from domain.app_personas import PersonaCommands
 from domain.app_replies import ReplyCommands
 from domain.app_sharing import SharingCommands
 from domain.app_training import TrainingCommands
-from domain.conversation import Conversation
-
-# A conversation is snapshotted every this many events (only the newest snapshot is kept),
-# so loading a long one reads its snapshot and at most this many events after it.
-SNAPSHOT_INTERVAL = 100
 
 
 class ChatApplication(
@@ -53,4 +52,3 @@ class ChatApplication(
     method resolution order requires); one application, named "chat"."""
 
     name = "chat"
-    snapshotting_intervals = {Conversation: SNAPSHOT_INTERVAL}  # type: ignore[dict-item]

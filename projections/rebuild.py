@@ -24,12 +24,12 @@ from eventsourcing.persistence import Notification, Tracking
 from psycopg.errors import DeadlockDetected
 from tqdm import tqdm
 
+from chatbot.eventstore.application import event_log
 from chatbot.eventstore.keys import DataErased, Unreadable
-from chatbot.runtime.application import chat_application
+from chatbot.eventstore.log import EventLog
 from chatbot.runtime.config import Settings
-from domain.application import ChatApplication
-from projections.chat import ChatProjection
 from projections.positions import read_positions
+from projections.projector import ChatProjection
 from projections.readmodels import (
     APPLICATION,
     LIVE_PREFIX,
@@ -59,10 +59,10 @@ class RebuildReport:
 
 
 def status(settings: Settings) -> dict[str, Any]:
-    app = chat_application(settings)
+    events = event_log(settings)
     live = read_model_recorder(settings.eventsourcing_env())
     try:
-        head = app.recorder.max_notification_id() or 0
+        head = events.head()
         with live.datastore.get_connection() as conn:
             row = conn.execute("SELECT notification_id FROM relay_position WHERE name = 'chat'").fetchone()
         relay = int(row["notification_id"]) if row else 0
@@ -79,10 +79,10 @@ def status(settings: Settings) -> dict[str, Any]:
         return report
     finally:
         live.datastore.close()
-        app.close()
+        events.close()
 
 
-def replay(app: ChatApplication, projection: ChatProjection, start: int, stop: int | None,
+def replay(events: EventLog, projection: ChatProjection, start: int, stop: int | None,
            curs: Any = None, bar: tqdm | None = None,
            include: Callable[[Notification], bool] | None = None) -> tuple[int, int]:
     """Apply notifications after `start` (up to `stop`) in batches; returns (count, last).
@@ -92,7 +92,7 @@ def replay(app: ChatApplication, projection: ChatProjection, start: int, stop: i
         limit = BATCH if stop is None else min(BATCH, stop - position)
         if limit <= 0:
             break
-        notifications = app.recorder.select_notifications(position, limit, inclusive_of_start=False)
+        notifications = events.read(position, limit)
         if not notifications:
             break
         with projection.view.batch(curs):
@@ -100,7 +100,7 @@ def replay(app: ChatApplication, projection: ChatProjection, start: int, stop: i
                 if include is not None and not include(n):
                     continue
                 try:
-                    event = app.mapper.to_domain_event(n)
+                    event = events.decode(n)
                 except DataErased:  # an erased user's event: skipped, as the live projector does
                     event = Unreadable(n.originator_id, n.originator_version)
                 projection.process_event(event, Tracking(APPLICATION, n.id))
@@ -158,22 +158,22 @@ def rename_tables(curs: Any, old: str, new: str) -> None:
 
 
 def rebuild(settings: Settings, *, dry_run: bool = False, progress: bool = True) -> RebuildReport:
-    app = chat_application(settings)
+    events = event_log(settings)
     live = read_model_recorder(settings.eventsourcing_env())
     with live.datastore.transaction(commit=True) as curs:
         curs.execute(", ".join(f"{REBUILD_PREFIX}{t}" for t in TABLES).join(["DROP TABLE IF EXISTS ", ""]))
         curs.execute("DROP TABLE IF EXISTS rebuild_tracking")
     fresh: ReadModelRecorder = read_model_recorder(settings.eventsourcing_env(create_tables=True), prefix=REBUILD_PREFIX,
-                                                   keys=app.mapper.keys)  # type: ignore[attr-defined]
+                                                   keys=events.keys)
     projection = ChatProjection(fresh)
     report = RebuildReport()
     try:
-        head = app.recorder.max_notification_id() or 0
+        head = events.head()
         started = time.perf_counter()
         with fresh.datastore.transaction(commit=True) as curs:
             curs.execute("SELECT 1")  # open the pool before timing
         with tqdm(total=head, unit="ev", desc="rebuild", disable=not progress) as bar:
-            report.events, position = replay(app, projection, 0, None, bar=bar)
+            report.events, position = replay(events, projection, 0, None, bar=bar)
         report.seconds = time.perf_counter() - started
         for attempt in range(3):
             try:
@@ -184,7 +184,7 @@ def rebuild(settings: Settings, *, dry_run: bool = False, progress: bool = True)
                     live_positions = read_positions(live, settings.partitions, curs)
                     target = live_positions.head
                     caught_up, position = replay(
-                        app, projection, position, target, curs=curs,
+                        events, projection, position, target, curs=curs,
                         include=lambda n: live_positions.is_applied(n.originator_id, n.id),
                     )
                     report.events += caught_up
@@ -207,4 +207,4 @@ def rebuild(settings: Settings, *, dry_run: bool = False, progress: bool = True)
                 curs.execute(", ".join(f"{REBUILD_PREFIX}{t}" for t in TABLES).join(["DROP TABLE IF EXISTS ", ""]))
         fresh.datastore.close()
         live.datastore.close()
-        app.close()
+        events.close()

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from typing import Any
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
+
+from tests.waiting import async_eventually
 
 
 class ChatClient:
@@ -43,26 +44,28 @@ class ChatClient:
         return await self.http.get(path, headers=self.headers)
 
     async def messages_when(self, conversation_id: str, ready: Any, timeout: float = 10) -> list[dict[str, Any]]:
-        """Poll the read model until `ready(messages)` (it is eventually consistent)."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
+        """Poll the read model until `ready(messages)` (it is eventually consistent); the
+        messages then, or those at the deadline (the caller judges them)."""
+        async def messages() -> list[dict[str, Any]]:
             r = await self.get(f"/api/conversations/{conversation_id}/messages")
             assert r.status_code == 200, r.text
-            if ready(r.json()) or asyncio.get_running_loop().time() > deadline:
-                return list(r.json())
-            await asyncio.sleep(0.05)
+            return list(r.json())
+
+        return await async_eventually(messages, until=ready, timeout=timeout, interval=0.05,
+                                      what=f"the messages of {conversation_id}", fail=False)
 
     async def titles_when_shown(self, chat_app: Any, conversation_id: str, timeout: float = 10) -> list[str]:
         """Every title the conversation's events record (`Titled`: the rule's after the first
         reply, then maybe the model's), once the conversation list shows the newest of them."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
+        async def titles_and_listed() -> tuple[list[str], str | None]:
             titles = [e.title for e in chat_app.events.get(uuid.UUID(conversation_id)) if type(e).__name__ == "Titled"]
             listed = {c["id"]: c["title"] for c in (await self.get("/api/conversations")).json()}
-            if titles and listed.get(conversation_id) == titles[-1]:
-                return titles
-            assert asyncio.get_running_loop().time() < deadline, f"titles {titles}, listed {listed.get(conversation_id)!r}"
-            await asyncio.sleep(0.05)
+            return titles, listed.get(conversation_id)
+
+        titles, _ = await async_eventually(
+            titles_and_listed, until=lambda tl: bool(tl[0]) and tl[1] == tl[0][-1], timeout=timeout, interval=0.05,
+            what=f"the newest title of {conversation_id} listed (titles, listed)")
+        return titles
 
     def ws(self, **kwargs: Any) -> Any:
         url = self.base_url.replace("http://", "ws://") + "/api/ws"
@@ -115,15 +118,13 @@ async def collect_reply(
 
 async def stream_leader(js: Any, stream: str, not_this: str = "", timeout: float = 30.0) -> str:
     """The node leading the JetStream stream, once there is one other than `not_this` (a
-    node just killed: two of three replicas elect another). TimeoutError if none comes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            info = await js.stream_info(stream)
-            if info.cluster and info.cluster.leader and info.cluster.leader != not_this:
-                return str(info.cluster.leader)
-        except Exception:  # noqa: BLE001 - no leader for a moment
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"stream {stream} has no leader other than {not_this!r}")
-        await asyncio.sleep(0.3)
+    node just killed: two of three replicas elect another). TimeoutError (NotInTime) if none comes."""
+    async def leader() -> str | None:
+        info = await js.stream_info(stream)
+        if info.cluster and info.cluster.leader and info.cluster.leader != not_this:
+            return str(info.cluster.leader)
+        return None
+
+    found = await async_eventually(leader, timeout=timeout, interval=0.3, ignore=(Exception,),  # no leader for a moment
+                                   what=f"a leader of stream {stream} other than {not_this!r}")
+    return str(found)

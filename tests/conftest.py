@@ -67,7 +67,7 @@ async def other_client(api_url: str) -> ChatClient:
 @pytest.fixture(scope="session")
 def chat_app(stack: Stack):
     """The write-side application, for checks against the event store itself."""
-    from chatbot.runtime.application import chat_application
+    from chatbot.eventstore.application import chat_application
 
     app = chat_application(stack.settings)
     yield app

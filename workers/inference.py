@@ -48,10 +48,10 @@ from chatbot.bus.messaging import (
     token_encoder,
     token_subject,
 )
+from chatbot.eventstore.application import chat_application
 from chatbot.inference import contract
 from chatbot.inference.errors import INVALID_REQUEST
 from chatbot.inference.prompt import PromptBuilder, UnknownModel
-from chatbot.runtime.application import chat_application
 from chatbot.runtime.config import Settings, load_settings
 from chatbot.runtime.metrics import (
     FINISH_REASONS,
@@ -75,6 +75,8 @@ from chatbot.runtime.tracing import (
 from chatbot.runtime.tracing import shutdown as shutdown_tracing
 from domain.app_replies import ReplyJob
 from domain.application import ChatApplication
+from projections.readmodels import read_model_recorder
+from workers import retention
 from workers.rollout import serving_model
 from workers.routing import TritonRouter, unreachable
 from workers.titles import TITLE_TIMEOUT_S, TITLE_TOKENS, clean_title, title_request
@@ -445,6 +447,9 @@ async def main(settings: Settings) -> None:
     )
     await nc.subscribe(f"{CANCEL_SUBJECT_PREFIX}.*", cb=worker.on_cancel)
     await nc.subscribe(f"{PROGRESS_SUBJECT_PREFIX}.*", cb=worker.on_progress)
+    # the retention sweep (workers/retention.py): one worker at a time records due expiries
+    readmodels = read_model_recorder(settings.eventsourcing_env(), keys=app.keys)
+    sweeper = asyncio.create_task(retention.run(settings, app, readmodels, stop))
     tasks: set[asyncio.Task[None]] = set()
     log.info("consuming reply requests (up to %d at once)", CONCURRENCY)
     while not stop.is_set():
@@ -469,8 +474,10 @@ async def main(settings: Settings) -> None:
     if tasks:
         await asyncio.wait(tasks, timeout=30)
     await sub.unsubscribe()
+    await sweeper
     await nc.drain()
     await tritons.close()
+    readmodels.datastore.close()
     app.close()
     shutdown_tracing()
 

@@ -1,6 +1,7 @@
 """The relay: publishes every stored event to JetStream, in notification order.
 
-It tails the event store's notification log and wakes on the `NOTIFY` that the
+It tails the event store's notification log (an `EventLog`, chatbot/eventstore/log.py: the
+relay needs nothing else of the event store) and wakes on the `NOTIFY` that the
 `eventsourcing` recorder sends with every insert, so an event reaches the broker about a
 millisecond after its commit. One relay is active at a time (a PostgreSQL advisory lock);
 others wait as standbys.
@@ -50,7 +51,8 @@ from chatbot.bus.messaging import (
     event_subject,
     partition_of,
 )
-from chatbot.runtime.application import chat_application
+from chatbot.eventstore.application import event_log
+from chatbot.eventstore.log import EventLog
 from chatbot.runtime.config import Settings, load_settings
 from chatbot.runtime.metrics import (
     RELAY_LAG_EVENTS,
@@ -127,7 +129,7 @@ async def publish_atomic(nc: Client, notifications: Sequence[Notification], part
     raise ValueError("an atomic batch needs at least one message")
 
 
-def traced_events(mapper: Any, notifications: Sequence[Notification]) -> dict[int, Context | None]:
+def traced_events(events: EventLog, notifications: Sequence[Notification]) -> dict[int, Context | None]:
     """The trace context each traced event was recorded in (its metadata, chatbot/runtime/tracing.py),
     by notification id: only those events are decrypted, and only while spans are exported.
     Blocking (a user's key may be read): runs in a thread."""
@@ -137,7 +139,7 @@ def traced_events(mapper: Any, notifications: Sequence[Notification]) -> dict[in
     for n in notifications:
         if event_name(n.topic) in TRACED_EVENTS:
             try:
-                parents[n.id] = context_of(mapper.to_domain_event(n))
+                parents[n.id] = context_of(events.decode(n))
             except Exception:  # noqa: BLE001 - an erased user's event, say: relayed untraced
                 parents[n.id] = None
     return parents
@@ -158,13 +160,13 @@ async def relayed_through(js: JetStreamContext, stream: str) -> int:
     return int(value) if value and value.isdigit() else 0
 
 
-async def stream_end(js: JetStreamContext, stream: str, app: Any) -> int:
+async def stream_end(js: JetStreamContext, stream: str, events: EventLog) -> int:
     """Where the stream ends, as a notification id to go on from; 0 (trust the recorded
     position) when the stream is ahead of the event store: the database was restored from
     a backup while the stream kept its store, and its notification ids start again below
     the stream's. Events would be skipped; an operator must look at it."""
     through = await relayed_through(js, stream)
-    head = await asyncio.to_thread(app.recorder.max_notification_id) or 0
+    head = await asyncio.to_thread(events.head)
     if through > head:
         log.error("the stream %s ends at notification %d, beyond the event store's newest (%d): was the "
                   "database restored? Going on from the recorded position; duplicates are refused by event id",
@@ -182,7 +184,7 @@ async def record(conn: psycopg.AsyncConnection[Any], position: int) -> int:
     return position
 
 
-async def observe_lag(lag: PartitionLag, app: Any, position: int, notifications: Sequence[Notification],
+async def observe_lag(lag: PartitionLag, events: EventLog, position: int, notifications: Sequence[Notification],
                       partitions: int) -> None:
     """Everything after the position is behind; a full read may not be all of it, so
     then the event store's newest notification id says how much is."""
@@ -191,7 +193,7 @@ async def observe_lag(lag: PartitionLag, app: Any, position: int, notifications:
         return
     head = notifications[-1].id
     if len(notifications) >= BATCH:
-        head = max(head, await asyncio.to_thread(app.recorder.max_notification_id) or 0)
+        head = max(head, await asyncio.to_thread(events.head))
     lag.update(head - position, Counter(partition_of(n.originator_id, partitions) for n in notifications))
 
 
@@ -201,7 +203,7 @@ async def main(settings: Settings) -> None:
     serve(settings.metrics_port, settings.metrics_host)
     lag = PartitionLag(RELAY_LAG_EVENTS, RELAY_LAG_SECONDS, range(settings.partitions))
     stop = stop_on_signals()
-    app = chat_application(settings)
+    events = event_log(settings)  # the notification log: all the relay reads of the event store
     nc = await nats.connect(settings.nats_servers, max_reconnect_attempts=-1)
     js = nc.jetstream()
     await ensure_stream(js, settings.stream_name, settings.stream_replicas)
@@ -211,21 +213,19 @@ async def main(settings: Settings) -> None:
     )
     log.info("waiting for the relay lock")
     await conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
-    await conn.execute(f"LISTEN {app.recorder.channel_name}")  # type: ignore[attr-defined]
+    await conn.execute(f"LISTEN {events.channel}")
     row = await (await conn.execute("SELECT notification_id FROM relay_position WHERE name = 'chat'")).fetchone()
     recorded = row[0] if row else 0
     # A relay that died after publishing and before recording its position: go on from
     # where the stream ends instead of sending that batch again.
-    position = max(recorded, await stream_end(js, settings.stream_name, app))
+    position = max(recorded, await stream_end(js, settings.stream_name, events))
     log.info("relaying from notification %d (recorded: %d)", position, recorded)
     recorded_at = time.monotonic()
     while not stop.is_set():
-        notifications = await asyncio.to_thread(
-            app.recorder.select_notifications, position, BATCH, inclusive_of_start=False
-        )
-        await observe_lag(lag, app, position, notifications, settings.partitions)
+        notifications = await asyncio.to_thread(events.read, position, BATCH)
+        await observe_lag(lag, events, position, notifications, settings.partitions)
         if notifications:
-            traced = await asyncio.to_thread(traced_events, app.mapper, notifications) if exporting() else {}
+            traced = await asyncio.to_thread(traced_events, events, notifications) if exporting() else {}
             try:
                 for batch in atomic_batches(notifications):
                     parents = {n.id: traced[n.id] for n in batch if n.id in traced}
@@ -240,7 +240,7 @@ async def main(settings: Settings) -> None:
                 log.warning("publishing events after notification %d: %r; retrying", position, e)
                 await asyncio.sleep(RETRY_S)
                 try:
-                    position = max(position, await stream_end(js, settings.stream_name, app))
+                    position = max(position, await stream_end(js, settings.stream_name, events))
                 except (TimeoutError, NatsError) as e:
                     log.warning("reading where the stream ends: %r", e)
                 continue
@@ -256,7 +256,7 @@ async def main(settings: Settings) -> None:
         await record(conn, position)
     await conn.close()
     await nc.drain()
-    app.close()
+    events.close()
     log.info("stopped at notification %d", position)
     shutdown_tracing()
 

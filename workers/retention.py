@@ -1,8 +1,9 @@
 """The retention job: records the expiry of temporary conversations that are due, and
 discards chats started and left without a message for `empty_chat_ttl_s`.
 
-It runs as a task inside every projector process; a PostgreSQL advisory lock taken per
-sweep lets only one of them work at a time. Each sweep reads the due conversations from
+It runs as a task inside every inference worker process (workers/inference.py: the
+processes that hold the application to record what they do); a PostgreSQL advisory lock
+taken per sweep lets only one of them work at a time. Each sweep reads the due conversations from
 the read model and records `Expired` through the application, which checks the time again
 against the events, so a stale read model can never expire a conversation early. The
 projection then drops the conversation's rows like a deletion.

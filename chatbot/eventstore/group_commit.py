@@ -24,10 +24,10 @@ from typing import Any
 
 from eventsourcing.persistence import IntegrityError, StoredEvent
 
+from chatbot.eventstore.batching import Batcher, Item
 from chatbot.eventstore.keys import DataErased
 from chatbot.runtime.metrics import GROUP_COMMIT_EVENTS, GROUP_COMMIT_SAVES
 from chatbot.runtime.postgres import WriteTimeout
-from domain.batching import Batcher, Item
 
 GROUP_COMMIT_MAX_EVENTS = 1000  # the most events one group commit inserts
 GROUP_COMMIT_MAX_BYTES = 4 << 20  # ... and the most stored bytes (a big save goes alone)
@@ -41,7 +41,7 @@ class EventTooLarge(ValueError):
 
 class GroupCommit(Batcher[Sequence[StoredEvent], Sequence[int]]):
     """Saves that arrive while another commits go in together, in one transaction
-    (domain/batching.py); `commit` inserts events and returns their notification ids."""
+    (batching.py); `commit` inserts events and returns their notification ids."""
 
     def __init__(self, commit: Callable[[Sequence[StoredEvent]], Sequence[int] | None],
                  max_events: int = GROUP_COMMIT_MAX_EVENTS, max_bytes: int = GROUP_COMMIT_MAX_BYTES,

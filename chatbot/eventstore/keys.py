@@ -242,6 +242,19 @@ class PostgresKeyStore(KeyStore):
         )
         return [r["originator_id"] for r in rows]
 
+    @staticmethod
+    def share_lock(curs: Any, user_ids: Sequence[UUID]) -> set[UUID]:
+        """Share-lock the key rows of `user_ids` until the transaction of `curs` ends (a
+        transaction of another datastore on this database: the projector's); returns those
+        of them that were erased. An erasure, which nulls the row, waits for that commit."""
+        if not user_ids:
+            return set()
+        curs.execute(
+            "SELECT user_id, wrapped_key IS NULL AS erased FROM user_keys WHERE user_id = ANY(%s::uuid[])"
+            " ORDER BY user_id FOR SHARE", (list(user_ids),),
+        )
+        return {row["user_id"] for row in curs.fetchall() if row["erased"]}
+
 
 class MemoryKeyStore(KeyStore):
     """The same, in memory (for the in-memory event store of the unit tests)."""

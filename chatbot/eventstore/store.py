@@ -1,5 +1,5 @@
-"""The event store as the `eventsourcing` library builds it: the factories named by
-`PERSISTENCE_MODULE` (chatbot/runtime/config.py), wiring the parts below together.
+"""The event store as the `eventsourcing` library builds it: the factories that the
+application on this store constructs (application.py), wiring the parts below together.
 
 - keys.py: per-user data keys, the key stores, erasure (crypto-shredding), the stored layout
 - mapper.py: the cipher and the mapper that choose each event's key
@@ -34,9 +34,9 @@ from chatbot.runtime.postgres import bound_sessions
 
 
 class ChatStoreFactory(PostgresFactory):
-    """`PERSISTENCE_MODULE=chatbot.eventstore.store:ChatStoreFactory`: PostgreSQL, with the keyed
-    mapper, the chained event recorder and sealed snapshots. Needs `CIPHER_TOPIC` and
-    `CIPHER_KEY` (the master key) and `CHAIN_KEY`."""
+    """PostgreSQL (the production store), with the keyed mapper, the chained event recorder
+    and sealed snapshots. Needs `CIPHER_TOPIC` and `CIPHER_KEY` (the master key) and
+    `CHAIN_KEY`."""
 
     def __init__(self, env: Environment) -> None:
         super().__init__(env)
@@ -97,7 +97,7 @@ class MemoryKeyedRecorder(POPOApplicationRecorder):
 
 
 class MemoryStoreFactory(POPOFactory):
-    """`PERSISTENCE_MODULE=chatbot.eventstore.store:MemoryStoreFactory`: the in-memory store with
+    """The in-memory store (`StoredChatApplication(factory=MemoryStoreFactory)`, for tests) with
     per-user keys (no hash chain: that lives in the PostgreSQL recorder)."""
 
     def __init__(self, env: Environment) -> None:

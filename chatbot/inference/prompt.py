@@ -24,7 +24,6 @@ from pathlib import Path
 from chatbot.inference.repository import models, parameter
 from chatbot.inference.tokenizer import ChatTokenizer
 
-
 MAX_PROMPT_CHARS = 24_000  # the cheap cut before tokenizing
 
 

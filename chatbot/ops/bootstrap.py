@@ -8,7 +8,7 @@ import logging
 import nats
 
 from chatbot.bus.messaging import ensure_stream
-from chatbot.runtime.application import chat_application
+from chatbot.eventstore.application import chat_application
 from chatbot.runtime.config import Settings
 from projections.readmodels import read_model_recorder
 

@@ -84,7 +84,7 @@ def cmd_worker(_: argparse.Namespace) -> int:
 
 
 def cmd_projector(_: argparse.Namespace) -> int:
-    from workers.projector import run
+    from projections.projector import run
 
     run()
     return 0
@@ -113,8 +113,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     from eventsourcing.persistence import MapperDeserialisationError
 
+    from chatbot.eventstore.application import chat_application
     from chatbot.ops.audit import audit, render_text
-    from chatbot.runtime.application import chat_application
     from domain.conversation_errors import ConversationError
 
     if args.verify:
@@ -153,8 +153,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """`chatbot audit --verify`: exit 0 if the chain is intact, 1 if anything is wrong."""
     from uuid import UUID
 
+    from chatbot.eventstore.application import chat_application
     from chatbot.ops.integrity import render_verification, stream_heads, verify
-    from chatbot.runtime.application import chat_application
     from domain.user import UserError, check_email
 
     if sum(bool(x) for x in (args.conversation_id, args.user, args.all)) != 1:
@@ -210,7 +210,7 @@ def end_sessions(settings: Settings, user_id: UUID) -> None:
 
 
 def cmd_erase_user(args: argparse.Namespace) -> int:
-    from chatbot.runtime.application import chat_application
+    from chatbot.eventstore.application import chat_application
     from domain.user import UserError, UserNotFound, check_email
 
     try:

@@ -22,8 +22,8 @@ def _with_app(func: Callable[..., int]) -> Callable[[argparse.Namespace], int]:
     """Run `func(args, settings, app)` against the configured (or embedded) PostgreSQL."""
 
     def run(args: argparse.Namespace) -> int:
+        from chatbot.eventstore.application import chat_application
         from chatbot.ops.launcher import tool_settings
-        from chatbot.runtime.application import chat_application
 
         settings, _postgres = tool_settings()
         app = chat_application(settings)

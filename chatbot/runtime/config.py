@@ -96,15 +96,14 @@ class Settings:
         )
 
     def eventsourcing_env(self, create_tables: bool = False) -> dict[str, str]:
-        """The environment of the `eventsourcing` application: PostgreSQL persistence,
-        AES-GCM encryption and zlib compression of every stored event. Only the one-time
-        bootstrap creates tables: DDL from several processes at once makes PostgreSQL
-        fail with "tuple concurrently updated"."""
+        """The environment of the `eventsourcing` application's store: where PostgreSQL is,
+        the key of the hash chain, AES-GCM encryption and zlib compression of every stored
+        event. Which store it is, is wired in code (chatbot/eventstore/application.py builds
+        the store of chatbot/eventstore/store.py). Only the one-time bootstrap creates
+        tables: DDL from several processes at once makes PostgreSQL fail with "tuple
+        concurrently updated"."""
         return {
             "CREATE_TABLE": "y" if create_tables else "n",
-            # eventsourcing's PostgreSQL store, with per-user keys, the hash chain and
-            # sealed snapshots (chatbot/eventstore/store.py)
-            "PERSISTENCE_MODULE": "chatbot.eventstore.store:ChatStoreFactory",
             "CHAIN_KEY": self.chain_key,
             "POSTGRES_DBNAME": self.pg_dbname,
             "POSTGRES_HOST": self.pg_host,

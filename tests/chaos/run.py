@@ -89,16 +89,17 @@ from chatbot.bus.messaging import (  # noqa: E402
     progress_subject,
     token_decoder,
 )
+from chatbot.eventstore.application import chat_application  # noqa: E402
 from chatbot.ops.launcher import Stack  # noqa: E402
 from chatbot.ops.servers import Ports  # noqa: E402
-from chatbot.runtime.application import chat_application  # noqa: E402
 from chatbot.runtime.config import load_settings  # noqa: E402
 from domain.application import ChatApplication  # noqa: E402
 from domain.conversation import Conversation  # noqa: E402
 from domain.persona import Persona  # noqa: E402
+from projections.projector import DURABLE as PROJECTOR_DURABLE  # noqa: E402
 from projections.rebuild import rebuild, status  # noqa: E402
 from tests.client import stream_leader  # noqa: E402
-from workers.projector import DURABLE as PROJECTOR_DURABLE  # noqa: E402
+from tests.waiting import async_eventually, eventually  # noqa: E402
 
 LOGS = Path(__file__).resolve().parents[1] / "artifacts" / "logs-chaos"
 QUICK_TOKENS = 8  # most replies: quick, so many messages go through
@@ -207,11 +208,12 @@ class User:
         r = await self.request("POST", "/api/conversations", json={"persona_id": persona_id})
         assert r.status_code == 201, r.text
         self.conversation_id = str(r.json()["id"])
-        for _ in range(100):  # the read model has it: the socket finds its owner there
-            if (await self.request("GET", f"/api/conversations/{self.conversation_id}")).status_code == 200:
-                return
-            await asyncio.sleep(0.1)
-        raise RuntimeError(f"{self.name}: conversation {self.conversation_id} never reached the read model")
+        # the read model has it: the socket finds its owner there
+        found = await async_eventually(lambda: self.request("GET", f"/api/conversations/{self.conversation_id}"),
+                                       until=lambda r: r.status_code == 200, timeout=10, interval=0.1,
+                                       what=f"conversation {self.conversation_id} in the read model", fail=False)
+        if found.status_code != 200:
+            raise RuntimeError(f"{self.name}: conversation {self.conversation_id} never reached the read model")
 
     async def run(self, stop: asyncio.Event) -> None:
         n = 0
@@ -447,12 +449,9 @@ class Chaos:
         ]
 
     async def wait_streaming(self, timeout: float = 20.0) -> list[tuple[User, Exchange]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if found := self.streaming():
-                return found
-            await asyncio.sleep(0.1)
-        return []
+        """`streaming()` once someone is, else [] after `timeout`."""
+        return await async_eventually(self.streaming, timeout=timeout, interval=0.1,
+                                      what="a long reply being written", fail=False)
 
     async def written_elsewhere(self, reply_id: str) -> bool:
         """A running worker answers the reply's progress request: it is writing it."""
@@ -526,18 +525,18 @@ class Chaos:
             self.stack.children[leader] = child
         await asyncio.to_thread(child.wait_ready)
         self.record(f"start {leader} again (down {time.monotonic() - started:.1f} s, same store)")
+
+        async def all_current() -> bool:
+            info = await js.stream_info(stream)
+            replicas = (info.cluster.replicas or []) if info.cluster else []
+            return len(replicas) == 2 and all(r.current for r in replicas)
+
         back = time.monotonic()
-        while time.monotonic() - back < 30:
-            try:
-                info = await js.stream_info(stream)
-                replicas = (info.cluster.replicas or []) if info.cluster else []
-                if len(replicas) == 2 and all(r.current for r in replicas):
-                    self.clock.say(f"  stream {stream}: three current replicas again after {time.monotonic() - back:.1f} s")
-                    return
-            except Exception:  # noqa: BLE001 - no leader for a moment
-                pass
-            await asyncio.sleep(0.5)
-        self.clock.say(f"  stream {stream}: replicas not all current 30 s after {leader} came back")
+        if await async_eventually(all_current, timeout=30, interval=0.5, ignore=(Exception,),  # no leader for a moment
+                                  what=f"three current replicas of {stream}", fail=False):
+            self.clock.say(f"  stream {stream}: three current replicas again after {time.monotonic() - back:.1f} s")
+        else:
+            self.clock.say(f"  stream {stream}: replicas not all current 30 s after {leader} came back")
 
     async def mark_failover(self) -> None:
         """Mark the messages in flight while a NATS node is down: core NATS, which carries
@@ -559,12 +558,11 @@ class Chaos:
         stopped = time.monotonic()
         self.record("pg_ctl stop -m immediate (PostgreSQL stops as if it crashed)",
                     [u.current for u in self.users if u.current is not None])
-        while time.monotonic() - stopped < 60:
-            if sum(1 for _, name, _ in restarts if name == "postgres") > seen:
-                self.clock.say(f"  PostgreSQL back after {time.monotonic() - stopped:.1f} s (started by the supervisor)")
-                return
-            await asyncio.sleep(0.2)
-        self.clock.say("  PostgreSQL not back 60 s after it stopped")
+        if await async_eventually(lambda: sum(1 for _, name, _ in restarts if name == "postgres") > seen, timeout=60,
+                                  interval=0.2, what="PostgreSQL restarted by the supervisor", fail=False):
+            self.clock.say(f"  PostgreSQL back after {time.monotonic() - stopped:.1f} s (started by the supervisor)")
+        else:
+            self.clock.say("  PostgreSQL not back 60 s after it stopped")
 
     async def kill_projector_mid_batch(self) -> None:
         """Freeze the projector, so events are delivered to it and never acked, then kill it:
@@ -596,14 +594,8 @@ class Chaos:
 
         client = triton_aio.InferenceServerClient(self.stack.settings.triton_urls[0])
         try:
-            deadline = time.monotonic() + bound_s
-            while time.monotonic() < deadline:
-                try:
-                    if await client.is_model_ready("chat"):
-                        break
-                except Exception:  # noqa: BLE001 - not up yet
-                    pass
-                await asyncio.sleep(0.5)
+            await async_eventually(lambda: client.is_model_ready("chat"), timeout=bound_s, interval=0.5,
+                                   ignore=(Exception,), what="Triton serving the model", fail=False)  # not up yet
         finally:
             await client.close()
         self.triton_down.append((down_since, self.clock.now()))
@@ -804,17 +796,15 @@ def rebuild_check(stack: Stack) -> Check:
 
 
 def wait_caught_up(stack: Stack, timeout: float) -> tuple[bool, dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while True:
+    def caught_up() -> tuple[bool, dict[str, Any]]:
         try:
             report = status(stack.settings)
-            if report["relay"]["lag"] == 0 and report["projections"]["chat"]["lag"] == 0:
-                return True, report
+            return report["relay"]["lag"] == 0 and report["projections"]["chat"]["lag"] == 0, report
         except Exception as e:  # noqa: BLE001 - a process may still be reconnecting
-            report = {"error": repr(e)}
-        if time.monotonic() > deadline:
-            return False, report
-        time.sleep(0.5)
+            return False, {"error": repr(e)}
+
+    return eventually(caught_up, until=lambda found: found[0], timeout=timeout, interval=0.5,
+                      what="the relay and the projector caught up", fail=False)
 
 
 # -- the run ----------------------------------------------------------------------------------

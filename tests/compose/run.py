@@ -52,6 +52,7 @@ import yaml
 
 from chatbot.ops.servers import free_port
 from tests.client import ChatClient, collect_reply, recv, send
+from tests.waiting import async_eventually, eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = ROOT / "tests" / "compose"
@@ -246,10 +247,8 @@ def wait_up(compose: Compose) -> None:
     """Every container of the services started is running and passes its health check; the
     one-shot bootstrap exited 0. podman-compose does not wait on depends_on conditions: the
     app containers restart (restart: unless-stopped) until the bootstrap has run."""
-    deadline = time.monotonic() + BOUND_UP_S
-    pending: list[str] = []
-    while time.monotonic() < deadline:
-        pending = []
+    def still_pending() -> list[str]:
+        pending: list[str] = []
         for service, spec in compose.services.items():
             if service in NOT_RUN:
                 continue
@@ -269,10 +268,12 @@ def wait_up(compose: Compose) -> None:
                     pending.append(f"{name}: {status} ({code})")
                 elif "healthcheck" in spec and not compose.healthy(name):
                     pending.append(f"{name}: not healthy yet")
-        if not pending:
-            return
-        time.sleep(3)
-    raise Failed(f"not up within {BOUND_UP_S:.0f} s: {'; '.join(pending)}")
+        return pending
+
+    pending = eventually(still_pending, until=lambda pending: not pending, timeout=BOUND_UP_S, interval=3,
+                         what="every service up", fail=False)
+    if pending:
+        raise Failed(f"not up within {BOUND_UP_S:.0f} s: {'; '.join(pending)}")
 
 
 # -- chatting through nginx -------------------------------------------------------------------
@@ -348,11 +349,12 @@ async def faults(compose: Compose, client: ChatClient, persona_id: str) -> None:
     """Kill the API container holding the socket and the worker writing the reply, mid-reply."""
     conversation = await client.start_conversation(persona_id)
     ws = await client.ws(open_timeout=10)
-    deadline = time.monotonic() + 10  # the sockets closed before may take a moment to be counted
-    while len(holders := [n for n, v in api_sockets(compose).items() if v > 0]) != 1:
-        if time.monotonic() > deadline:
-            raise Failed(f"one socket open, yet API containers report {holders}")
-        await asyncio.sleep(0.5)
+    # the sockets closed before may take a moment to be counted
+    holders = await async_eventually(lambda: [n for n, v in api_sockets(compose).items() if v > 0],
+                                     until=lambda holders: len(holders) == 1, timeout=10, interval=0.5,
+                                     what="one API container holding a socket", fail=False)
+    if len(holders) != 1:
+        raise Failed(f"one socket open, yet API containers report {holders}")
     cmid = str(uuid.uuid4())
     await send(ws, conversation, "Tell me a long story about a ship at sea.", cmid)
     reply_id = None
@@ -421,23 +423,30 @@ def scrape(compose: Compose) -> None:
                 raise Failed(f"{name}: Triton's /metrics has no nv_inference_request_success")
     say("every app container and Triton serve /metrics")
     url = f"http://127.0.0.1:{compose.env['PROMETHEUS_PORT']}/api/v1/targets"
-    deadline = time.monotonic() + 90  # a scrape every 15 s; DNS refreshed every 30 s
-    down: list[str] = []
-    while time.monotonic() < deadline:
+    wanted = {"api": 3, "relay": 2, "projector": 2, "worker": 4, "triton": 1, "prometheus": 1}
+
+    def targets_up() -> tuple[list[str], dict[str, int]]:
+        """The targets down, and how many of each job's are up."""
         with urllib.request.urlopen(url, timeout=10) as r:
             targets = json.loads(r.read())["data"]["activeTargets"]
         jobs: dict[str, int] = {}
-        down = []
+        down: list[str] = []
         for t in targets:
             jobs[t["labels"]["job"]] = jobs.get(t["labels"]["job"], 0) + (t["health"] == "up")
             if t["health"] != "up":
                 down.append(f"{t['labels']['job']} {t['scrapeUrl']}: {t['health']} {t.get('lastError', '')}")
-        wanted = {"api": 3, "relay": 2, "projector": 2, "worker": 4, "triton": 1, "prometheus": 1}
-        if not down and all(jobs.get(j, 0) >= n for j, n in wanted.items()):
-            say(f"Prometheus scrapes every target: {jobs}")
-            return
-        time.sleep(5)
-    raise Failed(f"Prometheus does not scrape every target: {down or jobs}")
+        return down, jobs
+
+    def every_target(found: tuple[list[str], dict[str, int]]) -> bool:
+        down, jobs = found
+        return not down and all(jobs.get(j, 0) >= n for j, n in wanted.items())
+
+    # a scrape every 15 s; DNS refreshed every 30 s
+    down, jobs = eventually(targets_up, until=every_target, timeout=90, interval=5,
+                            what="Prometheus scraping every target", fail=False)
+    if not every_target((down, jobs)):
+        raise Failed(f"Prometheus does not scrape every target: {down or jobs}")
+    say(f"Prometheus scrapes every target: {jobs}")
 
 
 # -- the run -----------------------------------------------------------------------------------

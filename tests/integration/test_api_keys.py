@@ -4,8 +4,6 @@ changed and refused when it does not fit."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import UUID
 
@@ -15,6 +13,7 @@ import pytest
 from api.key_use import KeyUseStore
 from projections.readmodels import read_model_recorder
 from tests.client import ChatClient
+from tests.waiting import async_eventually
 
 pytestmark = pytest.mark.integration
 WAIT_S = 15.0
@@ -31,15 +30,6 @@ async def listed(client: ChatClient, key_id: str) -> dict[str, Any]:
     assert r.status_code == 200, r.text
     [key] = [k for k in r.json() if k["key_id"] == key_id]
     return dict(key)
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], what: str) -> Any:
-    """Poll `check` until it returns something true (read models and key uses lag a little)."""
-    deadline = asyncio.get_running_loop().time() + WAIT_S
-    while not (found := await check()):
-        assert asyncio.get_running_loop().time() < deadline, f"no {what} within {WAIT_S} s"
-        await asyncio.sleep(0.1)
-    return found
 
 
 async def complete(api_url: str, key: str) -> UUID:
@@ -75,7 +65,8 @@ async def test_a_key_shows_when_it_was_made_and_its_last_use_once_it_opened_v1(
     async def used() -> str | None:
         return (await listed(client, made["key_id"]))["last_used_at"]
 
-    last_used = await eventually(used, "last use")
+    # a key's use is recorded a little later
+    last_used = await async_eventually(used, timeout=WAIT_S, interval=0.1, what="the key's last use")
     assert last_used >= before["created_at"]
 
 
@@ -119,7 +110,8 @@ async def test_erasing_the_account_deletes_its_keys_last_uses(client: ChatClient
     made = await create_key(client)
     async with httpx.AsyncClient(base_url=api_url) as http:
         assert (await http.get("/v1/models", headers={"Authorization": f"Bearer {made['key']}"})).status_code == 200
-    await eventually(lambda: _true_if_used(client, made["key_id"]), "last use")
+    await async_eventually(lambda: _true_if_used(client, made["key_id"]), timeout=WAIT_S, interval=0.1,
+                           what="the key's last use")
     recorder = read_model_recorder(stack.settings.eventsourcing_env())
     try:
         store = KeyUseStore(recorder)

@@ -3,7 +3,6 @@ streams, and conversation management (titles, rename, archive, delete, search, p
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 
@@ -11,6 +10,7 @@ import pytest
 
 from tests.client import ChatClient, collect_reply, recv, send
 from tests.integration.test_reliability_and_storage import long_talker
+from tests.waiting import async_eventually
 
 pytestmark = pytest.mark.integration
 
@@ -114,13 +114,13 @@ async def test_titles_rename_archive_delete_search_and_paging(client: ChatClient
             await collect_reply(ws)
 
     async def listing(query: str = "") -> list[dict]:
-        for _ in range(200):
+        async def rows() -> list[dict]:
             r = await client.get(f"/api/conversations{query}")
             assert r.status_code == 200, r.text
-            if all(c["title"] != "New chat" for c in r.json()):
-                return list(r.json())
-            await asyncio.sleep(0.05)
-        return list(r.json())
+            return list(r.json())
+
+        return await async_eventually(rows, until=lambda rows: all(c["title"] != "New chat" for c in rows), timeout=10,
+                                      interval=0.05, what=f"every chat listed ({query}) titled", fail=False)
 
     rows = await listing()
     assert [c["id"] for c in rows] == ids[::-1]  # newest first
@@ -144,12 +144,11 @@ async def test_titles_rename_archive_delete_search_and_paging(client: ChatClient
     r = await client.http.delete(f"/api/conversations/{ids[0]}", headers=client.headers)
     assert r.status_code == 204, r.text
 
-    for _ in range(200):
-        rows = (await client.get("/api/conversations")).json()
-        if [c["id"] for c in rows] == [ids[1]] and rows[0]["title"] == "Lisbon weekend":
-            break
-        await asyncio.sleep(0.05)
-    assert [(c["id"], c["title"]) for c in rows] == [(ids[1], "Lisbon weekend")]
+    async def listed() -> list[tuple[str, str]]:
+        return [(c["id"], c["title"]) for c in (await client.get("/api/conversations")).json()]
+
+    await async_eventually(listed, until=lambda rows: rows == [(ids[1], "Lisbon weekend")], timeout=10, interval=0.05,
+                           what="the renamed chat listed alone")
     archived = (await client.get("/api/conversations?archived=true")).json()
     assert [c["id"] for c in archived] == [ids[2]] and archived[0]["archived"] is True
     assert (await client.get(f"/api/conversations/{ids[0]}/messages")).status_code == 404
@@ -162,7 +161,6 @@ async def test_titles_rename_archive_delete_search_and_paging(client: ChatClient
 
 
 async def test_a_temporary_conversation_is_gone_after_its_time(client: ChatClient, chat_app) -> None:
-    from datetime import datetime, timezone
     from uuid import UUID
 
     r = await client.http.post("/api/conversations", json={"expires_in_s": 60}, headers=client.headers)
@@ -177,11 +175,9 @@ async def test_a_temporary_conversation_is_gone_after_its_time(client: ChatClien
     # instead of waiting a minute, record that it is due now: the same command with a later clock
     conversation = chat_app.repository.get(UUID(cid))
     assert chat_app.expire_conversation(UUID(cid), now=conversation.expires_at) is True
-    for _ in range(100):
-        if (await client.get(f"/api/conversations/{cid}/messages")).status_code == 404:
-            break
-        await asyncio.sleep(0.05)
-    assert (await client.get(f"/api/conversations/{cid}/messages")).status_code == 404
+    await async_eventually(lambda: client.get(f"/api/conversations/{cid}/messages"),
+                           until=lambda r: r.status_code == 404, timeout=5, interval=0.05,
+                           what="the expired conversation gone (404)")
     assert cid not in [c["id"] for c in (await client.get("/api/conversations")).json()]
 
 
@@ -196,17 +192,16 @@ async def test_the_retention_job_expires_due_conversations_by_itself(client: Cha
     conversation.set_retention(timedelta(minutes=1), now=datetime.now(timezone.utc) - timedelta(minutes=2))
     chat_app.save(conversation)
     chat_app.update_conversation(later, UUID(client.user_id), keep_for=timedelta(hours=1))
-    for _ in range(200):
-        if chat_app.repository.get(due).deleted:
-            break
-        await asyncio.sleep(0.1)
+    await async_eventually(lambda: chat_app.repository.get(due).deleted, timeout=20, interval=0.1,
+                           what="the due conversation expired by the job")
     events = [type(e).__name__ for e in chat_app.repository.get(due).collect_events()]
     stored = [n.topic.rsplit(".", 1)[-1] for n in chat_app.recorder.select_events(due)]
     assert stored[-1] == "Expired" and not events
     assert not chat_app.repository.get(later).deleted
-    for _ in range(100):
-        ids = [c["id"] for c in (await client.get("/api/conversations")).json()]
-        if str(due) not in ids:
-            break
-        await asyncio.sleep(0.05)
-    assert str(due) not in ids and str(later) in ids
+
+    async def listed() -> list[str]:
+        return [c["id"] for c in (await client.get("/api/conversations")).json()]
+
+    ids = await async_eventually(listed, until=lambda ids: str(due) not in ids, timeout=5, interval=0.05,
+                                 what="the expired conversation gone from the list")
+    assert str(later) in ids

@@ -14,6 +14,7 @@ from chatbot.ops.launcher import Stack
 from projections.readmodels import ReadModelRecorder, read_model_recorder
 from tests.client import ChatClient
 from tests.ui.conftest import export_of
+from tests.waiting import async_eventually
 
 pytestmark = pytest.mark.integration
 
@@ -39,12 +40,8 @@ async def test_pages_by_time_and_id_and_pins(client: ChatClient, stack: Stack) -
     r = await client.http.post("/api/import", content=json.dumps(export_of(7)),
                                headers={**client.headers, "content-type": "application/json"}, timeout=120)
     assert r.status_code == 201 and r.json()["imported"] == 7, r.text
-    for _ in range(200):
-        everything = await listing(client, "?limit=50")
-        if len(everything) == 7:
-            break
-        await asyncio.sleep(0.05)
-    assert len(everything) == 7
+    everything = await async_eventually(lambda: listing(client, "?limit=50"), until=lambda rows: len(rows) == 7,
+                                        timeout=10, interval=0.05, what="the seven imported chats listed")
     order = [(c["updated_at"], c["id"]) for c in everything]
     assert order == sorted(order, reverse=True)  # newest first, ties broken by id
 
@@ -76,11 +73,8 @@ async def test_pages_by_time_and_id_and_pins(client: ChatClient, stack: Stack) -
     chosen = everything[4]["id"]
     r = await client.http.patch(f"/api/conversations/{chosen}", json={"pinned": True}, headers=client.headers)
     assert r.status_code == 204, r.text
-    for _ in range(200):
-        pinned = await listing(client, "?pinned=true")
-        if pinned:
-            break
-        await asyncio.sleep(0.05)
+    pinned = await async_eventually(lambda: listing(client, "?pinned=true"), timeout=10, interval=0.05,
+                                    what="a pinned chat listed")
     assert [c["id"] for c in pinned] == [chosen] and pinned[0]["pinned"] is True
     unpinned = await listing(client, "?pinned=false")
     assert len(unpinned) == 6 and chosen not in {c["id"] for c in unpinned}
@@ -99,10 +93,9 @@ async def test_a_chat_left_empty_is_discarded_by_the_retention_job(client: ChatC
     assert r.status_code == 204, r.text
     readmodels = read_model_recorder(stack.settings.eventsourcing_env())
     try:
-        for _ in range(200):  # both projected
-            if (await client.get(f"/api/conversations/{renamed}")).json().get("title") == "Later":
-                break
-            await asyncio.sleep(0.05)
+        await async_eventually(lambda: client.get(f"/api/conversations/{renamed}"),  # both projected
+                               until=lambda r: r.json().get("title") == "Later", timeout=10, interval=0.05,
+                               what="the renamed chat projected", fail=False)
         named = await asyncio.to_thread(readmodels.empty_conversations, timedelta(0))
         assert {UUID(empty), UUID(renamed)} <= set(named)  # the read model names candidates only
         assert UUID(empty) not in await asyncio.to_thread(readmodels.empty_conversations, timedelta(days=1))
@@ -111,9 +104,6 @@ async def test_a_chat_left_empty_is_discarded_by_the_retention_job(client: ChatC
     # the events decide: the renamed one is kept
     assert await asyncio.to_thread(chat_app.discard_empty_conversation, UUID(empty), timedelta(0))
     assert not await asyncio.to_thread(chat_app.discard_empty_conversation, UUID(renamed), timedelta(0))
-    for _ in range(200):
-        if (await client.get(f"/api/conversations/{empty}")).status_code == 404:
-            break
-        await asyncio.sleep(0.05)
-    assert (await client.get(f"/api/conversations/{empty}")).status_code == 404
+    await async_eventually(lambda: client.get(f"/api/conversations/{empty}"), until=lambda r: r.status_code == 404,
+                           timeout=10, interval=0.05, what="the discarded chat gone (404)")
     assert (await client.get(f"/api/conversations/{renamed}")).status_code == 200

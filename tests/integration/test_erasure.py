@@ -19,12 +19,12 @@ import psycopg
 import pytest
 
 from chatbot.bus.messaging import decode_event
+from chatbot.eventstore.application import SNAPSHOT_INTERVAL, chat_application
 from chatbot.eventstore.keys import KEY_TTL_S, DataErased, key_owner
 from chatbot.ops.launcher import Stack
-from chatbot.runtime.application import chat_application
-from domain.application import SNAPSHOT_INTERVAL
 from projections.rebuild import rebuild
 from tests.client import ChatClient, collect_reply, send
+from tests.waiting import async_eventually
 
 pytestmark = pytest.mark.integration
 OUTCOME = dict(finish_reason="stop", prompt_tokens=3, completion_tokens=2, ttft_ms=1.0, duration_ms=2.0,
@@ -87,13 +87,6 @@ async def stream_messages(stack: Stack) -> list[tuple[dict[str, str], bytes]]:
         await nc.close()
 
 
-async def wait_for(condition, timeout: float = 15.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.1)
-
-
 def rows_of(stack: Stack, user_id: UUID, conversation_ids: list[UUID]) -> int:
     with psycopg.connect(stack.settings.pg_conninfo) as conn:
         return sum(conn.execute(sql, params).fetchone()[0] for sql, params in [
@@ -147,7 +140,8 @@ async def test_a_user_who_deletes_their_account_leaves_no_plaintext_anywhere(
     assert anonymous.status_code == 401
     deleted = await client.http.request("DELETE", "/api/me", json={"password": client.password}, headers=client.headers)
     assert deleted.status_code == 204, deleted.text
-    await wait_for(lambda: rows_of(stack, user_id, conversations) == 0)
+    await async_eventually(lambda: rows_of(stack, user_id, conversations), until=lambda rows: rows == 0, timeout=15,
+                           interval=0.1, what="no read-model rows of the erased user")
 
     # Gone, as far as the API can tell, even with the old token.
     assert (await client.get("/api/me")).status_code == 401
@@ -230,13 +224,15 @@ async def test_an_operator_erases_a_user_by_address(stack: Stack, client: ChatCl
     assert erased.returncode == 0, erased.stderr
     assert f"erased user {client.user_id}" in erased.stdout
     assert "erased already" in cli(stack, "erase-user", client.email, "--yes").stdout
-    await wait_for(lambda: rows_of(stack, UUID(client.user_id), [UUID(conversation_id)]) == 0)
+    await async_eventually(lambda: rows_of(stack, UUID(client.user_id), [UUID(conversation_id)]),
+                           until=lambda rows: rows == 0, timeout=15, interval=0.1,
+                           what="no read-model rows of the erased user")
     # the API process may trust the key it holds for KEY_TTL_S more (a documented window)
-    for _ in range(int(KEY_TTL_S * 10) + 50):
-        if (await client.get("/api/me")).status_code == 401:
-            break
-        await asyncio.sleep(0.1)
-    assert (await client.get("/api/me")).status_code == 401
+    async def me() -> int:
+        return (await client.get("/api/me")).status_code
+
+    await async_eventually(me, until=lambda status: status == 401, timeout=KEY_TTL_S + 5, interval=0.1,
+                           what="the erased user's session refused (401)")
 
 
 async def test_no_event_under_a_users_key_is_committed_after_the_key_is_destroyed(stack: Stack, chat_app) -> None:
@@ -279,17 +275,19 @@ async def test_the_projector_skips_the_events_of_a_user_erased_before_it_applied
     finally:
         projector.start()
     # It moves past every one of them (they no longer decrypt) and past `Erased`.
-    await wait_for(lambda: status(stack.settings)["projections"]["chat"]["position"] >= head, timeout=30)
+    await async_eventually(lambda: status(stack.settings)["projections"]["chat"]["position"],
+                           until=lambda position: position >= head, timeout=30, interval=0.1,
+                           what=f"the chat projection at position {head}")
     assert projector.alive()
     assert rows_of(stack, user, [conversation_id]) == 0
 
 
 def test_a_projector_batch_and_an_erasure_never_interleave(stack: Stack) -> None:
     """A projector applies a batch holding a share lock on the key rows of the users in it
-    (`lock_owners`). An erasure, which nulls the key row, waits for that batch to commit, so
+    (`PostgresKeyStore.share_lock`). An erasure, which nulls the key row, waits for that batch to commit, so
     the `Erased` event that follows deletes the batch's rows too; a batch that starts after
     the erasure sees the user as erased and writes nothing of theirs."""
-    from workers.projector import lock_owners
+    from chatbot.eventstore.keys import PostgresKeyStore
 
     user, bystander = uuid.uuid4(), uuid.uuid4()
     with psycopg.connect(stack.settings.pg_conninfo, autocommit=True) as conn:
@@ -298,7 +296,7 @@ def test_a_projector_batch_and_an_erasure_never_interleave(stack: Stack) -> None
     with psycopg.connect(stack.settings.pg_conninfo, row_factory=psycopg.rows.dict_row) as projector, \
             psycopg.connect(stack.settings.pg_conninfo, autocommit=True) as eraser:
         with projector.cursor() as curs:
-            assert lock_owners(curs, [user, bystander]) == set()
+            assert PostgresKeyStore.share_lock(curs, [user, bystander]) == set()
             # the projector's batch is open: the erasure cannot null the key row meanwhile
             eraser.execute("SET lock_timeout = '300ms'")
             with pytest.raises(psycopg.errors.LockNotAvailable):
@@ -306,5 +304,5 @@ def test_a_projector_batch_and_an_erasure_never_interleave(stack: Stack) -> None
         projector.commit()  # the batch commits: the erasure goes through
         eraser.execute("UPDATE user_keys SET wrapped_key = NULL, erased_at = now() WHERE user_id = %s", (user,))
         with projector.cursor() as curs:
-            assert lock_owners(curs, [user, bystander]) == {user}  # the next batch skips them
+            assert PostgresKeyStore.share_lock(curs, [user, bystander]) == {user}  # the next batch skips them
         projector.commit()

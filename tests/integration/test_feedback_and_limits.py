@@ -12,6 +12,7 @@ import pytest
 from domain.conversation import Conversation
 from domain.persona import Persona
 from tests.client import ChatClient, collect_reply, recv, send
+from tests.waiting import async_eventually
 
 pytestmark = pytest.mark.integration
 
@@ -93,11 +94,9 @@ async def test_a_reply_still_counts_against_the_quota_when_its_conversation_is_d
             r = await client.http.delete(f"/api/conversations/{conversation_id}", headers=client.headers)
             assert r.status_code == 204, r.text
         reply_id = UUID(accepted["reply_id"])
-        for _ in range(600):  # the reply goes on and is recorded, then projected
-            used = readmodels.tokens_today(user)
-            if used > before:
-                break
-            await asyncio.sleep(0.1)
+        # the reply goes on and is recorded, then projected
+        used = await async_eventually(lambda: readmodels.tokens_today(user), until=lambda used: used > before,
+                                      timeout=60, interval=0.1, what="the reply's tokens counted for the day")
         conversation: Conversation = chat_app.repository.get(UUID(conversation_id))
         reply = conversation.reply(reply_id)
         assert reply["status"] == "complete"

@@ -9,7 +9,6 @@ on the same connection. No HTTP operation may answer 5xx to any input. Both are 
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from chatbot.ops.launcher import Stack
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -310,10 +310,8 @@ def test_a_message_of_odd_characters_is_refused_or_projected_never_wedging_the_p
     with httpx.Client(base_url=api_url, headers=account.headers, timeout=30) as http:
         # a later, ordinary conversation must reach the read models either way
         other = http.post("/api/conversations", json={}, headers=account.headers).json()["id"]
-        deadline = time.monotonic() + 20
-        while not any(c["id"] == other for c in http.get("/api/conversations").json()):
-            assert time.monotonic() < deadline, "the projector stopped applying events"
-            time.sleep(0.1)
+        eventually(lambda: any(c["id"] == other for c in http.get("/api/conversations").json()), timeout=20,
+                   interval=0.1, what="the later conversation listed (else the projector stopped applying events)")
         if frame["type"] == "error":
             assert frame["code"] == "rejected" and "NUL" in frame["message"], frame
         else:

@@ -17,7 +17,7 @@ import pytest
 from chatbot.ops.launcher import Stack
 from chatbot.runtime.postgres import flush_pipeline
 from tests.client import ChatClient, collect_reply, recv, send
-from tests.unit.test_transfer import node
+from tests.fakes import node
 
 pytestmark = pytest.mark.integration
 

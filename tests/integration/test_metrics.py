@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import Callable
 
 import httpx
@@ -15,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chatbot.ops.launcher import Stack
 from tests.client import ChatClient, collect_reply, recv, send
+from tests.waiting import async_eventually
 
 pytestmark = pytest.mark.integration
 
@@ -42,12 +42,8 @@ async def moved(stack: Stack, before: dict[str, Samples], done: Callable[[dict[s
                 timeout: float = 30) -> dict[str, Samples]:
     """Scrape every process until `done` says what should have moved has (a reply's outcome
     is counted just after its end goes out), or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        after = await asyncio.to_thread(scrape_all, stack)
-        if done(after) or time.monotonic() > deadline:
-            return after
-        await asyncio.sleep(0.2)
+    return await async_eventually(lambda: asyncio.to_thread(scrape_all, stack), until=done, timeout=timeout,
+                                  interval=0.2, what="the metrics moved", fail=False)
 
 
 async def test_one_message_moves_the_series_of_every_process_it_crosses(stack: Stack, client: ChatClient) -> None:

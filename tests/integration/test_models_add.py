@@ -17,7 +17,7 @@ import pytest
 from chatbot.inference.default_model import CACHE, GGUF_MEMBER
 from chatbot.ops.launcher import Stack
 from tests.client import ChatClient, collect_reply, send
-from tests.unit.test_model_add import tiny_qwen2
+from tests.fakes import tiny_qwen2
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import shutil
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -26,6 +25,7 @@ from projections.positions import read_positions
 from projections.readmodels import read_model_recorder
 from tests.client import ChatClient, collect_reply, send, stream_leader
 from tests.conftest import ARTIFACTS
+from tests.waiting import async_eventually
 
 pytestmark = pytest.mark.integration
 PARTITIONS = 4
@@ -64,17 +64,16 @@ async def chat(client: ChatClient, conversation_id: str, text: str) -> dict[str,
 
 async def replicas_current(js: JetStreamContext, stream: str, timeout: float = 60) -> Any:
     """The stream's info once it has a leader and two current followers."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            info = await js.stream_info(stream)
-            followers = (info.cluster.replicas or []) if info.cluster else []
-            if info.cluster and info.cluster.leader and len(followers) == 2 and all(r.current for r in followers):
-                return info
-        except (nats.errors.Error, TimeoutError):
-            pass  # no leader for a moment
-        assert time.monotonic() < deadline, "the stream did not get back to three current replicas"
-        await asyncio.sleep(0.5)
+    async def current() -> Any:
+        info = await js.stream_info(stream)
+        followers = (info.cluster.replicas or []) if info.cluster else []
+        if info.cluster and info.cluster.leader and len(followers) == 2 and all(r.current for r in followers):
+            return info
+        return None
+
+    return await async_eventually(current, timeout=timeout, interval=0.5,
+                                  ignore=(nats.errors.Error, TimeoutError),  # no leader for a moment
+                                  what="the stream back to three current replicas")
 
 
 async def test_chats_go_on_while_a_nats_node_dies_and_comes_back(cluster: Stack, js: JetStreamContext) -> None:

@@ -16,6 +16,7 @@ import pytest
 from domain.conversation import Conversation
 from domain.user import parse_api_key
 from tests.client import ChatClient
+from tests.waiting import async_eventually
 
 pytestmark = pytest.mark.integration
 
@@ -235,9 +236,8 @@ async def test_a_client_that_leaves_a_stream_early_stops_the_generation(ai: open
     await stream.close()
     conversation_id, reply_id = UUID(raw.headers["x-chat-conversation-id"]), reply_id_of(chunk.id)
 
-    deadline = asyncio.get_running_loop().time() + 60
-    while (reply := chat_app.repository.get(conversation_id).reply(reply_id))["status"] == "pending":
-        assert asyncio.get_running_loop().time() < deadline, "the reply never got an outcome"
-        await asyncio.sleep(0.1)
+    reply = await async_eventually(lambda: chat_app.repository.get(conversation_id).reply(reply_id),
+                                   until=lambda reply: reply["status"] != "pending", timeout=60, interval=0.1,
+                                   what="the reply's outcome")
     # normally cut short; a reply that ended on its own first is fine too
     assert reply["status"] == "complete" and reply["finish_reason"] in {"cancelled", "stop", "length"}

@@ -3,7 +3,6 @@ replies that record the persona version they were written with."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from uuid import UUID
 
@@ -11,6 +10,7 @@ import pytest
 
 from domain.conversation import Conversation
 from tests.client import ChatClient, collect_reply, send
+from tests.waiting import async_eventually
 
 pytestmark = pytest.mark.integration
 
@@ -21,13 +21,6 @@ def persona_body(**overrides: object) -> dict[str, object]:
         "avatar": "🦊", "greeting": "Hey!", "starters": ["What's up?"], "temperature": 0.7, "visibility": "private",
     }
     return {**body, **overrides}
-
-
-async def wait_for(check, timeout: float = 10.0):  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (result := await check()) and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.05)
-    return result
 
 
 async def test_a_user_creates_edits_and_retires_a_persona_with_every_edit_a_version(
@@ -50,7 +43,8 @@ async def test_a_user_creates_edits_and_retires_a_persona_with_every_edit_a_vers
     async def listed(c: ChatClient) -> list[str]:
         return [p["id"] for p in (await c.get("/api/personas")).json()]
 
-    assert await wait_for(lambda: _contains(listed(client), persona["id"]))
+    await async_eventually(lambda: _contains(listed(client), persona["id"]), timeout=10, interval=0.05,
+                           what="the persona listed for its owner")
     assert persona["id"] not in await listed(other_client)
     assert (await other_client.get(f"/api/personas/{persona['id']}")).status_code == 404
     r = await other_client.http.patch(f"/api/personas/{persona['id']}", json={"name": "Mine"}, headers=other_client.headers)
@@ -58,7 +52,8 @@ async def test_a_user_creates_edits_and_retires_a_persona_with_every_edit_a_vers
 
     r = await client.http.delete(f"/api/personas/{persona['id']}", headers=client.headers)
     assert r.status_code == 204
-    assert await wait_for(lambda: _lacks(listed(client), persona["id"]))
+    await async_eventually(lambda: _lacks(listed(client), persona["id"]), timeout=10, interval=0.05,
+                           what="the retired persona no longer listed")
     r = await client.http.post("/api/conversations", json={"persona_id": persona["id"]}, headers=client.headers)
     assert r.status_code == 404
 
@@ -197,7 +192,8 @@ async def test_slugs_are_per_creator_and_taking_one_reveals_nothing(client: Chat
         r = await client.http.get("/v1/models", headers=auth)
         return [m["id"] for m in r.json()["data"]]
 
-    assert await wait_for(lambda: _contains(models(), theirs["id"]))
+    await async_eventually(lambda: _contains(models(), theirs["id"]), timeout=10, interval=0.05,
+                           what="the other user's public persona among the models")
     assert body["slug"] in await models()
     r = await client.http.post("/v1/chat/completions", headers=auth, json={
         "model": theirs["id"], "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})

@@ -17,10 +17,9 @@ import pytest
 
 from chatbot.bus.messaging import H_TOPIC, event_headers
 from chatbot.ops.launcher import Stack
-from projections.chat import ChatProjection
 from projections.positions import read_positions
+from projections.projector import ChatProjection, apply_batch
 from projections.readmodels import ReadModelRecorder
-from workers.projector import apply_batch
 
 pytestmark = pytest.mark.integration
 OUTCOME = dict(finish_reason="stop", prompt_tokens=3, completion_tokens=2, ttft_ms=1.0, duration_ms=2.0,
@@ -76,14 +75,14 @@ def test_a_redelivery_inside_one_batch_is_applied_once(stack: Stack, chat_app: A
 
     positions = read_positions(recorder, 1)
     # the batch as a rewound consumer may hand it over: everything, then the newest again
-    positions = apply_batch(projection, chat_app.mapper, deliveries + deliveries[-2:], positions)
+    positions = apply_batch(projection, chat_app.event_log(), deliveries + deliveries[-2:], positions)
     assert usage(recorder, user) == (5, 1), "the reply counted once"
     assert positions.head == mine[-1].id
 
     # the whole batch again (a projector restarted before its acks): nothing changes
-    positions = apply_batch(projection, chat_app.mapper, deliveries, positions)
+    positions = apply_batch(projection, chat_app.event_log(), deliveries, positions)
     assert usage(recorder, user) == (5, 1)
-    fresh = apply_batch(projection, chat_app.mapper, deliveries, read_positions(recorder, 1))
+    fresh = apply_batch(projection, chat_app.event_log(), deliveries, read_positions(recorder, 1))
     assert usage(recorder, user) == (5, 1), "positions read back from the tracking table skip them too"
     assert fresh.head == mine[-1].id
     rows = recorder.messages(conversation)
@@ -113,11 +112,11 @@ def test_two_projectors_reading_one_partition_by_mistake_apply_each_event_once(s
     stale = read_positions(second, 1)  # the second projector's positions, read at its start
 
     last_reply = max(i for i, d in enumerate(deliveries) if d.headers[H_TOPIC].endswith("ReplyCompleted"))
-    apply_batch(ChatProjection(first), chat_app.mapper, deliveries[:last_reply], read_positions(first, 1))
+    apply_batch(ChatProjection(first), chat_app.event_log(), deliveries[:last_reply], read_positions(first, 1))
     assert usage(first, user) == (5 * 3, 3)
     # the second one's batch: the replies the first completed, then the newest events
     completed = [d for d in deliveries[:last_reply] if d.headers[H_TOPIC].endswith("ReplyCompleted")]
-    after = apply_batch(ChatProjection(second), chat_app.mapper, completed + deliveries[last_reply:], stale)
+    after = apply_batch(ChatProjection(second), chat_app.event_log(), completed + deliveries[last_reply:], stale)
     assert usage(first, user) == (5 * 4, 4), "each reply counted once"
     assert after.head == mine[-1].id == read_positions(first, 1).head
 
@@ -138,7 +137,7 @@ def test_a_projector_with_nothing_cached_seals_each_message_under_its_owner_in_a
     mine = [n for n in chat_app.recorder.select_notifications(start, 1000, inclusive_of_start=False)
             if n.originator_id in conversations]
     started = [n for n in mine if event_headers(n)[H_TOPIC].endswith("Started")]
-    apply_batch(ChatProjection(first), chat_app.mapper, [Delivery(event_headers(n), n.state) for n in started],
+    apply_batch(ChatProjection(first), chat_app.event_log(), [Delivery(event_headers(n), n.state) for n in started],
                 read_positions(first, 1))
     for (c, p) in zip(conversations, posted):
         chat_app.complete_reply(c, p.reply_id, text=f"reply to {c}", **OUTCOME)
@@ -149,7 +148,7 @@ def test_a_projector_with_nothing_cached_seals_each_message_under_its_owner_in_a
     assert [n.originator_id for n in rest[:3]] == [conversations[0], conversations[0], conversations[1]]
     cold = make_recorder(stack, first.tracking_table_name)
     cold.sealer = type(first.sealer)(chat_app.mapper.keys)  # sealed under each owner's key
-    apply_batch(ChatProjection(cold), chat_app.mapper, [Delivery(event_headers(n), n.state) for n in rest],
+    apply_batch(ChatProjection(cold), chat_app.event_log(), [Delivery(event_headers(n), n.state) for n in rest],
                 read_positions(cold, 1))
     for i, c in enumerate(conversations):
         rows = cold.messages(c)

@@ -15,7 +15,7 @@ import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from chatbot.ops.launcher import Stack
-from workers.projector import rewind_if_interrupted
+from projections.projector import rewind_if_interrupted
 
 pytestmark = pytest.mark.integration
 

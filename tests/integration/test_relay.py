@@ -144,9 +144,9 @@ async def test_a_stream_that_ends_beyond_the_event_store_is_not_trusted(js) -> N
     nc, jsc = js
     await publish_atomic(nc, notifications(1, 12), 4)
 
-    def app(head: int) -> SimpleNamespace:
-        return SimpleNamespace(recorder=SimpleNamespace(max_notification_id=lambda: head))
+    def log(head: int) -> SimpleNamespace:  # the event log, as far as `stream_end` reads it
+        return SimpleNamespace(head=lambda: head)
 
-    assert await stream_end(jsc, STREAM, app(40)) == 12
-    assert await stream_end(jsc, STREAM, app(12)) == 12
-    assert await stream_end(jsc, STREAM, app(5)) == 0
+    assert await stream_end(jsc, STREAM, log(40)) == 12
+    assert await stream_end(jsc, STREAM, log(12)) == 12
+    assert await stream_end(jsc, STREAM, log(5)) == 0

@@ -24,6 +24,7 @@ from chatbot.runtime.config import REPO_ROOT
 from domain.persona import Persona
 from domain.user import User
 from tests.client import ChatClient, collect_reply, send
+from tests.waiting import async_eventually
 from workers.rollout import REFRESH_S
 
 pytestmark = pytest.mark.integration
@@ -109,11 +110,13 @@ class SteadyLoad:
         return [d for d in self.done if d[0] > moment]
 
     async def until(self, moment: float, count: int, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.replies_sent_after(moment)) < count:
-            assert time.monotonic() < deadline, f"only {len(self.replies_sent_after(moment))} replies in {timeout} s"
-            assert not self.failures, self.failures
-            await asyncio.sleep(0.2)
+        def replies() -> int:
+            n = len(self.replies_sent_after(moment))
+            assert n >= count or not self.failures, self.failures
+            return n
+
+        await async_eventually(replies, until=lambda n: n >= count, timeout=timeout, interval=0.2,
+                               what=f"{count} replies to messages sent after {moment:.1f}")
 
 
 def recorded_versions(chat_app: Any, replies: list[tuple[float, str, str]]) -> list[str]:

@@ -16,8 +16,8 @@ import pytest
 from psycopg.rows import dict_row
 
 from chatbot.bus.messaging import event_name
+from chatbot.eventstore.application import SNAPSHOT_INTERVAL
 from chatbot.ops.launcher import Stack
-from domain.application import SNAPSHOT_INTERVAL
 from tests.client import ChatClient, collect_reply, send
 
 pytestmark = pytest.mark.integration

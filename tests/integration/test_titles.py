@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.client import ChatClient, collect_reply, recv, send
+from tests.waiting import async_eventually
 from workers.titles import clean_title
 
 pytestmark = pytest.mark.integration
@@ -49,12 +50,10 @@ async def test_the_model_titles_a_chat_after_its_first_reply(client: ChatClient,
             await send(ws, conversation_id, prompt)
             await collect_reply(ws)
             frame = await title_frame(ws, conversation_id)
-        for _ in range(300):  # the model's title, or the worker's word that it was not one
-            events = list(chat_app.events.get(uuid.UUID(conversation_id)))
-            titled = [e for e in events if type(e).__name__ == "Titled"]
-            if len(titled) == 2 or refused(conversation_id):
-                break
-            await asyncio.sleep(0.1)
+        titled = await async_eventually(
+            lambda: [e for e in chat_app.events.get(uuid.UUID(conversation_id)) if type(e).__name__ == "Titled"],
+            until=lambda titled: len(titled) == 2 or refused(conversation_id), timeout=30, interval=0.1,
+            what="the model's title, or the worker's word that it was not one", fail=False)
         assert titled[0].title == prompt and not getattr(titled[0], "model", "")  # by rule, at once
         shown = await client.titles_when_shown(chat_app, conversation_id)
         if len(titled) == 2:

@@ -9,13 +9,11 @@ file or in-memory exporter swapped in for the test would not."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import gzip
 import re
 import shutil
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,6 +30,7 @@ from chatbot.ops.servers import Ports
 from chatbot.runtime.config import load_settings
 from tests.client import ChatClient, collect_reply, send
 from tests.conftest import ARTIFACTS
+from tests.waiting import async_eventually
 
 pytestmark = pytest.mark.integration
 
@@ -148,13 +147,12 @@ def complete(spans: list[ReceivedSpan]) -> bool:
 async def trace_rooted_at(collector: Collector, root: str, timeout: float = 30) -> tuple[list[ReceivedSpan], list[ReceivedSpan]]:
     """The spans named `root` received, and the trace of the first, once that trace is
     complete or `timeout` seconds have passed; exactly one such root is expected."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def roots_and_trace() -> tuple[list[ReceivedSpan], list[ReceivedSpan]]:
         roots = [s for s in collector.received() if s.name == root]
-        spans = trace_of(collector.received(), roots[0].trace_id) if roots else []
-        if complete(spans) or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.2)
+        return roots, trace_of(collector.received(), roots[0].trace_id) if roots else []
+
+    roots, spans = await async_eventually(roots_and_trace, until=lambda found: complete(found[1]), timeout=timeout,
+                                          interval=0.2, what=f"the complete trace of {root!r}", fail=False)
     assert len(roots) == 1, [s.name for s in collector.received()]
     return roots, spans
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import httpx
 import pytest
 
 from tests.client import ChatClient, collect_reply, send
-from tests.unit.test_transfer import chatgpt_export
+from tests.fakes import chatgpt_export
+from tests.waiting import async_eventually
 
 pytestmark = pytest.mark.integration
 
@@ -47,12 +47,11 @@ async def test_import_chatgpt_export(client: ChatClient) -> None:
     messages = await client.messages_when(cid, lambda ms: len(ms) == 3)
     assert [m["text"] for m in messages] == ["What causes tides?", "Mostly the Moon's gravity.", "And this picture?"]
     assert len(messages[0]["siblings"]) == 2
-    for _ in range(100):
-        titles = [c["title"] for c in (await client.get("/api/conversations")).json()]
-        if "Tides" in titles:
-            break
-        await asyncio.sleep(0.05)
-    assert "Tides" in titles
+    async def titles() -> list[str]:
+        return [c["title"] for c in (await client.get("/api/conversations")).json()]
+
+    await async_eventually(titles, until=lambda titles: "Tides" in titles, timeout=5, interval=0.05,
+                           what="the imported chat listed by its title")
     r = await client.http.post("/api/import", content=json.dumps(chatgpt_export()), headers=client.headers)
     assert r.status_code == 201, r.text  # the same file again: nothing is duplicated, and it says so
     assert (r.json()["imported"], r.json()["duplicates"]) == (0, 1)
@@ -102,12 +101,8 @@ async def test_a_share_link_shows_a_snapshot_until_revoked(client: ChatClient, o
     assert r.status_code == 404  # only the owner shares
 
     async with httpx.AsyncClient(base_url=client.base_url) as anonymous:
-        for _ in range(100):
-            r = await anonymous.get(share["api_url"])
-            if r.status_code == 200:
-                break
-            await asyncio.sleep(0.05)
-        assert r.status_code == 200, r.text
+        r = await async_eventually(lambda: anonymous.get(share["api_url"]), until=lambda r: r.status_code == 200,
+                                   timeout=5, interval=0.05, what="the share link answering")
         snapshot = r.json()
         assert [(m["role"], m["text"]) for m in snapshot["messages"]] == [
             ("user", "Share this please"), ("assistant", reply["text"])]
@@ -124,11 +119,7 @@ async def test_a_share_link_shows_a_snapshot_until_revoked(client: ChatClient, o
         assert [s["id"] for s in listed] == [share["id"]] and not listed[0]["revoked"]
         r = await client.http.delete(f"/api/conversations/{cid}/shares/{share['id']}", headers=client.headers)
         assert r.status_code == 204
-        for _ in range(100):
-            r = await anonymous.get(share["api_url"])
-            if r.status_code == 404:
-                break
-            await asyncio.sleep(0.05)
-        assert r.status_code == 404
+        await async_eventually(lambda: anonymous.get(share["api_url"]), until=lambda r: r.status_code == 404,
+                               timeout=5, interval=0.05, what="the revoked share link gone (404)")
         r = await client.http.delete(f"/api/conversations/{cid}/shares/{cid}", headers=client.headers)
         assert r.status_code == 404 and r.json()["code"] == "share_not_found"

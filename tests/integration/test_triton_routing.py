@@ -22,6 +22,7 @@ from chatbot.ops.servers import Ports
 from chatbot.runtime.config import load_settings
 from tests.client import ChatClient, collect_reply, send
 from tests.conftest import ARTIFACTS
+from tests.waiting import async_eventually
 
 pytestmark = pytest.mark.integration
 
@@ -51,12 +52,9 @@ def metric(stack: Stack, instance: int, name: str) -> float:
 
 async def settled(stack: Stack, instance: int, name: str, want: float, timeout: float = 10) -> float:
     """The metric once it reaches `want` (metrics are pushed every 0.25 s), or its value at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await asyncio.to_thread(metric, stack, instance, name)
-        if value >= want or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(0.2)
+    return await async_eventually(lambda: asyncio.to_thread(metric, stack, instance, name),
+                                  until=lambda value: value >= want, timeout=timeout, interval=0.2,
+                                  what=f"{name} of instance {instance} at {want}", fail=False)
 
 
 async def chat(client: ChatClient, conversation_id: str, text: str) -> str:

@@ -3,7 +3,6 @@ POST-redirect-GET, security headers, and the pages nobody may see without loggin
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import uuid
@@ -14,7 +13,8 @@ from datetime import datetime, timezone
 import httpx
 import pytest
 
-from tests.unit.test_transfer import chatgpt_export
+from tests.fakes import chatgpt_export
+from tests.waiting import async_eventually
 
 pytestmark = pytest.mark.integration
 PASSWORD = "correct horse battery"
@@ -141,24 +141,21 @@ async def test_a_chat_is_started_by_its_first_message_and_a_refused_one_leaves_n
     r = await http.post("/c", data={"_csrf": await form_token(http), "text": "What is the capital of France?",
                                     "client_message_id": f"first-{uuid.uuid4().hex[:8]}"})
     assert r.status_code == 303 and re.fullmatch(r"/c/[0-9a-f-]{36}", r.headers["location"])
-    for _ in range(100):  # (the page waits a bounded time for the read models: poll, they are eventual)
-        chat = (await http.get(r.headers["location"])).text
-        if 'data-role="assistant"' in chat:
-            break
-        await asyncio.sleep(0.1)
+    async def chat_page() -> str:  # (the page waits a bounded time for the read models: poll, they are eventual)
+        return (await http.get(r.headers["location"])).text
+
+    chat = await async_eventually(chat_page, until=lambda chat: 'data-role="assistant"' in chat, timeout=10,
+                                  interval=0.1, what="the chat page with its reply")  # requested with the message
     assert '<div class="msg user">What is the capital of France?</div>' in chat
-    assert 'data-role="assistant"' in chat  # its reply, requested with it
     assert await chats() == before + 1
 
     r = await http.post("/c", data={"_csrf": await form_token(http), "text": "x" * 8001})
     assert r.status_code == 400  # too long: refused before any chat is made
     r = await http.post("/c", data={"_csrf": await form_token(http), "text": "a NUL \x00 inside"})
     assert r.status_code == 400  # refused by the conversation: the chat made for it is gone again
-    for _ in range(100):  # (deleted in the events at once; the list follows the read models)
-        if await chats() == before + 1:
-            break
-        await asyncio.sleep(0.1)
-    assert await chats() == before + 1
+    # (deleted in the events at once; the list follows the read models)
+    await async_eventually(chats, until=lambda n: n == before + 1, timeout=10, interval=0.1,
+                           what=f"{before + 1} chats listed on the page")
 
 
 async def test_a_chatgpt_export_is_imported_from_the_page(visitor: Visitor, api_url: str) -> None:

@@ -19,7 +19,7 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
 from tests.conftest import ARTIFACTS
-from tests.unit.test_transfer import node
+from tests.fakes import node
 
 CHROMIUM = Path("/usr/bin/chromium")
 AXE_VERSION = "4.14.1"

@@ -4,7 +4,6 @@ setting changes and it is revoked, on a wide screen and on a phone."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 
 import httpx
@@ -12,6 +11,7 @@ import pytest
 from playwright.async_api import BrowserContext, Page, expect
 
 from tests.ui.conftest import register, shot
+from tests.waiting import async_eventually
 
 pytestmark = pytest.mark.integration
 KEY_RE = re.compile(r"^sk-chat-[0-9a-f]{16}-\S+$")
@@ -26,13 +26,13 @@ async def last_use_shown(page: Page, row_text: str) -> str:
     """Reload the account page until the key's last use is not "never" (it is written in
     the background); the text shown."""
     last_used = page.locator(".key", has_text=row_text).locator(".last-used")
-    for _ in range(50):
+
+    async def shown() -> str:
         await page.goto("/account")
-        shown = await last_used.inner_text()
-        if shown != "never":
-            return shown
-        await asyncio.sleep(0.2)
-    raise AssertionError("the key's last use never showed")
+        return await last_used.inner_text()
+
+    return await async_eventually(shown, until=lambda shown: shown != "never", timeout=10, interval=0.2,
+                                  what="the key's last use shown")
 
 
 async def test_a_key_made_on_the_account_page_is_shown_once_used_changed_and_revoked(

@@ -12,6 +12,7 @@ import pytest
 from playwright.async_api import Browser, Page, WebSocket, expect
 
 from tests.ui.conftest import register, send_message, shot, start_chat
+from tests.waiting import async_eventually
 
 pytestmark = pytest.mark.integration
 
@@ -216,12 +217,9 @@ async def test_the_title_the_model_writes_appears_in_the_page_without_a_reload(
     await start_chat(page)
     await send_message(page, "What do penguins eat in winter?")
     await expect(page.locator('.turn.assistant[data-status="complete"]')).to_have_count(1, timeout=60_000)
-    for _ in range(300):  # the model's title follows the reply by a second or two
-        titled = [f for f in frames if f.get("type") == "title"]
-        if titled:
-            break
-        await page.wait_for_timeout(100)
-    assert titled, "no title frame: the model's title was not kept (see the worker's log)"
+    titled = await async_eventually(  # the model's title follows the reply by a second or two
+        lambda: [f for f in frames if f.get("type") == "title"], timeout=30, interval=0.1,
+        what="a title frame (else the model's title was not kept: see the worker's log)")
     title = titled[0]["title"]
     assert title != "What do penguins eat in winter?"
     await expect(page.locator("#chat-title")).to_have_text(title)  # the same page, not reloaded

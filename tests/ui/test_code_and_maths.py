@@ -8,8 +8,8 @@ import json
 import pytest
 from playwright.async_api import BrowserContext, Page, expect
 
+from tests.fakes import node
 from tests.ui.conftest import register, shot
-from tests.unit.test_transfer import node
 
 pytestmark = pytest.mark.integration
 CODE = "def area(r):\n    return 3.14159 * r ** 2"

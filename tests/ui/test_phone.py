@@ -10,6 +10,7 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from tests.ui.conftest import import_chats, register, shot
+from tests.waiting import async_eventually
 
 pytestmark = pytest.mark.integration
 WIDTH, HEIGHT = 390, 844
@@ -50,12 +51,9 @@ async def test_on_a_phone_the_chat_list_slides_out_and_the_page_comes_first(phon
 
     await page.locator(".topbar").get_by_title("Chats").click()
     await expect(sidebar).to_be_visible()
-    for _ in range(50):  # slid in all the way
-        box = await sidebar.bounding_box()
-        if box is not None and box["x"] == 0:
-            break
-        await page.wait_for_timeout(20)
-    assert box is not None and box["x"] == 0 and box["width"] <= WIDTH, box
+    box = await async_eventually(sidebar.bounding_box, until=lambda box: box is not None and box["x"] == 0,
+                                 timeout=1, interval=0.02, what="the chat list slid in all the way")
+    assert box is not None and box["width"] <= WIDTH, box
     await expect(page.locator(f'#conversations a[href="/c/{chats[-1]}"]')).to_be_in_viewport(ratio=1)
     await shot(page, "phone-02-chat-list")
     await page.mouse.click(WIDTH - 20, HEIGHT // 2)  # the backdrop beside the list closes it

@@ -1,5 +1,5 @@
-"""The application keeps saved conversations and personas in memory (domain/aggregate_cache.py):
-commands still see every stored event, an unsaved change never reaches the cache, and an
+"""The application keeps saved conversations and personas in memory
+(chatbot/eventstore/aggregate_cache.py): commands still see every stored event, an unsaved change never reaches the cache, and an
 erased user's conversation is not served from it."""
 
 from __future__ import annotations
@@ -8,11 +8,14 @@ from uuid import UUID
 
 import pytest
 
-from domain.aggregate_cache import CachingRepository
+from chatbot.eventstore.aggregate_cache import CachingRepository
+from chatbot.eventstore.application import StoredChatApplication
+from chatbot.eventstore.store import MemoryStoreFactory
 from domain.application import ChatApplication
 from domain.conversation import Conversation
 from domain.conversation_errors import ConversationNotFound
 from domain.ids import persona_id_for
+from tests.unit.conftest import memory_env
 
 OUTCOME = dict(finish_reason="stop", prompt_tokens=3, completion_tokens=2, ttft_ms=1.0, duration_ms=2.0,
                model_name="chat", model_version="1")
@@ -99,7 +102,7 @@ def test_an_erased_users_cached_conversation_is_not_served(keyed: ChatApplicatio
 
 
 def test_the_cache_holds_at_most_its_size(user: UUID) -> None:
-    app = ChatApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    app = StoredChatApplication(env=memory_env(), factory=MemoryStoreFactory)
     app.seed_personas()
     assert isinstance(app.repository, CachingRepository)
     app.repository.size = 5

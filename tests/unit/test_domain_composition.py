@@ -1,6 +1,7 @@
 """`ChatApplication` is one eventsourcing application composed of one module per area
 (domain/application.py): the same name, the same store, every command defined once, and the
-aggregates' events still recorded under the topics stored events carry."""
+aggregates' events still recorded under the topics stored events carry. It is plain
+eventsourcing; the event store's subclass keeps its name and snapshots conversations."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from eventsourcing.application import Application
 from eventsourcing.utils import get_topic
 
 import domain
+from chatbot.eventstore.application import SNAPSHOT_INTERVAL, StoredChatApplication
 from domain.app_accounts import AccountCommands
 from domain.app_base import ChatApplicationBase
 from domain.app_conversations import ConversationCommands
@@ -17,7 +19,7 @@ from domain.app_personas import PersonaCommands
 from domain.app_replies import ReplyCommands
 from domain.app_sharing import SharingCommands
 from domain.app_training import TrainingCommands
-from domain.application import SNAPSHOT_INTERVAL, ChatApplication
+from domain.application import ChatApplication
 from domain.conversation import Conversation
 
 AREAS = (AccountCommands, PersonaCommands, ConversationCommands, ReplyCommands, SharingCommands, TrainingCommands)
@@ -25,7 +27,8 @@ AREAS = (AccountCommands, PersonaCommands, ConversationCommands, ReplyCommands, 
 
 def test_it_is_one_application_named_chat_that_snapshots_conversations() -> None:
     assert ChatApplication.name == "chat"
-    assert ChatApplication.snapshotting_intervals == {Conversation: SNAPSHOT_INTERVAL}
+    assert StoredChatApplication.name == "chat"  # the tables' and the environment's name
+    assert StoredChatApplication.snapshotting_intervals == {Conversation: SNAPSHOT_INTERVAL}
     assert all(issubclass(area, ChatApplicationBase) for area in AREAS)
     assert issubclass(ChatApplication, Application) and set(AREAS) <= set(ChatApplication.__mro__)
     app = ChatApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})

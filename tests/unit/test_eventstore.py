@@ -3,6 +3,7 @@ with the same mapper the PostgreSQL store uses (chatbot/eventstore/mapper.py).""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 from uuid import UUID, uuid4
@@ -10,15 +11,22 @@ from uuid import UUID, uuid4
 import pytest
 from eventsourcing.application import Repository
 from eventsourcing.persistence import JSONTranscoder, StoredEvent, UUIDAsHex
+from eventsourcing.utils import get_topic, resolve_topic
 
+from chatbot.eventstore.application import SNAPSHOT_INTERVAL
 from chatbot.eventstore.chain import GENESIS, event_hash
 from chatbot.eventstore.keys import DataErased, key_owner
 from chatbot.eventstore.mapper import KeyedMapper
+from chatbot.eventstore.state_snapshot import (
+    STORED_TOPIC,
+    StateSnapshot,
+    json_safe,
+    register_state_transcodings,
+)
 from chatbot.ops.integrity import check_aggregate
-from domain.application import SNAPSHOT_INTERVAL, ChatApplication
+from domain.application import ChatApplication
 from domain.conversation_errors import ConversationNotFound
 from domain.ids import persona_id_for
-from domain.snapshot import json_safe, register_state_transcodings
 from domain.user import EmailAlreadyRegistered, InvalidCredentials
 
 OUTCOME = dict(finish_reason="stop", prompt_tokens=3, completion_tokens=2, ttft_ms=1.0, duration_ms=2.0,
@@ -116,6 +124,26 @@ def test_a_long_conversation_loads_from_its_snapshot_exactly_as_from_its_events(
     keyed.erase_user(ada)
     with pytest.raises(DataErased):
         keyed.mapper.to_domain_event(snapshots[0])
+
+
+def test_a_snapshot_stored_under_the_topic_of_the_module_it_moved_from_still_loads(keyed: ChatApplication) -> None:
+    """`StateSnapshot` was `domain.snapshot:StateSnapshot`, and stored snapshot rows name that
+    topic: they still load, and new rows name it too (so the version before reads them)."""
+    assert importlib.util.find_spec("domain.snapshot") is None  # the module is gone
+    assert resolve_topic(STORED_TOPIC) is StateSnapshot
+    assert resolve_topic(get_topic(StateSnapshot)) is StateSnapshot
+    assert resolve_topic("chatbot.eventstore.state_snapshot:StateSnapshot") is StateSnapshot
+    ada = keyed.register_user("ada@example.com", "correct horse")
+    conversation_id = chat(keyed, ada, [f"message {i}" for i in range(SNAPSHOT_INTERVAL // 3 + 5)])
+    assert keyed.snapshots is not None
+    (row,) = keyed.snapshots.recorder.select_events(conversation_id)
+    assert row.topic == STORED_TOPIC == "domain.snapshot:StateSnapshot"
+    old = StoredEvent(originator_id=row.originator_id, originator_version=row.originator_version,
+                      topic="domain.snapshot:StateSnapshot", state=row.state)  # as the version before wrote it
+    snapshot = keyed.mapper.to_domain_event(old)
+    assert isinstance(snapshot, StateSnapshot) and snapshot.originator_version == SNAPSHOT_INTERVAL
+    keyed.repository.forget(conversation_id)  # type: ignore[attr-defined] - load it from the row
+    assert vars(keyed.repository.get(conversation_id)) == vars(Repository(event_store=keyed.events).get(conversation_id))
 
 
 def test_snapshot_state_survives_json_with_uuid_keys_and_tuples() -> None:

@@ -14,6 +14,7 @@ from eventsourcing.persistence import IntegrityError, StoredEvent
 from chatbot.eventstore.group_commit import GroupCommit
 from chatbot.eventstore.keys import DataErased
 from chatbot.runtime.postgres import WriteTimeout
+from tests.waiting import eventually
 
 
 def events(originator: UUID, *versions: int) -> list[StoredEvent]:
@@ -197,8 +198,7 @@ def test_a_save_queued_behind_a_stuck_commit_gives_up_in_time_and_saves_nothing(
     first: list[object] = []
     leader = threading.Thread(target=lambda: first.append(group.insert(events(uuid4(), 1))))
     leader.start()
-    while not calls:
-        time.sleep(0.01)
+    eventually(lambda: calls, timeout=10, interval=0.01, what="the first commit under way")
     queued = uuid4()
     started = time.monotonic()
     with pytest.raises(WriteTimeout, match="nothing was saved"):

@@ -19,7 +19,7 @@ from chatbot.inference.contract import (
     check_model_config,
     mismatches,
 )
-from tests.unit.test_llm import chat_model_config, load_chat_model
+from tests.fakes import chat_model_config, load_chat_model
 from workers.inference import OUTPUTS as WORKER_OUTPUTS
 from workers.inference import triton_inputs
 

@@ -18,39 +18,25 @@ from chatbot.inference import (
     Engine,
     EngineEvent,
     KVCache,
-    LlamaConfig,
     LlamaForCausalLM,
     PromptTooLongError,
     SamplingParams,
     generate_text,
 )
 from chatbot.inference.generate import StopMatcher, make_generator, sample_token
-from chatbot.training.train import SPECIAL_TOKENS, train_bpe
+from chatbot.training.train import SPECIAL_TOKENS
+from tests.fakes import (
+    FakeRequest,
+    FakeSender,
+    chat_model_config,
+    load_chat_model,
+    make_engine,
+    metric_value,
+    tiny_model,
+)
+from tests.waiting import eventually
 
 TEXT = "Hello there 👋🏽! 你好，世界。Ça va? 🎉🎉 naïve café — 日本語のテキスト 🤖"
-
-
-def tiny_config(**kw: object) -> LlamaConfig:
-    base: dict[str, object] = dict(
-        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, eos_token_id=2,
-    )
-    base.update(kw)
-    return LlamaConfig(**base)  # type: ignore[arg-type]
-
-
-def tiny_model(seed: int = 0, **kw: object) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config(**kw))
-    model.init_weights(std=0.2)  # larger than training init: logits that actually vary
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> ChatTokenizer:
-    # ASCII-heavy corpus: emoji and CJK stay split into byte tokens, which is the hard case
-    corpus = ["hello there how are you doing today", "i am fine thanks", "what do you like"] * 50
-    return train_bpe(iter(corpus), vocab_size=300)
 
 
 # ---- model ---------------------------------------------------------------------------
@@ -198,21 +184,6 @@ def test_stop_matcher_holds_back_partial_stop_strings() -> None:
 # ---- engine --------------------------------------------------------------------------
 
 
-def make_engine(
-    tokenizer: ChatTokenizer, never_eos: bool = False, max_seq_len: int = 128, **kwargs: int
-) -> Engine:
-    model = tiny_model(vocab_size=tokenizer.vocab_size, tie_word_embeddings=not never_eos,
-                       eos_token_id=tokenizer.eos_token_id)
-    if never_eos:
-        # huge logits everywhere except EOS (logit 0): sampling practically never ends a sequence
-        with torch.no_grad():
-            model.lm_head.weight.mul_(100.0)
-            model.lm_head.weight[tokenizer.eos_token_id] = 0.0
-    engine = Engine(model, tokenizer, max_seq_len=max_seq_len, **{"max_batch_size": 4, **kwargs})
-    engine.start()
-    return engine
-
-
 def gate_forward(engine: Engine) -> threading.Event:
     """Make the engine's forwards wait for the returned event: requests submitted meanwhile
     pile up in the queue, so the next iteration admits them together (deterministically)."""
@@ -295,9 +266,8 @@ def test_engine_eight_concurrent_requests_prefill_together(tokenizer: ChatTokeni
         events: dict[int, list[EngineEvent]] = {i: [] for i in range(8)}
         handles = [engine.submit(chat_of(i), SamplingParams(max_tokens=5 + i, seed=i), events[i].append)
                    for i in range(8)]
-        deadline = time.time() + 10
-        while engine.stats().queue_length + engine.stats().active_sequences < 8 and time.time() < deadline:
-            time.sleep(0.01)
+        eventually(lambda: engine.stats().queue_length + engine.stats().active_sequences >= 8, timeout=10,
+                   interval=0.01, what="all eight requests queued or running", fail=False)
         gate.set()
         for h in handles:
             assert h.done.wait(30), "request did not finish"
@@ -331,9 +301,8 @@ def test_engine_prefill_budget_splits_a_burst(tokenizer: ChatTokenizer) -> None:
     try:
         gate = gate_forward(engine)
         handles = [engine.submit(chat_of(0), SamplingParams(max_tokens=3, seed=i), lambda e: None) for i in range(6)]
-        deadline = time.time() + 10
-        while engine.stats().queue_length + engine.stats().active_sequences < 6 and time.time() < deadline:
-            time.sleep(0.01)
+        eventually(lambda: engine.stats().queue_length + engine.stats().active_sequences >= 6, timeout=10,
+                   interval=0.01, what="all six requests queued or running", fail=False)
         gate.set()
         for h in handles:
             assert h.done.wait(30), "request did not finish"
@@ -400,14 +369,14 @@ def test_engine_background_requests_yield_to_interactive_ones(tokenizer: ChatTok
 
         params = SamplingParams(max_tokens=3, seed=0)
         first = engine.submit(CHAT, params, on_event("first"))
-        deadline = time.time() + 10
-        while engine.stats().active_sequences < 1 and time.time() < deadline:
-            time.sleep(0.01)
+        started = time.monotonic()  # 10 s for this wait and the next together
+        eventually(lambda: engine.stats().active_sequences >= 1, timeout=10, interval=0.01,
+                   what="the first request running", fail=False)
         # background requests queued before interactive ones, all behind the gate
         handles = [engine.submit(chat_of(i), params, on_event(f"title{i}"), background=True) for i in range(3)]
         handles += [engine.submit(chat_of(i), params, on_event(f"reply{i}")) for i in range(3)]
-        while engine.stats().queue_length < 6 and time.time() < deadline:
-            time.sleep(0.01)
+        eventually(lambda: engine.stats().queue_length >= 6, timeout=max(0.0, 10 - (time.monotonic() - started)),
+                   interval=0.01, what="six requests queued", fail=False)
         gate.set()
         for h in [first, *handles]:
             assert h.done.wait(30), "request did not finish"
@@ -475,129 +444,6 @@ def test_shipped_demo_model_replies() -> None:
 # ---- the Triton adapter, against a fake `triton_python_backend_utils` ---------------------
 
 
-class _FakeTensor:
-    def __init__(self, name: str, array: object) -> None:
-        self.name, self.array = name, array
-
-    def as_numpy(self) -> object:
-        return self.array
-
-
-class _FakeResponse:
-    def __init__(self, output_tensors: list[_FakeTensor] | None = None, error: object = None) -> None:
-        self.outputs = {t.name: t.array for t in output_tensors or []}
-        self.error = error
-
-
-class _FakeError:
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-
-class _FakeSender:
-    def __init__(self, cancel_after: int | None = None) -> None:
-        self.sent: list[tuple[_FakeResponse, int]] = []
-        self.closed = threading.Event()
-        self.cancel_after = cancel_after
-
-    def send(self, response: _FakeResponse, flags: int = 0) -> None:
-        self.sent.append((response, flags))
-        if flags == 1:
-            self.closed.set()
-
-    def is_cancelled(self) -> bool:
-        return self.cancel_after is not None and len(self.sent) >= self.cancel_after
-
-
-class _FakeRequest:
-    def __init__(self, inputs: dict[str, object], sender: _FakeSender) -> None:
-        self.inputs, self.sender = inputs, sender
-
-    def get_response_sender(self) -> _FakeSender:
-        return self.sender
-
-
-class _FakeMetric:
-    def __init__(self, kind: str, labels: dict[str, str]) -> None:
-        self.kind, self.labels, self.value = kind, labels, 0.0
-
-    def increment(self, value: float) -> None:
-        assert self.kind == "counter" and value >= 0, "counters only go up"
-        self.value += value
-
-    def set(self, value: float) -> None:
-        assert self.kind == "gauge", "only gauges are set"
-        self.value = value
-
-
-class _FakeMetricFamily:
-    COUNTER, GAUGE = "counter", "gauge"
-    registry: dict[str, _FakeMetricFamily] = {}  # name -> family, like the server's registry
-
-    def __init__(self, name: str, description: str, kind: str) -> None:
-        assert name not in self.registry, f"metric family {name} registered twice"
-        self.name, self.kind, self.metrics = name, kind, list[_FakeMetric]()
-        self.registry[name] = self
-
-    def Metric(self, labels: dict[str, str]) -> _FakeMetric:  # noqa: N802 (pb_utils' name)
-        metric = _FakeMetric(self.kind, labels)
-        self.metrics.append(metric)
-        return metric
-
-
-def _metric_value(name: str, **labels: str) -> float:
-    family = _FakeMetricFamily.registry[name]
-    return sum(m.value for m in family.metrics if labels.items() <= m.labels.items())
-
-
-def _fake_pb_utils() -> object:
-    import types
-
-    pb = types.ModuleType("triton_python_backend_utils")
-    pb.Tensor = _FakeTensor  # type: ignore[attr-defined]
-    pb.InferenceResponse = _FakeResponse  # type: ignore[attr-defined]
-    pb.TritonError = _FakeError  # type: ignore[attr-defined]
-    pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1  # type: ignore[attr-defined]
-    pb.get_input_tensor_by_name = (  # type: ignore[attr-defined]
-        lambda req, name: _FakeTensor(name, req.inputs[name]) if name in req.inputs else None
-    )
-    log = types.SimpleNamespace(log_info=print, log_warn=print, log_error=print, log_verbose=print)
-    pb.Logger = log  # type: ignore[attr-defined]
-    _FakeMetricFamily.registry.clear()
-    pb.MetricFamily = _FakeMetricFamily  # type: ignore[attr-defined]
-    return pb
-
-
-CHAT_MODEL = Path(__file__).resolve().parents[2] / "triton_models" / "chat"
-
-
-def chat_model_config(**parameters: str) -> dict[str, object]:
-    """triton_models/chat/config.pbtxt as JSON, the way Triton hands it to the model in
-    `args["model_config"]`, with these `parameters` instead of its own."""
-    from google.protobuf import json_format, text_format
-    from tritonclient.grpc import model_config_pb2
-
-    config = model_config_pb2.ModelConfig()
-    text_format.Parse((CHAT_MODEL / "config.pbtxt").read_text(), config)
-    as_json = json_format.MessageToDict(config, preserving_proto_field_name=True)
-    as_json["parameters"] = {k: {"string_value": v} for k, v in parameters.items()}
-    return as_json
-
-
-def load_chat_model(monkeypatch: pytest.MonkeyPatch) -> object:
-    """triton_models/chat/1/model.py as a module, with a fake `triton_python_backend_utils`."""
-    import importlib.util
-    import sys
-
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
-    spec = importlib.util.spec_from_file_location("triton_chat_model", CHAT_MODEL / "1" / "model.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_triton_adapter_streams_errors_and_cancels(
     tokenizer: ChatTokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -628,13 +474,13 @@ def test_triton_adapter_streams_errors_and_cancels(
 
     engine_model.forward = slow_forward
     try:
-        def request(messages: object, sender: _FakeSender, **extra: object) -> _FakeRequest:
+        def request(messages: object, sender: FakeSender, **extra: object) -> FakeRequest:
             raw = messages if isinstance(messages, bytes) else json.dumps(messages).encode()
             inputs: dict[str, object] = {"messages": np.array([raw], dtype=np.object_)}
             inputs.update({k: np.array([v]) for k, v in extra.items()})
-            return _FakeRequest(inputs, sender)
+            return FakeRequest(inputs, sender)
 
-        ok, bad, cancel = _FakeSender(), _FakeSender(), _FakeSender(cancel_after=2)
+        ok, bad, cancel = FakeSender(), FakeSender(), FakeSender(cancel_after=2)
         assert triton_model.execute([
             request(CHAT, ok, max_tokens=np.int32(5), seed=np.int64(3)),
             request(b"{not json", bad),
@@ -655,7 +501,7 @@ def test_triton_adapter_streams_errors_and_cancels(
         text = b"".join(r.outputs["text"][0] for r, _ in ok.sent).decode()
         assert len(text) >= 4, f"need some text to cut: {text!r}"
         cut = text[2:4]
-        stopped, bad_stops = _FakeSender(), [_FakeSender() for _ in range(3)]
+        stopped, bad_stops = FakeSender(), [FakeSender() for _ in range(3)]
         stop_json = json.dumps(["never-in-this-text", cut]).encode()
         triton_model.execute([
             request(CHAT, stopped, max_tokens=np.int32(5), seed=np.int64(3), stop=stop_json),
@@ -673,19 +519,18 @@ def test_triton_adapter_streams_errors_and_cancels(
             assert error is not None and error.message.startswith("invalid request: stop"), error.message
 
         # metrics: engine counters reach the Triton metric families, labelled by model/version
-        deadline = time.time() + 10
-        while _metric_value("chat_requests_total", finish_reason="stop") < 1 and time.time() < deadline:
-            time.sleep(0.05)
+        eventually(lambda: metric_value("chat_requests_total", finish_reason="stop") >= 1, timeout=10,
+                   interval=0.05, what="a request counted as stopped")
         labels = {"model": "chat", "version": "1"}
-        assert _metric_value("chat_requests_total", finish_reason="length", **labels) == 1
-        assert _metric_value("chat_requests_total", finish_reason="cancelled", **labels) == 1
-        assert _metric_value("chat_requests_total", finish_reason="stop", **labels) == 1
-        assert _metric_value("chat_first_tokens_total", **labels) == 3
-        assert _metric_value("chat_time_to_first_token_ms_total", **labels) > 0
-        assert _metric_value("chat_output_tokens_total", **labels) >= 4
-        assert _metric_value("chat_time_per_output_token_ms_total", **labels) > 0
-        assert _metric_value("chat_active_sequences", **labels) == 0
-        assert _metric_value("chat_queue_length", **labels) == 0
+        assert metric_value("chat_requests_total", finish_reason="length", **labels) == 1
+        assert metric_value("chat_requests_total", finish_reason="cancelled", **labels) == 1
+        assert metric_value("chat_requests_total", finish_reason="stop", **labels) == 1
+        assert metric_value("chat_first_tokens_total", **labels) == 3
+        assert metric_value("chat_time_to_first_token_ms_total", **labels) > 0
+        assert metric_value("chat_output_tokens_total", **labels) >= 4
+        assert metric_value("chat_time_per_output_token_ms_total", **labels) > 0
+        assert metric_value("chat_active_sequences", **labels) == 0
+        assert metric_value("chat_queue_length", **labels) == 0
     finally:
         triton_model.finalize()
 

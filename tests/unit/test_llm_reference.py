@@ -25,6 +25,7 @@ from transformers.utils import logging as hf_logging
 from chatbot.inference.kv_cache import KVCache
 from chatbot.inference.llama_config import LlamaConfig
 from chatbot.inference.model import LlamaForCausalLM
+from tests.fakes import tiny_config, tiny_model
 
 # transformers prints load reports and progress bars; they only clutter a failing test's output
 hf_logging.set_verbosity_error()
@@ -50,22 +51,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 
-def tiny_config(**kw: Any) -> LlamaConfig:
-    base: dict[str, Any] = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=2,
-    )
-    base.update(kw)
-    return LlamaConfig(**base)
+# tests.fakes' tiny Llama, with a smaller vocabulary and a longer context
+SIZES: dict[str, Any] = {"vocab_size": VOCAB, "max_position_embeddings": 256}
+
+
+def reference_config(**kw: Any) -> LlamaConfig:
+    return tiny_config(**{**SIZES, **kw})
 
 
 def our_random_model(seed: int = 0, **kw: Any) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config(**kw))
-    # std 0.2, larger than a training init: logits that vary by several units, so a wrong
-    # rotary table or a transposed head shows up far above the tolerance
-    model.init_weights(std=0.2)
-    return model.eval()
+    # weights of std 0.2, larger than a training init: logits that vary by several units, so a
+    # wrong rotary table or a transposed head shows up far above the tolerance
+    return tiny_model(seed, **{**SIZES, **kw})
 
 
 def hf_from_pretrained(model_dir: Path) -> transformers.LlamaForCausalLM:
@@ -77,7 +74,7 @@ def hf_from_pretrained(model_dir: Path) -> transformers.LlamaForCausalLM:
 
 def hf_random_model(seed: int = 0, **kw: Any) -> transformers.LlamaForCausalLM:
     """A transformers model with random weights, built from our config's HF dict."""
-    cfg = tiny_config(**kw).to_dict()
+    cfg = reference_config(**kw).to_dict()
     hf_config = transformers.LlamaConfig(**cfg, attn_implementation="eager")
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(hf_config)

@@ -8,8 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-import transformers
 from safetensors.torch import load_file, save_file
 
 from chatbot.inference.checkpoint import UnsupportedCheckpoint
@@ -20,24 +18,10 @@ from chatbot.inference.repository import (
     served_models,
     versions,
 )
+from tests.fakes import tiny_qwen2
 
 REPOSITORY = Path(__file__).parents[2] / "triton_models"
 SMOLLM2 = REPOSITORY / "chat" / "1" / "smollm2"
-
-
-def tiny_qwen2(folder: Path, seed: int = 0) -> Path:
-    """A random two-layer Qwen2 with SmolLM2's tokenizer and chat template."""
-    config = transformers.Qwen2Config(
-        vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (SMOLLM2 / name).is_file():
-            shutil.copy2(SMOLLM2 / name, folder / name)
-    return folder
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ from api.chat_socket import ChatSession
 from chatbot.bus.messaging import TokenDelta, token_encoder
 from domain.app_conversations import PostedMessage
 from domain.conversation_errors import ConversationNotFound
+from tests.fakes import frames
+from tests.waiting import async_eventually
 
 
 class FakeSubscription:
@@ -51,17 +53,10 @@ class Msg:
         self.data = data
 
 
-def frames(session: ChatSession) -> list[dict[str, Any]]:
-    out = []
-    while not session.outbox.empty():
-        out.append(session.outbox.get_nowait())
-    return out
-
-
 async def start(session: ChatSession, services: GatedServices, conversation_id: uuid.UUID) -> asyncio.Task[None]:
     task = asyncio.create_task(session.request_reply(conversation_id, {}, object()))
-    while not services.nc.subs:  # subscribed; the command is under way
-        await asyncio.sleep(0)
+    # subscribed; the command is under way
+    await async_eventually(lambda: services.nc.subs, timeout=10, interval=0, what="the session's subscription")
     return task
 
 

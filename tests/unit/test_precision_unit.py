@@ -9,7 +9,7 @@ from torch import nn
 
 from chatbot.inference.engine import in_passing_thread
 from chatbot.inference.precision import INT8_KERNEL_MAX_ROWS, Int8Linear, apply
-from tests.unit.test_llm import tiny_model
+from tests.fakes import tiny_model
 
 
 @pytest.mark.parametrize("rows", [1, INT8_KERNEL_MAX_ROWS, INT8_KERNEL_MAX_ROWS + 5])

@@ -14,7 +14,7 @@ from chatbot.inference.generate import SamplingParams
 from chatbot.inference.prefix_cache import BLOCK, SlotPool
 from chatbot.inference.request import generate_text
 from chatbot.inference.tokenizer import ChatTokenizer
-from tests.unit.test_llm import make_engine, tiny_model, tokenizer  # noqa: F401 - the fixture
+from tests.fakes import make_engine, tiny_model
 
 # ---- the pool, pure bookkeeping ---------------------------------------------------------
 

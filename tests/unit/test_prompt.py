@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from chatbot.inference.prompt import MAX_PROMPT_CHARS, PromptBuilder, model_dir, trim_history
+from chatbot.inference.prompt import (
+    MAX_PROMPT_CHARS,
+    PromptBuilder,
+    model_dir,
+    trim_history,
+)
 from chatbot.ops.servers import MODEL_REPOSITORY
 
 

@@ -13,6 +13,7 @@ import pytest
 import api.chat_socket as chat_socket
 from api.chat_socket import ChatSession
 from chatbot.bus.messaging import ReplyDone, TokenDelta, token_encoder
+from tests.fakes import frames
 
 
 class FakeReadModels:
@@ -34,13 +35,6 @@ class FakeServices:
 
     async def call(self, func: Any, *args: Any) -> Any:
         return func(*args)
-
-
-def frames(session: ChatSession) -> list[dict[str, Any]]:
-    out = []
-    while not session.outbox.empty():
-        out.append(session.outbox.get_nowait())
-    return out
 
 
 @pytest.fixture

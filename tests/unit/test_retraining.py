@@ -322,7 +322,7 @@ def test_fine_tuning_learns_only_the_reply_and_its_end_of_turn() -> None:
 
 
 def test_a_conversation_imported_without_consent_stays_out_after_opting_in(app: ChatApplication, user: UUID) -> None:
-    from tests.unit.test_transfer import chatgpt_export
+    from tests.fakes import chatgpt_export
 
     cid = app.import_conversations(user, chatgpt_export()[:1])["conversation_ids"][0]
     app.set_training_consent(user, True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 from chatbot.ops.launcher import Child, Stack
 from chatbot.runtime.config import load_settings
+from tests.waiting import eventually
 
 
 def test_a_killed_child_is_restarted_and_stop_ends_everything(tmp_path: Path) -> None:
@@ -23,10 +23,8 @@ def test_a_killed_child_is_restarted_and_stop_ends_everything(tmp_path: Path) ->
     supervisor.start()
     try:
         os.kill(first_pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not (child.alive() and child.proc.pid != first_pid):
-            time.sleep(0.05)
-        assert child.alive() and child.proc.pid != first_pid
+        eventually(lambda: child.alive() and child.proc.pid != first_pid, timeout=10, interval=0.05,
+                   what="the killed child restarted")
         assert restarts == [("sleeper", -signal.SIGKILL)]
     finally:
         stack.stop()

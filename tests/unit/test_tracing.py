@@ -107,9 +107,9 @@ def test_the_relay_publishes_each_traced_event_in_a_span_of_the_commands_trace(
     with tracing.span("command post_message") as command:
         keyed.post_message(conversation, user, "c1", "hello")
     notifications = keyed.recorder.select_notifications(1, 1000)
-    assert relay.traced_events(keyed.mapper, notifications) == {}  # nothing read while not exporting
+    assert relay.traced_events(keyed.event_log(), notifications) == {}  # nothing read while not exporting
     monkeypatch.setattr(relay, "exporting", lambda: True)
-    parents = relay.traced_events(keyed.mapper, notifications)
+    parents = relay.traced_events(keyed.event_log(), notifications)
     assert len(parents) == 2  # the message and its reply request, nothing else decrypted
     with tracing.remote_spans("relay publish", SpanKind.PRODUCER, parents) as headers:
         assert set(headers) == set(parents)

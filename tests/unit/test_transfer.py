@@ -13,38 +13,10 @@ from domain.application import ChatApplication
 from domain.conversation import Conversation
 from domain.conversation_errors import ConversationNotFound, ShareNotFound
 from domain.transfer import NotAnExport, active_branch, parse_export, to_markdown
+from tests.fakes import chatgpt_export, node
 
 OUTCOME = dict(finish_reason="stop", prompt_tokens=5, completion_tokens=2,
                ttft_ms=1.0, duration_ms=2.0, model_name="chat", model_version="1")
-
-
-def node(key: str, parent: str | None, children: list[str], role: str | None, text: Any = None) -> dict[str, Any]:
-    message = None
-    if role is not None:
-        content = {"content_type": "text", "parts": [text]} if not isinstance(text, dict) else text
-        message = {"id": key, "author": {"role": role}, "content": content, "create_time": 1.7e9}
-    return {"id": key, "message": message, "parent": parent, "children": children}
-
-
-def chatgpt_export() -> list[dict[str, Any]]:
-    """The shape of ChatGPT's conversations.json: an empty root, a system message, an
-    edited first question (two branches), a tool call, and an image part."""
-    mapping = {
-        "root": node("root", None, ["sys"], None),
-        "sys": node("sys", "root", ["u1", "u1b"], "system", ""),
-        "u1": node("u1", "sys", ["a1"], "user", "What is a tide?"),
-        "a1": node("a1", "u1", [], "assistant", "The rise and fall of the sea."),
-        "u1b": node("u1b", "sys", ["tool"], "user", "What causes tides?"),
-        "tool": node("tool", "u1b", ["a2"], "tool", "search results"),
-        "a2": node("a2", "tool", ["u3"], "assistant", "Mostly the Moon's gravity."),
-        "u3": node("u3", "a2", [], "user", {"content_type": "multimodal_text",
-                                             "parts": [{"asset_pointer": "file-1"}, "And this picture?"]}),
-    }
-    return [
-        {"title": "Tides", "create_time": 1.7e9, "mapping": mapping, "current_node": "u3"},
-        {"title": "Broken", "mapping": "not a mapping"},
-        {"title": "Empty", "mapping": {"r": node("r", None, [], "system", "")}, "current_node": "r"},
-    ]
 
 
 def test_parse_export_keeps_branches_and_drops_what_is_not_chat() -> None:

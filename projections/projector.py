@@ -1,5 +1,10 @@
 """The projector: applies the event stream to the read models.
 
+`ChatProjection` says what each event does to the read models' rows (projections/readmodels.py
+holds the tables and their SQL); the rebuild (projections/rebuild.py) replays the event
+store's log through it into fresh tables. The rest of this module is the process that
+applies the stream as it comes.
+
 A durable JetStream pull consumer delivers every event in stream order (which is the
 event store's notification order, as the relay publishes it). Each fetched batch is applied
 in one transaction with its rows and its newest `Tracking(notification id)` (per
@@ -27,12 +32,13 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from functools import singledispatchmethod
 from typing import Any
 from uuid import UUID
 
 import nats
-from eventsourcing.persistence import IntegrityError, OperationalError
+from eventsourcing.persistence import IntegrityError, OperationalError, Tracking
+from eventsourcing.projection import Projection
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
@@ -50,8 +56,9 @@ from chatbot.bus.messaging import (
     event_filter,
     partition_of,
 )
-from chatbot.eventstore.keys import DataErased, Unreadable, key_owner
-from chatbot.runtime.application import chat_application
+from chatbot.eventstore.application import event_log
+from chatbot.eventstore.keys import DataErased, PostgresKeyStore, Unreadable, key_owner
+from chatbot.eventstore.log import EventLog
 from chatbot.runtime.config import Settings, load_settings
 from chatbot.runtime.metrics import (
     PROJECTOR_LAG_EVENTS,
@@ -63,10 +70,11 @@ from chatbot.runtime.metrics import (
 from chatbot.runtime.process import setup_logging, stop_on_signals
 from chatbot.runtime.tracing import message_parents, remote_spans, setup_tracing
 from chatbot.runtime.tracing import shutdown as shutdown_tracing
-from projections.chat import ChatProjection
+from domain.conversation import Conversation
+from domain.persona import Persona
+from domain.user import User
 from projections.positions import PartitionPositions, read_positions
-from projections.readmodels import read_model_recorder
-from workers import retention
+from projections.readmodels import ReadModelRecorder, read_model_recorder
 
 log = logging.getLogger("projector")
 DURABLE = "projector-chat"
@@ -76,6 +84,145 @@ BATCH_ATTEMPTS = 3  # a batch chosen as a deadlock's victim is tried this often,
 PARTITION_LOCK = 0x70726F6A  # "proj": the advisory locks' first key, one lock per partition
 ROLLED_BACK = (DeadlockDetected, SerializationFailure, TransactionRollback)  # worth trying again
 PRIORITY_OFFSET = 10
+
+
+
+class ChatProjection(Projection[ReadModelRecorder]):
+    name = "chat"
+
+    @singledispatchmethod
+    def process_event(self, domain_event: Any, tracking: Tracking) -> None:
+        self.view.skip(tracking)  # events no read model needs still move the position
+
+    @process_event.register
+    def _(self, e: Persona.Created, tracking: Tracking) -> None:
+        self.view.upsert_persona(tracking, {
+            "id": e.originator_id, "slug": e.slug, "name": e.name, "description": e.description,
+            "greeting": e.greeting, "model": e.model, "version": e.originator_version,
+            "updated_at": e.timestamp, "owner_id": getattr(e, "owner_id", None),
+            "visibility": getattr(e, "visibility", "public"), "avatar": getattr(e, "avatar", ""),
+        })
+
+    @process_event.register
+    def _(self, e: Persona.Edited, tracking: Tracking) -> None:
+        self.view.update_persona(tracking, e.originator_id, e.originator_version, e.timestamp, e.changes)
+
+    @process_event.register
+    def _(self, e: Persona.Retired, tracking: Tracking) -> None:
+        self.view.update_persona(tracking, e.originator_id, e.originator_version, e.timestamp, {"retired": True})
+
+    @process_event.register
+    def _(self, e: Conversation.Started, tracking: Tracking) -> None:
+        self.view.insert_conversation(tracking, {
+            "id": e.originator_id, "owner_id": e.owner_id, "persona_id": e.persona_id,
+            "title": e.title, "at": e.timestamp,
+        })
+
+    @process_event.register
+    def _(self, e: Conversation.UserMessagePosted, tracking: Tracking) -> None:
+        self.view.add_message(tracking, {
+            "id": e.message_id, "conversation_id": e.originator_id, "role": "user",
+            "text": e.text, "status": "complete", "reply_to": None, "parent_id": e.parent_id, "at": e.timestamp,
+        })
+
+    @process_event.register
+    def _(self, e: Conversation.TurnsImported, tracking: Tracking) -> None:
+        # a chain, each turn the parent of the next (turns only go into a new conversation)
+        parents = [None] + [t["id"] for t in e.turns[:-1]]
+        nodes = [{**t, "parent_id": parent} for t, parent in zip(e.turns, parents)]
+        current = nodes[-1]["id"] if nodes else None
+        self.view.import_tree(tracking, e.originator_id, nodes, current, None, e.timestamp)
+
+    @process_event.register
+    def _(self, e: Conversation.ReplyRequested, tracking: Tracking) -> None:
+        self.view.add_message(tracking, {
+            "id": e.reply_id, "conversation_id": e.originator_id, "role": "assistant",
+            "text": "", "status": "pending", "reply_to": e.message_id, "parent_id": e.message_id,
+            "at": e.timestamp,
+        })
+
+    @process_event.register
+    def _(self, e: Conversation.BranchSelected, tracking: Tracking) -> None:
+        self.view.update_conversation(tracking, e.originator_id, {"current_leaf": e.leaf_id})
+
+    @process_event.register
+    def _(self, e: Conversation.Titled, tracking: Tracking) -> None:
+        self.view.update_conversation(tracking, e.originator_id, {"title": e.title})
+
+    @process_event.register
+    def _(self, e: Conversation.Renamed, tracking: Tracking) -> None:
+        self.view.update_conversation(tracking, e.originator_id, {"title": e.title})
+
+    @process_event.register
+    def _(self, e: Conversation.ArchiveSet, tracking: Tracking) -> None:
+        self.view.update_conversation(tracking, e.originator_id, {"archived": e.archived})
+
+    @process_event.register
+    def _(self, e: Conversation.PinSet, tracking: Tracking) -> None:
+        self.view.update_conversation(tracking, e.originator_id, {"pinned": e.pinned})
+
+    @process_event.register
+    def _(self, e: Conversation.TreeImported, tracking: Tracking) -> None:
+        self.view.import_tree(tracking, e.originator_id, e.nodes, e.current, e.title, e.timestamp)
+
+    @process_event.register
+    def _(self, e: Conversation.Shared, tracking: Tracking) -> None:
+        self.view.add_share(tracking, {
+            "id": e.share_id, "conversation_id": e.originator_id, "title": e.title,
+            "messages": e.messages, "at": e.timestamp,
+        })
+
+    @process_event.register
+    def _(self, e: Conversation.ShareRevoked, tracking: Tracking) -> None:
+        self.view.revoke_share(tracking, e.share_id)
+
+    @process_event.register
+    def _(self, e: Conversation.RetentionSet, tracking: Tracking) -> None:
+        self.view.update_conversation(tracking, e.originator_id, {"expires_at": e.expires_at})
+
+    @process_event.register
+    def _(self, e: Conversation.ListedApart, tracking: Tracking) -> None:
+        self.view.update_conversation(tracking, e.originator_id, {"via_api": True})
+
+    @process_event.register
+    def _(self, e: Conversation.Discarded, tracking: Tracking) -> None:
+        self.view.delete_conversation(tracking, e.originator_id)
+
+    @process_event.register
+    def _(self, e: Conversation.Expired, tracking: Tracking) -> None:
+        self.view.delete_conversation(tracking, e.originator_id)
+
+    @process_event.register
+    def _(self, e: Conversation.Deleted, tracking: Tracking) -> None:
+        self.view.delete_conversation(tracking, e.originator_id)
+
+    @process_event.register
+    def _(self, e: Conversation.ReplyCompleted, tracking: Tracking) -> None:
+        self.view.finish_reply(tracking, {
+            "id": e.reply_id, "conversation_id": e.originator_id, "text": e.text,
+            "status": "complete", "finish_reason": e.finish_reason,
+            "model": f"{e.model_name}/{e.model_version}", "at": e.timestamp,
+            "tokens": e.prompt_tokens + e.completion_tokens,
+        })
+
+    @process_event.register
+    def _(self, e: Conversation.FeedbackGiven, tracking: Tracking) -> None:
+        self.view.rate_reply(tracking, e.originator_id, e.reply_id, e.rating, e.comment)
+
+    @process_event.register
+    def _(self, e: Conversation.FeedbackCleared, tracking: Tracking) -> None:
+        self.view.rate_reply(tracking, e.originator_id, e.reply_id, None, "")
+
+    @process_event.register
+    def _(self, e: Conversation.ReplyFailed, tracking: Tracking) -> None:
+        self.view.finish_reply(tracking, {
+            "id": e.reply_id, "conversation_id": e.originator_id, "text": "",
+            "status": "failed", "finish_reason": "error", "model": None, "at": e.timestamp,
+        })
+
+    @process_event.register
+    def _(self, e: User.Erased, tracking: Tracking) -> None:
+        self.view.erase_user(tracking, e.originator_id)
 
 
 async def rewind_if_lost(js: JetStreamContext, stream: str, durable: str, config: ConsumerConfig) -> bool:
@@ -139,8 +286,9 @@ async def main(settings: Settings) -> None:
     # Read models are eventually consistent: on a busy machine the reply path goes first.
     os.nice(PRIORITY_OFFSET)
     stop = stop_on_signals()
-    app = chat_application(settings)  # only its mapper: to decrypt and decode events
-    recorder = read_model_recorder(settings.eventsourcing_env(), keys=app.mapper.keys)  # type: ignore[attr-defined]
+    # The event log decrypts and decodes events; its key store also seals the read models' text.
+    events = event_log(settings)
+    recorder = read_model_recorder(settings.eventsourcing_env(), keys=events.keys)
     projection = ChatProjection(recorder)
     positions = read_positions(recorder, settings.partitions)
     chosen = settings.consume_partitions
@@ -159,7 +307,6 @@ async def main(settings: Settings) -> None:
     if rewound is not None:
         log.info("the last projector stopped mid-batch: consuming again from stream sequence %d", rewound)
     sub = await js.pull_subscribe(event_filter(), durable=durable, stream=settings.stream_name, config=config())
-    sweeper = asyncio.create_task(retention.run(settings, app, recorder, stop))  # temporary conversations
     log.info("projecting partitions %s of %d from notification %d",
              ",".join(map(str, chosen)) or "all", settings.partitions, positions.head)
 
@@ -195,7 +342,7 @@ async def main(settings: Settings) -> None:
         # a `projector apply` span for each event that carries a trace (chatbot/runtime/tracing.py)
         with remote_spans("projector apply", SpanKind.CONSUMER, message_parents(m.headers for m in messages),
                           {"messaging.system": "nats", "messaging.batch.message_count": len(messages)}):
-            positions = await asyncio.to_thread(apply_batch, projection, app.mapper, messages, positions)
+            positions = await asyncio.to_thread(apply_batch, projection, events, messages, positions)
             for msg in messages:
                 await msg.ack()
         observe_batch(lag, messages, settings.partitions)
@@ -204,26 +351,25 @@ async def main(settings: Settings) -> None:
             # a commit, acks): wait a moment so the next batch gathers what arrives meanwhile.
             # The read models are eventually consistent; this keeps them LINGER_S behind.
             await asyncio.sleep(LINGER_S)
-    await sweeper
     await nc.drain()
     recorder.datastore.close()
-    app.close()
+    events.close()
     log.info("stopped at notification %d", positions.head)
     shutdown_tracing()
 
 
-def project(projection: ChatProjection, mapper: Any, msg: Msg, headers: dict[str, str], erased: set[UUID],
+def project(projection: ChatProjection, events: EventLog, msg: Msg, headers: dict[str, str], erased: set[UUID],
             positions: PartitionPositions) -> None:
     notification_id, originator = int(headers[H_NOTIFICATION]), headers[H_ORIGINATOR]
     owner = key_owner(msg.data)
     try:
-        event = Unreadable(originator) if owner in erased else decode_event(mapper, headers, msg.data)
+        event = Unreadable(originator) if owner in erased else decode_event(events.mapper, headers, msg.data)
     except DataErased:  # its user was erased: there is nothing of it to project
         event = Unreadable(originator)
     projection.process_event(event, positions.tracking(originator, notification_id))
 
 
-def apply_batch(projection: ChatProjection, mapper: Any, messages: list[Msg],
+def apply_batch(projection: ChatProjection, events: EventLog, messages: list[Msg],
                 positions: PartitionPositions) -> PartitionPositions:
     """Apply a fetched batch in one transaction (one commit, statements pipelined) and
     return the positions it leaves.
@@ -232,7 +378,8 @@ def apply_batch(projection: ChatProjection, mapper: Any, messages: list[Msg],
       positions again under it: two projectors that read one partition by mistake take
       turns, and the second skips what the first applied (positions are written once per
       batch, so the tracking table alone would not refuse an event inside a batch).
-    - It holds a share lock on the key rows of the users whose events it applies: an
+    - It holds a share lock on the key rows of the users whose events it applies
+      (`PostgresKeyStore.share_lock`, chatbot/eventstore/keys.py): an
       erasure (which nulls the key row) waits for this commit, then the `Erased` event
       deletes these rows too; or it went first, and this batch sees the key gone and
       writes nothing of theirs. Without the lock a projector of other partitions, still
@@ -262,10 +409,11 @@ def apply_batch(projection: ChatProjection, mapper: Any, messages: list[Msg],
                 )
                 current = read_positions(recorder, positions.partitions, curs)
                 mine = [(m, h) for m, h in todo if not current.is_applied(h[H_ORIGINATOR], int(h[H_NOTIFICATION]))]
-                erased = lock_owners(curs, sorted({o for m, _ in mine if (o := key_owner(m.data)) is not None}))
+                owners = sorted({o for m, _ in mine if (o := key_owner(m.data)) is not None})
+                erased = PostgresKeyStore.share_lock(curs, owners)
                 with recorder.batch(curs):
                     for msg, headers in mine:
-                        project(projection, mapper, msg, headers, erased, current)
+                        project(projection, events, msg, headers, erased, current)
             return dataclasses.replace(after, applied={
                 p: max(after.applied[p], current.applied[p]) for p in after.applied
             })
@@ -287,25 +435,13 @@ def apply_batch(projection: ChatProjection, mapper: Any, messages: list[Msg],
             continue
         try:
             with recorder.datastore.transaction(commit=True) as curs:
-                erased = lock_owners(curs, [o] if (o := key_owner(msg.data)) else [])
+                erased = PostgresKeyStore.share_lock(curs, [o] if (o := key_owner(msg.data)) else [])
                 with recorder.batch(curs):
-                    project(projection, mapper, msg, headers, erased, positions)
+                    project(projection, events, msg, headers, erased, positions)
         except IntegrityError:
             pass  # applied before: the tracking row says so
         positions.record(originator, notification_id)
     return positions
-
-
-def lock_owners(curs: Any, owners: Sequence[UUID]) -> set[UUID]:
-    """Share-lock the key rows of `owners` until the transaction ends; returns those of
-    them that were erased."""
-    if not owners:
-        return set()
-    curs.execute(
-        "SELECT user_id, wrapped_key IS NULL AS erased FROM user_keys WHERE user_id = ANY(%s::uuid[])"
-        " ORDER BY user_id FOR SHARE", (list(owners),),
-    )
-    return {row["user_id"] for row in curs.fetchall() if row["erased"]}
 
 
 def run() -> None:

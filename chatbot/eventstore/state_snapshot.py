@@ -7,6 +7,10 @@ application's transcoder writes as `{"_type_": "mapping_items"|"tuple", "_data_"
 and reads back as the original dict or tuple (the decoder works bottom-up, so what comes
 out is the state exactly as it was, nothing left to unwrap). Events are untouched: this
 applies to snapshots only, so the stored form of every event stays what it was.
+
+The class was `domain.snapshot:StateSnapshot` before it moved here, and that topic is in
+the `chat_snapshots` rows: it stays the class's topic (`TOPIC`), so rows written before
+and after the move read the same, in this version and the one before it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from typing import Any
 
 from eventsourcing.domain import Snapshot
 from eventsourcing.persistence import JSONTranscoder, Transcoding
+from eventsourcing.utils import register_topic
+
+STORED_TOPIC = "domain.snapshot:StateSnapshot"  # where the class was; stored snapshots name it
 
 
 class MappingItems:
@@ -76,6 +83,8 @@ def json_safe(value: Any) -> Any:
 class StateSnapshot(Snapshot):
     """The library's snapshot, with the state made JSON-safe when it is taken."""
 
+    TOPIC = STORED_TOPIC  # what `get_topic` gives, so new rows name it as the old ones do
+
     @classmethod
     def take(cls, aggregate: Any) -> StateSnapshot:
         snapshot = super().take(aggregate)
@@ -86,3 +95,6 @@ class StateSnapshot(Snapshot):
             topic=snapshot.topic,
             state=json_safe(snapshot.state),
         )
+
+
+register_topic(STORED_TOPIC, StateSnapshot)  # rows that name the old module resolve to this class

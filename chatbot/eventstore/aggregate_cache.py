@@ -20,7 +20,7 @@ not served from memory either.
 
 Bringing cached aggregates up to date is one read per aggregate; reads that arrive while
 another is under way go together in one statement (`select_newer` of the recorder, where
-it has one; domain/batching.py).
+it has one; batching.py).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from uuid import UUID
 from eventsourcing.application import ProjectorFunction, Repository, project_aggregate
 from eventsourcing.persistence import EventStore
 
-from domain.batching import Batcher, Item
+from chatbot.eventstore.batching import Batcher, Item
 
 # Aggregates kept, conversations and personas together (least recently saved go first): an
 # API process holds up to 10,000 sockets, and a short conversation is a few kilobytes.
