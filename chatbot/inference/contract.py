@@ -6,7 +6,7 @@ Design notes
   outputs) and its client, the inference worker (workers/inference.py builds the inputs
   and asks for the outputs). The model and the worker take the tensors from here; the
   model checks in `initialize` that the configuration Triton loaded states exactly these
-  tensors (`check_model_config`), and tests/unit/test_inference_contract.py checks that
+  tensors (`check_model_config`), and tests/unit/inference/test_inference_contract.py checks that
   config.pbtxt does.
 - A tensor is its name, its data type as the client protocol spells it ("BYTES", "INT32",
   "INT64", "FP32", "BOOL"; a model configuration spells them "TYPE_STRING", "TYPE_INT32",

@@ -87,7 +87,7 @@ async def test_an_intruder_sending_into_a_conversation_mid_reply_is_refused_and_
     """End to end, with the owner's reply streaming: the intruder gets `not_found` and no
     other frame, the owner the whole reply. (That tokens heard while ownership is checked
     are held, and dropped for an intruder, is shown deterministically in
-    tests/unit/test_ownership_hold.py; here the window is too short to rely on.)"""
+    tests/unit/api/test_ownership_hold.py; here the window is too short to rely on.)"""
     conversation_id = await client.start_conversation()
     async with client.ws() as owner, other_client.ws() as intruder:
         await send(owner, conversation_id, "Tell me a long story about the sea, please.")

@@ -428,7 +428,7 @@ def test_engine_rejects_bad_requests_clearly(tokenizer: ChatTokenizer) -> None:
 
 
 def test_shipped_demo_model_replies() -> None:
-    demo = Path(__file__).resolve().parents[2] / "triton_models" / "chat" / "1" / "demo"
+    demo = Path(__file__).resolve().parents[3] / "triton_models" / "chat" / "1" / "demo"
     if not (demo / "model.safetensors").exists():
         pytest.skip("demo model not trained")
     engine = Engine.from_pretrained(demo, max_batch_size=1)

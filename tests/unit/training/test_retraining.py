@@ -38,7 +38,7 @@ from domain.persona import BUILTIN_PERSONAS
 from domain.user import User
 from workers.rollout import BUCKETS, RolloutFollower, bucket_of, pick_version
 
-REPO = Path(__file__).resolve().parents[2] / "triton_models"
+REPO = Path(__file__).resolve().parents[3] / "triton_models"
 
 
 def chat(app: ChatApplication, user: UUID, text: str, reply: str, conversation: UUID | None = None) -> tuple[UUID, UUID]:

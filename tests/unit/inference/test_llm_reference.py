@@ -1,6 +1,6 @@
 """Our Llama against the reference implementation: `transformers.LlamaForCausalLM`.
 
-`tests/unit/test_llm.py` checks the model against the HF math written out by hand; this
+`tests/unit/inference/test_llm.py` checks the model against the HF math written out by hand; this
 file checks it against the real thing, through the checkpoint format in both directions:
 tiny random weights saved by one implementation are loaded by the other and both must
 produce the same logits (fp32, atol 1e-4). The incremental paths the engine relies on

@@ -20,7 +20,7 @@ from chatbot.inference.repository import (
 )
 from tests.fakes import tiny_qwen2
 
-REPOSITORY = Path(__file__).parents[2] / "triton_models"
+REPOSITORY = Path(__file__).parents[3] / "triton_models"
 SMOLLM2 = REPOSITORY / "chat" / "1" / "smollm2"
 
 

