@@ -1,8 +1,9 @@
 """The kernels of a decode step on this CPU: PyTorch's 4-bit and int8 weight-only products
 against a bf16 `linear` on SmolLM2's weight shapes, then a whole decode step of the real
-model at 1, 8 and 32 sequences in int8 (bf16 compute), int8 products with fp32 elsewhere,
-and fp32. Every measurement runs on a thread that started no OpenMP pool before (as the
-engine's does). Run: `.venv/bin/python bench/kernels.py` (about 3 minutes on 2 cores);
+model at 1, 8 and 32 sequences: int8 (bf16 compute) as the engine serves it (q, k, v fused
+into one product and gate, up into one: `fuse_projections`) and unfused, int8 products with
+fp32 elsewhere, and fp32. Every measurement runs on a thread that started no OpenMP pool
+before (as the engine's does). Run: `.venv/bin/python bench/kernels.py` (about 3 minutes on 2 cores);
 docs/benchmarks.md, "Kernels measured for a decode step", says what the figures showed.
 """
 
@@ -84,8 +85,11 @@ def int8_fp32_elsewhere(self: precision.Int8Linear, x: torch.Tensor) -> torch.Te
 
 
 def load(variant: str) -> tuple[LlamaForCausalLM, KVCache]:
+    """The model as the engine serves it (projections fused), or as named."""
     model = LlamaForCausalLM.from_pretrained(MODEL_REPOSITORY / "chat" / "1" / "smollm2")
-    if variant == "int8":
+    if "unfused" not in variant:
+        model.fuse_projections()
+    if variant.startswith("int8") and "fp32 elsewhere" not in variant:
         model = precision.apply(model, "int8")
     elif variant == "int8, fp32 elsewhere":
         precision.quantize_int8(model, torch.bfloat16)
@@ -98,7 +102,7 @@ def load(variant: str) -> tuple[LlamaForCausalLM, KVCache]:
 
 def decode_steps() -> None:
     print("\nA decode step of SmolLM2-135M at position 200, ms (two passes)")
-    variants = ("int8", "int8, fp32 elsewhere", "fp32")
+    variants = ("int8", "int8, unfused", "int8, fp32 elsewhere", "fp32")
     figures: dict[tuple[str, int], list[float]] = {}
     for _ in range(2):
         for variant in variants:

@@ -191,7 +191,7 @@ class Engine:
         chosen = resolve_precision(precision, device)
 
         def load() -> Engine:
-            model = LlamaForCausalLM.from_pretrained(model_dir, device=device)  # fp32, then cast
+            model = LlamaForCausalLM.from_pretrained(model_dir, device=device).fuse_projections()  # fp32, then cast
             engine = cls(apply_precision(model, chosen), ChatTokenizer.from_pretrained(model_dir), **kwargs)
             engine.precision = chosen
             return engine

@@ -132,6 +132,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.attention_bias)
+        self.qkv_proj: nn.Linear | None = None  # q, k and v in one product, once fused
+        self.qkv_sizes = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
+
+    def fuse(self) -> None:
+        """One product for q, k and v: a decode step of one row pays per product call."""
+        parts = [self.q_proj, self.k_proj, self.v_proj]
+        self.qkv_proj = fused_linear(parts)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
         self,
@@ -143,9 +151,13 @@ class Attention(nn.Module):
         access: CacheAccess | None,  # where this forward writes and reads the cache
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim)
+        k = k.reshape(B, T, self.n_kv, self.head_dim)
+        v = v.reshape(B, T, self.n_kv, self.head_dim)
         c, s = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, head_dim]: broadcast over heads
         q = q * c + rotate_half(q) * s
         k = k * c + rotate_half(k) * s
@@ -174,9 +186,29 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
+        self.gate_up_proj: nn.Linear | None = None  # gate and up in one product, once fused
+
+    def fuse(self) -> None:
+        self.gate_up_proj = fused_linear([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def fused_linear(parts: list[nn.Linear]) -> nn.Linear:
+    """One Linear whose output is the outputs of `parts` side by side (same input)."""
+    first = parts[0]
+    fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
+                      device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))  # type: ignore[misc]
+    return fused
 
 
 class DecoderLayer(nn.Module):
@@ -287,6 +319,17 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight")  # safetensors refuses shared storage; HF omits it too
         save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+
+    def fuse_projections(self) -> LlamaForCausalLM:
+        """For serving: each layer's q, k and v become one product, and so do gate and up
+        (the same numbers: the rows of the fused weight are the parts' rows). A decode step
+        of a few rows is bound by the number of calls, not by the arithmetic; this takes
+        three of seven products per layer away. The state dict's names change with it, so
+        fuse after loading and never save a fused model (LoRA and training use the parts)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
 
     # ---- forward --------------------------------------------------------------------
 
