@@ -1,9 +1,10 @@
 """The kernels of a decode step on this CPU: PyTorch's 4-bit and int8 weight-only products
 against a bf16 `linear` on SmolLM2's weight shapes, then a whole decode step of the real
-model at 1, 8 and 32 sequences: int8 (bf16 compute) as the engine serves it (q, k, v fused
-into one product and gate, up into one: `fuse_projections`) and unfused, int8 products with
-fp32 elsewhere, and fp32. Every measurement runs on a thread that started no OpenMP pool
-before (as the engine's does). Run: `.venv/bin/python bench/kernels.py` (about 3 minutes on 2 cores);
+model at 1, 8 and 32 sequences: int8 as the engine serves it (q, k, v fused into one product
+and gate, up into one: `fuse_projections`; activations bf16 on a CPU with native bf16, fp32
+elsewhere: `precision.apply`), the same unfused, int8 with bf16 activations forced, and fp32.
+Every measurement runs on a thread that started no OpenMP pool before (as the engine's
+does). Run: `.venv/bin/python bench/kernels.py` (about 3 minutes on 2 cores);
 docs/benchmarks.md, "Kernels measured for a decode step", says what the figures showed.
 """
 
@@ -72,37 +73,25 @@ def products() -> None:
             print(f"{label:<22} {rows:>4} | {int4:>9.1f} {int8:>9.1f} {bf16:>12.1f}", flush=True)
 
 
-def int8_fp32_elsewhere(self: precision.Int8Linear, x: torch.Tensor) -> torch.Tensor:
-    """Int8Linear.forward for an fp32 model: bf16 only around the int8 product."""
-    rows = x.numel() // x.shape[-1]
-    xb = x.to(torch.bfloat16)
-    if rows <= precision.INT8_KERNEL_MAX_ROWS:
-        y = torch.ops.aten._weight_int8pack_mm(xb.reshape(rows, x.shape[-1]), self.qweight, self.scales)
-        y = y.reshape(*x.shape[:-1], self.out_features)
-    else:
-        y = torch.nn.functional.linear(xb, self.qweight.to(torch.bfloat16) * self.scales[:, None])
-    return y.to(x.dtype)
-
-
 def load(variant: str) -> tuple[LlamaForCausalLM, KVCache]:
-    """The model as the engine serves it (projections fused), or as named."""
+    """The model as the engine serves it (projections fused; int8 as `precision.apply`
+    makes it on this CPU), or as named: unfused, or int8 with bf16 activations forced."""
     model = LlamaForCausalLM.from_pretrained(MODEL_REPOSITORY / "chat" / "1" / "smollm2")
     if "unfused" not in variant:
         model.fuse_projections()
-    if variant.startswith("int8") and "fp32 elsewhere" not in variant:
-        model = precision.apply(model, "int8")
-    elif variant == "int8, fp32 elsewhere":
+    if variant == "int8, bf16 around":
         precision.quantize_int8(model, torch.bfloat16)
-        for module in model.modules():
-            if isinstance(module, precision.Int8Linear):
-                module.forward = int8_fp32_elsewhere.__get__(module)  # type: ignore[method-assign]
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    elif variant.startswith("int8"):
+        model = precision.apply(model, "int8")
     dtype = next(model.parameters()).dtype
     return model.eval(), KVCache(model.config, max(ROWS), 512, "cpu", dtype)
 
 
 def decode_steps() -> None:
     print("\nA decode step of SmolLM2-135M at position 200, ms (two passes)")
-    variants = ("int8", "int8, unfused", "int8, fp32 elsewhere", "fp32")
+    variants = ("int8", "int8, unfused", "int8, bf16 around", "fp32")
     figures: dict[tuple[str, int], list[float]] = {}
     for _ in range(2):
         for variant in variants:

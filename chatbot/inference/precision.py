@@ -17,7 +17,13 @@ Design notes
   Choose bf16 or int8 in config.pbtxt where throughput matters more than that.
 - `int8`: weight-only int8 as gpt-fast does it: every linear of the decoder and the
   lm_head stores int8 weights with one fp32-derived scale per output channel (symmetric,
-  absmax / 127); activations, norms, embeddings and the KV cache stay bf16. On the CPU a
+  absmax / 127); activations, norms, embeddings and the KV cache are bf16 where bf16 is
+  fast (CUDA, a CPU with native bf16), and fp32 on a CPU without it, where only the int8
+  kernel's input is converted to bf16 (it has no fast path for fp32: 250 against 27 us a
+  576x576 call) and its output back. On such a CPU (AVX2 only) that made a decode step of
+  SmolLM2 at 32 sequences 122-138 ms against 199-210 with bf16 around the products and
+  153-185 in fp32, and at one sequence 22-25 ms against fp32's 59-61 (bench/kernels.py,
+  docs/benchmarks.md). On the CPU a
   call with few rows (a decode step of up to `INT8_KERNEL_MAX_ROWS` sequences) runs
   PyTorch's int8 kernel `_weight_int8pack_mm`, which reads the int8 weights directly;
   larger calls (prefill) dequantise the weight to bf16 and use the bf16 matmul, because
@@ -67,10 +73,6 @@ def resolve(precision: str, device: str | torch.device) -> str:
     return precision
 
 
-def compute_dtype(precision: str) -> torch.dtype:
-    return torch.float32 if precision == "fp32" else torch.bfloat16
-
-
 class Int8Linear(nn.Module):
     """y = x @ (q * scale).T + b with q int8 [out, in] and one scale per output row."""
 
@@ -85,9 +87,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if x.device.type == "cpu" and rows <= INT8_KERNEL_MAX_ROWS and x.dtype == self.scales.dtype:
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, x.shape[-1]), self.qweight, self.scales)
-            y = y.reshape(*x.shape[:-1], self.out_features)
+        if x.device.type == "cpu" and rows <= INT8_KERNEL_MAX_ROWS:
+            # the kernel takes bf16 only (fp32 input has no fast path): an fp32 model
+            # converts around it (see `apply`)
+            xk = x.reshape(rows, x.shape[-1]).to(self.scales.dtype)
+            y = torch.ops.aten._weight_int8pack_mm(xk, self.qweight, self.scales)
+            y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         else:
             y = F.linear(x, self.qweight.to(x.dtype) * self.scales[:, None])
         return y if self.bias is None else y + self.bias
@@ -111,6 +116,12 @@ def apply(model: nn.Module, precision: str) -> nn.Module:
         return model.float()
     if precision == "int8":
         quantize_int8(model, torch.bfloat16)  # from the fp32 weights, before they are rounded
+        if next(model.parameters()).device.type == "cpu" and not native_bf16():
+            # no fast bf16 here: everything but the int8 products stays fp32 (biases too)
+            for module in model.modules():
+                if isinstance(module, Int8Linear) and module.bias is not None:
+                    module.bias.data = module.bias.data.float()
+            return model
     for p in model.parameters():  # parameters only: the rotary frequencies stay fp32
         p.data = p.data.to(torch.bfloat16)
     if next(model.parameters()).device.type == "cpu" and not native_bf16():
