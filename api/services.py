@@ -113,7 +113,7 @@ class Services:
     async def create(cls, settings: Settings) -> Services:
         app = await anyio.to_thread.run_sync(chat_application, settings)
         readmodels = await anyio.to_thread.run_sync(
-            partial(read_model_recorder, settings.eventsourcing_env(), keys=app.mapper.keys))  # type: ignore[attr-defined]
+            partial(read_model_recorder, settings.eventsourcing_env(), keys=app.keys))
         nc = await nats.connect(settings.nats_servers, max_reconnect_attempts=-1)
         limits = RateLimiter(readmodels, settings.messages_per_minute, settings.tokens_per_day)
         throttle = AuthThrottle(readmodels, settings.auth_attempts_per_address, settings.login_failures_per_account,

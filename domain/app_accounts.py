@@ -151,9 +151,7 @@ class AccountCommands(ChatApplicationBase):
             return True
 
         erased = self._retry_races(attempt)
-        forget = getattr(self.mapper, "forget_user", None)
-        if forget is not None:
-            forget(user_id)
+        self._forget_user(user_id)
         self._name_cache.pop(user_id, None)
         return erased
 

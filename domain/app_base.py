@@ -62,6 +62,10 @@ class ChatApplicationBase(Application[UUID]):
         self._prompt_cache: dict[tuple[UUID, int], str] = {}
         self._name_cache: dict[UUID, str] = {}
 
+    def _forget_user(self, user_id: UUID) -> None:
+        """After an erasure: drop whatever the store keeps of the user's key in memory. The
+        in-memory store keeps none; the event store's application overrides this."""
+
     # -- helpers every area uses ----------------------------------------------------------
 
     def _change_owned(self, conversation_id: UUID, user_id: UUID, change: Callable[[Conversation], T]) -> T:

@@ -88,6 +88,9 @@ class StoredChatApplication(ChatApplication):
             checked_out=(Conversation,), shared=(Persona,), readable=self._readable,
         )
 
+    def _forget_user(self, user_id: UUID) -> None:
+        self.keys.forget(user_id)  # the key cached in this process goes with the stored one
+
     def _readable(self, aggregate: Any) -> None:
         """Raise AccountErased (DataErased) for a cached conversation whose owner's key is gone."""
         if isinstance(aggregate, Conversation):

@@ -122,6 +122,3 @@ class KeyedMapper(Mapper[UUID]):
             if isinstance(e.__cause__, DataErased):
                 raise e.__cause__ from None
             raise
-
-    def forget_user(self, user_id: UUID) -> None:
-        self.keys.forget(user_id)

@@ -178,7 +178,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             if user_id is None:
                 print(f"chatbot audit --verify: no user {email}", file=sys.stderr)
                 return 1
-            ids = list(dict.fromkeys([user_id, *app.mapper.keys.aggregates_of(user_id)]))  # type: ignore[attr-defined]
+            ids = list(dict.fromkeys([user_id, *app.keys.aggregates_of(user_id)]))
             scope = f"user {email}"
         try:  # the newest events, against the JetStream stream (chatbot/ops/integrity.py)
             stream: dict[UUID, int] | str = asyncio.run(stream_heads(settings, ids))
@@ -229,7 +229,7 @@ def cmd_erase_user(args: argparse.Namespace) -> int:
         if user_id is None:
             raise UserNotFound(email)
         erased = app.erase_user(user_id, by="operator")
-        aggregates = len(app.mapper.keys.aggregates_of(user_id))  # type: ignore[attr-defined]
+        aggregates = len(app.keys.aggregates_of(user_id))
     except UserNotFound:
         print(f"chatbot erase-user: no user {email}", file=sys.stderr)
         return 1
