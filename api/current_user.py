@@ -6,8 +6,8 @@ the `/v1` routes the owner of the request's API key (api/openai_compat.py), the 
 the viewer, whose absence sends them to the log-in page (web/pages/__init__.py).
 
 Every handler of a signed-in user takes it this way, those with a body or query parameters
-too: a request without a session is answered 401 before anything else of it is looked at
-(so an anonymous caller learns nothing of what a valid request would be).
+too: a request without a session is answered 401 before its body and query are validated
+(a body that cannot be parsed at all may still be refused first, 400).
 """
 
 from __future__ import annotations

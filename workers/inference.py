@@ -474,7 +474,10 @@ async def main(settings: Settings) -> None:
     if tasks:
         await asyncio.wait(tasks, timeout=30)
     await sub.unsubscribe()
-    await sweeper
+    try:  # a sweep under way finishes its conversation at most; don't outstay the stop grace period
+        await asyncio.wait_for(sweeper, 5)
+    except TimeoutError:
+        log.warning("the retention sweep did not finish in 5 s: stopping without it")
     await nc.drain()
     await tritons.close()
     readmodels.datastore.close()

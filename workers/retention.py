@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 
 import psycopg
@@ -25,14 +26,17 @@ log = logging.getLogger("retention")
 LOCK_KEY = 0x726574656E74  # "retent": one sweeper at a time
 
 
-def sweep(app: ChatApplication, readmodels: ReadModelRecorder, empty_ttl: timedelta | None = None) -> int:
+def sweep(app: ChatApplication, readmodels: ReadModelRecorder, empty_ttl: timedelta | None = None,
+          stopping: Callable[[], bool] = lambda: False) -> int:
     """Expire every due conversation, and discard those left empty for `empty_ttl` (None:
-    none); returns how many went."""
+    none), until `stopping()` says the process is stopping; returns how many went."""
     gone = 0
     due = [(app.expire_conversation, (c,)) for c in readmodels.due_expiries()]
     if empty_ttl is not None:
         due += [(app.discard_empty_conversation, (c, empty_ttl)) for c in readmodels.empty_conversations(empty_ttl)]
     for command, args in due:
+        if stopping():
+            break  # the next sweep, in this process or another, does the rest
         try:
             if command(*args):
                 gone += 1
@@ -42,20 +46,23 @@ def sweep(app: ChatApplication, readmodels: ReadModelRecorder, empty_ttl: timede
 
 
 async def run(settings: Settings, app: ChatApplication, readmodels: ReadModelRecorder, stop: asyncio.Event) -> None:
-    """Sweep every `retention_sweep_s` seconds until `stop` is set; never raises."""
+    """Sweep every `retention_sweep_s` seconds until `stop` is set; never raises.
+
+    The lock is a transaction's (`pg_try_advisory_xact_lock`), held by a transaction kept
+    open for the sweep: it ends with the transaction however the sweep ends, and a pooler
+    in transaction mode (PgBouncer in front of the workers) keeps the lock and its
+    transaction on one server connection."""
     while not stop.is_set():
         try:
-            async with await psycopg.AsyncConnection.connect(settings.pg_conninfo, autocommit=True) as conn:
+            async with await psycopg.AsyncConnection.connect(settings.pg_conninfo, connect_timeout=10) as conn:
                 while not stop.is_set():
-                    row = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,))).fetchone()
-                    if row and row[0]:
-                        try:
+                    async with conn.transaction():
+                        row = await (await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (LOCK_KEY,))).fetchone()
+                        if row and row[0]:
                             empty_ttl = timedelta(seconds=settings.empty_chat_ttl_s) if settings.empty_chat_ttl_s else None
-                            expired = await asyncio.to_thread(sweep, app, readmodels, empty_ttl)
-                        finally:
-                            await conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
-                        if expired:
-                            log.info("expired or discarded %d conversations", expired)
+                            expired = await asyncio.to_thread(sweep, app, readmodels, empty_ttl, stop.is_set)
+                            if expired:
+                                log.info("expired or discarded %d conversations", expired)
                     try:
                         await asyncio.wait_for(stop.wait(), settings.retention_sweep_s)
                     except TimeoutError:

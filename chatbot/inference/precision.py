@@ -26,13 +26,16 @@ Design notes
   docs/benchmarks.md). On the CPU a
   call with few rows (a decode step of up to `INT8_KERNEL_MAX_ROWS` sequences) runs
   PyTorch's int8 kernel `_weight_int8pack_mm`, which reads the int8 weights directly;
-  larger calls (prefill) dequantise the weight to bf16 and use the bf16 matmul, because
+  larger calls (prefill) dequantise the weight to the activations' dtype and use that
+  matmul (an fp32 copy of each weight per call where the model is fp32 around the kernel:
+  prefill on that path is not measured yet), because
   that kernel's time grows with the rows while dequantising costs the same for any number
   (one 576x1536 weight held in cache: 32 rows 349 us on the kernel, 73 us dequantised).
   In the whole model, where dequantising also streams a bf16 copy of every weight, decode
   steps up to 32 sequences were faster on the kernel: 126 against 159 ms a step at 32, 79
-  against 134 ms at 16 (2 cores, SmolLM2). On CUDA it always dequantises. The tied embedding stays bf16 for lookups; the lm_head gets its own int8
-  copy (a 49152x576 head is a fifth of SmolLM2's weights).
+  against 134 ms at 16 (2 cores, SmolLM2). On CUDA it always dequantises. The tied embedding stays in the activations'
+  dtype for lookups; the lm_head gets its own int8 copy (a 49152x576 head is a fifth of
+  SmolLM2's weights).
 - Quality against fp32 is measured, not assumed: tests/integration/test_precision.py
   checks greedy-token agreement and held-out loss of each precision on the real model;
   bench/engine.py --precisions measures their speed.
