@@ -24,7 +24,7 @@ text so far once and then the rest, with nothing lost or doubled.
 
 Token messages travel on core NATS, which delivers at most once: when a NATS node dies,
 the messages on their way through it are lost, a reply's end among them. So a reply this
-socket waits for that has been quiet for `QUIET_S` is looked up in the read model, and
+socket waits for that has been quiet for `QUIET_S` (api/reply_stream.py) is looked up in the read model, and
 if it has ended there, its `reply` frame is sent from there (api/reply_stream.py's
 `QuietReplies`, one query per API process a round): a client never waits for an end that
 was lost on the way.
@@ -47,8 +47,7 @@ from api.auth import REVOKED, session_of
 from api.csrf import same_origin
 from api.limits import Limited
 from api.ownership import owner_of
-from api.reply_stream import QUIET_S, QuietReplies, Sweep, process_sweep
-from api.reply_stream import quiet_replies as process_quiet_replies
+from api.reply_stream import Sweep, process_sweep, quiet_replies
 from api.schemas import (
     CLIENT_FRAME_TYPES,
     ClientFrame,
@@ -371,11 +370,6 @@ class EndedSessions(Sweep):
 def ended_sessions(services: Services) -> EndedSessions:
     return process_sweep(services, "ended_sessions", EndedSessions)  # type: ignore[no-any-return]
 
-
-def quiet_replies(services: Services) -> QuietReplies:
-    """The process's `QuietReplies` (api/reply_stream.py), shared with `/v1`; `QUIET_S` is
-    read here, so that the socket's setting is the one it is made with."""
-    return process_quiet_replies(services, QUIET_S)
 
 
 def origin_allowed(socket: WebSocket[Any, Any, Any], allowed: tuple[str, ...]) -> bool:

@@ -218,11 +218,9 @@ class QuietReplies(Sweep):
                         session.end_unheard(str(row["id"]), row)
 
 
-def quiet_replies(services: Services, quiet_s: float | None = None) -> QuietReplies:
-    """The process's `QuietReplies` (the first to ask makes it; `quiet_s`: `QUIET_S`)."""
-    return process_sweep(  # type: ignore[no-any-return]
-        services, "quiet_replies", lambda: QuietReplies(services, QUIET_S if quiet_s is None else quiet_s)
-    )
+def quiet_replies(services: Services) -> QuietReplies:
+    """The process's `QuietReplies`, one for its sockets and its `/v1` requests alike."""
+    return process_sweep(services, "quiet_replies", lambda: QuietReplies(services, QUIET_S))  # type: ignore[no-any-return]
 
 
 # -- one reply, followed to its end -----------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-import api.chat_socket as chat_socket
+import api.reply_stream as reply_stream
 from api.chat_socket import ChatSession
 from chatbot.bus.messaging import ReplyDone, TokenDelta, token_encoder
 from tests.fakes import frames
@@ -39,7 +39,7 @@ class FakeServices:
 
 @pytest.fixture
 def quick(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(chat_socket, "QUIET_S", 0.05)
+    monkeypatch.setattr(reply_stream, "QUIET_S", 0.05)
 
 
 async def test_a_reply_whose_end_was_lost_ends_from_the_read_model_once(quick: None) -> None:
@@ -64,12 +64,12 @@ async def test_a_reply_whose_end_was_lost_ends_from_the_read_model_once(quick: N
     session.on_token_message(conversation_id, token_encoder.encode(ReplyDone(rid, "Ahoy there!", "stop")))
     assert frames(session) == []
     await asyncio.sleep(0.1)
-    watcher = chat_socket.quiet_replies(services)  # type: ignore[arg-type]
+    watcher = reply_stream.quiet_replies(services)  # type: ignore[arg-type]
     assert watcher.task is not None and watcher.task.done() and not watcher.sessions  # nothing left to wait for
 
 
 async def test_a_reply_that_streams_or_ends_as_usual_is_never_looked_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(chat_socket, "QUIET_S", 0.5)
+    monkeypatch.setattr(reply_stream, "QUIET_S", 0.5)
     services = FakeServices()
     session = ChatSession(None, uuid.uuid4(), services)  # type: ignore[arg-type]
     conversation_id, reply_id = uuid.uuid4(), uuid.uuid4()
@@ -80,7 +80,7 @@ async def test_a_reply_that_streams_or_ends_as_usual_is_never_looked_up(monkeypa
         await asyncio.sleep(0.02)
     session.on_token_message(conversation_id, token_encoder.encode(ReplyDone(rid, "xxxxxx", "length")))
     await asyncio.sleep(0.6)
-    watcher = chat_socket.quiet_replies(services)  # type: ignore[arg-type]
+    watcher = reply_stream.quiet_replies(services)  # type: ignore[arg-type]
     assert services.readmodels.lookups == 0 and watcher.task is not None and watcher.task.done()
     sent = frames(session)
     assert "".join(f["text"] for f in sent if f["type"] == "token") == "xxxxxx"
@@ -135,7 +135,7 @@ async def test_the_quiet_replies_of_every_socket_are_looked_up_in_one_query(quic
     # a socket that closes stops being watched
     late = ChatSession(None, uuid.uuid4(), services)  # type: ignore[arg-type]
     late.await_end(str(uuid.uuid4()), uuid.uuid4())
-    chat_socket.quiet_replies(services).forget(late)  # type: ignore[arg-type]
+    reply_stream.quiet_replies(services).forget(late)  # type: ignore[arg-type]
     await asyncio.sleep(0.2)
     assert services.readmodels.lookups == 1
 
