@@ -13,8 +13,9 @@ variable, `llama-server` on the PATH, or the one this module built under
 The build takes llama.cpp from the `llama-cpp-python` sdist on PyPI (it vendors llama.cpp at
 `vendor/llama.cpp`) rather than from git, because package indexes are what this machine
 can reach. It turns off everything that would fetch files at build or run time (the
-server's prebuilt web UI, HTTPS) and builds for AVX-512 explicitly instead of `-march=native`:
-these VMs report AMX but cannot execute it, and a native build dies of SIGILL.
+server's prebuilt web UI, HTTPS) and builds for the instruction sets /proc/cpuinfo lists
+(AVX2, and AVX-512 where there is some) instead of `-march=native`: these VMs may report AMX
+but cannot execute it, and a native build dies of SIGILL.
 """
 
 from __future__ import annotations
@@ -54,13 +55,28 @@ CMAKE_OPTIONS = (
     "-DLLAMA_BUILD_UI=OFF",
     "-DLLAMA_OPENSSL=OFF",
     "-DGGML_NATIVE=OFF",  # -march=native would enable AMX, which this VM cannot run
-    "-DGGML_AVX512=ON",
-    "-DGGML_AVX512_VNNI=ON",
-    "-DGGML_AVX512_BF16=ON",
     "-DGGML_AMX_TILE=OFF",
     "-DGGML_AMX_INT8=OFF",
     "-DGGML_AMX_BF16=OFF",
 )
+
+
+def isa_options(flags: set[str]) -> list[str]:
+    """The instruction sets to build for, from the CPU's flags (/proc/cpuinfo): AVX2 with FMA
+    and F16C, and the AVX-512 parts this CPU lists (a VM of the same kind may have none)."""
+    options = [f"-DGGML_{name}={'ON' if flag in flags else 'OFF'}" for name, flag in (
+        ("AVX", "avx"), ("AVX2", "avx2"), ("FMA", "fma"), ("F16C", "f16c"),
+        ("AVX512", "avx512f"), ("AVX512_VNNI", "avx512_vnni"), ("AVX512_BF16", "avx512_bf16"))]
+    return options
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
 BUILD_HINT = "build it with `.venv/bin/python bench/llamacpp.py build` (a few minutes) or set LLAMA_SERVER"
 
 
@@ -116,7 +132,7 @@ def build(force: bool = False) -> Path:
     build_dir = BUILD_ROOT / "build"
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     started = time.monotonic()
-    run_step(["cmake", "-S", str(SOURCE), "-B", str(build_dir), *generator, *CMAKE_OPTIONS], timeout=600)
+    run_step(["cmake", "-S", str(SOURCE), "-B", str(build_dir), *generator, *CMAKE_OPTIONS, *isa_options(cpu_flags())], timeout=600)
     run_step(["cmake", "--build", str(build_dir), "--parallel", str(os.cpu_count() or 1),
               "--target", *TARGETS], timeout=3600)
     print(f"built {', '.join(TARGETS)} in {time.monotonic() - started:.0f} s: {build_dir / 'bin'}")
