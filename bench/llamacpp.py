@@ -64,10 +64,9 @@ CMAKE_OPTIONS = (
 def isa_options(flags: set[str]) -> list[str]:
     """The instruction sets to build for, from the CPU's flags (/proc/cpuinfo): AVX2 with FMA
     and F16C, and the AVX-512 parts this CPU lists (a VM of the same kind may have none)."""
-    options = [f"-DGGML_{name}={'ON' if flag in flags else 'OFF'}" for name, flag in (
+    return [f"-DGGML_{name}={'ON' if flag in flags else 'OFF'}" for name, flag in (
         ("AVX", "avx"), ("AVX2", "avx2"), ("FMA", "fma"), ("F16C", "f16c"),
         ("AVX512", "avx512f"), ("AVX512_VNNI", "avx512_vnni"), ("AVX512_BF16", "avx512_bf16"))]
-    return options
 
 
 def cpu_flags() -> set[str]:
