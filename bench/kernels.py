@@ -2,7 +2,8 @@
 against a bf16 `linear` on SmolLM2's weight shapes, then a whole decode step of the real
 model at 1, 8 and 32 sequences: int8 as the engine serves it (q, k, v fused into one product
 and gate, up into one: `fuse_projections`; activations bf16 on a CPU with native bf16, fp32
-elsewhere: `precision.apply`), the same unfused, int8 with bf16 activations forced, and fp32.
+elsewhere: `precision.apply`) with bf16 activations and with fp32 ones (forced either way), int8
+as served but unfused, and fp32.
 Every measurement runs on a thread that started no OpenMP pool before (as the engine's
 does). Run: `.venv/bin/python bench/kernels.py` (about 3 minutes on 2 cores);
 docs/benchmarks.md, "Kernels measured for a decode step", says what the figures showed.
@@ -75,7 +76,7 @@ def products() -> None:
 
 def load(variant: str) -> tuple[LlamaForCausalLM, KVCache]:
     """The model as the engine serves it (projections fused; int8 as `precision.apply`
-    makes it on this CPU), or as named: unfused, or int8 with bf16 activations forced."""
+    makes it on this CPU), or as named: unfused, or int8 with bf16 or fp32 activations forced."""
     model = LlamaForCausalLM.from_pretrained(MODEL_REPOSITORY / "chat" / "1" / "smollm2")
     if "unfused" not in variant:
         model.fuse_projections()
@@ -83,6 +84,11 @@ def load(variant: str) -> tuple[LlamaForCausalLM, KVCache]:
         precision.quantize_int8(model, torch.bfloat16)
         for p in model.parameters():
             p.data = p.data.to(torch.bfloat16)
+    elif variant == "int8, fp32 around":  # what `apply` makes on a CPU without native bf16
+        precision.quantize_int8(model, torch.bfloat16)
+        for m in model.modules():
+            if isinstance(m, precision.Int8Linear) and m.bias is not None:
+                m.bias.data = m.bias.data.float()
     elif variant.startswith("int8"):
         model = precision.apply(model, "int8")
     dtype = next(model.parameters()).dtype
@@ -91,7 +97,7 @@ def load(variant: str) -> tuple[LlamaForCausalLM, KVCache]:
 
 def decode_steps() -> None:
     print("\nA decode step of SmolLM2-135M at position 200, ms (two passes)")
-    variants = ("int8", "int8, unfused", "int8, bf16 around", "fp32")
+    variants = ("int8, bf16 around", "int8, fp32 around", "int8, unfused", "fp32")
     figures: dict[tuple[str, int], list[float]] = {}
     for _ in range(2):
         for variant in variants:

@@ -1,4 +1,5 @@
-"""Serving precision of a loaded model: fp32, bf16, or int8 weights with bf16 compute.
+"""Serving precision of a loaded model: fp32, bf16, or int8 weights (fp32 compute around
+them on a CPU, bf16 on CUDA).
 
 Design notes
 - Decoding one token reads every weight once, so on a CPU a decode step is bound by memory
@@ -17,18 +18,17 @@ Design notes
   Choose bf16 or int8 in config.pbtxt where throughput matters more than that.
 - `int8`: weight-only int8 as gpt-fast does it: every linear of the decoder and the
   lm_head stores int8 weights with one fp32-derived scale per output channel (symmetric,
-  absmax / 127); activations, norms, embeddings and the KV cache are bf16 where bf16 is
-  fast (CUDA, a CPU with native bf16), and fp32 on a CPU without it, where only the int8
-  kernel's input is converted to bf16 (it has no fast path for fp32: 250 against 27 us a
-  576x576 call) and its output back. On such a CPU (AVX2 only) that made a decode step of
-  SmolLM2 at 32 sequences 122-138 ms against 199-210 with bf16 around the products and
-  153-185 in fp32, and at one sequence 22-25 ms against fp32's 59-61 (bench/kernels.py,
-  docs/benchmarks.md). On the CPU a
+  absmax / 127). On CUDA activations, norms, embeddings and the KV cache are bf16. On a CPU
+  they stay fp32, and only the int8 kernel's input is converted to bf16 (it has no fast path
+  for fp32: 250 against 27 us a 576x576 call) and its output back: a decode step of SmolLM2
+  on 2 cores of a CPU with native bf16 (AVX512-BF16) took 22 / 55 / 146 ms at 1 / 8 / 32
+  sequences this way against 26 / 73 / 216 with bf16 around the kernel, and fp32 61 / 99 /
+  167 (bench/kernels.py, docs/benchmarks.md); fp32 element-wise work is also closer to the
+  fp32 model. On the CPU a
   call with few rows (a decode step of up to `INT8_KERNEL_MAX_ROWS` sequences) runs
   PyTorch's int8 kernel `_weight_int8pack_mm`, which reads the int8 weights directly;
-  larger calls (prefill) dequantise the weight to the activations' dtype and use that
-  matmul (an fp32 copy of each weight per call where the model is fp32 around the kernel:
-  prefill on that path is not measured yet), because
+  larger calls (prefill) dequantise the weight and use a bf16 matmul (fp32 activations
+  converted around it) where bf16 is native, an fp32 one elsewhere, because
   that kernel's time grows with the rows while dequantising costs the same for any number
   (one 576x1536 weight held in cache: 32 rows 349 us on the kernel, 73 us dequantised).
   In the whole model, where dequantising also streams a bf16 copy of every weight, decode
@@ -96,8 +96,10 @@ class Int8Linear(nn.Module):
             xk = x.reshape(rows, x.shape[-1]).to(self.scales.dtype)
             y = torch.ops.aten._weight_int8pack_mm(xk, self.qweight, self.scales)
             y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        else:
-            y = F.linear(x, self.qweight.to(x.dtype) * self.scales[:, None])
+        else:  # dequantised; fp32 activations go through bf16 where bf16 is native (prefill)
+            fast = torch.bfloat16 if x.dtype == torch.float32 and x.device.type == "cpu" and native_bf16() else x.dtype
+            w = self.qweight.to(fast) * self.scales[:, None].to(fast)
+            y = F.linear(x.to(fast), w).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 
@@ -119,8 +121,9 @@ def apply(model: nn.Module, precision: str) -> nn.Module:
         return model.float()
     if precision == "int8":
         quantize_int8(model, torch.bfloat16)  # from the fp32 weights, before they are rounded
-        if next(model.parameters()).device.type == "cpu" and not native_bf16():
-            # no fast bf16 here: everything but the int8 products stays fp32 (biases too)
+        if next(model.parameters()).device.type == "cpu":
+            # on a CPU everything but the int8 products stays fp32 (biases too): faster than
+            # bf16 around them at every batch size measured, native bf16 or not (module notes)
             for module in model.modules():
                 if isinstance(module, Int8Linear) and module.bias is not None:
                     module.bias.data = module.bias.data.float()
