@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -263,3 +264,31 @@ def frames(session: ChatSession) -> list[dict[str, Any]]:
     while not session.outbox.empty():
         out.append(session.outbox.get_nowait())
     return out
+
+
+# ---- what the API's reply stream reads: the read model's rows of replies -------------------
+
+
+class FakeReadModels:
+    """The reply rows `QuietReplies` looks up, and how it looked them up."""
+
+    def __init__(self) -> None:
+        self.rows: dict[uuid.UUID, dict[str, Any]] = {}
+        self.lookups = 0  # queries
+        self.looked_up: list[list[uuid.UUID]] = []
+
+    def messages_by_id(self, message_ids: list[uuid.UUID]) -> list[dict[str, Any]]:
+        self.lookups += 1
+        self.looked_up.append(list(message_ids))
+        return [{"id": i, **self.rows[i]} for i in message_ids if i in self.rows]
+
+
+class FakeServices:
+    """The `Services` of an API process, as far as the reply stream uses them."""
+
+    def __init__(self) -> None:
+        self.readmodels = FakeReadModels()
+        self.quiet_replies = None
+
+    async def call(self, func: Any, *args: Any) -> Any:
+        return func(*args)

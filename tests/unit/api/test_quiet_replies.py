@@ -6,35 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any
 
 import pytest
 
 import api.reply_stream as reply_stream
 from api.chat_socket import ChatSession
 from chatbot.bus.messaging import ReplyDone, TokenDelta, token_encoder
-from tests.fakes import frames
-
-
-class FakeReadModels:
-    def __init__(self) -> None:
-        self.rows: dict[uuid.UUID, dict[str, Any]] = {}
-        self.lookups = 0  # queries
-        self.looked_up: list[list[uuid.UUID]] = []
-
-    def messages_by_id(self, message_ids: list[uuid.UUID]) -> list[dict[str, Any]]:
-        self.lookups += 1
-        self.looked_up.append(list(message_ids))
-        return [{"id": i, **self.rows[i]} for i in message_ids if i in self.rows]
-
-
-class FakeServices:
-    def __init__(self) -> None:
-        self.readmodels = FakeReadModels()
-        self.quiet_replies = None
-
-    async def call(self, func: Any, *args: Any) -> Any:
-        return func(*args)
+from tests.fakes import FakeServices, frames
 
 
 @pytest.fixture

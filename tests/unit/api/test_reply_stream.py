@@ -21,6 +21,7 @@ from chatbot.bus.messaging import (
     TokenDelta,
     token_encoder,
 )
+from tests.fakes import FakeServices
 
 # -- SentText -------------------------------------------------------------------------------
 
@@ -85,25 +86,6 @@ def test_the_end_of_a_reply_from_its_read_model_row() -> None:
 
 
 # -- one reply followed to its end ------------------------------------------------------------
-
-
-class FakeReadModels:
-    def __init__(self) -> None:
-        self.rows: dict[uuid.UUID, dict[str, Any]] = {}
-        self.lookups = 0
-
-    def messages_by_id(self, message_ids: list[uuid.UUID]) -> list[dict[str, Any]]:
-        self.lookups += 1
-        return [{"id": i, **self.rows[i]} for i in message_ids if i in self.rows]
-
-
-class FakeServices:
-    def __init__(self) -> None:
-        self.readmodels = FakeReadModels()
-        self.quiet_replies = None
-
-    async def call(self, func: Any, *args: Any) -> Any:
-        return func(*args)
 
 
 def follower() -> tuple[ReplyFollower, FakeServices, uuid.UUID]:
