@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install model bench chaos compose-test clean
+.PHONY: run test install model native bench chaos compose-test clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ $(STAMP): pyproject.toml
 model: $(STAMP)
 	$(BIN)/python -m chatbot.inference.default_model
 
-install: $(STAMP) model
+# the decode step in C++ (chatbot/inference/native.py), compiled for this CPU into .cache/native/
+# with g++ (about 20 s; nothing when built); where it cannot be built, decoding runs in Python
+native: $(STAMP)
+	$(BIN)/python -m chatbot.inference.native build || echo "native decode step not built: decoding runs in Python"
+
+install: $(STAMP) model native
 
 run: install
 	$(BIN)/chatbot up

@@ -21,13 +21,12 @@ Design notes
   entries they write lie past the prompt, where the sequence's own decode steps
   overwrite them before any query can reach them, and (c) no pad query row is ever
   fully masked (no NaNs). T_max < max_seq_len, so pads never write outside the cache.
-  The cost is B * T_max tokens of compute instead of sum(n_i). On a GPU that is nearly
-  free (one launch sequence instead of B); on 2 CPU cores with the demo model one padded
-  forward beats a forward per prompt for similar lengths (16 x 100 tokens: 78 vs 145 ms)
-  but loses at ~1.9x padding (32 prompts of 12..198 tokens: 495 vs 274 ms). Packing all
-  prompts into one row with a block-diagonal mask was measured too: its dense N^2
-  attention is worse still at large N (589 ms). Packed linears with per-sequence
-  attention (varlen) would remove the waste; not done yet.
+  The cost is B * T_max tokens of compute instead of sum(n_i): on 2 CPU cores (demo model)
+  one padded forward beat a forward per prompt at similar lengths (16 x 100 tokens: 78 vs
+  145 ms), lost at ~1.9x padding (495 vs 274 ms), and beat one packed row with a
+  block-diagonal mask (589 ms). Packed linears with varlen attention: not done yet.
+- Decode steps run in one C++ call (native.py) where it can run the model (a CPU, fp32
+  activations: precision fp32 or int8), else through model.py; `decode_path` says which.
 - Chunked prefill: `max_prefill_tokens` caps the padded size (B * T) of a step's prefill
   forward. A prompt longer than that is read in chunks, one per step, each at its absolute
   positions after what the cache already holds, with a decode step for every other
@@ -39,33 +38,27 @@ Design notes
   them to the next request whose prompt starts with the same tokens. Reused entries are
   exactly what a prefill would compute (the same tokens at the same positions); only
   float rounding of a different batch shape differs, as with batching itself.
-- Background requests (`submit(..., background=True)`: work no one is watching arrive, such
-  as a conversation's model-written title) yield to interactive ones: they are admitted
-  only when no interactive request waits, and join a prefill forward only when no
-  interactive prompt is being read. They decode in rows of their own beyond
-  `max_batch_size` (at most `background_slots`, an eighth more; the pool has slots for
-  them), so an interactive request never waits for a slot a background one holds. On 2
-  cores, 32 fresh conversations each asking for a title after their first reply added
-  about 2 s to other users' first tokens (p50) while titles were scheduled like replies
-  (bench/pipeline.py).
+- Background requests (`submit(..., background=True)`: work no one is watching, such as a
+  conversation's title) yield to interactive ones: admitted only when no interactive
+  request waits, in a prefill only when no interactive prompt is being read, decoded in
+  rows of their own beyond `max_batch_size` (`background_slots`, an eighth more), so an
+  interactive request never waits for a slot they hold (titles scheduled like replies
+  added ~2 s to other users' first tokens, p50, on 2 cores: bench/pipeline.py).
 - Output flows through a per-request callback (`EngineEvent`s, from the engine thread);
   `stats()` snapshots the counters as an `EngineStats`: request.py says what each means.
-- Cancellation is a flag on the `RequestHandle`, checked before every step: a cancelled
-  sequence stops within one step and gets finish_reason "cancelled".
+- Cancellation: a flag on the `RequestHandle`, checked before every step (finish_reason "cancelled").
 - Seeded requests reproduce their tokens whatever else shares the batch: each owns its
   RNG, and batch composition only changes the logits by float rounding.
 - Threads and OpenMP: only the engine thread may compute with torch. PyTorch's CPU
   kernels run on OpenMP, and libgomp gives every thread that starts a parallel region a
   pool of worker threads of its own, kept until that thread exits. Once the process holds
   more of those than it has cores, idle workers likely stop spinning and sleep, so each
-  of the ~200 small matmuls of a decode step waits for a worker to wake.
-  Measured on 2 cores with SmolLM2 (fp32): a decode step took 56 ms (batch 8: 95 ms) in
-  the engine thread when the model had been loaded on the main thread, and 32 ms (67 ms)
-  when it was loaded in a thread that had exited first, as fast as on the main thread
-  itself; a 1x576x1536 linear took 148 us and 32 us. `torch.set_num_threads` in the engine
-  thread, OMP_/MKL_ variables and OMP_WAIT_POLICY did not help. So `from_pretrained` loads
-  the model and allocates the KV cache in a short-lived thread, and a host process (the
-  Triton model) must not run tensor work on its own threads.
+  of the ~200 small matmuls of a decode step waits for a worker to wake. On 2 cores
+  (SmolLM2, fp32) a decode step took 56 ms in the engine thread with the model loaded on
+  the main thread, 32 ms with it loaded in a thread that had exited first; set_num_threads,
+  OMP_/MKL_ variables and OMP_WAIT_POLICY did not help. So `from_pretrained` loads the model
+  and the KV cache in a short-lived thread, and a host process (the Triton model) must not
+  run tensor work on its own threads.
 """
 
 from __future__ import annotations
@@ -82,6 +75,7 @@ from typing import Any
 
 import torch
 
+from chatbot.inference import native
 from chatbot.inference.generate import (
     SamplingParams,
     StopMatcher,
@@ -137,6 +131,7 @@ class Engine:
         max_prefill_tokens: int = 512,
         kv_cache_bytes: int = 0,
         prefix_cache: bool = True,
+        native_decode: bool = True,
     ) -> None:
         assert max_batch_size >= 1, f"max_batch_size must be >= 1, got {max_batch_size}"
         assert max_prefill_tokens >= 1, f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}"
@@ -154,6 +149,8 @@ class Engine:
         num_slots = max(max_batch_size + self.background_slots, kv_cache_bytes // one_slot)
         self.cache = KVCache(model.config, num_slots, self.max_seq_len, self.device, self.dtype)
         self.pool = SlotPool(num_slots, reuse=prefix_cache)
+        self._native = native.decoder_for(model, self.cache.data) if native_decode else None
+        self.decode_path = "python" if self._native is None else "native"
         eos = set(model.config.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -440,7 +437,10 @@ class Engine:
         ids = torch.tensor([[s.out_ids[-1]] for s in batch], device=self.device)  # [B, 1]
         positions = torch.tensor([[s.pos] for s in batch], device=self.device)  # [B, 1]
         slots = torch.tensor([s.slot for s in batch], device=self.device)  # [B]
-        logits = self.model(ids, positions, self.cache, slots)[:, -1]  # [B, V]
+        if self._native is not None:
+            logits = self._native(ids, positions, slots)  # [B, V]
+        else:
+            logits = self.model(ids, positions, self.cache, slots)[:, -1]  # [B, V]
         logits = logits.cpu()  # one device->host copy for the whole batch (and a sync)
         now = time.monotonic()
         for seq, token in zip(batch, self._sample(batch, logits)):

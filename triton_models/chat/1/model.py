@@ -241,6 +241,7 @@ class TritonPythonModel:
             max_seq_len=max_seq_len, max_prefill_tokens=int(params.get("max_prefill_tokens", "512")),
             kv_cache_bytes=int(params.get("kv_cache_mb", "0")) * 2**20,
             prefix_cache=params.get("prefix_cache", "true").lower() != "false",
+            native_decode=params.get("native_decode", "true").lower() != "false",
         )
         self.engine.start()
         labels = {"model": args.get("model_name", "chat"), "version": str(args.get("model_version", "1"))}
@@ -252,7 +253,7 @@ class TritonPythonModel:
         self._sender_thread = threading.Thread(target=self._send_loop, name="chat-sender", daemon=True)
         self._sender_thread.start()
         pb_utils.Logger.log_info(
-            f"chat model ready: {model_dir} on {device} in {self.engine.precision}, context {self.engine.max_seq_len}, "
+            f"chat model ready: {model_dir} on {device} in {self.engine.precision}, {self.engine.decode_path} decode, context {self.engine.max_seq_len}, "
             f"{self.engine.max_batch_size} sequences, {self.engine.cache.num_slots} KV-cache slots"
         )
 

@@ -1,0 +1,183 @@
+"""The decode step in C++ (native_decode.cpp): built once per CPU, used where it fits.
+
+Design notes
+- Why: a decode step of SmolLM2-135M in model.py is about 1,300 PyTorch operations, each
+  dispatched from Python; at one sequence they cost as much as the products themselves.
+  `torch.ops.chatbot.decode_step` does the whole step (every layer, the final norm, the
+  lm_head) in one call, over raw fp32 buffers and int8 or fp32 weights.
+- Built, never downloaded: `python -m chatbot.inference.native build` (run by `make
+  install`) compiles the one source file with PyTorch's extension builder and the machine's
+  g++, for this CPU (`-march=native`). The build goes to `.cache/native/<tag>/`, the tag
+  made of the source, the torch version and the CPU's instruction-set flags, so a build for
+  one CPU is never loaded on another (it could die of an illegal instruction), and a changed
+  source is never served stale. Serving only loads a build that is there: a process never
+  compiles on its own, and without a build the engine runs model.py and logs why.
+- Which models: on a CPU, fp32 activations and an fp32 KV cache (precision fp32, or int8
+  with fp32 around its products), projections fused (`fuse_projections`), sizes multiples
+  of 16. Anything else (bf16, CUDA, LoRA-wrapped layers) gets `None` from `decoder_for`
+  and runs model.py, which stays the reference: tests/unit/inference/test_native.py
+  checks the two against each other.
+- Numbers differ from model.py's only in summation order and in the int8 kernel's input:
+  model.py rounds the activations to bf16 for `_weight_int8pack_mm`, this keeps them fp32.
+  And a row's sums never depend on the other rows of the batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from chatbot.inference.precision import Int8Linear
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native_decode.cpp")
+BUILD_ROOT = Path(os.environ.get("CHATBOT_NATIVE_DIR", Path(__file__).resolve().parents[2] / ".cache" / "native"))
+# -fopenmp: at::parallel_for is inline (ATen/ParallelOpenMP.h) and runs on one thread
+# without it; the library then shares the libgomp.so.1 torch has loaded (same soname)
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
+LAYER_TENSORS = 14  # what decode_step takes per layer (native_decode.cpp)
+
+
+def cpu_flags() -> list[str]:
+    """The instruction-set flags /proc/cpuinfo lists for this CPU (empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return []
+
+
+def build_tag() -> str:
+    """What a build is valid for: this source, these flags, this torch, this CPU."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join(CFLAGS + [torch.__version__, sys.platform] + cpu_flags()).encode())
+    return h.hexdigest()[:16]
+
+
+def _library(directory: Path) -> Path:
+    return directory / "chatbot_native.so"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile native_decode.cpp for this CPU (about a minute on 2 cores); the library's path."""
+    from torch.utils import cpp_extension
+
+    directory = BUILD_ROOT / build_tag()
+    directory.mkdir(parents=True, exist_ok=True)
+    # the ninja of this environment's bin (pip's) where the system has none
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    if not _library(directory).is_file():
+        cpp_extension.load(
+            name="chatbot_native", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+            build_directory=str(directory), is_python_module=False, verbose=verbose,
+        )
+    return _library(directory)
+
+
+@cache
+def available() -> bool:
+    """True once this CPU's build is loaded (never compiles: see the module notes)."""
+    if hasattr(torch.ops.chatbot, "decode_step"):
+        return True
+    library = _library(BUILD_ROOT / build_tag())
+    if not library.is_file():
+        log.warning("no native decode step built for this CPU (%s): decoding runs in Python, slower; "
+                    "build it with `python -m chatbot.inference.native build` (make install does)", library)
+        return False
+    try:
+        torch.ops.load_library(str(library))
+    except OSError as e:
+        log.warning("the native decode step in %s did not load (%s): decoding runs in Python", library, e)
+        return False
+    return True
+
+
+def _product(module: nn.Module) -> list[torch.Tensor] | None:
+    """(weight, scale, bias) as decode_step takes them, or None if it cannot run `module`."""
+    empty = torch.empty(0)
+    if isinstance(module, Int8Linear):
+        bias = empty if module.bias is None else module.bias.detach().float().contiguous()
+        return [module.qweight, module.scales.detach().float().contiguous(), bias]
+    if type(module) is nn.Linear and module.weight.dtype == torch.float32:
+        bias = empty if module.bias is None else module.bias.detach().contiguous()
+        return [module.weight.detach().contiguous(), empty, bias]
+    return None  # LoRA-wrapped, bf16, or anything else: model.py runs it
+
+
+class NativeDecoder:
+    """`decoder(ids, positions, slots)` -> [B, V] fp32 logits of one decode step, writing the
+    step's keys and values into `cache` as model.py would."""
+
+    def __init__(self, model: nn.Module, cache: torch.Tensor, weights: list[torch.Tensor]) -> None:
+        config = model.config
+        self.cache = cache
+        self.embed = model.model.embed_tokens.weight.detach()
+        self.inv_freq = model.inv_freq.float().contiguous()
+        self.weights = weights
+        self.shape = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.eps = float(config.rms_norm_eps)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        n_heads, n_kv, head_dim = self.shape
+        return torch.ops.chatbot.decode_step(
+            ids.reshape(-1), positions.reshape(-1), slots.reshape(-1), self.cache, self.embed, self.inv_freq,
+            self.weights, n_heads, n_kv, head_dim, self.eps,
+        )
+
+
+def decoder_for(model: nn.Module, cache: torch.Tensor) -> NativeDecoder | None:
+    """A native decoder for `model` with this KV cache, or None where model.py must run it
+    (the reasons in the module notes); the weights are shared, not copied."""
+    config = model.config
+    embed = model.model.embed_tokens.weight
+    if (embed.device.type != "cpu" or embed.dtype != torch.float32 or cache.dtype != torch.float32
+            or not cache.is_contiguous() or config.head_dim % 16 or config.hidden_size % 16):
+        return None
+    weights: list[torch.Tensor] = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.qkv_proj is None or mlp.gate_up_proj is None:
+            return None
+        parts = [_product(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        if any(p is None for p in parts) or any(p[0].shape[1] % 16 for p in parts if p is not None):
+            return None
+        qkv, o, gate_up, down = parts
+        weights += [layer.input_layernorm.weight.detach(), *qkv, *o,  # type: ignore[misc]
+                    layer.post_attention_layernorm.weight.detach(), *gate_up, *down]  # type: ignore[misc]
+    head = _product(model.lm_head)
+    if head is None:
+        return None
+    weights += [model.model.norm.weight.detach(), *head]
+    if any(w.dtype not in (torch.float32, torch.int8) or not w.is_contiguous() for w in weights):
+        return None
+    return NativeDecoder(model, cache, weights) if available() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m chatbot.inference.native",
+                                     description="build the native decode step for this CPU")
+    parser.add_argument("command", choices=["build"])
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        path = build(verbose=args.verbose)
+    except (RuntimeError, OSError, ImportError) as e:  # no compiler, no ninja: Python decoding still works
+        print(f"the native decode step was not built ({e}); decoding will run in Python", file=sys.stderr)
+        return 1
+    print(f"native decode step built: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+// One decode step of a Llama-architecture model on a CPU, in one call: every layer's
+// RMSNorm, products, rotary embedding, KV-cache write, attention and MLP, the final norm and
+// the lm_head, for B sequences of one new token each. Registered as torch.ops.chatbot.decode_step;
+// chatbot/inference/native.py builds it, checks which models it can serve and passes the
+// weights. The Python model (model.py) is the reference: tests/unit/inference/test_native.py
+// compares the two.
+//
+// Why: a decode step of SmolLM2-135M is about 1,300 small PyTorch operations, each
+// dispatched from Python, and half of a one-sequence step went there. Here they are loops
+// over raw fp32 buffers, and the products read int8 (or fp32) weights directly.
+//
+// Numbers: every product and dot runs in fp32 with the same summation order whatever the
+// batch holds (each row's sums never depend on another row), so a sequence's tokens do not
+// change with what else is decoded beside it. int8 weights: y = scale[n] * sum_k x[k] q[n,k].
+//
+// Vectors: 16 floats, in AVX-512 or AVX2 intrinsics where the CPU has them, plain loops
+// elsewhere; the file is compiled with -march=native for the CPU it runs on (native.py keys
+// the build by the CPU's flags).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// 16 floats: one AVX-512 register, two AVX2 ones, or a plain array elsewhere
+#if defined(__AVX512F__)
+struct vf16 {
+  __m512 v;
+};
+inline vf16 zero() { return {_mm512_setzero_ps()}; }
+inline vf16 load(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline vf16 load(const int8_t* p) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
+inline vf16 splat(float f) { return {_mm512_set1_ps(f)}; }
+inline void store(float* p, vf16 a) { _mm512_storeu_ps(p, a.v); }
+inline vf16 fma(vf16 a, vf16 b, vf16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }  // a * b + c
+inline float hsum(vf16 a) { return _mm512_reduce_add_ps(a.v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+struct vf16 {
+  __m256 lo, hi;
+};
+inline vf16 zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline vf16 load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline vf16 load(const int8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
+}
+inline vf16 splat(float f) { return {_mm256_set1_ps(f), _mm256_set1_ps(f)}; }
+inline void store(float* p, vf16 a) {
+  _mm256_storeu_ps(p, a.lo);
+  _mm256_storeu_ps(p + 8, a.hi);
+}
+inline vf16 fma(vf16 a, vf16 b, vf16 c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+inline float hsum(vf16 a) {
+  __m256 s = _mm256_add_ps(a.lo, a.hi);
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+#else
+struct vf16 {
+  float v[16];
+};
+inline vf16 zero() { return {}; }
+inline vf16 load(const float* p) {
+  vf16 a;
+  for (int i = 0; i < 16; ++i) a.v[i] = p[i];
+  return a;
+}
+inline vf16 load(const int8_t* p) {
+  vf16 a;
+  for (int i = 0; i < 16; ++i) a.v[i] = static_cast<float>(p[i]);
+  return a;
+}
+inline vf16 splat(float f) {
+  vf16 a;
+  for (int i = 0; i < 16; ++i) a.v[i] = f;
+  return a;
+}
+inline void store(float* p, vf16 a) {
+  for (int i = 0; i < 16; ++i) p[i] = a.v[i];
+}
+inline vf16 fma(vf16 a, vf16 b, vf16 c) {
+  for (int i = 0; i < 16; ++i) c.v[i] += a.v[i] * b.v[i];
+  return c;
+}
+inline float hsum(vf16 a) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += a.v[i];
+  return s;
+}
+#endif
+constexpr int64_t W = 16;  // floats in a vf16
+
+// A product's weight: int8 rows with one scale per row, or fp32 rows; a bias or none.
+struct Weight {
+  const int8_t* q = nullptr;
+  const float* scale = nullptr;
+  const float* w = nullptr;
+  const float* bias = nullptr;
+  int64_t n = 0, k = 0;
+};
+
+Weight weight_of(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bias) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "a weight must be a contiguous matrix");
+  Weight out;
+  out.n = w.size(0);
+  out.k = w.size(1);
+  TORCH_CHECK(out.k % W == 0, "a weight's input size must be a multiple of ", W);
+  if (w.scalar_type() == at::kChar) {
+    TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == out.n && scale.is_contiguous(),
+                "int8 weights need one fp32 scale per row");
+    out.q = w.data_ptr<int8_t>();
+    out.scale = scale.data_ptr<float>();
+  } else {
+    TORCH_CHECK(w.scalar_type() == at::kFloat, "weights must be int8 or fp32");
+    out.w = w.data_ptr<float>();
+  }
+  if (bias.numel() > 0) {
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == out.n && bias.is_contiguous(),
+                "a bias must be fp32, one per row");
+    out.bias = bias.data_ptr<float>();
+  }
+  return out;
+}
+
+// y[r, n] for weight rows n0 .. n0+NB and inputs rows r < R (R <= 4): every weight vector
+// loaded (and converted) once for all R rows.
+template <typename T, int NB, int R>
+inline void tile(const T* w, int64_t k, const float* x, int64_t ldx, float* sums) {
+  vf16 acc[NB][R];
+  for (int b = 0; b < NB; ++b)
+    for (int r = 0; r < R; ++r) acc[b][r] = zero();
+  for (int64_t i = 0; i < k; i += W) {
+    vf16 xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = load(x + r * ldx + i);
+    for (int b = 0; b < NB; ++b) {
+      const vf16 wv = load(w + b * k + i);
+      for (int r = 0; r < R; ++r) acc[b][r] = fma(wv, xv[r], acc[b][r]);
+    }
+  }
+  for (int b = 0; b < NB; ++b)
+    for (int r = 0; r < R; ++r) sums[r * NB + b] = hsum(acc[b][r]);
+}
+
+template <typename T, int NB>
+inline void rows_tile(const T* w, int64_t k, const float* x, int64_t rows, float* sums) {
+  // sums[r * NB + b] for rows r < rows, four at a time
+  for (int64_t r = 0; r < rows;) {
+    const int64_t left = rows - r;
+    if (left >= 4) {
+      tile<T, NB, 4>(w, k, x + r * k, k, sums + r * NB);
+      r += 4;
+    } else if (left == 3) {
+      tile<T, NB, 3>(w, k, x + r * k, k, sums + r * NB);
+      r += 3;
+    } else if (left == 2) {
+      tile<T, NB, 2>(w, k, x + r * k, k, sums + r * NB);
+      r += 2;
+    } else {
+      tile<T, NB, 1>(w, k, x + r * k, k, sums + r * NB);
+      r += 1;
+    }
+  }
+}
+
+// y [rows, n] = x [rows, k] @ W.T (+ bias), split across threads by weight rows.
+void linear(const Weight& wt, const float* x, int64_t rows, float* y) {
+  constexpr int NB = 4;
+  const int64_t blocks = (wt.n + NB - 1) / NB;
+  at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> sums(rows * NB);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n0 = blk * NB;
+      const int64_t nb = std::min<int64_t>(NB, wt.n - n0);
+      if (nb == NB) {
+        if (wt.q) rows_tile<int8_t, NB>(wt.q + n0 * wt.k, wt.k, x, rows, sums.data());
+        else rows_tile<float, NB>(wt.w + n0 * wt.k, wt.k, x, rows, sums.data());
+      } else {
+        for (int64_t b = 0; b < nb; ++b) {
+          std::vector<float> one(rows);
+          if (wt.q) rows_tile<int8_t, 1>(wt.q + (n0 + b) * wt.k, wt.k, x, rows, one.data());
+          else rows_tile<float, 1>(wt.w + (n0 + b) * wt.k, wt.k, x, rows, one.data());
+          for (int64_t r = 0; r < rows; ++r) sums[r * NB + b] = one[r];
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t b = 0; b < nb; ++b) {
+          const int64_t n = n0 + b;
+          float v = sums[r * NB + b];
+          if (wt.q) v *= wt.scale[n];
+          if (wt.bias) v += wt.bias[n];
+          y[r * wt.n + n] = v;
+        }
+    }
+  });
+}
+
+// out = x * rsqrt(mean(x^2) + eps) * weight, row by row (as model.py's RMSNorm in fp32)
+void rms_norm(const float* x, const float* weight, int64_t rows, int64_t h, double eps, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * h;
+    vf16 acc = zero();
+    for (int64_t i = 0; i < h; i += W) {
+      const vf16 v = load(xr + i);
+      acc = fma(v, v, acc);
+    }
+    const float inv = 1.0f / std::sqrt(hsum(acc) / static_cast<float>(h) + static_cast<float>(eps));
+    for (int64_t i = 0; i < h; ++i) out[r * h + i] = weight[i] * (xr[i] * inv);
+  }
+}
+
+// "rotate_half" rotary embedding of `heads` heads of size d, in place
+void rope(float* v, int64_t heads, int64_t d, const float* cos, const float* sin) {
+  const int64_t half = d / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* p = v + h * d;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = p[i], b = p[i + half];
+      p[i] = a * cos[i] - b * sin[i];
+      p[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+  }
+}
+
+}  // namespace
+
+// logits [B, V] of the next token of B sequences (see the top of this file).
+//   ids, positions, slots: [B] int64: the token fed, its position, its KV-cache slot
+//   cache: [layers, 2, slots, max_len, n_kv, head_dim] fp32, written at each row's position
+//   embed: [vocab, hidden] fp32; inv_freq: [head_dim / 2] fp32
+//   weights: per layer 14 tensors (input norm; qkv weight, scale, bias; o weight, scale,
+//   bias; post-attention norm; gate_up weight, scale, bias; down weight, scale, bias),
+//   then the final norm and the lm_head's weight, scale, bias. An absent scale or bias is an
+//   empty tensor.
+at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& slots,
+                       const at::Tensor& cache, const at::Tensor& embed, const at::Tensor& inv_freq,
+                       std::vector<at::Tensor> weights, int64_t n_heads, int64_t n_kv, int64_t head_dim,
+                       double eps) {
+  TORCH_CHECK(cache.dim() == 6 && cache.is_contiguous() && cache.scalar_type() == at::kFloat,
+              "the KV cache must be a contiguous fp32 [layers, 2, slots, max_len, n_kv, head_dim]");
+  const int64_t layers = cache.size(0), num_slots = cache.size(2), max_len = cache.size(3);
+  TORCH_CHECK(cache.size(4) == n_kv && cache.size(5) == head_dim, "the KV cache does not fit the model");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * 14 + 4, "expected ", layers * 14 + 4,
+              " weight tensors, got ", weights.size());
+  TORCH_CHECK(head_dim % W == 0 && n_heads % n_kv == 0, "unsupported head layout");
+  TORCH_CHECK(embed.dim() == 2 && embed.is_contiguous() && embed.scalar_type() == at::kFloat,
+              "the embedding must be a contiguous fp32 matrix");
+  TORCH_CHECK(inv_freq.is_contiguous() && inv_freq.scalar_type() == at::kFloat && inv_freq.numel() == head_dim / 2,
+              "inv_freq must be fp32 [head_dim / 2]");
+  const int64_t B = ids.numel(), H = embed.size(1), vocab = embed.size(0);
+  TORCH_CHECK(H % W == 0, "hidden size must be a multiple of ", W);
+  TORCH_CHECK(positions.numel() == B && slots.numel() == B, "ids, positions and slots: one each per row");
+  const at::Tensor ids_c = ids.to(at::kLong).contiguous(), pos_c = positions.to(at::kLong).contiguous(),
+                   slots_c = slots.to(at::kLong).contiguous();
+  const int64_t *id = ids_c.data_ptr<int64_t>(), *pos = pos_c.data_ptr<int64_t>(), *slot = slots_c.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(id[b] >= 0 && id[b] < vocab, "token id ", id[b], " is out of the vocabulary");
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < max_len, "position ", pos[b], " is beyond the KV cache length");
+    TORCH_CHECK(slot[b] >= 0 && slot[b] < num_slots, "slot ", slot[b], " is not in the KV cache");
+  }
+  const int64_t D = head_dim, qn = n_heads * D, kvn = n_kv * D, group = n_heads / n_kv;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+
+  // each row's rotary cos/sin: [B, D]
+  std::vector<float> cosv(B * D), sinv(B * D);
+  const float* inv = inv_freq.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < D; ++i) {
+      const float f = static_cast<float>(pos[b]) * inv[i % (D / 2)];
+      cosv[b * D + i] = std::cos(f);
+      sinv[b * D + i] = std::sin(f);
+    }
+
+  std::vector<float> x(B * H), normed(B * H), attn(B * qn), out(B * H);
+  const float* emb = embed.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) std::memcpy(&x[b * H], emb + id[b] * H, H * sizeof(float));
+  float* kv = cache.data_ptr<float>();
+  const int64_t pos_stride = n_kv * D, slot_stride = max_len * pos_stride, kv_stride = num_slots * slot_stride;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, pos[b] + 1);
+
+  std::vector<float> qkv, mlp, act;
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* t = &weights[l * 14];
+    const Weight wqkv = weight_of(t[1], t[2], t[3]), wo = weight_of(t[4], t[5], t[6]);
+    const Weight wgu = weight_of(t[8], t[9], t[10]), wdown = weight_of(t[11], t[12], t[13]);
+    TORCH_CHECK(wqkv.k == H && wqkv.n == qn + 2 * kvn && wo.k == qn && wo.n == H && wgu.k == H &&
+                    wgu.n % 2 == 0 && wdown.k == wgu.n / 2 && wdown.n == H,
+                "layer ", l, "'s weights do not fit the model");
+    const int64_t I = wgu.n / 2;
+
+    rms_norm(x.data(), t[0].data_ptr<float>(), B, H, eps, normed.data());
+    qkv.resize(B * wqkv.n);
+    linear(wqkv, normed.data(), B, qkv.data());
+    float* layer_k = kv + (2 * l) * kv_stride;
+    float* layer_v = kv + (2 * l + 1) * kv_stride;
+    for (int64_t b = 0; b < B; ++b) {
+      float* row = &qkv[b * wqkv.n];
+      rope(row, n_heads + n_kv, D, &cosv[b * D], &sinv[b * D]);  // q's heads, then k's
+      const int64_t at_pos = slot[b] * slot_stride + pos[b] * pos_stride;
+      std::memcpy(layer_k + at_pos, row + qn, kvn * sizeof(float));
+      std::memcpy(layer_v + at_pos, row + qn + kvn, kvn * sizeof(float));
+    }
+
+    // attention of each row's one query to its keys 0 .. pos: one task per (row, head)
+    at::parallel_for(0, B * n_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(longest);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / n_heads, h = task % n_heads, g = h / group;
+        const float* q = &qkv[b * wqkv.n + h * D];
+        const float* keys = layer_k + slot[b] * slot_stride + g * D;
+        const float* values = layer_v + slot[b] * slot_stride + g * D;
+        const int64_t len = pos[b] + 1;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < len; ++j) {
+          const float* kj = keys + j * pos_stride;
+          vf16 acc = zero();
+          for (int64_t i = 0; i < D; i += W) acc = fma(load(q + i), load(kj + i), acc);
+          scores[j] = hsum(acc) * scale;
+          top = std::max(top, scores[j]);
+        }
+        float total = 0.f;
+        for (int64_t j = 0; j < len; ++j) {
+          scores[j] = std::exp(scores[j] - top);
+          total += scores[j];
+        }
+        float* o = &attn[b * qn + h * D];
+        std::memset(o, 0, D * sizeof(float));
+        for (int64_t j = 0; j < len; ++j) {
+          const float p = scores[j] / total;
+          const float* vj = values + j * pos_stride;
+          for (int64_t i = 0; i < D; i += W) store(o + i, fma(splat(p), load(vj + i), load(o + i)));
+        }
+      }
+    });
+
+    linear(wo, attn.data(), B, out.data());
+    for (int64_t i = 0; i < B * H; ++i) x[i] += out[i];
+
+    rms_norm(x.data(), t[7].data_ptr<float>(), B, H, eps, normed.data());
+    mlp.resize(B * wgu.n);
+    act.resize(B * I);
+    linear(wgu, normed.data(), B, mlp.data());
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < I; ++i) {
+        const float g = mlp[b * wgu.n + i], u = mlp[b * wgu.n + I + i];
+        act[b * I + i] = g / (1.0f + std::exp(-g)) * u;
+      }
+    linear(wdown, act.data(), B, out.data());
+    for (int64_t i = 0; i < B * H; ++i) x[i] += out[i];
+  }
+
+  const at::Tensor* tail = &weights[layers * 14];
+  rms_norm(x.data(), tail[0].data_ptr<float>(), B, H, eps, normed.data());
+  const Weight head = weight_of(tail[1], tail[2], tail[3]);
+  TORCH_CHECK(head.k == H, "the lm_head does not fit the model");
+  at::Tensor logits = at::empty({B, head.n}, at::kFloat);
+  linear(head, normed.data(), B, logits.data_ptr<float>());
+  return logits;
+}
+
+TORCH_LIBRARY(chatbot, m) {
+  m.def("decode_step(Tensor ids, Tensor positions, Tensor slots, Tensor(a!) cache, Tensor embed, Tensor inv_freq, "
+        "Tensor[] weights, int n_heads, int n_kv, int head_dim, float eps) -> Tensor");
+  m.impl("decode_step", c10::DispatchKey::CPU, TORCH_FN(decode_step));
+}

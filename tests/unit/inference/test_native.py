@@ -1,0 +1,151 @@
+"""The native decode step (chatbot/inference/native.py, native_decode.cpp) against model.py:
+the same logits and the same KV-cache entries, fp32 and int8, with biases, ragged positions
+and scattered slots; each row's numbers independent of what else is in the batch; refusals
+where it cannot run a model, and clear errors for bad input. Built here if `make install`
+has not built it (g++ and ninja, as the install needs)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from chatbot.inference import KVCache, native
+from chatbot.inference.engine import Engine
+from chatbot.inference.generate import SamplingParams
+from chatbot.inference.precision import Int8Linear, apply
+from chatbot.inference.request import generate_text
+from tests.fakes import tiny_model, tokenizer  # noqa: F401 - fixture
+
+CHAT = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "hello there how are you"}]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    native.build()
+    native.available.cache_clear()
+    assert native.available(), "the native decode step was built but does not load"
+
+
+def served(seed: int = 0, precision: str = "fp32", **kw: object) -> torch.nn.Module:
+    model = tiny_model(seed=seed, **kw)
+    if kw:  # random biases, so that a bias in the wrong place would show
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_(0, 0.5)
+    return apply(model.fuse_projections(), precision)
+
+
+def prefilled(model: torch.nn.Module, lengths: list[int], slots: list[int]) -> tuple[KVCache, torch.Tensor]:
+    """A KV cache holding a random prompt of each length in its slot, and the next ids."""
+    cache = KVCache(model.config, 6, 64)
+    with torch.inference_mode():
+        for n, slot in zip(lengths, slots):
+            model(torch.randint(3, 300, (1, n)), kv_cache=cache, slots=torch.tensor([slot]))
+    return cache, torch.randint(3, 300, (len(lengths), 1))
+
+
+def python_step(model: torch.nn.Module, cache: KVCache, ids: torch.Tensor, positions: torch.Tensor,
+                slots: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(ids, positions[:, None], cache, slots)[:, -1]
+
+
+@pytest.mark.parametrize("bias", [{}, {"qkv_bias": True}, {"attention_bias": True, "mlp_bias": True}])
+def test_fp32_decode_step_matches_model_py(bias: dict[str, bool]) -> None:
+    model = served(seed=1, **bias)
+    lengths, slots = [5, 17, 1], [4, 0, 2]  # ragged, scattered, one of them out of order
+    cache, ids = prefilled(model, lengths, slots)
+    positions, slot_t = torch.tensor(lengths), torch.tensor(slots)
+    theirs = copy.deepcopy(cache)
+    expected = python_step(model, theirs, ids, positions, slot_t)
+    decoder = native.decoder_for(model, cache.data)
+    assert decoder is not None
+    got = decoder(ids, positions, slot_t)
+    assert got.shape == (3, 300) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # the step's keys and values were written where model.py writes them, and nothing else
+    torch.testing.assert_close(cache.data, theirs.data, rtol=1e-5, atol=1e-5)
+    assert cache.data[:, :, 0, 18:].abs().sum() == 0  # past slot 0's new position: untouched
+
+
+def test_int8_decode_step_computes_the_dequantised_product_in_fp32() -> None:
+    model = served(seed=2, precision="int8", attention_bias=True, mlp_bias=True)
+    # the reference: the same int8 weights dequantised to fp32 (model.py would round its
+    # activations to bf16 for PyTorch's int8 kernel; the native step keeps them fp32)
+    reference = copy.deepcopy(model)
+    for parent in list(reference.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Int8Linear):
+                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                with torch.no_grad():
+                    linear.weight.copy_(child.qweight.float() * child.scales.float()[:, None])
+                    if child.bias is not None:
+                        linear.bias.copy_(child.bias.float())  # type: ignore[union-attr]
+                setattr(parent, name, linear)
+    cache, ids = prefilled(reference, [9, 3], [1, 3])
+    positions, slots = torch.tensor([9, 3]), torch.tensor([1, 3])
+    theirs = copy.deepcopy(cache)
+    expected = python_step(reference, theirs, ids, positions, slots)
+    decoder = native.decoder_for(model, cache.data)
+    assert decoder is not None and isinstance(model.lm_head, Int8Linear)
+    torch.testing.assert_close(decoder(ids, positions, slots), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cache.data, theirs.data, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_rows_logits_do_not_depend_on_the_rest_of_the_batch(precision: str) -> None:
+    model = served(seed=3, precision=precision)
+    lengths, slots = [7, 12, 4, 30, 2], [0, 1, 2, 3, 5]
+    cache, ids = prefilled(model, lengths, slots)
+    decoder = native.decoder_for(model, cache.data)
+    assert decoder is not None
+    before = cache.data.clone()
+    together = decoder(ids, torch.tensor(lengths), torch.tensor(slots))
+    for row in range(len(lengths)):
+        cache.data.copy_(before)
+        alone = decoder(ids[row:row + 1], torch.tensor(lengths[row:row + 1]), torch.tensor(slots[row:row + 1]))
+        assert torch.equal(alone[0], together[row]), f"row {row} changed with the batch"
+
+
+def test_models_it_cannot_run_get_none() -> None:
+    cache = KVCache(tiny_model().config, 2, 16)
+    assert native.decoder_for(tiny_model(), cache.data) is None  # projections not fused
+    assert native.decoder_for(apply(tiny_model().fuse_projections(), "bf16"), cache.data) is None
+    bf16_cache = KVCache(tiny_model().config, 2, 16, dtype=torch.bfloat16)
+    assert native.decoder_for(served(), bf16_cache.data) is None
+    odd = served(hidden_size=72, num_attention_heads=4, num_key_value_heads=2)  # head_dim 18
+    assert native.decoder_for(odd, KVCache(odd.config, 2, 16).data) is None
+
+
+def test_bad_input_is_refused_clearly_and_writes_nothing() -> None:
+    model = served(seed=4)
+    cache, ids = prefilled(model, [3], [0])
+    decoder = native.decoder_for(model, cache.data)
+    assert decoder is not None
+    before = cache.data.clone()
+    with pytest.raises(RuntimeError, match="beyond the KV cache"):
+        decoder(ids, torch.tensor([64]), torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="not in the KV cache"):
+        decoder(ids, torch.tensor([3]), torch.tensor([6]))
+    with pytest.raises(RuntimeError, match="out of the vocabulary"):
+        decoder(torch.tensor([[300]]), torch.tensor([3]), torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="one each per row"):
+        decoder(ids, torch.tensor([3, 4]), torch.tensor([0]))
+    assert torch.equal(cache.data, before)
+
+
+def test_the_engine_decodes_natively_with_the_same_reply(tokenizer) -> None:  # noqa: F811
+    replies = {}
+    for flag in (True, False):
+        engine = Engine(served(seed=5), tokenizer, max_batch_size=2, max_seq_len=128, native_decode=flag)
+        assert engine.decode_path == ("native" if flag else "python")
+        engine.start()
+        try:
+            replies[flag] = generate_text(engine, CHAT, SamplingParams(max_tokens=24, temperature=0.0), timeout=30)
+        finally:
+            engine.stop()
+    (text, final), (python_text, _) = replies[True], replies[False]
+    assert final.completion_tokens > 1 and text == python_text
