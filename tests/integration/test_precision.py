@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 
 from chatbot.inference import precision
 from chatbot.inference.model import LlamaForCausalLM
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.integration
 
 MODEL = MODEL_REPOSITORY / "chat" / "1" / "smollm2"
 CONVERSATIONS = 30  # held-out conversations: ~470 reply tokens
+NATIVE_CONVERSATIONS = 8  # fed a token at a time through the native step: fewer
 # the least each precision must keep: agreement on the reference's greedy tokens, and how
 # much higher its held-out loss may be than fp32's
 FLOORS = {"bf16": (0.95, 0.01), "int8": (0.88, 0.02)}
@@ -64,9 +66,55 @@ def test_precision_keeps_the_reference_quality(reference: Any, name: str) -> Non
     assert loss <= fp32_loss * (1 + max_loss_rise)
 
 
-def test_int8_stores_int8_weights_and_computes_in_fp32_around_them_on_a_cpu() -> None:
-    import torch
+class TeacherForced:
+    """A model whose logits come from the native decode step (chatbot/inference/native.py):
+    `model(ids)` feeds the tokens one decode step at a time, as serving decodes a reply, so
+    `top1_agreement` and `heldout_loss` measure what the native path computes."""
 
+    def __init__(self, model: LlamaForCausalLM, length: int) -> None:
+        from chatbot.inference import native
+        from chatbot.inference.kv_cache import KVCache
+
+        self.config = model.config
+        self.cache = KVCache(model.config, 1, length)
+        decoder = native.decoder_for(model, self.cache.data)
+        assert decoder is not None, "the native decode step cannot run this model"
+        self.decoder = decoder
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        slot = torch.tensor([0])
+        rows = [self.decoder(ids[:, t], torch.tensor([t]), slot) for t in range(ids.shape[1])]
+        return torch.stack(rows, dim=1)  # [1, T, V]
+
+
+def test_native_int8_decoding_keeps_the_reference_quality(reference: Any) -> None:
+    """Every token through the native decode step: on a CPU with VNNI its int8 products take
+    int8 activations too (blocks of 16), so it is measured on its own. (Native fp32 is the
+    fp32 model to 1e-4: tests/unit/inference/test_native.py.)"""
+    from chatbot.inference import native
+
+    native.build()
+    native.available.cache_clear()
+    fp32, tokenizer, replies, _ = reference
+    min_agreement, max_loss_rise = FLOORS["int8"]
+
+    def measure() -> tuple[float, int, float, float]:
+        model = precision.apply(LlamaForCausalLM.from_pretrained(MODEL).fuse_projections(), "int8")
+        candidate = TeacherForced(model, 512)
+        agreement, positions = top1_agreement(fp32, candidate, replies)  # type: ignore[arg-type]
+        conversations = NATIVE_CONVERSATIONS
+        return (agreement, positions, heldout_loss(candidate, tokenizer, conversations)[0],  # type: ignore[arg-type]
+                heldout_loss(fp32, tokenizer, conversations)[0])
+
+    agreement, positions, loss, fp32_loss = off_main_thread(measure)
+    print(f"native int8: greedy agreement {agreement:.3f} over {positions} tokens, held-out loss {loss:.4f} "
+          f"(fp32 through model.py {fp32_loss:.4f})")
+    assert positions >= 100
+    assert agreement >= min_agreement
+    assert loss <= fp32_loss * (1 + max_loss_rise)
+
+
+def test_int8_stores_int8_weights_and_computes_in_fp32_around_them_on_a_cpu() -> None:
     model = off_main_thread(lambda: precision.apply(LlamaForCausalLM.from_pretrained(MODEL), "int8"))
     linears = [m for m in model.modules() if isinstance(m, precision.Int8Linear)]
     assert len(linears) == 7 * model.config.num_hidden_layers + 1  # every projection and the lm_head

@@ -71,28 +71,40 @@ def test_fp32_decode_step_matches_model_py(bias: dict[str, bool]) -> None:
     assert cache.data[:, :, 0, 18:].abs().sum() == 0  # past slot 0's new position: untouched
 
 
-def test_int8_decode_step_computes_the_dequantised_product_in_fp32() -> None:
+class Int8Reference(torch.nn.Module):
+    """An int8 product as the native step computes it, written in PyTorch: the weights
+    dequantised to fp32, and where the CPU has VNNI (and the input size is a multiple of 64)
+    the activations rounded to int8 in blocks of 16 first, one scale (absmax / 127) each."""
+
+    def __init__(self, child: Int8Linear) -> None:
+        super().__init__()
+        self.weight = child.qweight.float() * child.scales.float()[:, None]
+        self.bias = None if child.bias is None else child.bias.float()
+        self.blocks = torch.ops.chatbot.int8_activations() and child.in_features % 64 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blocks:
+            b = x.reshape(*x.shape[:-1], -1, 16)
+            scale = b.abs().amax(-1, keepdim=True) / 127
+            x = (torch.round(b / scale) * scale).reshape(x.shape)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def test_int8_decode_step_computes_what_its_pytorch_reference_does() -> None:
     model = served(seed=2, precision="int8", attention_bias=True, mlp_bias=True)
-    # the reference: the same int8 weights dequantised to fp32 (model.py would round its
-    # activations to bf16 for PyTorch's int8 kernel; the native step keeps them fp32)
     reference = copy.deepcopy(model)
     for parent in list(reference.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Int8Linear):
-                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
-                with torch.no_grad():
-                    linear.weight.copy_(child.qweight.float() * child.scales.float()[:, None])
-                    if child.bias is not None:
-                        linear.bias.copy_(child.bias.float())  # type: ignore[union-attr]
-                setattr(parent, name, linear)
+                setattr(parent, name, Int8Reference(child))
     cache, ids = prefilled(reference, [9, 3], [1, 3])
     positions, slots = torch.tensor([9, 3]), torch.tensor([1, 3])
     theirs = copy.deepcopy(cache)
     expected = python_step(reference, theirs, ids, positions, slots)
     decoder = native.decoder_for(model, cache.data)
     assert decoder is not None and isinstance(model.lm_head, Int8Linear)
-    torch.testing.assert_close(decoder(ids, positions, slots), expected, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(cache.data, theirs.data, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decoder(ids, positions, slots), expected, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(cache.data, theirs.data, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
