@@ -103,12 +103,22 @@ def available() -> bool:
     return True
 
 
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """int8 weights [n, k] as the VNNI product streams them: [n / 4, k / 64, 4, 64], so a
+    step reads memory front to back (a copy: model.py's prefill keeps the plain layout)."""
+    n, k = q.shape
+    return q.reshape(n // 4, 4, k // 64, 64).permute(0, 2, 1, 3).contiguous()
+
+
 def _product(module: nn.Module) -> list[torch.Tensor] | None:
     """(weight, scale, bias) as decode_step takes them, or None if it cannot run `module`."""
     empty = torch.empty(0)
     if isinstance(module, Int8Linear):
         bias = empty if module.bias is None else module.bias.detach().float().contiguous()
-        return [module.qweight, module.scales.detach().float().contiguous(), bias]
+        q = module.qweight
+        if torch.ops.chatbot.int8_activations() and q.shape[0] % 4 == 0 and q.shape[1] % 64 == 0:
+            q = pack_int8(q)
+        return [q, module.scales.detach().float().contiguous(), bias]
     if type(module) is nn.Linear and module.weight.dtype == torch.float32:
         bias = empty if module.bias is None else module.bias.detach().contiguous()
         return [module.weight.detach().contiguous(), empty, bias]
@@ -142,7 +152,7 @@ def decoder_for(model: nn.Module, cache: torch.Tensor) -> NativeDecoder | None:
     config = model.config
     embed = model.model.embed_tokens.weight
     if (embed.device.type != "cpu" or embed.dtype != torch.float32 or cache.dtype != torch.float32
-            or not cache.is_contiguous() or config.head_dim % 16 or config.hidden_size % 16):
+            or not cache.is_contiguous() or config.head_dim % 16 or config.hidden_size % 16 or not available()):
         return None
     weights: list[torch.Tensor] = []
     for layer in model.model.layers:
@@ -150,7 +160,7 @@ def decoder_for(model: nn.Module, cache: torch.Tensor) -> NativeDecoder | None:
         if attn.qkv_proj is None or mlp.gate_up_proj is None:
             return None
         parts = [_product(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-        if any(p is None for p in parts) or any(p[0].shape[1] % 16 for p in parts if p is not None):
+        if any(p is None for p in parts) or any(p[0].shape[-1] % 16 for p in parts if p is not None):
             return None
         qkv, o, gate_up, down = parts
         weights += [layer.input_layernorm.weight.detach(), *qkv, *o,  # type: ignore[misc]
@@ -161,7 +171,7 @@ def decoder_for(model: nn.Module, cache: torch.Tensor) -> NativeDecoder | None:
     weights += [model.model.norm.weight.detach(), *head]
     if any(w.dtype not in (torch.float32, torch.int8) or not w.is_contiguous() for w in weights):
         return None
-    return NativeDecoder(model, cache, weights) if available() else None
+    return NativeDecoder(model, cache, weights)
 
 
 def main(argv: list[str] | None = None) -> int:
