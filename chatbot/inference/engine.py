@@ -25,8 +25,8 @@ Design notes
   one padded forward beat a forward per prompt at similar lengths (16 x 100 tokens: 78 vs
   145 ms), lost at ~1.9x padding (495 vs 274 ms), and beat one packed row with a
   block-diagonal mask (589 ms). Packed linears with varlen attention: not done yet.
-- Decode steps run in one C++ call (native.py) where it can run the model (a CPU, fp32
-  activations: precision fp32 or int8), else through model.py; `decode_path` says which.
+- Decode steps and short prefills run in one C++ call each (native.py; a prefill packs its
+  tokens without pads) where it can run the model (a CPU, precision fp32 or int8).
 - Chunked prefill: `max_prefill_tokens` caps the padded size (B * T) of a step's prefill
   forward. A prompt longer than that is read in chunks, one per step, each at its absolute
   positions after what the cache already holds, with a decode step for every other
@@ -399,28 +399,28 @@ class Engine:
             self._accept(seq, token, now)
 
     def _prefill(self, batch: list[_Sequence], lens: list[int], width: int) -> torch.Tensor:
-        """Prompt tokens pos .. pos + len of each row at their absolute positions, pads after
-        them (see the module notes); [B, V] logits of each row's last real token."""
-        B, T = len(batch), width
-        ids = torch.zeros(B, T, dtype=torch.long)  # [B, T]; pad id 0: any valid id, never attended to
-        positions = torch.empty(B, T, dtype=torch.long)  # [B, T]
-        for i, (seq, n) in enumerate(zip(batch, lens)):
-            ids[i, :n] = torch.tensor(seq.prompt_ids[seq.pos : seq.pos + n])
-            # pads continue their row's positions: causal masking hides them from real queries
-            positions[i] = torch.arange(seq.pos, seq.pos + T)
-        slots = torch.tensor([s.slot for s in batch])  # [B]
-        last_index = torch.tensor(lens) - 1  # [B] each row's last real token
-        logits = self.model(
-            ids.to(self.device), positions.to(self.device), self.cache, slots.to(self.device),
-            last_index=last_index.to(self.device),
-        )  # [B, 1, V]
+        """Prompt tokens pos .. pos + len of each row at their absolute positions; [B, V]
+        logits of each row's last one. Natively every token is a row of its own (no pads);
+        model.py takes [B, width] with pads after each prompt (see the module notes)."""
+        if self._native is not None and sum(lens) <= native.PREFILL_MAX_TOKENS:
+            logits = self._native.prefill([(s.prompt_ids[s.pos : s.pos + n], s.pos, s.slot) for s, n in zip(batch, lens)])
+        else:
+            ids = torch.zeros(len(batch), width, dtype=torch.long)  # pad id 0: any valid id, never attended to
+            positions = torch.empty(len(batch), width, dtype=torch.long)
+            for i, (seq, n) in enumerate(zip(batch, lens)):
+                ids[i, :n] = torch.tensor(seq.prompt_ids[seq.pos : seq.pos + n])
+                # pads continue their row's positions: causal masking hides them from real queries
+                positions[i] = torch.arange(seq.pos, seq.pos + width)
+            slots, last_index = torch.tensor([s.slot for s in batch]), torch.tensor(lens) - 1
+            logits = self.model(ids.to(self.device), positions.to(self.device), self.cache, slots.to(self.device),
+                                last_index=last_index.to(self.device))[:, 0]  # [B, V]
         for seq, n in zip(batch, lens):
             self.pool.extend(seq.slot, seq.prompt_ids[seq.pos : seq.pos + n])
             seq.pos += n
         with self._stats_lock:
             self._prefill_batches_total += 1
             self._prefill_tokens_total += sum(lens)
-        return logits[:, 0].cpu()  # one device->host copy for the whole batch
+        return logits.cpu()  # one device->host copy for the whole batch
 
     def _sample(self, batch: list[_Sequence], logits: torch.Tensor) -> list[int]:
         """One token per sequence from logits [B, V], in one batched pass."""

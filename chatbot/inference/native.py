@@ -3,8 +3,18 @@
 Design notes
 - Why: a decode step of SmolLM2-135M in model.py is about 1,300 PyTorch operations, each
   dispatched from Python; at one sequence they cost as much as the products themselves.
-  `torch.ops.chatbot.decode_step` does the whole step (every layer, the final norm, the
-  lm_head) in one call, over raw fp32 buffers and int8 or fp32 weights.
+  `torch.ops.chatbot.decode_step` does a whole step (every layer, the final norm, the
+  lm_head) in one call, over raw fp32 buffers and int8 or fp32 weights. A step takes any
+  rows (token, position, slot), so a short prefill is one step too: every prompt token a
+  row, packed without pads (`prefill`; the engine uses it up to `PREFILL_MAX_TOKENS`).
+- int8 on a CPU with AVX512-VNNI: the products take int8 activations as well (blocks of 16
+  inputs, one scale each, as llama.cpp's Q8 blocks) and multiply in int8; the weights are
+  read from a copy packed in the order the product streams them (`pack_int8`). Quality is
+  measured on the real model (tests/integration/test_precision.py). Elsewhere the int8
+  weights are converted to fp32 in registers, with fp32 activations.
+- Each row is computed as it would be alone: no sum depends on the other rows of a call,
+  so a token's numbers do not change with what is decoded beside it, and a prefilled
+  prompt's keys and values are bit for bit those of decoding it token by token.
 - Built, never downloaded: `python -m chatbot.inference.native build` (run by `make
   install`) compiles the one source file with PyTorch's extension builder and the machine's
   g++, for this CPU (`-march=native`). The build goes to `.cache/native/<tag>/`, the tag
@@ -17,9 +27,6 @@ Design notes
   of 16. Anything else (bf16, CUDA, LoRA-wrapped layers) gets `None` from `decoder_for`
   and runs model.py, which stays the reference: tests/unit/inference/test_native.py
   checks the two against each other.
-- Numbers differ from model.py's only in summation order and in the int8 kernel's input:
-  model.py rounds the activations to bf16 for `_weight_int8pack_mm`, this keeps them fp32.
-  And a row's sums never depend on the other rows of the batch.
 """
 
 from __future__ import annotations
@@ -44,7 +51,11 @@ BUILD_ROOT = Path(os.environ.get("CHATBOT_NATIVE_DIR", Path(__file__).resolve().
 # -fopenmp: at::parallel_for is inline (ATen/ParallelOpenMP.h) and runs on one thread
 # without it; the library then shares the libgomp.so.1 torch has loaded (same soname)
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
-LAYER_TENSORS = 14  # what decode_step takes per layer (native_decode.cpp)
+# Prefills of at most this many tokens (all prompts of the chunk together) run natively,
+# longer ones in model.py, whose batched products (oneDNN, MKL) are faster there. SmolLM2 on
+# 2 cores, ms, native against model.py: int8 16 tokens 24 / 56, 32 tokens 41 / 88, 64 x 2
+# 155 / 166, 32 x 8 346 / 251, 512 1,021 / 567; fp32 16: 53 / 96, 64 x 2: 304 / 265.
+PREFILL_MAX_TOKENS = 64
 
 
 def cpu_flags() -> list[str]:
@@ -127,7 +138,7 @@ def _product(module: nn.Module) -> list[torch.Tensor] | None:
 
 class NativeDecoder:
     """`decoder(ids, positions, slots)` -> [B, V] fp32 logits of one decode step, writing the
-    step's keys and values into `cache` as model.py would."""
+    step's keys and values into `cache` as model.py would; `prefill` reads prompts."""
 
     def __init__(self, model: nn.Module, cache: torch.Tensor, weights: list[torch.Tensor]) -> None:
         config = model.config
@@ -138,12 +149,24 @@ class NativeDecoder:
         self.shape = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         self.eps = float(config.rms_norm_eps)
 
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         n_heads, n_kv, head_dim = self.shape
         return torch.ops.chatbot.decode_step(
             ids.reshape(-1), positions.reshape(-1), slots.reshape(-1), self.cache, self.embed, self.inv_freq,
-            self.weights, n_heads, n_kv, head_dim, self.eps,
+            self.weights, n_heads, n_kv, head_dim, self.eps, torch.empty(0) if logit_rows is None else logit_rows,
         )
+
+    def prefill(self, parts: list[tuple[list[int], int, int]]) -> torch.Tensor:
+        """[len(parts), V] logits of the last token of each (token ids, first position, slot):
+        every token one row of one step, packed without padding, each row attending to its
+        slot's positions up to its own (native_decode.cpp), so a row's numbers are those of
+        decoding its tokens one by one."""
+        ids = torch.tensor([t for tokens, _, _ in parts for t in tokens])
+        positions = torch.cat([torch.arange(start, start + len(tokens)) for tokens, start, _ in parts])
+        slots = torch.cat([torch.full((len(tokens),), slot) for tokens, _, slot in parts])
+        ends = torch.tensor([len(tokens) for tokens, _, _ in parts]).cumsum(0) - 1
+        return self(ids, positions, slots, ends)
 
 
 def decoder_for(model: nn.Module, cache: torch.Tensor) -> NativeDecoder | None:

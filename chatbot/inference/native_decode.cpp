@@ -366,7 +366,11 @@ void rope(float* v, int64_t heads, int64_t d, const float* cos, const float* sin
 
 }  // namespace
 
-// logits [B, V] of the next token of B sequences (see the top of this file).
+// Logits [B, V] after B rows, each a token at its position in its KV-cache slot: a decode
+// step of B sequences, or a prefill (every prompt token a row; the same slot may come many
+// times, each row at its own position). Every row's keys and values are written before any
+// row attends, and a row attends to its slot's positions 0 .. its own: causal, whatever the
+// rows are, and each row computed as it would be alone (see the top of this file).
 //   ids, positions, slots: [B] int64: the token fed, its position, its KV-cache slot
 //   cache: [layers, 2, slots, max_len, n_kv, head_dim] fp32, written at each row's position
 //   embed: [vocab, hidden] fp32; inv_freq: [head_dim / 2] fp32
@@ -374,10 +378,11 @@ void rope(float* v, int64_t heads, int64_t d, const float* cos, const float* sin
 //   bias; post-attention norm; gate_up weight, scale, bias; down weight, scale, bias),
 //   then the final norm and the lm_head's weight, scale, bias. An absent scale or bias is an
 //   empty tensor.
+//   logit_rows: the rows whose logits are returned, in that order ([len, V]); empty: all
 at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& slots,
                        const at::Tensor& cache, const at::Tensor& embed, const at::Tensor& inv_freq,
                        std::vector<at::Tensor> weights, int64_t n_heads, int64_t n_kv, int64_t head_dim,
-                       double eps) {
+                       double eps, const at::Tensor& logit_rows) {
   TORCH_CHECK(cache.dim() == 6 && cache.is_contiguous() && cache.scalar_type() == at::kFloat,
               "the KV cache must be a contiguous fp32 [layers, 2, slots, max_len, n_kv, head_dim]");
   const int64_t layers = cache.size(0), num_slots = cache.size(2), max_len = cache.size(3);
@@ -400,6 +405,11 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const
     TORCH_CHECK(pos[b] >= 0 && pos[b] < max_len, "position ", pos[b], " is beyond the KV cache length");
     TORCH_CHECK(slot[b] >= 0 && slot[b] < num_slots, "slot ", slot[b], " is not in the KV cache");
   }
+  const at::Tensor wanted_c = logit_rows.to(at::kLong).contiguous();
+  const int64_t* wanted = wanted_c.data_ptr<int64_t>();
+  const int64_t out_rows = logit_rows.numel() > 0 ? logit_rows.numel() : B;
+  for (int64_t i = 0; i < logit_rows.numel(); ++i)
+    TORCH_CHECK(wanted[i] >= 0 && wanted[i] < B, "logit row ", wanted[i], " is not one of the ", B, " rows");
   const int64_t D = head_dim, qn = n_heads * D, kvn = n_kv * D, group = n_heads / n_kv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
 
@@ -492,12 +502,16 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const
     for (int64_t i = 0; i < B * H; ++i) x[i] += out[i];
   }
 
+  // the logits of the rows asked for (a prefill wants each sequence's last token only)
+  std::vector<float> last(x);
+  if (logit_rows.numel() > 0)
+    for (int64_t i = 0; i < out_rows; ++i) std::memcpy(&last[i * H], &x[wanted[i] * H], H * sizeof(float));
   const at::Tensor* tail = &weights[layers * 14];
-  rms_norm(x.data(), tail[0].data_ptr<float>(), B, H, eps, normed.data());
+  rms_norm(last.data(), tail[0].data_ptr<float>(), out_rows, H, eps, normed.data());
   const Weight head = weight_of(tail[1], tail[2], tail[3]);
   TORCH_CHECK(head.k == H, "the lm_head does not fit the model");
-  at::Tensor logits = at::empty({B, head.n}, at::kFloat);
-  linear(head, normed.data(), B, logits.data_ptr<float>());
+  at::Tensor logits = at::empty({out_rows, head.n}, at::kFloat);
+  linear(head, normed.data(), out_rows, logits.data_ptr<float>());
   return logits;
 }
 
@@ -518,6 +532,6 @@ TORCH_LIBRARY(chatbot, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor scale, Tensor bias) -> Tensor");
   m.impl("linear", c10::DispatchKey::CPU, TORCH_FN(linear_op));
   m.def("decode_step(Tensor ids, Tensor positions, Tensor slots, Tensor(a!) cache, Tensor embed, Tensor inv_freq, "
-        "Tensor[] weights, int n_heads, int n_kv, int head_dim, float eps) -> Tensor");
+        "Tensor[] weights, int n_heads, int n_kv, int head_dim, float eps, Tensor logit_rows) -> Tensor");
   m.impl("decode_step", c10::DispatchKey::CPU, TORCH_FN(decode_step));
 }

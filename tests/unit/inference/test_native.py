@@ -122,6 +122,36 @@ def test_a_rows_logits_do_not_depend_on_the_rest_of_the_batch(precision: str) ->
         assert torch.equal(alone[0], together[row]), f"row {row} changed with the batch"
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_prefill_computes_what_decoding_token_by_token_does(precision: str) -> None:
+    """Prompts packed into one call (every token a row) give exactly the logits and KV entries
+    of feeding their tokens one decode step at a time: a retried reply, a chunked prompt and
+    a prompt taken from the prefix cache all see the same numbers."""
+    model = served(seed=6, precision=precision)
+    prompts = [(torch.randint(3, 300, (n,)).tolist(), start, slot) for n, start, slot in [(11, 0, 2), (1, 0, 0), (6, 4, 5)]]
+    cache = KVCache(model.config, 6, 64)
+    decoder = native.decoder_for(model, cache.data)
+    assert decoder is not None
+    decoder(torch.tensor([7, 8, 9, 10]), torch.arange(4), torch.full((4,), 5))  # slot 5's first 4 positions
+    before = cache.data.clone()
+    packed = decoder.prefill(prompts)
+    packed_cache = cache.data.clone()
+    cache.data.copy_(before)
+    for i, (tokens, start, slot) in enumerate(prompts):
+        for j, token in enumerate(tokens):
+            one = decoder(torch.tensor([token]), torch.tensor([start + j]), torch.tensor([slot]))
+        assert torch.equal(one[0], packed[i]), f"prompt {i}: packed prefill and step-by-step decoding differ"
+    assert torch.equal(cache.data, packed_cache)
+    if precision == "fp32":  # and the same as model.py's padded prefill
+        with torch.inference_mode():
+            theirs = KVCache(model.config, 6, 64)
+            theirs.data.copy_(before)
+            tokens, start, slot = prompts[2]
+            expected = model(torch.tensor([tokens]), torch.arange(start, start + 6)[None], theirs, torch.tensor([slot]),
+                             last_only=True)[0, -1]
+        torch.testing.assert_close(packed[2], expected, rtol=1e-4, atol=1e-4)
+
+
 def test_models_it_cannot_run_get_none() -> None:
     cache = KVCache(tiny_model().config, 2, 16)
     assert native.decoder_for(tiny_model(), cache.data) is None  # projections not fused
@@ -146,6 +176,8 @@ def test_bad_input_is_refused_clearly_and_writes_nothing() -> None:
         decoder(torch.tensor([[300]]), torch.tensor([3]), torch.tensor([0]))
     with pytest.raises(RuntimeError, match="one each per row"):
         decoder(ids, torch.tensor([3, 4]), torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="is not one of the 1 rows"):
+        decoder(ids, torch.tensor([3]), torch.tensor([0]), torch.tensor([1]))
     assert torch.equal(cache.data, before)
 
 
