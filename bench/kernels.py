@@ -1,9 +1,8 @@
-"""The kernels of a decode step on this CPU: PyTorch's 4-bit and int8 weight-only products
-against a bf16 `linear` on SmolLM2's weight shapes, then a whole decode step of the real
-model at 1, 8 and 32 sequences: int8 as the engine serves it (q, k, v fused into one product
-and gate, up into one: `fuse_projections`; activations bf16 on a CPU with native bf16, fp32
-elsewhere: `precision.apply`) with bf16 activations and with fp32 ones (forced either way), int8
-as served but unfused, and fp32.
+"""The kernels of a decode step on this CPU: PyTorch's 4-bit and int8 weight-only products,
+a bf16 `linear` and the native int8 product (chatbot/inference/native_decode.cpp) on
+SmolLM2's weight shapes, then a whole decode step of the real model at 1, 8 and 32
+sequences, int8 and fp32 as the engine serves them (`fuse_projections`, `precision.apply`),
+each through the native step and through model.py.
 Every measurement runs on a thread that started no OpenMP pool before (as the engine's
 does). Run: `.venv/bin/python bench/kernels.py` (about 3 minutes on 2 cores);
 docs/benchmarks.md, "Kernels measured for a decode step", says what the figures showed.
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chatbot.inference import precision  # noqa: E402
+from chatbot.inference import native, precision  # noqa: E402
 from chatbot.inference.default_model import MODEL_REPOSITORY  # noqa: E402
 from chatbot.inference.engine import in_passing_thread  # noqa: E402
 from chatbot.inference.kv_cache import KVCache  # noqa: E402
@@ -57,7 +56,9 @@ def int4_pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def products() -> None:
     print("Weight-only products, microseconds per call (bf16 activations)")
-    print(f"{'weight':<22} {'rows':>4} | {'int4':>9} {'int8':>9} {'bf16 linear':>12}")
+    print(f"{'weight':<22} {'rows':>4} | {'int4':>9} {'int8':>9} {'bf16 linear':>12} {'native int8':>12}")
+    native_here = native.available()
+    empty = torch.empty(0)
     torch.manual_seed(0)
     for label, (n, k) in SHAPES.items():
         w = torch.randn(n, k) * 0.05
@@ -71,37 +72,35 @@ def products() -> None:
             int4 = per_call_us(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales_zeros), calls)
             int8 = per_call_us(lambda: torch.ops.aten._weight_int8pack_mm(x, q8, scales8), calls)
             bf16 = per_call_us(lambda: torch.nn.functional.linear(x, wb), calls)
-            print(f"{label:<22} {rows:>4} | {int4:>9.1f} {int8:>9.1f} {bf16:>12.1f}", flush=True)
+            mine = float("nan")
+            if native_here:  # fp32 activations, the weights as the decoder holds them
+                packed = native.pack_int8(q8) if torch.ops.chatbot.int8_activations() else q8
+                xf, sf = x.float(), scales.float()
+                mine = per_call_us(lambda: torch.ops.chatbot.linear(xf, packed, sf, empty), calls)
+            print(f"{label:<22} {rows:>4} | {int4:>9.1f} {int8:>9.1f} {bf16:>12.1f} {mine:>12.1f}", flush=True)
 
 
-def load(variant: str) -> tuple[LlamaForCausalLM, KVCache]:
-    """The model as the engine serves it (projections fused; int8 as `precision.apply`
-    makes it on this CPU), or as named: unfused, or int8 with bf16 or fp32 activations forced."""
-    model = LlamaForCausalLM.from_pretrained(MODEL_REPOSITORY / "chat" / "1" / "smollm2")
-    if "unfused" not in variant:
-        model.fuse_projections()
-    if variant == "int8, bf16 around":
-        precision.quantize_int8(model, torch.bfloat16)
-        for p in model.parameters():
-            p.data = p.data.to(torch.bfloat16)
-    elif variant == "int8, fp32 around":  # what `apply` makes on a CPU without native bf16
-        precision.quantize_int8(model, torch.bfloat16)
-        for m in model.modules():
-            if isinstance(m, precision.Int8Linear) and m.bias is not None:
-                m.bias.data = m.bias.data.float()
-    elif variant.startswith("int8"):
-        model = precision.apply(model, "int8")
-    dtype = next(model.parameters()).dtype
-    return model.eval(), KVCache(model.config, max(ROWS), 512, "cpu", dtype)
+def load(precision_name: str) -> tuple[LlamaForCausalLM, KVCache]:
+    """The model as the engine serves it: projections fused, at `precision_name`."""
+    model = LlamaForCausalLM.from_pretrained(MODEL_REPOSITORY / "chat" / "1" / "smollm2").fuse_projections()
+    model = precision.apply(model, precision_name)
+    return model.eval(), KVCache(model.config, max(ROWS), 512, "cpu", torch.float32)
 
 
 def decode_steps() -> None:
+    """A whole decode step at each precision, through the native step (native.py) and
+    through model.py, alternated in two passes."""
     print("\nA decode step of SmolLM2-135M at position 200, ms (two passes)")
-    variants = ("int8, bf16 around", "int8, fp32 around", "int8, unfused", "fp32")
+    variants = ("int8 native", "int8 model.py", "fp32 native", "fp32 model.py")
     figures: dict[tuple[str, int], list[float]] = {}
     for _ in range(2):
         for variant in variants:
-            model, cache = in_passing_thread(lambda: load(variant))
+            name, path = variant.split()
+            model, cache = in_passing_thread(lambda: load(name))
+            decoder = native.decoder_for(model, cache.data) if path == "native" else None
+            if path == "native" and decoder is None:
+                print(f"{variant}: no native decode step here (python -m chatbot.inference.native build)")
+                continue
 
             def run() -> None:
                 with torch.inference_mode():
@@ -109,16 +108,19 @@ def decode_steps() -> None:
                         ids = torch.randint(0, 1000, (rows, 1))
                         positions = torch.full((rows, 1), 200)
                         slots = torch.arange(rows)
-                        step = per_call_us(lambda: model(ids, positions, cache, slots), 20 if rows == 1 else 8)
+                        if decoder is not None:
+                            step = per_call_us(lambda: decoder(ids, positions, slots), 20 if rows == 1 else 8)
+                        else:
+                            step = per_call_us(lambda: model(ids, positions, cache, slots), 20 if rows == 1 else 8)
                         figures.setdefault((variant, rows), []).append(step / 1000)
 
             thread = threading.Thread(target=run)  # no OpenMP pool of its own yet, as the engine's
             thread.start()
             thread.join()
-    print(f"{'sequences':>9} | " + " | ".join(f"{v:>22}" for v in variants))
+    print(f"{'sequences':>9} | " + " | ".join(f"{v:>14}" for v in variants))
     for rows in ROWS:
-        cells = [" / ".join(f"{t:.1f}" for t in figures[(v, rows)]) for v in variants]
-        print(f"{rows:>9} | " + " | ".join(f"{c:>22}" for c in cells), flush=True)
+        cells = [" / ".join(f"{t:.1f}" for t in figures.get((v, rows), [])) or "-" for v in variants]
+        print(f"{rows:>9} | " + " | ".join(f"{c:>14}" for c in cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,11 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     return sample_batch(logits[None], [params], [generator])[0]
 
 
+# Candidates taken per row before the nucleus is looked for: the top-p set almost always
+# lies inside them, and then nothing else of the vocabulary is sorted (`sample_batch`).
+CANDIDATES = 64
+
+
 def sample_batch(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -69,11 +74,15 @@ def sample_batch(
 ) -> list[int]:
     """Draw one token per row of logits [B, V], each row with its own parameters and RNG.
 
-    One sort and one softmax over the whole batch (per-row sampling cost half of a decode
-    step at 32 sequences). Each row draws a single uniform number from its own generator
-    and picks by inverse CDF, so a seeded request draws the same numbers whatever else is
-    in the batch. `banned` [B, V] bool masks tokens a row may not pick (EOS before
-    min_tokens)."""
+    The top-p (and top-k) set is looked for among each row's `CANDIDATES` most likely
+    tokens (`topk`): when they already cover top_p, or top_k is no larger, no token beyond
+    them can be kept, so the draw is the one a full sort would give. A row with neither
+    top-k nor top-p draws from its whole distribution in vocabulary order, unsorted. Only
+    other rows (a flat distribution cut by top_p) sort the whole vocabulary. A full sort of the batch took 90 ms at 32
+    sequences of SmolLM2's 49,152 tokens on 2 cores, more than the decode step. Each row
+    draws a single uniform number from its own generator and picks by inverse CDF, so a
+    seeded request draws the same numbers whatever else is in the batch. `banned` [B, V]
+    bool masks tokens a row may not pick (EOS before min_tokens)."""
     assert logits.dim() == 2 and logits.shape[0] == len(params) == len(generators), "one row per request"
     logits = logits.detach().float().cpu()
     if banned is not None:
@@ -85,19 +94,44 @@ def sample_batch(
     if bool(greedy.all()):
         return best.tolist()
     scaled = logits / torch.where(greedy, torch.ones_like(temps), temps)[:, None]
-    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)  # [B, V]
-    rank = torch.arange(V)[None, :]
     top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params])
-    sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)
     top_p = torch.tensor([p.top_p for p in params])
+    u = torch.stack([torch.rand((), generator=g) for g in generators])  # [B]
+    k = min(CANDIDATES, V)
+    cand_logits, cand_ids = torch.topk(scaled, k, dim=-1)  # [B, k], sorted descending
+    within_k = top_k <= k
+    # what the probabilities are normalised over: the top_k set where it lies inside the
+    # candidates, else (no top-k) the whole vocabulary; a top_k beyond the candidates is
+    # left to the full sort
+    in_top_k = cand_logits.masked_fill(torch.arange(k)[None, :] >= top_k[:, None], float("-inf"))
+    lse = torch.where(within_k, torch.logsumexp(in_top_k, dim=-1), torch.logsumexp(scaled, dim=-1))
+    exact = within_k | ((top_k >= V) & (torch.exp(cand_logits - lse[:, None]).sum(-1) >= top_p))
+    sampled = _nucleus(cand_logits, cand_ids, top_k, top_p, u, lse)
+    plain = ~exact & (top_p >= 1.0) & (top_k >= V)  # neither top-k nor top-p: the whole distribution
+    if bool(plain.any()):
+        rows = plain.nonzero().squeeze(1)
+        cdf = torch.softmax(scaled[rows], dim=-1).cumsum(-1)
+        sampled[rows] = torch.searchsorted(cdf, u[rows, None]).clamp_(max=V - 1).squeeze(1)
+    if not bool((exact | plain).all()):  # these rows' nucleus reaches past the candidates: sort them all
+        rows = (~(exact | plain)).nonzero().squeeze(1)
+        sorted_logits, order = torch.sort(scaled[rows], dim=-1, descending=True)
+        sampled[rows] = _nucleus(sorted_logits, order, top_k[rows], top_p[rows], u[rows])
+    return torch.where(greedy, best, sampled).tolist()
+
+
+def _nucleus(sorted_logits: torch.Tensor, ids: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+             u: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Draw by inverse CDF from logits sorted descending (ids: their tokens), after top-k and
+    then top-p on the renormalised distribution; `lse`: the log of what the top-k set's
+    probabilities are normalised by, when `sorted_logits` are only the first candidates."""
+    n = sorted_logits.shape[1]
+    sorted_logits = sorted_logits.masked_fill(torch.arange(n)[None, :] >= top_k[:, None], float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1) if lse is None else torch.exp(sorted_logits - lse[:, None])
     # drop a token when the tokens before it already cover top_p (the first always stays)
     drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-    u = torch.stack([torch.rand((), generator=g) for g in generators])  # [B]
-    pick = torch.searchsorted(probs.cumsum(-1), u[:, None]).clamp_(max=V - 1)  # [B, 1]
-    sampled = order.gather(1, pick).squeeze(1)  # [B]
-    return torch.where(greedy, best, sampled).tolist()
+    pick = torch.searchsorted(probs.cumsum(-1), u[:, None]).clamp_(max=n - 1)  # [B, 1]
+    return ids.gather(1, pick).squeeze(1)
 
 
 class StopMatcher:

@@ -194,7 +194,7 @@ inline void rows_tile(const T* w, int64_t k, const float* x, int64_t rows, float
 // unsigned by signed bytes: the weights' bytes are flipped to unsigned (w + 128, an xor)
 // and 128 * sum(scale * xq) taken off again (`offset`).
 constexpr int64_t QB = 64;  // inputs per vpdpbusd
-constexpr int64_t AB = 16;  // inputs per activation scale
+constexpr int64_t AB = 16;  // inputs per activation scale (one vector: `quantise` relies on it)
 constexpr bool kVnni = true;
 // the weights are streamed from memory once a step: asking for those of 8 row blocks ahead
 // took the lm_head's product from 12.8 to 20 GB/s (2 cores, one row)
@@ -214,16 +214,17 @@ Quantised quantise(const float* x, int64_t rows, int64_t k) {
   for (int64_t r = 0; r < rows; ++r) {
     float offset = 0.f;
     for (int64_t b = 0; b < k / AB; ++b) {
-      const float* xb = x + r * k + b * AB;
-      float top = 0.f;
-      for (int64_t i = 0; i < AB; ++i) top = std::max(top, std::fabs(xb[i]));
-      const float scale = top / 127.f;
+      const __m512 xb = _mm512_loadu_ps(x + r * k + b * AB);  // AB == 16: one vector a block
+      const float scale = _mm512_reduce_max_ps(_mm512_abs_ps(xb)) / 127.f;
       int32_t sum = 0;
-      for (int64_t i = 0; i < AB; ++i) {
-        const int32_t v = scale > 0.f ? static_cast<int32_t>(std::nearbyint(xb[i] / scale)) : 0;
-        out.q[r * k + b * AB + i] = static_cast<int8_t>(v);
-        sum += v;
+      __m128i bytes = _mm_setzero_si128();
+      if (scale > 0.f) {  // x / scale rounded half to even, as torch.round
+        const __m512i v = _mm512_cvt_roundps_epi32(_mm512_div_ps(xb, _mm512_set1_ps(scale)),
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        bytes = _mm512_cvtsepi32_epi8(v);
+        sum = _mm512_reduce_add_epi32(v);
       }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(&out.q[r * k + b * AB]), bytes);
       for (int64_t lane = 0; lane < AB / 4; ++lane) out.scale[r * (k / 4) + b * (AB / 4) + lane] = scale;
       offset += scale * static_cast<float>(sum);
     }
@@ -336,6 +337,53 @@ void linear(const Weight& wt, const float* x, int64_t rows, float* y) {
     }
   });
 }
+
+// scores[j] = exp(scores[j] - top) for j < len; their sum
+#if defined(__AVX512F__)
+// exp of 16 floats <= 0 (Cephes' expf: 2^n * a degree-6 polynomial, within 2 ulp)
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+float exp_shifted(float* scores, int64_t len, float top) {
+  const __m512 shift = _mm512_set1_ps(top);
+  __m512 total = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + j), shift));
+    _mm512_storeu_ps(scores + j, e);
+    total = _mm512_add_ps(total, e);
+  }
+  if (j < len) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (len - j)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + j), shift));
+    _mm512_mask_storeu_ps(scores + j, m, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+  }
+  return _mm512_reduce_add_ps(total);
+}
+#else
+float exp_shifted(float* scores, int64_t len, float top) {
+  float total = 0.f;
+  for (int64_t j = 0; j < len; ++j) {
+    scores[j] = std::exp(scores[j] - top);
+    total += scores[j];
+  }
+  return total;
+}
+#endif
 
 // out = x * rsqrt(mean(x^2) + eps) * weight, row by row (as model.py's RMSNorm in fp32)
 void rms_norm(const float* x, const float* weight, int64_t rows, int64_t h, double eps, float* out) {
@@ -471,15 +519,12 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const
           scores[j] = hsum(acc) * scale;
           top = std::max(top, scores[j]);
         }
-        float total = 0.f;
-        for (int64_t j = 0; j < len; ++j) {
-          scores[j] = std::exp(scores[j] - top);
-          total += scores[j];
-        }
+        const float total = exp_shifted(scores.data(), len, top);
         float* o = &attn[b * qn + h * D];
         std::memset(o, 0, D * sizeof(float));
+        const float inv_total = 1.f / total;
         for (int64_t j = 0; j < len; ++j) {
-          const float p = scores[j] / total;
+          const float p = scores[j] * inv_total;
           const float* vj = values + j * pos_stride;
           for (int64_t i = 0; i < D; i += W) store(o + i, fma(splat(p), load(vj + i), load(o + i)));
         }
