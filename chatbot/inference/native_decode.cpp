@@ -385,6 +385,44 @@ float exp_shifted(float* scores, int64_t len, float top) {
 }
 #endif
 
+// o[D] = softmax(q . keys * scale) @ values for one query over `len` positions, `stride`
+// floats apart. ND = D / 16 vectors held in registers (heads of 64 or 128); 0: any D.
+template <int ND>
+void attend(const float* q, const float* keys, const float* values, int64_t len, int64_t stride, int64_t D,
+            float scale, float* scores, float* o) {
+  constexpr int R = ND > 0 ? ND : 1;
+  const int64_t nd = ND > 0 ? ND : D / W;
+  vf16 qv[R];
+  if (ND > 0)
+    for (int n = 0; n < ND; ++n) qv[n] = load(q + n * W);
+  float top = -INFINITY;
+  for (int64_t j = 0; j < len; ++j) {
+    const float* kj = keys + j * stride;
+    vf16 acc = zero();
+    for (int64_t n = 0; n < nd; ++n) acc = fma(ND > 0 ? qv[n] : load(q + n * W), load(kj + n * W), acc);
+    scores[j] = hsum(acc) * scale;
+    top = std::max(top, scores[j]);
+  }
+  const vf16 inv = splat(1.f / exp_shifted(scores, len, top));
+  if (ND > 0) {
+    vf16 ov[R];
+    for (int n = 0; n < ND; ++n) ov[n] = zero();
+    for (int64_t j = 0; j < len; ++j) {
+      const vf16 p = splat(scores[j]);
+      const float* vj = values + j * stride;
+      for (int n = 0; n < ND; ++n) ov[n] = fma(p, load(vj + n * W), ov[n]);
+    }
+    for (int n = 0; n < ND; ++n) store(o + n * W, fma(ov[n], inv, zero()));
+  } else {
+    std::memset(o, 0, D * sizeof(float));
+    for (int64_t j = 0; j < len; ++j) {
+      const vf16 p = splat(scores[j]);
+      for (int64_t n = 0; n < nd; ++n) store(o + n * W, fma(p, load(values + j * stride + n * W), load(o + n * W)));
+    }
+    for (int64_t n = 0; n < nd; ++n) store(o + n * W, fma(load(o + n * W), inv, zero()));
+  }
+}
+
 // out = x * rsqrt(mean(x^2) + eps) * weight, row by row (as model.py's RMSNorm in fp32)
 void rms_norm(const float* x, const float* weight, int64_t rows, int64_t h, double eps, float* out) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -511,22 +549,11 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const
         const float* keys = layer_k + slot[b] * slot_stride + g * D;
         const float* values = layer_v + slot[b] * slot_stride + g * D;
         const int64_t len = pos[b] + 1;
-        float top = -INFINITY;
-        for (int64_t j = 0; j < len; ++j) {
-          const float* kj = keys + j * pos_stride;
-          vf16 acc = zero();
-          for (int64_t i = 0; i < D; i += W) acc = fma(load(q + i), load(kj + i), acc);
-          scores[j] = hsum(acc) * scale;
-          top = std::max(top, scores[j]);
-        }
-        const float total = exp_shifted(scores.data(), len, top);
         float* o = &attn[b * qn + h * D];
-        std::memset(o, 0, D * sizeof(float));
-        const float inv_total = 1.f / total;
-        for (int64_t j = 0; j < len; ++j) {
-          const float p = scores[j] * inv_total;
-          const float* vj = values + j * pos_stride;
-          for (int64_t i = 0; i < D; i += W) store(o + i, fma(splat(p), load(vj + i), load(o + i)));
+        switch (D / W) {
+          case 4: attend<4>(q, keys, values, len, pos_stride, D, scale, scores.data(), o); break;
+          case 8: attend<8>(q, keys, values, len, pos_stride, D, scale, scores.data(), o); break;
+          default: attend<0>(q, keys, values, len, pos_stride, D, scale, scores.data(), o);
         }
       }
     });

@@ -53,9 +53,12 @@ def python_step(model: torch.nn.Module, cache: KVCache, ids: torch.Tensor, posit
         return model(ids, positions[:, None], cache, slots)[:, -1]
 
 
-@pytest.mark.parametrize("bias", [{}, {"qkv_bias": True}, {"attention_bias": True, "mlp_bias": True}])
-def test_fp32_decode_step_matches_model_py(bias: dict[str, bool]) -> None:
-    model = served(seed=1, **bias)
+@pytest.mark.parametrize("shape", [
+    {}, {"qkv_bias": True}, {"attention_bias": True, "mlp_bias": True},
+    {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1},  # heads of 64: in registers
+])
+def test_fp32_decode_step_matches_model_py(shape: dict[str, object]) -> None:
+    model = served(seed=1, **shape)
     lengths, slots = [5, 17, 1], [4, 0, 2]  # ragged, scattered, one of them out of order
     cache, ids = prefilled(model, lengths, slots)
     positions, slot_t = torch.tensor(lengths), torch.tensor(slots)
