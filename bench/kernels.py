@@ -74,9 +74,9 @@ def products() -> None:
             bf16 = per_call_us(lambda: torch.nn.functional.linear(x, wb), calls)
             mine = float("nan")
             if native_here:  # fp32 activations, the weights as the decoder holds them
-                packed = native.pack_int8(q8) if torch.ops.chatbot.int8_activations() else q8
+                q8_native = native.pack_int8(q8) if torch.ops.chatbot.int8_activations() else q8
                 xf, sf = x.float(), scales.float()
-                mine = per_call_us(lambda: torch.ops.chatbot.linear(xf, packed, sf, empty), calls)
+                mine = per_call_us(lambda: torch.ops.chatbot.linear(xf, q8_native, sf, empty), calls)
             print(f"{label:<22} {rows:>4} | {int4:>9.1f} {int8:>9.1f} {bf16:>12.1f} {mine:>12.1f}", flush=True)
 
 
@@ -96,8 +96,12 @@ def decode_steps() -> None:
     for _ in range(2):
         for variant in variants:
             name, path = variant.split()
-            model, cache = in_passing_thread(lambda: load(name))
-            decoder = native.decoder_for(model, cache.data) if path == "native" else None
+
+            def prepared() -> tuple[LlamaForCausalLM, KVCache, native.NativeDecoder | None]:
+                model, cache = load(name)  # packing the weights is tensor work too: not on this thread
+                return model, cache, native.decoder_for(model, cache.data) if path == "native" else None
+
+            model, cache, decoder = in_passing_thread(prepared)
             if path == "native" and decoder is None:
                 print(f"{variant}: no native decode step here (python -m chatbot.inference.native build)")
                 continue

@@ -36,6 +36,9 @@ Design notes
   against 134 ms at 16 (2 cores, SmolLM2). On CUDA it always dequantises. The tied embedding stays in the activations'
   dtype for lookups; the lm_head gets its own int8 copy (a 49152x576 head is a fifth of
   SmolLM2's weights).
+- Where the native step runs (native.py: a CPU, fp32 or int8), decode steps and short
+  prefills do not go through these modules at all: it reads the int8 weights itself (with
+  int8 activations where the CPU has VNNI). Int8Linear computes longer prefills.
 - Quality against fp32 is measured, not assumed: tests/integration/test_precision.py
   checks greedy-token agreement and held-out loss of each precision on the real model;
   bench/engine.py --precisions measures their speed.
