@@ -25,8 +25,8 @@ Design notes
   one padded forward beat a forward per prompt at similar lengths (16 x 100 tokens: 78 vs
   145 ms), lost at ~1.9x padding (495 vs 274 ms), and beat one packed row with a
   block-diagonal mask (589 ms). Packed linears with varlen attention: not done yet.
-- Decode steps and short prefills run in one C++ call each (native.py; a prefill packs its
-  tokens without pads) where it can run the model (a CPU, precision fp32 or int8).
+- Decode steps and prefills (all of an int8 model's, short ones of an fp32 one's: native.py)
+  run in one C++ call each, a prefill's tokens packed without pads, where it can run the model.
 - Chunked prefill: `max_prefill_tokens` caps the padded size (B * T) of a step's prefill
   forward. A prompt longer than that is read in chunks, one per step, each at its absolute
   positions after what the cache already holds, with a decode step for every other
@@ -185,7 +185,7 @@ class Engine:
         """Load the model at `precision` (fp32, bf16, int8 or auto: chatbot/inference/precision.py)
         and make the engine, in a thread that exits before the engine thread starts, so the
         caller's thread keeps no OpenMP pool (see the module notes)."""
-        chosen = resolve_precision(precision, device)
+        chosen = resolve_precision(precision, device, native_step=native.available())
 
         def load() -> Engine:
             model = LlamaForCausalLM.from_pretrained(model_dir, device=device).fuse_projections()  # fp32, then cast
@@ -402,7 +402,7 @@ class Engine:
         """Prompt tokens pos .. pos + len of each row at their absolute positions; [B, V]
         logits of each row's last one. Natively every token is a row of its own (no pads);
         model.py takes [B, width] with pads after each prompt (see the module notes)."""
-        if self._native is not None and sum(lens) <= native.PREFILL_MAX_TOKENS:
+        if self._native is not None and self._native.prefills(sum(lens)):
             logits = self._native.prefill([(s.prompt_ids[s.pos : s.pos + n], s.pos, s.slot) for s, n in zip(batch, lens)])
         else:
             ids = torch.zeros(len(batch), width, dtype=torch.long)  # pad id 0: any valid id, never attended to

@@ -6,7 +6,8 @@ Design notes
   `torch.ops.chatbot.decode_step` does a whole step (every layer, the final norm, the
   lm_head) in one call, over raw fp32 buffers and int8 or fp32 weights. A step takes any
   rows (token, position, slot), so a short prefill is one step too: every prompt token a
-  row, packed without pads (`prefill`; the engine uses it up to `PREFILL_MAX_TOKENS`).
+  row, packed without pads (`prefill`; the engine uses it for every prefill of an int8
+  model, and up to `PREFILL_MAX_TOKENS` for an fp32 one: `prefills`).
 - int8 on a CPU with AVX512-VNNI: the products take int8 activations as well (blocks of 16
   inputs, one scale each, as llama.cpp's Q8 blocks) and multiply in int8; the weights are
   read from a copy packed in the order the product streams them (`pack_int8`). Quality is
@@ -51,8 +52,8 @@ BUILD_ROOT = Path(os.environ.get("CHATBOT_NATIVE_DIR", Path(__file__).resolve().
 # -fopenmp: at::parallel_for is inline (ATen/ParallelOpenMP.h) and runs on one thread
 # without it; the library then shares the libgomp.so.1 torch has loaded (same soname)
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
-# Prefills of at most this many tokens (all prompts of the chunk together) run natively,
-# longer ones in model.py, whose batched products (oneDNN, MKL) are faster there. SmolLM2 on
+# An fp32 model's prefills of at most this many tokens (all prompts of the chunk together)
+# run natively, longer ones in model.py, whose batched products (MKL, oneDNN) are faster there. SmolLM2 on
 # 2 cores, ms, native against model.py: int8 16 tokens 19 / 49, 64: 76 / 93, 2 x 64: 147 /
 # 148, 128: 138 / 161, 512: 869 / 562; fp32 16: 54 / 102, 128: 326 / 313, 512: 1,510 / 915.
 PREFILL_MAX_TOKENS = 128
@@ -154,6 +155,14 @@ class NativeDecoder:
         self.weights = weights
         self.shape = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         self.eps = float(config.rms_norm_eps)
+        self.int8 = any(w.dtype == torch.int8 for w in weights)
+
+    def prefills(self, tokens: int) -> bool:
+        """Whether a prefill of `tokens` (a chunk's prompts together) runs here: an int8
+        model's always, since model.py's int8 numbers differ from these by more than float
+        rounding and a retried reply must compute the same ones (precision.py); an fp32
+        model's up to PREFILL_MAX_TOKENS, beyond which model.py is faster."""
+        return self.int8 or tokens <= PREFILL_MAX_TOKENS
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                  logit_rows: torch.Tensor | None = None) -> torch.Tensor:

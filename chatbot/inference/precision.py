@@ -9,13 +9,15 @@ Design notes
   reduces in fp32 and the logits come out as fp32 (model.py). PyTorch runs bf16 matmuls on
   any CPU, but only fast where oneDNN has native kernels (AVX512-BF16 or AMX; see
   `native_bf16`): elsewhere bf16 is slower than fp32, and the model logs a warning.
-- `auto` is bf16 on CUDA and fp32 on a CPU. On a CPU bf16 would pay (2-3x faster prefill,
-  1.3-1.8x the throughput of large batches), but a reply whose worker died is generated
-  again from its pinned seed, and the text streamed before must come out again: with bf16,
-  rounding that depends on what else shares the batch (or on a prefix taken from the cache)
-  changes sampled tokens often enough that a retry diverged from its streamed prefix in
-  the chaos run; with fp32 the differences are ~1e-7 and practically never flip a token.
-  Choose bf16 or int8 in config.pbtxt where throughput matters more than that.
+- `auto` is bf16 on CUDA; on a CPU, int8 where the native step is built (native.py: every
+  decode step and prefill of an int8 model runs there), else fp32. A reply whose worker
+  died is generated again from its pinned seed, and the text streamed before must come out
+  again. The native step computes each row as it would be alone, and a prefilled token as
+  it would be decoded, so a retry computes the same numbers bit for bit. Through model.py
+  they move with what else shares the batch (or with a prefix taken from the cache): with
+  bf16 (and model.py's int8, whose products take bf16 input) often enough that a retry
+  diverged from its streamed prefix in the chaos run; with fp32 by ~1e-7, which practically
+  never flips a token. So without the native step `auto` is fp32 on a CPU.
 - `int8`: weight-only int8 as gpt-fast does it: every linear of the decoder and the
   lm_head stores int8 weights with one fp32-derived scale per output channel (symmetric,
   absmax / 127). On CUDA activations, norms, embeddings and the KV cache are bf16. On a CPU
@@ -70,10 +72,13 @@ def native_bf16() -> bool:
         return False
 
 
-def resolve(precision: str, device: str | torch.device) -> str:
-    """`auto` -> bf16 on CUDA, fp32 on a CPU (see the module notes); others checked."""
+def resolve(precision: str, device: str | torch.device, native_step: bool = False) -> str:
+    """`auto` -> bf16 on CUDA; on a CPU int8 where the native step is built (`native_step`),
+    else fp32 (see the module notes); others checked."""
     if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+        if torch.device(device).type == "cuda":
+            return "bf16"
+        return "int8" if native_step else "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {precision!r}")
     return precision

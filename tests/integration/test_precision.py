@@ -127,3 +127,5 @@ def test_unknown_precision_is_refused() -> None:
         precision.resolve("fp8", "cpu")
     assert precision.resolve("int8", "cpu") == "int8"
     assert precision.resolve("auto", "cpu") == "fp32" and precision.resolve("auto", "cuda") == "bf16"
+    assert precision.resolve("auto", "cpu", native_step=True) == "int8"
+    assert precision.resolve("auto", "cuda", native_step=True) == "bf16"

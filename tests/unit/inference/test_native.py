@@ -196,3 +196,26 @@ def test_the_engine_decodes_natively_with_the_same_reply(tokenizer) -> None:  # 
             engine.stop()
     (text, final), (python_text, _) = replies[True], replies[False]
     assert final.completion_tokens > 1 and text == python_text
+
+
+def test_an_int8_engine_prefills_everything_natively_and_repeats_a_seeded_reply_exactly(tokenizer) -> None:  # noqa: F811
+    """A retried reply must repeat its text: with an int8 model every prefill, however long,
+    runs natively, and a seeded reply comes out the same alone and beside other prompts."""
+    model = served(seed=7, precision="int8", max_position_embeddings=512)
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=512, max_prefill_tokens=512)
+    assert engine._native is not None and engine._native.prefills(10_000)
+    assert not native.decoder_for(served(seed=7), KVCache(model.config, 2, 16).data).prefills(129)  # type: ignore[union-attr]
+    long_chat = [{"role": "user", "content": "hello there how are you doing today " * 20}]
+    params = SamplingParams(max_tokens=20, temperature=1.0, seed=11, min_tokens=20)
+    engine.start()
+    try:
+        alone, _ = generate_text(engine, long_chat, params, timeout=60)
+        others = [engine.submit([{"role": "user", "content": "i am fine thanks " * (4 + i)}],
+                                SamplingParams(max_tokens=20, seed=i), lambda e: None) for i in range(3)]
+        beside, _ = generate_text(engine, long_chat, params, timeout=60)
+        for handle in others:
+            assert handle.done.wait(60)
+    finally:
+        engine.stop()
+    assert len(engine.count_prompt_tokens(long_chat)) > native.PREFILL_MAX_TOKENS
+    assert alone == beside and alone
