@@ -53,9 +53,10 @@ BUILD_ROOT = Path(os.environ.get("CHATBOT_NATIVE_DIR", Path(__file__).resolve().
 # without it; the library then shares the libgomp.so.1 torch has loaded (same soname)
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
 # An fp32 model's prefills of at most this many tokens (all prompts of the chunk together)
-# run natively, longer ones in model.py, whose batched products (MKL, oneDNN) are faster there. SmolLM2 on
-# 2 cores, ms, native against model.py: int8 16 tokens 19 / 49, 64: 76 / 93, 2 x 64: 147 /
-# 148, 128: 138 / 161, 512: 869 / 562; fp32 16: 54 / 102, 128: 326 / 313, 512: 1,510 / 915.
+# run natively, longer ones in model.py, whose batched products (MKL, oneDNN) are faster
+# there. SmolLM2 on 2 cores, ms, native against model.py: int8 16 tokens 19 / 49, 64: 76 /
+# 93, 2 x 64: 147 / 148, 128: 138 / 161, 512: 869 / 562; fp32 16: 54 / 102, 128: 326 / 313,
+# 512: 1,510 / 915. (An int8 model's prefills all run natively: `NativeDecoder.prefills`.)
 PREFILL_MAX_TOKENS = 128
 
 
