@@ -1,6 +1,7 @@
-// One decode step of a Llama-architecture model on a CPU, in one call: every layer's
-// RMSNorm, products, rotary embedding, KV-cache write, attention and MLP, the final norm and
-// the lm_head, for B sequences of one new token each. Registered as torch.ops.chatbot.decode_step;
+// A step of a Llama-architecture model on a CPU, in one call: every layer's RMSNorm,
+// products, rotary embedding, KV-cache write, attention and MLP, the final norm and the
+// lm_head, for B rows, each a token at its position in its KV-cache slot (a decode step of B
+// sequences, or a prefill: every prompt token a row). Registered as torch.ops.chatbot.decode_step;
 // chatbot/inference/native.py builds it, checks which models it can serve and passes the
 // weights. The Python model (model.py) is the reference: tests/unit/inference/test_native.py
 // compares the two.
@@ -9,9 +10,11 @@
 // dispatched from Python, and half of a one-sequence step went there. Here they are loops
 // over raw fp32 buffers, and the products read int8 (or fp32) weights directly.
 //
-// Numbers: every product and dot runs in fp32 with the same summation order whatever the
-// batch holds (each row's sums never depend on another row), so a sequence's tokens do not
-// change with what else is decoded beside it. int8 weights: y = scale[n] * sum_k x[k] q[n,k].
+// Numbers: each row's sums never depend on another row and run in the same order whatever
+// the call holds, so a sequence's tokens do not change with what else is decoded beside it,
+// and a prompt prefilled in one call gives what decoding it token by token gives. fp32
+// weights: fp32 products; int8 weights: y = scale[n] * sum_k x[k] q[n,k], with x in fp32, or
+// quantised to int8 in blocks of 16 where the CPU has VNNI (below).
 //
 // Vectors: 16 floats, in AVX-512 or AVX2 intrinsics where the CPU has them, plain loops
 // elsewhere; the file is compiled with -march=native for the CPU it runs on (native.py keys
