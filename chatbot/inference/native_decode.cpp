@@ -166,24 +166,16 @@ inline void tile(const T* w, int64_t k, const float* x, int64_t ldx, float* sums
     for (int r = 0; r < R; ++r) sums[r * NB + b] = hsum(acc[b][r]);
 }
 
-template <typename T, int NB>
-inline void rows_tile(const T* w, int64_t k, const float* x, int64_t rows, float* sums) {
-  // sums[r * NB + b] for rows r < rows, four at a time
-  for (int64_t r = 0; r < rows;) {
-    const int64_t left = rows - r;
-    if (left >= 4) {
-      tile<T, NB, 4>(w, k, x + r * k, k, sums + r * NB);
-      r += 4;
-    } else if (left == 3) {
-      tile<T, NB, 3>(w, k, x + r * k, k, sums + r * NB);
-      r += 3;
-    } else if (left == 2) {
-      tile<T, NB, 2>(w, k, x + r * k, k, sums + r * NB);
-      r += 2;
-    } else {
-      tile<T, NB, 1>(w, k, x + r * k, k, sums + r * NB);
-      r += 1;
-    }
+// f.template operator()<R>(r) for row groups r .. r + R covering rows, four at a time
+template <typename F>
+inline void row_groups(int64_t rows, F&& f) {
+  int64_t r = 0;
+  for (; rows - r >= 4; r += 4) f.template operator()<4>(r);
+  switch (rows - r) {
+    case 3: f.template operator()<3>(r); break;
+    case 2: f.template operator()<2>(r); break;
+    case 1: f.template operator()<1>(r); break;
+    default: break;
   }
 }
 
@@ -267,26 +259,6 @@ inline void vnni_tile(const int8_t* w, int64_t k, int64_t rs, int64_t cs, const 
     for (int r = 0; r < R; ++r) sums[r * NB + b] = _mm512_reduce_add_ps(acc[b][r]) - xq.offset[r0 + r];
 }
 
-template <int NB>
-inline void vnni_rows(const int8_t* w, int64_t k, bool packed, const Quantised& xq, int64_t rows, float* sums) {
-  const int64_t rs = packed ? QB : k, cs = packed ? NB * QB : QB;
-  for (int64_t r = 0; r < rows;) {
-    const int64_t left = rows - r;
-    if (left >= 4) {
-      vnni_tile<NB, 4>(w, k, rs, cs, xq, r, sums + r * NB);
-      r += 4;
-    } else if (left == 3) {
-      vnni_tile<NB, 3>(w, k, rs, cs, xq, r, sums + r * NB);
-      r += 3;
-    } else if (left == 2) {
-      vnni_tile<NB, 2>(w, k, rs, cs, xq, r, sums + r * NB);
-      r += 2;
-    } else {
-      vnni_tile<NB, 1>(w, k, rs, cs, xq, r, sums + r * NB);
-      r += 1;
-    }
-  }
-}
 #else
 constexpr bool kVnni = false;
 #endif
@@ -297,35 +269,34 @@ void linear(const Weight& wt, const float* x, int64_t rows, float* y) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   const bool vnni = wt.q && wt.k % QB == 0;
   const Quantised xq = vnni ? quantise(x, rows, wt.k) : Quantised{};
-#else
-  const bool vnni = false;
 #endif
+  // sums[r * nb + b] of weight rows n0 .. n0 + nb (nb = NB, or 1 for the last rows)
+  auto block = [&]<int nb>(int64_t n0, float* sums) {
+    const int64_t k = wt.k;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (vnni) {  // packed weights come in whole blocks of NB rows (native.py: pack_int8)
+      const int64_t rs = wt.packed ? QB : k, cs = wt.packed ? NB * QB : QB;
+      row_groups(rows, [&]<int R>(int64_t r) { vnni_tile<nb, R>(wt.q + n0 * k, k, rs, cs, xq, r, sums + r * nb); });
+      return;
+    }
+#endif
+    row_groups(rows, [&]<int R>(int64_t r) {
+      if (wt.q) tile<int8_t, nb, R>(wt.q + n0 * k, k, x + r * k, k, sums + r * nb);
+      else tile<float, nb, R>(wt.w + n0 * k, k, x + r * k, k, sums + r * nb);
+    });
+  };
   const int64_t blocks = (wt.n + NB - 1) / NB;
   at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> sums(rows * NB);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t n0 = blk * NB;
       const int64_t nb = std::min<int64_t>(NB, wt.n - n0);
-      if (vnni) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-        for (int64_t b = 0; b < nb; b += (nb == NB ? NB : 1)) {
-          if (nb == NB) {
-            vnni_rows<NB>(wt.q + n0 * wt.k, wt.k, wt.packed, xq, rows, sums.data());
-          } else {
-            std::vector<float> one(rows);
-            vnni_rows<1>(wt.q + (n0 + b) * wt.k, wt.k, false, xq, rows, one.data());
-            for (int64_t r = 0; r < rows; ++r) sums[r * NB + b] = one[r];
-          }
-        }
-#endif
-      } else if (nb == NB) {
-        if (wt.q) rows_tile<int8_t, NB>(wt.q + n0 * wt.k, wt.k, x, rows, sums.data());
-        else rows_tile<float, NB>(wt.w + n0 * wt.k, wt.k, x, rows, sums.data());
-      } else {
+      if (nb == NB) {
+        block.template operator()<NB>(n0, sums.data());
+      } else {  // the last rows, one at a time
+        std::vector<float> one(rows);
         for (int64_t b = 0; b < nb; ++b) {
-          std::vector<float> one(rows);
-          if (wt.q) rows_tile<int8_t, 1>(wt.q + (n0 + b) * wt.k, wt.k, x, rows, one.data());
-          else rows_tile<float, 1>(wt.w + (n0 + b) * wt.k, wt.k, x, rows, one.data());
+          block.template operator()<1>(n0 + b, one.data());
           for (int64_t r = 0; r < rows; ++r) sums[r * NB + b] = one[r];
         }
       }

@@ -110,6 +110,25 @@ def test_int8_decode_step_computes_what_its_pytorch_reference_does() -> None:
     torch.testing.assert_close(cache.data, theirs.data, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("n", [8, 7, 1])  # whole blocks of 4 weight rows, and the rows after them
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_one_product_computes_x_times_the_weight(n: int, rows: int) -> None:
+    """`chatbot::linear`, the product every step runs: fp32 weights, and int8 ones (with
+    int8 activations where the CPU has VNNI, so there the reference rounds them too)."""
+    torch.manual_seed(n * 10 + rows)
+    x, w, bias, empty = torch.randn(rows, 128), torch.randn(n, 128), torch.randn(n), torch.empty(0)
+    torch.testing.assert_close(torch.ops.chatbot.linear(x, w, empty, bias), x @ w.T + bias, rtol=1e-5, atol=1e-5)
+    linear = torch.nn.Linear(128, n)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+        linear.bias.copy_(bias)
+    q = Int8Linear(linear)
+    expected = Int8Reference(q)(x)
+    weight = native.pack_int8(q.qweight) if torch.ops.chatbot.int8_activations() and n % 4 == 0 else q.qweight
+    got = torch.ops.chatbot.linear(x, weight, q.scales.float(), q.bias.float())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_a_rows_logits_do_not_depend_on_the_rest_of_the_batch(precision: str) -> None:
     model = served(seed=3, precision=precision)
