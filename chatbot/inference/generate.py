@@ -78,8 +78,8 @@ def sample_batch(
     tokens (`topk`): when they already cover top_p, or top_k is no larger, no token beyond
     them can be kept, so the draw is the one a full sort would give. A row with neither
     top-k nor top-p draws from its whole distribution in vocabulary order, unsorted. Only
-    other rows (a flat distribution cut by top_p) sort the whole vocabulary. A full sort of the batch took 90 ms at 32
-    sequences of SmolLM2's 49,152 tokens on 2 cores, more than the decode step. Each row
+    other rows (a flat distribution cut by top_p) sort the whole vocabulary: a full sort of
+    32 rows of SmolLM2's 49,152 tokens took 90 ms on 2 cores, more than the decode step. Each row
     draws a single uniform number from its own generator and picks by inverse CDF, so a
     seeded request draws the same numbers whatever else is in the batch. `banned` [B, V]
     bool masks tokens a row may not pick (EOS before min_tokens)."""
@@ -112,8 +112,9 @@ def sample_batch(
         rows = plain.nonzero().squeeze(1)
         cdf = torch.softmax(scaled[rows], dim=-1).cumsum(-1)
         sampled[rows] = torch.searchsorted(cdf, u[rows, None]).clamp_(max=V - 1).squeeze(1)
-    if not bool((exact | plain).all()):  # these rows' nucleus reaches past the candidates: sort them all
-        rows = (~(exact | plain)).nonzero().squeeze(1)
+    rest = ~(exact | plain)
+    if bool(rest.any()):  # these rows' nucleus reaches past the candidates: sort them all
+        rows = rest.nonzero().squeeze(1)
         sorted_logits, order = torch.sort(scaled[rows], dim=-1, descending=True)
         sampled[rows] = _nucleus(sorted_logits, order, top_k[rows], top_p[rows], u[rows])
     return torch.where(greedy, best, sampled).tolist()

@@ -132,6 +132,8 @@ def pack_int8(q: torch.Tensor) -> torch.Tensor:
 def _product(module: nn.Module) -> list[torch.Tensor] | None:
     """(weight, scale, bias) as decode_step takes them, or None if it cannot run `module`."""
     empty = torch.empty(0)
+    if getattr(module, "in_features", 1) % 16:  # whole vectors of 16 inputs (native_decode.cpp)
+        return None
     if isinstance(module, Int8Linear):
         bias = empty if module.bias is None else module.bias.detach().float().contiguous()
         q = module.qweight
@@ -187,7 +189,8 @@ class NativeDecoder:
 
 def decoder_for(model: nn.Module, cache: torch.Tensor) -> NativeDecoder | None:
     """A native decoder for `model` with this KV cache, or None where model.py must run it
-    (the reasons in the module notes); the weights are shared, not copied."""
+    (the reasons in the module notes); fp32 weights are shared with the model, int8 ones
+    packed into a copy where the CPU has VNNI (`pack_int8`)."""
     config = model.config
     embed = model.model.embed_tokens.weight
     if (embed.device.type != "cpu" or embed.dtype != torch.float32 or cache.dtype != torch.float32
@@ -199,7 +202,7 @@ def decoder_for(model: nn.Module, cache: torch.Tensor) -> NativeDecoder | None:
         if attn.qkv_proj is None or mlp.gate_up_proj is None:
             return None
         parts = [_product(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-        if any(p is None for p in parts) or any(p[0].shape[-1] % 16 for p in parts if p is not None):
+        if any(p is None for p in parts):
             return None
         qkv, o, gate_up, down = parts
         weights += [layer.input_layernorm.weight.detach(), *qkv, *o,  # type: ignore[misc]
